@@ -1,0 +1,316 @@
+"""The configuration file: a pydantic model, loaded into pools of resolved keys.
+
+Every problem surfaces as one `ConfigError` line that names the field (`pools[0].keys[2].key_env`)
+and the problem; nothing half-read is ever returned.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from . import auths
+from .core.hosts import HostPattern
+from .core.presets import PRESETS, Preset
+from .core.secrets import fingerprint
+
+CONFIG_ENV = "KMI_ROTOR_CONFIG"
+DEFAULT_STATE_DIR = "~/.kmi-rotor"
+LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}$")
+
+
+class ConfigError(Exception):
+    """A configuration problem, already phrased as the one line a user reads."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KeyConfig(_Model):
+    label: str = Field(description="Name shown in logs, flows and status; unique across pools.")
+    key: SecretStr | None = Field(None, description="The key itself (prefer key_env or key_file).")
+    key_env: str | None = Field(None, description="Environment variable holding the key.")
+    key_file: str | None = Field(None, description="File holding the key (first line).")
+    disabled: bool = Field(False, description="Keep the key configured but never use it.")
+
+    @field_validator("label")
+    @classmethod
+    def _label(cls, v: str) -> str:
+        if not LABEL_RE.match(v):
+            raise ValueError(f"{v!r} is not a usable label (letters, digits and . _ @ + -)")
+        return v
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> KeyConfig:
+        given = [n for n in ("key", "key_env", "key_file") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"key: give exactly one of key, key_env, key_file (got {', '.join(given) or 'none'})"
+            )
+        return self
+
+    def resolve(self, base_dir: Path, env: Mapping[str, str]) -> SecretStr:
+        """The key's value; raises ValueError naming the field on a missing source."""
+        if self.key is not None:
+            value = self.key.get_secret_value()
+            field = "key"
+        elif self.key_env is not None:
+            field = "key_env"
+            if self.key_env not in env:
+                raise ValueError(f"key_env: environment variable {self.key_env} is not set")
+            value = env[self.key_env]
+        else:
+            assert self.key_file is not None
+            field = "key_file"
+            path = (base_dir / Path(self.key_file).expanduser()).resolve()
+            try:
+                value = path.read_text(encoding="utf-8").splitlines()[0]
+            except (OSError, UnicodeDecodeError, IndexError) as e:
+                reason = "is empty" if isinstance(e, IndexError) else f"cannot be read ({_why(e)})"
+                raise ValueError(f"key_file: {path} {reason}") from None
+        value = value.strip()
+        if not value:
+            raise ValueError(f"{field}: the key is empty")
+        if any(c.isspace() or ord(c) < 32 for c in value):
+            raise ValueError(f"{field}: the key contains whitespace or control characters")
+        return SecretStr(value)
+
+
+Strategy = Literal["round-robin"]
+
+
+class PoolConfig(_Model):
+    name: str = Field(description="Pool name, unique.")
+    provider: str = Field(description=f"Preset: {', '.join(PRESETS)}.")
+    hosts: list[str] | None = Field(None, description="Replaces the preset's hosts.")
+    strategy: Strategy = Field("round-robin", description="How the next key is chosen.")
+    keys: list[KeyConfig] = Field(default_factory=list, description="The pool's keys.")
+    auths_dir: str | None = Field(None, description="Folder of key files in the older format.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not LABEL_RE.match(v):
+            raise ValueError(f"{v!r} is not a usable pool name (letters, digits and . _ @ + -)")
+        return v
+
+    @field_validator("provider")
+    @classmethod
+    def _provider(cls, v: str) -> str:
+        if v not in PRESETS:
+            raise ValueError(f"unknown provider {v!r} (known: {', '.join(PRESETS)})")
+        return v
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts(cls, v: list[str] | None) -> list[str] | None:
+        for h in v or []:
+            HostPattern.parse(h)
+        return v
+
+    @model_validator(mode="after")
+    def _generic_needs_hosts(self) -> PoolConfig:
+        if not self.hosts and not PRESETS[self.provider].hosts:
+            raise ValueError(f"hosts: provider {self.provider!r} has no default hosts: list them")
+        return self
+
+
+class RotorConfig(_Model):
+    state_dir: str = Field(DEFAULT_STATE_DIR, description="Where state.json lives.")
+    pools: list[PoolConfig] = Field(description="At least one pool of keys.", min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> RotorConfig:
+        _no_duplicates([p.name for p in self.pools], "pools", "pool name")
+        _no_duplicates([k.label for p in self.pools for k in p.keys], "pools", "key label")
+        return self
+
+
+# Runtime view --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Key:
+    label: str
+    secret: SecretStr
+    fingerprint: str
+    pool: str
+    disabled: bool = False
+
+    def __repr__(self) -> str:  # never the secret, even in a traceback's locals
+        return f"Key({self.label!r}, {self.fingerprint})"
+
+
+@dataclass(frozen=True)
+class Pool:
+    name: str
+    preset: Preset
+    hosts: tuple[HostPattern, ...]
+    strategy: str
+    keys: tuple[Key, ...]
+
+    def matches(self, host: str, port: int) -> bool:
+        return any(p.matches(host, port) for p in self.hosts)
+
+
+@dataclass(frozen=True)
+class Settings:
+    source: Path
+    state_dir: Path
+    pools: tuple[Pool, ...]
+
+    def pool_for(self, host: str, port: int) -> Pool | None:
+        """The pool serving host:port: an exact host pattern wins over a wildcard."""
+        exact = [
+            p for p in self.pools if any(h.matches(host, port) and not h.wildcard for h in p.hosts)
+        ]
+        if exact:
+            return exact[0]
+        return next((p for p in self.pools if p.matches(host, port)), None)
+
+    @property
+    def keys(self) -> tuple[Key, ...]:
+        return tuple(k for p in self.pools for k in p.keys)
+
+
+def find_config(explicit: str | None, env: Mapping[str, str] | None = None) -> Path:
+    """The config file to use: explicit path, then $KMI_ROTOR_CONFIG, ./rotor.toml, ~/.kmi-rotor."""
+    env = os.environ if env is None else env
+    if explicit:
+        return Path(explicit).expanduser()
+    if env.get(CONFIG_ENV):
+        return Path(env[CONFIG_ENV]).expanduser()
+    for candidate in (Path("rotor.toml"), Path(DEFAULT_STATE_DIR).expanduser() / "rotor.toml"):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(
+        "no configuration found: pass --set rotor_config=PATH (or --config PATH), "
+        f"set ${CONFIG_ENV}, or create ./rotor.toml or ~/.kmi-rotor/rotor.toml"
+    )
+
+
+def load(path: Path, env: Mapping[str, str] | None = None) -> Settings:
+    """Read, validate and resolve a config file; raise ConfigError (one line) on any problem."""
+    env = os.environ if env is None else env
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} cannot be read: {_why(e)}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: malformed TOML: {e}") from None
+    return from_dict(raw, path, env)
+
+
+def from_dict(raw: dict[str, Any], source: Path, env: Mapping[str, str]) -> Settings:
+    try:
+        cfg = RotorConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"{source}: {_describe(e)}") from None
+    base_dir = source.parent.resolve()
+    pools: list[Pool] = []
+    seen: dict[str, str] = {}
+    for i, pc in enumerate(cfg.pools):
+        keys: list[Key] = []
+        for j, kc in enumerate(pc.keys):
+            try:
+                secret = kc.resolve(base_dir, env)
+            except ValueError as e:
+                raise ConfigError(
+                    f"{source}: {_join_loc(f'pools[{i}].keys[{j}]', str(e))}"
+                ) from None
+            keys.append(_key(kc.label, secret, pc.name, kc.disabled))
+        if pc.auths_dir is not None:
+            folder = (base_dir / Path(pc.auths_dir).expanduser()).resolve()
+            try:
+                found = auths.read_folder(folder)
+            except auths.AuthsError as e:
+                raise ConfigError(f"{source}: pools[{i}].auths_dir: {e}") from None
+            keys += [_key(a.label, a.secret, pc.name, a.disabled) for a in found]
+        if not keys:
+            raise ConfigError(f"{source}: pools[{i}].keys: pool {pc.name!r} has no keys")
+        for k in keys:
+            for what, value in (("label", k.label), ("key", k.fingerprint)):
+                other = seen.get(f"{what}:{value}")
+                if other is not None:
+                    name = f"key labelled {k.label!r}" if what == "key" else f"label {k.label!r}"
+                    raise ConfigError(
+                        f"{source}: pools[{i}]: duplicate {what}: the {name} is also in {other}"
+                    )
+                seen[f"{what}:{value}"] = f"pool {pc.name!r}"
+        preset = PRESETS[pc.provider]
+        patterns = tuple(HostPattern.parse(h) for h in (pc.hosts or preset.hosts))
+        pools.append(Pool(pc.name, preset, patterns, pc.strategy, tuple(keys)))
+    _no_duplicate_hosts(pools, source)
+    state_dir = Path(cfg.state_dir).expanduser()
+    if not state_dir.is_absolute():
+        state_dir = base_dir / state_dir
+    return Settings(source=source, state_dir=state_dir, pools=tuple(pools))
+
+
+def _key(label: str, secret: SecretStr, pool: str, disabled: bool) -> Key:
+    return Key(label, secret, fingerprint(secret.get_secret_value()), pool, disabled)
+
+
+def _no_duplicate_hosts(pools: list[Pool], source: Path) -> None:
+    owner: dict[str, str] = {}
+    for p in pools:
+        for h in p.hosts:
+            if str(h) in owner and owner[str(h)] != p.name:
+                raise ConfigError(
+                    f"{source}: pools: host {str(h)!r} is served by both pool "
+                    f"{owner[str(h)]!r} and pool {p.name!r}"
+                )
+            owner[str(h)] = p.name
+
+
+def _no_duplicates(values: list[str], field: str, what: str) -> None:
+    seen: set[str] = set()
+    for v in values:
+        if v in seen:
+            raise ValueError(f"duplicate {what} {v!r}")
+        seen.add(v)
+
+
+def _describe(e: ValidationError) -> str:
+    errors = e.errors(include_url=False, include_input=False)
+    first = errors[0]
+    loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"]).lstrip(".")
+    msg = str(first["msg"]).removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown field"
+    elif first["type"] == "missing":
+        msg = "required field is missing"
+    text = _join_loc(loc, msg) if loc else msg
+    if len(errors) > 1:
+        text += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    return text
+
+
+def _join_loc(loc: str, msg: str) -> str:
+    """`pools[0].keys[1]` + `key_env: not set` -> `pools[0].keys[1].key_env: not set`."""
+    m = re.match(r"^([a-z_]+): (.*)$", msg, re.S)
+    if m:
+        return f"{loc}.{m.group(1)}: {m.group(2)}" if loc else f"{m.group(1)}: {m.group(2)}"
+    return f"{loc}: {msg}"
+
+
+def _why(e: BaseException) -> str:
+    return e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__

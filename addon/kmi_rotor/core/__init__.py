@@ -1,0 +1,1 @@
+"""Pure decisions: no I/O, no mitmproxy, the clock passed in."""

@@ -1,0 +1,39 @@
+"""Where a pool key goes in a request: the same place the client put its own credential."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+from .presets import Preset
+
+CREDENTIAL_HEADERS = ("authorization", "x-api-key", "x-goog-api-key")
+CREDENTIAL_QUERY = ("key",)
+
+
+@dataclass(frozen=True)
+class Placement:
+    kind: Literal["header", "query"]
+    name: str
+    bearer: bool = False
+
+    def render(self, key: str) -> str:
+        return f"Bearer {key}" if self.bearer else key
+
+
+def placements(
+    header_names: Iterable[str], query_names: Iterable[str], preset: Preset
+) -> list[Placement]:
+    """Every credential slot the client used, or the preset's header when it used none.
+
+    Each slot the client filled gets the pool key, so that no client credential survives.
+    """
+    headers = {n.lower() for n in header_names}
+    found: list[Placement] = [
+        Placement("header", name, bearer=(name == "authorization"))
+        for name in CREDENTIAL_HEADERS
+        if name in headers
+    ]
+    found += [Placement("query", name) for name in CREDENTIAL_QUERY if name in set(query_names)]
+    return found or [Placement("header", preset.header, bearer=preset.bearer)]

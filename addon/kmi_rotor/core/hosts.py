@@ -1,0 +1,58 @@
+"""Host patterns: `host`, `host:port` and `*.example.com`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class HostPattern:
+    host: str
+    """Lower-case host name or address; for a wildcard, the suffix without `*.`."""
+    port: int | None
+    wildcard: bool
+
+    @classmethod
+    def parse(cls, text: str) -> HostPattern:
+        """Parse a pattern; raise ValueError with a readable reason."""
+        raw = text.strip().lower()
+        if not raw or "/" in raw or " " in raw:
+            raise ValueError(f"not a host pattern: {text!r} (use host, host:port or *.domain)")
+        port: int | None = None
+        host = raw
+        if raw.startswith("["):  # [v6]:port
+            end = raw.find("]")
+            if end < 0:
+                raise ValueError(f"unclosed '[' in host pattern {text!r}")
+            host, rest = raw[1:end], raw[end + 1 :]
+            if rest:
+                port = _port(rest.removeprefix(":"), text)
+        elif raw.count(":") == 1:
+            host, port_text = raw.split(":")
+            port = _port(port_text, text)
+        wildcard = host.startswith("*.")
+        if wildcard:
+            host = host[2:]
+        if not host or "*" in host:
+            raise ValueError(f"'*' may only open a pattern, as in *.example.com: {text!r}")
+        return cls(host, port, wildcard)
+
+    def matches(self, host: str, port: int) -> bool:
+        if self.port is not None and self.port != port:
+            return False
+        host = host.lower().rstrip(".")
+        if self.wildcard:
+            return host.endswith("." + self.host)
+        return host == self.host
+
+    def __str__(self) -> str:
+        host = f"*.{self.host}" if self.wildcard else self.host
+        if ":" in host:
+            host = f"[{host}]"
+        return host if self.port is None else f"{host}:{self.port}"
+
+
+def _port(text: str, pattern: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ValueError(f"bad port in host pattern {pattern!r}")
+    return int(text)
