@@ -335,7 +335,9 @@ def _count_usage(times: deque[float], limit: int, window: float, now: float) -> 
     return _Usage(limit, max(0, limit - len(times)), reset, window)
 
 
-def _token_usage(entries: deque[tuple[float, int]], limit: int, window: float, now: float) -> _Usage:
+def _token_usage(
+    entries: deque[tuple[float, int]], limit: int, window: float, now: float
+) -> _Usage:
     while entries and entries[0][0] <= now - window:
         entries.popleft()
     used = sum(n for _, n in entries)
@@ -350,8 +352,9 @@ def _count_wait(times: deque[float], limit: int, window: float, now: float) -> f
     return times[len(times) - limit] + window - now
 
 
-def _token_wait(entries: deque[tuple[float, int]], limit: int, need: int, window: float,
-                now: float) -> float:
+def _token_wait(
+    entries: deque[tuple[float, int]], limit: int, need: int, window: float, now: float
+) -> float:
     used = sum(n for _, n in entries)
     for at, n in entries:
         used -= n
@@ -449,9 +452,7 @@ class FakeProvider:
         # access_log=None: the access log would be the one place credentials could leak.
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
-        site = web.TCPSite(
-            runner, self.host, self._requested_port, ssl_context=self._ssl_context()
-        )
+        site = web.TCPSite(runner, self.host, self._requested_port, ssl_context=self._ssl_context())
         try:
             await site.start()
         except BaseException:
@@ -596,7 +597,9 @@ class FakeProvider:
             lower = name.lower()
             headers[lower] = f"{headers[lower]}, {value}" if lower in headers else value
         credential, source = extract_credential(headers, request.query)
-        stream = kind in ("chat", "messages") and isinstance(body, dict) and body.get("stream") is True
+        stream = (
+            kind in ("chat", "messages") and isinstance(body, dict) and body.get("stream") is True
+        )
         now = time.time()
         record = RecordedRequest(
             time=now,
@@ -700,8 +703,11 @@ class FakeProvider:
             record.status = 200
         response = web.StreamResponse(
             status=200,
-            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                     **rl_headers},
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                **rl_headers,
+            },
         )
         try:
             await response.prepare(request)
@@ -713,7 +719,13 @@ class FakeProvider:
                 options = body.get("stream_options") if isinstance(body, dict) else None
                 include_usage = isinstance(options, dict) and options.get("include_usage") is True
                 await self._stream_openai(
-                    request, response, behaviour, model, prompt_tokens, events, delay,
+                    request,
+                    response,
+                    behaviour,
+                    model,
+                    prompt_tokens,
+                    events,
+                    delay,
                     include_usage,
                 )
         except ConnectionError:
@@ -721,8 +733,9 @@ class FakeProvider:
             pass
         return response
 
-    def _admit(self, behaviour: KeyBehaviour, state: _KeyState, tokens: int,
-               now: float) -> float | None:
+    def _admit(
+        self, behaviour: KeyBehaviour, state: _KeyState, tokens: int, now: float
+    ) -> float | None:
         """Admit the request into the key's windows, or return seconds until it would fit."""
         minute = 60.0 * self.time_scale
         waits: list[float] = []
@@ -753,8 +766,9 @@ class FakeProvider:
             state.tokens.append((now, tokens))
         return None
 
-    def _usage_headers(self, behaviour: KeyBehaviour, state: _KeyState, mono: float,
-                       wall: float) -> dict[str, str]:
+    def _usage_headers(
+        self, behaviour: KeyBehaviour, state: _KeyState, mono: float, wall: float
+    ) -> dict[str, str]:
         if behaviour.headers == "none":
             return {}
         minute = 60.0 * self.time_scale
@@ -789,8 +803,9 @@ class FakeProvider:
         value = _int_header(request, "x-fake-delay-ms")
         return self.event_delay if value is None else value / 1000
 
-    async def _reply_error(self, request: web.Request, record: RecordedRequest, status: int,
-                           dialect: Dialect) -> web.StreamResponse:
+    async def _reply_error(
+        self, request: web.Request, record: RecordedRequest, status: int, dialect: Dialect
+    ) -> web.StreamResponse:
         return await self._reply_json(request, record, status, _error_body(status, dialect))
 
     async def _reply_json(
@@ -869,16 +884,22 @@ class FakeProvider:
                 _cut_connection(request)
                 return
             if behaviour.stream_error_after is not None and i >= behaviour.stream_error_after:
-                await response.write(_sse({
-                    **base,
-                    "error": {"code": 502, "message": "Provider returned error"},
-                    "choices": [{
-                        "index": 0,
-                        "delta": {"content": ""},
-                        "finish_reason": "error",
-                        "native_finish_reason": "error",
-                    }],
-                }))
+                await response.write(
+                    _sse(
+                        {
+                            **base,
+                            "error": {"code": 502, "message": "Provider returned error"},
+                            "choices": [
+                                {
+                                    "index": 0,
+                                    "delta": {"content": ""},
+                                    "finish_reason": "error",
+                                    "native_finish_reason": "error",
+                                }
+                            ],
+                        }
+                    )
+                )
                 await response.write(_sse("[DONE]"))
                 await response.write_eof()
                 return
@@ -889,20 +910,28 @@ class FakeProvider:
             if i == 0:
                 delta = {"role": "assistant", **delta}
             finish = "stop" if i == events - 1 else None
-            await response.write(_sse({
-                **base,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-            }))
+            await response.write(
+                _sse(
+                    {
+                        **base,
+                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                    }
+                )
+            )
         if include_usage:
-            await response.write(_sse({
-                **base,
-                "choices": [],
-                "usage": {
-                    "prompt_tokens": prompt_tokens,
-                    "completion_tokens": events,
-                    "total_tokens": prompt_tokens + events,
-                },
-            }))
+            await response.write(
+                _sse(
+                    {
+                        **base,
+                        "choices": [],
+                        "usage": {
+                            "prompt_tokens": prompt_tokens,
+                            "completion_tokens": events,
+                            "total_tokens": prompt_tokens + events,
+                        },
+                    }
+                )
+            )
         await response.write(_sse("[DONE]"))
         await response.write_eof()
 
@@ -916,50 +945,74 @@ class FakeProvider:
         events: int,
         delay: float,
     ) -> None:
-        await response.write(_sse({
-            "type": "message_start",
-            "message": {
-                "id": f"msg_{uuid.uuid4().hex[:24]}",
-                "type": "message",
-                "role": "assistant",
-                "model": model,
-                "content": [],
-                "stop_reason": None,
-                "stop_sequence": None,
-                "usage": {"input_tokens": prompt_tokens, "output_tokens": 1},
-            },
-        }, "message_start"))
-        await response.write(_sse({
-            "type": "content_block_start",
-            "index": 0,
-            "content_block": {"type": "text", "text": ""},
-        }, "content_block_start"))
+        await response.write(
+            _sse(
+                {
+                    "type": "message_start",
+                    "message": {
+                        "id": f"msg_{uuid.uuid4().hex[:24]}",
+                        "type": "message",
+                        "role": "assistant",
+                        "model": model,
+                        "content": [],
+                        "stop_reason": None,
+                        "stop_sequence": None,
+                        "usage": {"input_tokens": prompt_tokens, "output_tokens": 1},
+                    },
+                },
+                "message_start",
+            )
+        )
+        await response.write(
+            _sse(
+                {
+                    "type": "content_block_start",
+                    "index": 0,
+                    "content_block": {"type": "text", "text": ""},
+                },
+                "content_block_start",
+            )
+        )
         for i in range(events + 1):
             if behaviour.truncate_after is not None and i >= behaviour.truncate_after:
                 _cut_connection(request)
                 return
             if behaviour.stream_error_after is not None and i >= behaviour.stream_error_after:
-                await response.write(_sse({
-                    "type": "error",
-                    "error": {"type": "overloaded_error", "message": "Overloaded"},
-                }, "error"))
+                await response.write(
+                    _sse(
+                        {
+                            "type": "error",
+                            "error": {"type": "overloaded_error", "message": "Overloaded"},
+                        },
+                        "error",
+                    )
+                )
                 await response.write_eof()
                 return
             if i == events:
                 break
             await asyncio.sleep(delay)
-            await response.write(_sse({
-                "type": "content_block_delta",
-                "index": 0,
-                "delta": {"type": "text_delta", "text": _PHRASE[i % len(_PHRASE)]},
-            }, "content_block_delta"))
-        await response.write(_sse({"type": "content_block_stop", "index": 0},
-                                  "content_block_stop"))
-        await response.write(_sse({
-            "type": "message_delta",
-            "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-            "usage": {"output_tokens": events},
-        }, "message_delta"))
+            await response.write(
+                _sse(
+                    {
+                        "type": "content_block_delta",
+                        "index": 0,
+                        "delta": {"type": "text_delta", "text": _PHRASE[i % len(_PHRASE)]},
+                    },
+                    "content_block_delta",
+                )
+            )
+        await response.write(_sse({"type": "content_block_stop", "index": 0}, "content_block_stop"))
+        await response.write(
+            _sse(
+                {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                    "usage": {"output_tokens": events},
+                },
+                "message_delta",
+            )
+        )
         await response.write(_sse({"type": "message_stop"}, "message_stop"))
         await response.write_eof()
 
@@ -1002,8 +1055,9 @@ def run_in_thread(provider: FakeProvider, *, timeout: float = 10.0) -> Iterator[
         finally:
             await provider.stop()
 
-    thread = threading.Thread(target=asyncio.run, args=(serve(),), name="fake-provider",
-                              daemon=True)
+    thread = threading.Thread(
+        target=asyncio.run, args=(serve(),), name="fake-provider", daemon=True
+    )
     thread.start()
     if not ready.wait(timeout):
         raise TimeoutError("fake provider did not start in time")
@@ -1033,18 +1087,42 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (loopback)")
     parser.add_argument("--port", type=int, default=0, help="port to bind; 0 picks a free one")
-    parser.add_argument("--tls-dir", type=Path, default=None,
-                        help="serve HTTPS with a fresh CA whose certificate goes to DIR/ca.pem")
-    parser.add_argument("--tls-hostname", action="append", default=[], metavar="NAME",
-                        help="extra name for the server certificate (repeatable)")
-    parser.add_argument("--keys", default=None, metavar="JSON|@FILE",
-                        help='key behaviours, e.g. \'{"sk-a": {}, "sk-b": {"mode": "quota"}}\'')
-    parser.add_argument("--accept-any", action="store_true",
-                        help="accept unknown credentials as well-behaved keys")
-    parser.add_argument("--event-delay", type=float, default=0.02, metavar="SECONDS",
-                        help="delay between streamed events")
-    parser.add_argument("--time-scale", type=float, default=1.0, metavar="X",
-                        help="rate-limit windows are X times their real length")
+    parser.add_argument(
+        "--tls-dir",
+        type=Path,
+        default=None,
+        help="serve HTTPS with a fresh CA whose certificate goes to DIR/ca.pem",
+    )
+    parser.add_argument(
+        "--tls-hostname",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="extra name for the server certificate (repeatable)",
+    )
+    parser.add_argument(
+        "--keys",
+        default=None,
+        metavar="JSON|@FILE",
+        help='key behaviours, e.g. \'{"sk-a": {}, "sk-b": {"mode": "quota"}}\'',
+    )
+    parser.add_argument(
+        "--accept-any", action="store_true", help="accept unknown credentials as well-behaved keys"
+    )
+    parser.add_argument(
+        "--event-delay",
+        type=float,
+        default=0.02,
+        metavar="SECONDS",
+        help="delay between streamed events",
+    )
+    parser.add_argument(
+        "--time-scale",
+        type=float,
+        default=1.0,
+        metavar="X",
+        help="rate-limit windows are X times their real length",
+    )
     return parser.parse_args(argv)
 
 

@@ -110,8 +110,8 @@ def test_other_hosts_pass_untouched(rotor):
     assert META not in f.metadata and f.response is None
 
 
-async def test_key_masked_after_the_request_went_upstream(rotor):
-    addon, tctx = rotor
+def test_key_masked_after_the_request_went_upstream(rotor):
+    addon, _ = rotor
     f = tflow.tflow(req=req(headers=[("authorization", "Bearer mine")]))
     f.response = None
     addon.requestheaders(f)

@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import fake_provider
 import pytest
 import trustme
+
+import fake_provider
 
 from .harness import MITMDUMP, ROOT, Mitmdump, clean_env, spawn, start_mitmdump
 

@@ -9,8 +9,9 @@ import time
 from pathlib import Path
 
 import certifi
-import fake_provider
 import openai
+
+import fake_provider
 
 from .conftest import KEYS, write_config
 from .harness import BIN, clean_env
