@@ -37,8 +37,12 @@ ensure_venv() {
         echo "==> creating $VENV with $py ($("$py" --version))" >&2
         "$py" -m venv "$VENV"
     fi
-    echo "==> installing kmi-rotor and its test dependencies into .venv" >&2
-    "$VENV/bin/python" -m pip install --quiet --upgrade pip >&2
-    "$VENV/bin/python" -m pip install --quiet -e "$ROOT[dev]" >&2
+    echo "==> installing kmi-rotor and its test dependencies into .venv (log: .venv/install.log)" >&2
+    if ! { "$VENV/bin/python" -m pip install --upgrade pip &&
+           "$VENV/bin/python" -m pip install -e "$ROOT[dev]"; } >"$VENV/install.log" 2>&1; then
+        tail -n 25 "$VENV/install.log" >&2
+        echo "installing into $VENV failed; the whole log is $VENV/install.log" >&2
+        exit 1
+    fi
     touch "$stamp"
 }

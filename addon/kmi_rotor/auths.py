@@ -19,6 +19,7 @@ class AuthsError(Exception):
 class FoundKey:
     label: str
     secret: SecretStr
+    source: Path
     priority: int = 0
     disabled: bool = False
 
@@ -71,6 +72,7 @@ def _read_env(path: Path, text: str) -> list[FoundKey]:
         FoundKey(
             label=values.get("KMI_KEY_LABEL") or _label_for(path),
             secret=SecretStr(values["KMI_API_KEY"]),
+            source=path,
             priority=priority,
             disabled=_truthy(values.get("KMI_KEY_DISABLED", "")),
         )
@@ -89,7 +91,11 @@ def _providers_keys(path: Path, providers: Any) -> list[FoundKey]:
         raise ValueError("no provider with an api_key")
     base = _label_for(path)
     return [
-        FoundKey(label=base if len(keys) == 1 else f"{base}-{_slug(name)}", secret=SecretStr(key))
+        FoundKey(
+            label=base if len(keys) == 1 else f"{base}-{_slug(name)}",
+            secret=SecretStr(key),
+            source=path,
+        )
         for name, key in keys
     ]
 

@@ -31,7 +31,7 @@ from .core.secrets import fingerprint
 
 CONFIG_ENV = "KMI_ROTOR_CONFIG"
 DEFAULT_STATE_DIR = "~/.kmi-rotor"
-LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}$")
+LABEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
 
 
 class ConfigError(Exception):
@@ -52,7 +52,7 @@ class KeyConfig(_Model):
     @field_validator("label")
     @classmethod
     def _label(cls, v: str) -> str:
-        if not LABEL_RE.match(v):
+        if not LABEL_RE.fullmatch(v):
             raise ValueError(f"{v!r} is not a usable label (letters, digits and . _ @ + -)")
         return v
 
@@ -106,7 +106,7 @@ class PoolConfig(_Model):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not LABEL_RE.match(v):
+        if not LABEL_RE.fullmatch(v):
             raise ValueError(f"{v!r} is not a usable pool name (letters, digits and . _ @ + -)")
         return v
 
@@ -137,8 +137,15 @@ class RotorConfig(_Model):
 
     @model_validator(mode="after")
     def _unique_names(self) -> RotorConfig:
-        _no_duplicates([p.name for p in self.pools], "pools", "pool name")
-        _no_duplicates([k.label for p in self.pools for k in p.keys], "pools", "key label")
+        _no_duplicates({f"pools[{i}].name": p.name for i, p in enumerate(self.pools)}, "pool name")
+        _no_duplicates(
+            {
+                f"pools[{i}].keys[{j}].label": k.label
+                for i, p in enumerate(self.pools)
+                for j, k in enumerate(p.keys)
+            },
+            "key label",
+        )
         return self
 
 
@@ -243,7 +250,15 @@ def from_dict(raw: dict[str, Any], source: Path, env: Mapping[str, str]) -> Sett
                 found = auths.read_folder(folder)
             except auths.AuthsError as e:
                 raise ConfigError(f"{source}: pools[{i}].auths_dir: {e}") from None
-            keys += [_key(a.label, a.secret, pc.name, a.disabled) for a in found]
+            for a in found:
+                try:
+                    kc = KeyConfig(label=a.label, key=a.secret)
+                    keys.append(_key(a.label, kc.resolve(base_dir, env), pc.name, a.disabled))
+                except (ValidationError, ValueError) as e:
+                    why = _describe(e) if isinstance(e, ValidationError) else str(e)
+                    raise ConfigError(
+                        f"{source}: pools[{i}].auths_dir: {a.source}: {why}"
+                    ) from None
         if not keys:
             raise ConfigError(f"{source}: pools[{i}].keys: pool {pc.name!r} has no keys")
         for k in keys:
@@ -281,12 +296,13 @@ def _no_duplicate_hosts(pools: list[Pool], source: Path) -> None:
             owner[str(h)] = p.name
 
 
-def _no_duplicates(values: list[str], field: str, what: str) -> None:
-    seen: set[str] = set()
-    for v in values:
+def _no_duplicates(values: dict[str, str], what: str) -> None:
+    """Raise naming both places of the first value given twice (keys are field paths)."""
+    seen: dict[str, str] = {}
+    for path, v in values.items():
         if v in seen:
-            raise ValueError(f"duplicate {what} {v!r}")
-        seen.add(v)
+            raise ValueError(f"{path}: duplicate {what} {v!r} (also at {seen[v]})")
+        seen[v] = path
 
 
 def _describe(e: ValidationError) -> str:

@@ -35,6 +35,7 @@ class StateKeeper:
         self.clock = clock
         self.base = StateDoc()
         self._pending: dict[str, KeyDelta] = {}
+        self._writing: dict[str, KeyDelta] = {}  # handed to the writer thread, not yet on disk
         self._dirty = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -59,7 +60,7 @@ class StateKeeper:
         d.observe(self.clock(), None, error)
 
     def view(self) -> StateDoc:
-        return overlay(self.base, self._pending)
+        return overlay(overlay(self.base, self._writing), self._pending)
 
     # -- persistence ------------------------------------------------------------------------
 
@@ -85,11 +86,14 @@ class StateKeeper:
         pending, self._pending = self._pending, {}
         if not pending and not await asyncio.to_thread(self.store.changed):
             return
+        self._writing = pending
         try:
             self.base = await asyncio.to_thread(self.store.commit, pending, self.clock())
         except Exception as e:  # a full disk or a stuck lock must not lose observations
             log.warning("kmi-rotor: could not write state (%s); will retry", e)
             self._restore(pending)
+        finally:
+            self._writing = {}
 
     def _restore(self, pending: dict[str, KeyDelta]) -> None:
         for fp, old in pending.items():

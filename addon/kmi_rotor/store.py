@@ -27,7 +27,7 @@ class StateStore:
         self.dir = state_dir
         self.path = state_dir / "state.json"
         self._lock = FileLock(str(self.path) + ".lock", timeout=LOCK_TIMEOUT)
-        self._seen_mtime: int | None = None
+        self._seen: tuple[int, int, int] | None = None
 
     def read(self) -> StateDoc:
         """The document on disk (empty when there is none)."""
@@ -39,7 +39,7 @@ class StateStore:
     def changed(self) -> bool:
         """Whether the file changed since this store last read or wrote it."""
         try:
-            return os.stat(self.path).st_mtime_ns != self._seen_mtime
+            return _identity(os.stat(self.path)) != self._seen
         except FileNotFoundError:
             return False
 
@@ -77,11 +77,16 @@ class StateStore:
         except (ValueError, ValidationError):
             self._move_aside("corrupt", "is not valid kmi-rotor state")
             return StateDoc()
-        self._seen_mtime = stat.st_mtime_ns
+        self._seen = _identity(stat)
         return doc
 
     def _move_aside(self, tag: str, why: str) -> None:
-        aside = self.path.with_name(f"state.json.{tag}-{time.strftime('%Y%m%dT%H%M%S')}")
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        aside = self.path.with_name(f"state.json.{tag}-{stamp}")
+        n = 1
+        while aside.exists():  # never overwrite an earlier copy
+            n += 1
+            aside = self.path.with_name(f"state.json.{tag}-{stamp}-{n}")
         os.replace(self.path, aside)
         log.warning("kmi-rotor: %s %s; kept it as %s and started fresh", self.path, why, aside)
 
@@ -99,4 +104,9 @@ class StateStore:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        self._seen_mtime = os.stat(self.path).st_mtime_ns
+        self._seen = _identity(os.stat(self.path))
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int]:
+    # Every write is a rename of a new file, so the inode changes even within one mtime tick.
+    return (st.st_ino, st.st_mtime_ns, st.st_size)

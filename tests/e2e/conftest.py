@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 import trustme
+from proctools import MITMDUMP, ROOT, Mitmdump, clean_env, spawn, start_mitmdump
 
 import fake_provider
-
-from .harness import MITMDUMP, ROOT, Mitmdump, clean_env, spawn, start_mitmdump
 
 KEYS = {
     "alpha": "sk-alpha-e2e-0000000000000000000000a1",

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import certifi
 import openai
+from proctools import BIN, clean_env
 
 import fake_provider
 
 from .conftest import KEYS, write_config
-from .harness import BIN, clean_env
 
 CYCLE = [KEYS["alpha"], KEYS["beta"], KEYS["gamma"]]
 

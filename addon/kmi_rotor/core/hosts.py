@@ -16,6 +16,8 @@ class HostPattern:
     def parse(cls, text: str) -> HostPattern:
         """Parse a pattern; raise ValueError with a readable reason."""
         raw = text.strip().lower()
+        if raw.endswith("."):  # a fully qualified name means the same host
+            raw = raw[:-1]
         if not raw or "/" in raw or " " in raw:
             raise ValueError(f"not a host pattern: {text!r} (use host, host:port or *.domain)")
         port: int | None = None

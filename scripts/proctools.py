@@ -1,4 +1,4 @@
-"""Real processes for end-to-end tests: mitmdump with the addon, waited on by readiness lines."""
+"""Child processes for tests, benchmarks and the demo: mitmdump with the addon, waited on by readiness lines."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 MITMDUMP = str(BIN / "mitmdump")
 LISTEN_RE = re.compile(r"listening at (?:http://)?\[?([0-9a-f.:]+)\]?:(\d+)")

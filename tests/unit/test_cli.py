@@ -1,0 +1,254 @@
+"""`kmi-rotor status`: JSON and table output, and how a bad configuration is reported."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from kmi_rotor import cli, config
+from kmi_rotor.core.secrets import fingerprint
+from kmi_rotor.core.state import KeyDelta
+from kmi_rotor.store import StateStore
+
+S_WORK = "sk-workworkworkworkwork1111"
+S_HOME = "sk-homehomehomehomehome2222"
+S_SPARE = "sk-sparesparesparespare3333"
+S_SHORT = "tiny-secret"
+SECRETS = (S_WORK, S_HOME, S_SPARE, S_SHORT)
+
+CONFIG = f"""
+state_dir = "state"
+
+[[pools]]
+name = "kimi"
+provider = "kimi-code"
+
+[[pools.keys]]
+label = "work"
+key = "{S_WORK}"
+
+[[pools.keys]]
+label = "home"
+key_file = "home.key"
+
+[[pools.keys]]
+label = "spare"
+key = "{S_SPARE}"
+disabled = true
+
+[[pools]]
+name = "claude"
+provider = "anthropic"
+
+[[pools.keys]]
+label = "short"
+key = "{S_SHORT}"
+"""
+
+# label -> (pool, masked, status, requests, errors, last_status, last_error)
+EXPECTED = {
+    "work": ("kimi", "sk-…1111", "ready", 3, 0, 429, None),
+    "home": ("kimi", "sk-…2222", "ready", 1, 1, None, "connection reset"),
+    "spare": ("kimi", "sk-…3333", "disabled", 0, 0, None, None),
+    "short": ("claude", "…", "ready", 0, 0, None, None),
+}
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> Path:
+    folder = tmp_path / "conf"
+    folder.mkdir()
+    (folder / "home.key").write_text(S_HOME + "\n", encoding="utf-8")
+    path = folder / "rotor.toml"
+    path.write_text(CONFIG, encoding="utf-8")
+    now = time.time()
+    StateStore(folder / "state").commit(
+        {
+            fingerprint(S_WORK): KeyDelta(
+                "work", "kimi", requests=3, last_status=429, last_used=now - 120
+            ),
+            fingerprint(S_HOME): KeyDelta(
+                "home", "kimi", requests=1, errors=1, last_error="connection reset", last_used=now
+            ),
+            "sha256:0000000000000000": KeyDelta("gone", "old", requests=7),
+        }
+    )
+    return path
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = cli.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_status_json(cfg: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(["status", "--json", "--config", str(cfg)], capsys)
+    assert (code, err) == (0, "")
+    data = json.loads(out)
+    assert Path(data["state_dir"]) == (cfg.parent / "state").resolve()
+    rows = {r["label"]: r for r in data["keys"]}
+    assert list(rows) == ["work", "home", "spare", "short"]
+    for label, (
+        pool,
+        masked,
+        status,
+        requests,
+        errors,
+        last_status,
+        last_error,
+    ) in EXPECTED.items():
+        row = rows[label]
+        assert (
+            row["pool"],
+            row["key"],
+            row["status"],
+            row["requests"],
+            row["errors"],
+            row["last_status"],
+            row["last_error"],
+        ) == (pool, masked, status, requests, errors, last_status, last_error), label
+    secrets = {"work": S_WORK, "home": S_HOME, "spare": S_SPARE, "short": S_SHORT}
+    for label, secret in secrets.items():
+        assert rows[label]["fingerprint"] == fingerprint(secret)
+    assert rows["spare"]["last_used"] is None
+    assert isinstance(rows["work"]["last_used"], float)
+    for secret in SECRETS:
+        assert secret not in out
+
+
+def test_status_table(cfg: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(["status", "--config", str(cfg)], capsys)
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[0].split() == [
+        "POOL",
+        "KEY",
+        "MASKED",
+        "STATUS",
+        "REQUESTS",
+        "ERRORS",
+        "LAST",
+        "LAST",
+        "USED",
+    ]
+    assert len(lines) == 1 + len(EXPECTED)
+    expected_cells = {
+        "work": ["kimi", "work", "sk-…1111", "ready", "3", "0", "429", "2m", "ago"],
+        "home": ["kimi", "home", "sk-…2222", "ready", "1", "1", "error"],
+        "spare": ["kimi", "spare", "sk-…3333", "disabled", "0", "0", "-", "never"],
+        "short": ["claude", "short", "…", "ready", "0", "0", "-", "never"],
+    }
+    for line, (label, cells) in zip(lines[1:], expected_cells.items(), strict=True):
+        assert line.split()[: len(cells)] == cells, label
+    columns = lines[0].index("MASKED")
+    assert all(line[columns:].startswith(("sk-", "…")) for line in lines[1:])
+    for secret in SECRETS:
+        assert secret not in out
+
+
+def test_status_without_state_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "rotor.toml"
+    path.write_text(
+        f'state_dir = "fresh"\n[[pools]]\nname = "p"\nprovider = "openai"\n'
+        f'[[pools.keys]]\nlabel = "a"\nkey = "{S_WORK}"\n',
+        encoding="utf-8",
+    )
+    code, out, _ = run(["status", "--json", "--config", str(path)], capsys)
+    assert code == 0
+    [row] = json.loads(out)["keys"]
+    assert (row["requests"], row["errors"], row["last_status"], row["last_used"]) == (
+        0,
+        0,
+        None,
+        None,
+    )
+    assert not (tmp_path / "fresh" / "state.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        pytest.param(None, "does not exist", id="missing-file"),
+        pytest.param("[[pools]\n", "malformed TOML", id="malformed-toml"),
+        pytest.param(
+            'colour = "red"\n[[pools]]\nname = "p"\nprovider = "openai"\n'
+            f'[[pools.keys]]\nlabel = "a"\nkey = "{S_WORK}"\n',
+            "colour: unknown field",
+            id="unknown-field",
+        ),
+        pytest.param(
+            '[[pools]]\nname = "p"\nprovider = "openai"\n'
+            '[[pools.keys]]\nlabel = "a"\nkey_env = "KMI_ROTOR_UNIT_TEST_UNSET_VAR"\n',
+            "pools[0].keys[0].key_env",
+            id="missing-env-var",
+        ),
+        pytest.param(
+            '[[pools]]\nname = "p"\nprovider = "nope"\n'
+            f'[[pools.keys]]\nlabel = "a"\nkey = "{S_WORK}"\n',
+            "unknown provider",
+            id="unknown-provider",
+        ),
+        pytest.param(
+            '[[pools]]\nname = "p"\nprovider = "openai"\n'
+            f'[[pools.keys]]\nlabel = "a"\nkey = "{S_WORK}"\n'
+            f'[[pools.keys]]\nlabel = "b"\nkey = "{S_WORK}"\n',
+            "duplicate key",
+            id="duplicate-key",
+        ),
+        pytest.param(
+            '[[pools]]\nname = "p"\nprovider = "openai"\n'
+            '[[pools.keys]]\nlabel = "a"\nkey = "sk-work work"\n',
+            "whitespace",
+            id="key-with-space",
+        ),
+    ],
+)
+@pytest.mark.parametrize("as_json", [False, True])
+def test_invalid_config_exits_2_with_one_line(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    text: str | None,
+    problem: str,
+    as_json: bool,
+) -> None:
+    monkeypatch.delenv("KMI_ROTOR_UNIT_TEST_UNSET_VAR", raising=False)
+    path = tmp_path / "rotor.toml"
+    if text is not None:
+        path.write_text(text, encoding="utf-8")
+    argv = ["status", *(["--json"] if as_json else []), "--config", str(path)]
+    code, out, err = run(argv, capsys)
+    assert code == 2
+    assert out == ""
+    assert err.endswith("\n") and err.count("\n") == 1
+    assert err.startswith("kmi-rotor: ")
+    assert problem in err
+    assert str(path) in err
+    for secret in (*SECRETS, "sk-work work"):
+        assert secret not in err
+
+
+def test_no_config_anywhere_exits_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv(config.CONFIG_ENV, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(["status"], capsys)
+    assert code == 2
+    assert out == ""
+    assert err.count("\n") == 1
+    assert err.startswith("kmi-rotor: no configuration found")
+
+
+def test_config_from_the_environment_variable(
+    cfg: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv(config.CONFIG_ENV, str(cfg))
+    code, out, _ = run(["status", "--json"], capsys)
+    assert code == 0
+    assert [r["label"] for r in json.loads(out)["keys"]] == list(EXPECTED)
