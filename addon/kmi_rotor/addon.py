@@ -1,36 +1,78 @@
-"""The mitmproxy addon: a thin shell that reads flows, asks the core, and applies the answer."""
+"""The mitmproxy addon: a thin shell that reads flows, asks the engine, and applies the answer."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from mitmproxy import ctx, http
 
-from . import config
-from .config import ConfigError, Key, Settings
-from .core import rotation
+from . import config, failover, flows
+from .commands import OperatorCommands
+from .config import ConfigError, Key, Pool, Settings
+from .core import tokens as tk
 from .core.credentials import Placement, placements
+from .core.refusal import Refusal, render
 from .core.secrets import mask_credential_value
+from .core.signals import FailureKind, Signal, parse_signal
+from .core.sse import SSETap
+from .engine import Chosen, Engine, Wait, pool_available_at
+from .flows import META
+from .hosting import StatusPage, on_loop
 from .keeper import StateKeeper
 from .store import StateStore
+from .trace import TraceRecord, TraceWriter, trace_path
+from .usage_poller import UsagePoller
 
 log = logging.getLogger("kmi_rotor")
 
-META = "kmi_rotor"
+WAIT_SLICE = 0.5
+"""A waiting request looks at its client this often, so a client that left stops waiting."""
 
 
-class Rotor:
+@dataclass
+class Served:
+    """What kmi-rotor holds for a flow between choosing its key and its end."""
+
+    pool: Pool
+    key: Key
+    reservation: Any
+    attempt: int
+    started: float
+    wall: float
+    stream_request: bool = False
+    ttfb: float | None = None
+    tap: SSETap | None = None
+    tokens: tuple[int | None, int | None] = (None, None)
+    notes: list[str] = field(default_factory=list)
+
+
+class Rotor(OperatorCommands):
     """Injects a key of the matching pool into every request to a configured LLM host."""
 
     def __init__(self) -> None:
         self.settings: Settings | None = None
         self.config_error: str | None = "kmi-rotor is not configured yet"
-        self.strategies: dict[str, rotation.Strategy] = {}
-        self.keys_by_fp: dict[str, Key] = {}
+        self.engine: Engine | None = None
         self.keeper: StateKeeper | None = None
-        self._inflight: dict[str, http.HTTPFlow] = {}
+        self.trace: TraceWriter | None = None
+        self._served: dict[str, Served] = {}
+        self._capacity = asyncio.Event()
+        self._rotations_seen: dict[str, int] = {}
+        self._operator_seen: dict[str, float] = {}
+        self._state_read = False
+        self._recent: deque[dict[str, Any]] = deque(maxlen=200)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._started = time.time()
+        self.clock = time.time
+        self.page = StatusPage(lambda: on_loop(self._loop, self.snapshot))
+        self.poller = UsagePoller(self, lambda: ctx.options.ssl_verify_upstream_trusted_ca)
+        self.addons = [self.page]
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -62,16 +104,17 @@ class Rotor:
             log.error("kmi-rotor: %s (keeping the previous configuration)", message)
 
     def _apply(self, settings: Settings) -> None:
-        old_state_dir = self.settings.state_dir if self.settings else None
-        self.settings = settings
-        self.config_error = None
-        self.keys_by_fp = {k.fingerprint: k for k in settings.keys}
-        self.strategies = {p.name: rotation.make(p.strategy) for p in settings.pools}
-        if self.keeper is None or old_state_dir != settings.state_dir:
-            if self.keeper is not None:
-                self.keeper.close_blocking()
-            self.keeper = StateKeeper(StateStore(settings.state_dir))
-            self.keeper.load_blocking()
+        old_dir = self.settings.state_dir if self.settings else None
+        self.settings, self.config_error = settings, None
+        if self.engine is None:
+            self.engine = Engine(settings)
+        else:
+            self.engine.reconfigure(settings)
+        if self.keeper is None or old_dir != settings.state_dir:
+            self._open_state(settings)
+        if self._loop is not None:  # a reload while running: poll the new pools
+            self.poller.start(settings.pools)
+            self.keeper.start()
         n = len(settings.keys)
         log.info(
             "kmi-rotor: %d pool%s, %d key%s from %s; state in %s",
@@ -83,87 +126,333 @@ class Rotor:
             settings.state_dir,
         )
 
-    def running(self) -> None:
-        if self.keeper is not None:
-            self.keeper.start()
-
-    def done(self) -> None:
-        for flow in list(self._inflight.values()):
-            self._mask(flow)
+    def _open_state(self, settings: Settings) -> None:
         if self.keeper is not None:
             self.keeper.close_blocking()
+        if self.trace is not None:
+            self.trace.close()
+        self._state_read = False
+        self.keeper = StateKeeper(StateStore(settings.state_dir))
+        self.keeper.on_change = self._adopt_state
+        self.keeper.load_blocking()
+        self.trace = TraceWriter(trace_path(settings.state_dir))
+
+    def _adopt_state(self, doc: Any) -> None:
+        """Take in what other processes wrote: operators' actions and newer health."""
+        assert self.engine is not None and self.keeper is not None
+        first, self._state_read = not self._state_read, True
+        for fp, rec in doc.keys.items():
+            key = self.engine.keys.get(fp)
+            if key is None:
+                continue
+            self.engine.adopt(fp, rec.health)
+            op = rec.operator
+            if op is not None and op.at > self._operator_seen.get(fp, 0.0):
+                self._operator_seen[fp] = op.at
+                if not first:  # on start-up the action is already in the stored health
+                    self._operate(key, op.action, record=False)
+        if doc.limiter and first:
+            self.engine.limiter.restore(doc.limiter, self.clock())
+        for name, rec in doc.pools.items():
+            seen = self._rotations_seen.get(name)
+            if seen is not None and rec.rotations > seen:
+                self.engine.rotate(name, rec.rotations - seen)
+            self._rotations_seen[name] = rec.rotations
+        self._wake()
+
+    def running(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        if self.keeper is not None:
+            self.keeper.start()
+        if self.settings is not None:
+            self.poller.start(self.settings.pools)
+
+    def done(self) -> None:
+        self.poller.stop()
+        for flow_id in list(self._served):
+            self._served.pop(flow_id, None)
+        if self.keeper is not None and self.engine is not None:
+            self.keeper.limiter_snapshot(self.engine.limiter.snapshot(self.clock()))
+            self.keeper.close_blocking()
+        if self.trace is not None:
+            self.trace.close()
 
     # -- request path -----------------------------------------------------------------------
 
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None:
             return
         try:
-            self._inject(flow)
+            await self._admit(flow)
         except Exception:
             log.exception("kmi-rotor: internal error while choosing a key")
-            _local_error(flow, 500, "internal_error", "kmi-rotor failed before sending the request")
-
-    def _inject(self, flow: http.HTTPFlow) -> None:
-        if self.settings is None:
-            _local_error(
-                flow, 503, "not_configured", f"kmi-rotor is not serving: {self.config_error}"
+            self._release(flow)
+            _local(
+                flow,
+                Refusal(500, "internal_error", "failed before sending the request"),
+                self.clock(),
             )
+
+    async def _admit(self, flow: http.HTTPFlow) -> None:
+        if self.page.should_serve(flow):
+            return
+        if self.settings is None or self.engine is None:
+            reason = f"not serving: {self.config_error}"
+            _local(flow, Refusal(503, "not_configured", reason), self.clock())
             return
         pool = self.settings.pool_for(flow.request.host, flow.request.port)
         if pool is None:
             return
-        key = self.strategies[pool.name].pick(pool.keys, _usable)
-        if key is None:
-            _local_error(flow, 503, "no_usable_key", f"no usable key in pool {pool.name!r}")
+        retry = flow.metadata.get(META, {}).get("retry") if flow.is_replay else None
+        exclude = frozenset(retry["exclude"]) if retry else frozenset()
+        arrived = self.clock()
+        deadline = arrived if retry else arrived + self.settings.limits.max_wait_seconds
+        tokens = tk.estimate_from_length(flows.content_length(flow.request))
+        affinity = flow.request.headers.get(pool.affinity_header) if pool.affinity_header else None
+        while True:
+            now = self.clock()
+            d = self.engine.decide(
+                pool, tokens, now, deadline=deadline, exclude=exclude, affinity=affinity
+            )
+            if isinstance(d, Chosen):
+                self._inject(flow, pool, d, retry["attempt"] if retry else 1, arrived)
+                return
+            if isinstance(d, Wait):
+                if not await self._wait(flow, d.until, deadline):
+                    _local(flow, Refusal(499, "client_gone", "the client left while waiting"), now)
+                    return
+                continue
+            self._refused(flow, pool, d, arrived)
             return
+
+    async def _wait(self, flow: http.HTTPFlow, until: float | None, deadline: float) -> bool:
+        """Sleep until `until`, a freed slot, or the deadline; False if the client left."""
+        end = min(until if until is not None else deadline, deadline)
+        while (left := end - self.clock()) > 0:
+            if not flow.client_conn.connected:
+                return False
+            event = self._capacity
+            try:
+                await asyncio.wait_for(event.wait(), min(left, WAIT_SLICE))
+                return True
+            except TimeoutError:
+                continue
+        return flow.client_conn.connected
+
+    def _wake(self) -> None:
+        """Let waiting requests look again (a slot was freed or a key came back)."""
+        self._capacity.set()
+        self._capacity = asyncio.Event()
+
+    def _inject(
+        self, flow: http.HTTPFlow, pool: Pool, chosen: Chosen, attempt: int, arrived: float
+    ) -> None:
+        key = chosen.key
         where = placements(flow.request.headers.keys(), flow.request.query.keys(), pool.preset)
         secret = key.secret.get_secret_value()
         for p in where:
             _put(flow.request, p, p.render(secret))
-        flow.metadata[META] = {
-            "pool": pool.name,
-            "key": key.label,
-            "fingerprint": key.fingerprint,
-            "attempt": 1,
-            "placements": [[p.kind, p.name] for p in where],
-        }
-        flow.comment = f"key {key.label}"
-        self._inflight[flow.id] = flow
+        meta = flow.metadata.setdefault(META, {})
+        meta.update(
+            {
+                "pool": pool.name,
+                "key": key.label,
+                "fingerprint": key.fingerprint,
+                "attempt": attempt,
+                "placements": [[p.kind, p.name] for p in where],
+            }
+        )
+        flow.comment = f"key {key.label}" + (f" · attempt {attempt}" if attempt > 1 else "")
+        self._served[flow.id] = Served(
+            pool, key, chosen.reservation, attempt, time.monotonic(), arrived
+        )
         assert self.keeper is not None
-        self.keeper.sent(key)
+        d = self.keeper.key(key)
+        d.add("requests")
+        if attempt > 1:
+            d.add("retries")
+
+    def _refused(self, flow: http.HTTPFlow, pool: Pool, r: Refusal, arrived: float) -> None:
+        _local(flow, r, self.clock())
+        flow.metadata[META]["pool"] = pool.name
+        flow.marked = ":no_entry:"
+        if r.status == 429 and self.keeper is not None:
+            self.keeper.pool_add(pool.name, "local_429")
+        self._trace(flow, pool, None, "local_429" if r.status == 429 else "error", arrived)
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        served = self._served.get(flow.id)
+        if served is None or flow.response is not None:
+            return
+        try:
+            body = flow.request.raw_content if not flow.request.stream else None
+            if body is None:
+                return
+            served.stream_request = flows.wants_stream(flow.request, body)
+            assert self.engine is not None and self.settings is not None
+            self.engine.limiter.adjust(served.reservation, tk.estimate_from_body(body))
+            if served.stream_request and self.settings.streaming.include_usage:
+                flows.ask_for_usage(flow)
+        except Exception:
+            log.exception("kmi-rotor: internal error while reading the request body")
 
     # -- response path ----------------------------------------------------------------------
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        if not self._mask(flow):
-            return
-        assert flow.response is not None
-        ctype = flow.response.headers.get("content-type", "")
-        if 200 <= flow.response.status_code < 300 and ctype.startswith("text/event-stream"):
-            flow.response.stream = True
-
-    def response(self, flow: http.HTTPFlow) -> None:
         if not self._mask(flow) or flow.response is None:
             return
-        self._inflight.pop(flow.id, None)
-        key = self._key_of(flow)
-        if key is not None and self.keeper is not None:
-            self.keeper.answered(key, flow.response.status_code)
-        flow.comment = f"key {flow.metadata[META]['key']} · {flow.response.status_code}"
+        served = self._served.get(flow.id)
+        if served is None:
+            return
+        served.ttfb = time.monotonic() - served.started
+        ctype = flow.response.headers.get("content-type", "")
+        assert self.settings is not None
+        if 200 <= flow.response.status_code < 300 and any(
+            ctype.startswith(t) for t in self.settings.streaming.content_types
+        ):
+            served.tap = SSETap()
+            flow.response.stream = served.tap
+
+    async def response(self, flow: http.HTTPFlow) -> None:
+        if not self._mask(flow) or flow.response is None:
+            return
+        served = self._served.pop(flow.id, None)
+        if served is None:
+            return
+        try:
+            sig = self._settle_response(flow, served)
+            if self._should_fail_over(flow, served, sig):
+                await failover.run(self, flow, served, sig)
+        except Exception:
+            log.exception("kmi-rotor: internal error while reading a response")
+        finally:
+            self._wake()
+
+    def _should_fail_over(self, flow: http.HTTPFlow, served: Served, sig: Signal) -> bool:
+        if (
+            self.settings is None
+            or served.tap is not None
+            or flow.metadata.get(META, {}).get("retry")
+        ):
+            return False
+        return sig.kind in flows.RETRIABLE and served.attempt < self.settings.failover.max_attempts
+
+    def _settle_response(self, flow: http.HTTPFlow, served: Served) -> Signal:
+        assert self.engine is not None and self.keeper is not None and flow.response is not None
+        now = self.clock()
+        resp = flow.response
+        body = None if served.tap else resp.raw_content
+        sig = parse_signal(
+            resp.status_code, resp.headers.items(), body, now, provider=served.pool.preset.name
+        )
+        outcome = sig.kind.value
+        if served.tap is not None:
+            stream = served.tap.finish()
+            served.tokens = flows.stream_tokens(stream)
+            sig, outcome = flows.stream_signal(sig, stream)
+        else:
+            served.tokens = tk.reported_usage(body)
+        h = self.engine.observe(served.key, sig, now)
+        self.engine.settle(served.key, served.reservation, flows.total(served.tokens))
+        d = self.keeper.key(served.key)
+        d.health = h
+        d.observe(now, resp.status_code, None if sig.kind is FailureKind.OK else sig.reason)
+        flows.count_outcome(d, sig, served.tokens)
+        self._annotate(flow, served, sig, outcome)
+        self._trace(flow, served.pool, served, outcome, served.wall)
+        return sig
 
     def error(self, flow: http.HTTPFlow) -> None:
         if not self._mask(flow):
             return
-        self._inflight.pop(flow.id, None)
-        key = self._key_of(flow)
-        reason = flow.error.msg if flow.error else "unknown error"
-        if key is not None and self.keeper is not None:
-            self.keeper.failed(key, reason[:200])
-        flow.comment = f"key {flow.metadata[META]['key']} · error: {reason[:80]}"
+        served = self._served.pop(flow.id, None)
+        if served is None:
+            return
+        try:
+            self._settle_error(flow, served)
+        except Exception:
+            log.exception("kmi-rotor: internal error while recording a failed request")
+        finally:
+            self._wake()
 
-    def _key_of(self, flow: http.HTTPFlow) -> Key | None:
-        return self.keys_by_fp.get(flow.metadata[META]["fingerprint"])
+    def _settle_error(self, flow: http.HTTPFlow, served: Served) -> None:
+        assert self.engine is not None and self.keeper is not None
+        now = self.clock()
+        reason = (flow.error.msg if flow.error else "unknown error")[:200]
+        client_left = "client disconnected" in reason.lower()
+        stream = served.tap.finish() if served.tap else None
+        served.tokens = flows.stream_tokens(stream) if stream else (None, None)
+        self.engine.settle(served.key, served.reservation, flows.total(served.tokens))
+        d = self.keeper.key(served.key)
+        d.add("errors")
+        d.observe(now, flow.response.status_code if flow.response else None, reason)
+        if not client_left:  # a client that leaves is not the key's fault
+            d.health = self.engine.network_error(served.key, now, reason)
+        outcome = "truncated" if stream is not None and not client_left else "error"
+        flow.comment = f"key {served.key.label} · {outcome}: {reason[:80]}"
+        flow.marked = ":warning:"
+        flow.metadata[META].update({"outcome": outcome, "error": reason})
+        self._trace(flow, served.pool, served, outcome, served.wall)
+
+    # -- bookkeeping ------------------------------------------------------------------------
+
+    def _annotate(self, flow: http.HTTPFlow, served: Served, sig: Signal, outcome: str) -> None:
+        assert self.engine is not None and flow.response is not None
+        parts = [f"key {served.key.label}", str(flow.response.status_code)]
+        if served.attempt > 1:
+            parts.append(f"attempt {served.attempt}")
+        st = self.engine.key_status(served.key, self.clock())
+        if st["status"] != "ready":
+            until = st["until"]
+            left = f" {max(0, round(until - self.clock()))}s" if until else ""
+            parts.append(f"{st['status']}{left}")
+        flow.comment = " · ".join(parts)
+        if sig.kind not in (FailureKind.OK, FailureKind.CLIENT_ERROR) or outcome != sig.kind.value:
+            flow.marked = ":warning:"
+        flow.metadata[META].update(
+            {
+                "outcome": outcome,
+                "status": flow.response.status_code,
+                "reason": sig.reason,
+                "key_status": st["status"],
+                "tokens_in": served.tokens[0],
+                "tokens_out": served.tokens[1],
+            }
+        )
+
+    def _trace(
+        self, flow: http.HTTPFlow, pool: Pool, served: Served | None, outcome: str, arrived: float
+    ) -> None:
+        total = None if served is None else (time.monotonic() - served.started) * 1000
+        try:
+            record = TraceRecord(
+                ts=arrived,
+                id=flow.id,
+                pool=pool.name,
+                key=served.key.label if served else None,
+                fp=served.key.fingerprint if served else None,
+                method=flow.request.method,
+                path=flow.request.path,
+                status=flow.response.status_code if flow.response else None,
+                ttfb_ms=served.ttfb * 1000 if served and served.ttfb is not None else None,
+                total_ms=total,
+                tokens_in=served.tokens[0] if served else None,
+                tokens_out=served.tokens[1] if served else None,
+                outcome=outcome,  # type: ignore[arg-type]
+                attempt=served.attempt if served else 1,
+                stream=bool(served and served.tap),
+            )
+            self._recent.append(asdict(record))
+            if self.trace is not None:
+                self.trace.write(record)
+        except Exception:
+            log.exception("kmi-rotor: could not trace a request")
+
+    def _release(self, flow: http.HTTPFlow) -> None:
+        served = self._served.pop(flow.id, None)
+        if served is not None and self.engine is not None:
+            self.engine.settle(served.key, served.reservation, None)
+            self._wake()
 
     def _mask(self, flow: http.HTTPFlow) -> bool:
         """Hide the injected key in the stored request; True for a flow this addon manages."""
@@ -179,8 +468,7 @@ class Rotor:
         return True
 
 
-def _usable(key: Key) -> bool:
-    return not key.disabled
+# -- helpers -------------------------------------------------------------------------------------
 
 
 def _put(request: http.Request, placement: Placement, value: str) -> None:
@@ -190,10 +478,15 @@ def _put(request: http.Request, placement: Placement, value: str) -> None:
         request.query[placement.name] = value
 
 
-def _local_error(flow: http.HTTPFlow, status: int, code: str, message: str) -> None:
-    body = {"error": {"type": "kmi_rotor_error", "code": code, "message": message}}
-    flow.response = http.Response.make(
-        status, json.dumps(body).encode(), {"content-type": "application/json"}
+def _local(flow: http.HTTPFlow, r: Refusal, now: float) -> None:
+    status, headers, body = render(r, now)
+    flow.response = http.Response.make(status, json.dumps(body).encode(), headers)
+    meta = flow.metadata.setdefault(META, {})
+    meta.pop("fingerprint", None)
+    meta.update({"local": True, "code": r.code, "status": status})
+    flow.comment = f"kmi-rotor: {status} {r.code}" + (
+        f" · retry in {body['error']['retry_after']}s" if "retry_after" in body["error"] else ""
     )
-    flow.metadata[META] = {"local": True, "code": code}
-    flow.comment = f"kmi-rotor: {code}"
+
+
+__all__ = ["META", "Rotor", "Served", "pool_available_at"]

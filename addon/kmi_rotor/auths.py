@@ -45,6 +45,20 @@ def read_folder(folder: Path) -> list[FoundKey]:
     return sorted(found, key=lambda k: -k.priority)
 
 
+def read_kimi(path: Path) -> list[FoundKey]:
+    """The keys of the Kimi CLI's `config.toml` (`[providers.<name>] api_key`), each labelled
+    `kimi-<name>`."""
+    try:
+        providers = tomllib.loads(path.read_text(encoding="utf-8")).get("providers")
+        found = _providers_keys(path, providers)
+    except (OSError, UnicodeDecodeError) as e:
+        raise AuthsError(f"{path} cannot be read ({type(e).__name__})") from None
+    except (ValueError, tomllib.TOMLDecodeError) as e:
+        raise AuthsError(f"{path}: {e}") from None
+    names = [n for n, p in providers.items() if isinstance(p, dict) and p.get("api_key")]
+    return [FoundKey(f"kimi-{_slug(n)}", k.secret, path) for n, k in zip(names, found, strict=True)]
+
+
 def _label_for(path: Path) -> str:
     stem = path.name if path.name == ".env" else path.stem
     return stem.lstrip(".") or "env"

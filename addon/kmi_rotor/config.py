@@ -10,7 +10,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +31,7 @@ from .core.secrets import fingerprint
 
 CONFIG_ENV = "KMI_ROTOR_CONFIG"
 DEFAULT_STATE_DIR = "~/.kmi-rotor"
+KIMI_USAGES_URL = "https://api.kimi.com/coding/v1/usages"
 LABEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
 
 
@@ -42,12 +43,59 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class LimitsConfig(_Model):
+    """Limits of one scope (the whole proxy, a pool's keys, or one key). Absent = unlimited."""
+
+    requests_per_second: int | None = Field(None, gt=0)
+    requests_per_minute: int | None = Field(None, gt=0)
+    requests_per_hour: int | None = Field(None, gt=0)
+    requests_per_day: int | None = Field(None, gt=0)
+    tokens_per_minute: int | None = Field(None, gt=0)
+    tokens_per_day: int | None = Field(None, gt=0)
+    concurrency: int | None = Field(None, gt=0)
+
+
+class GlobalLimits(LimitsConfig):
+    max_wait_seconds: float = Field(
+        30.0, ge=0, le=3600, description="Longest a request may wait for capacity; 0 = never."
+    )
+
+
+class HealthConfig(_Model):
+    """How failures steer keys: cooldowns, blocks, and how fast old errors fade."""
+
+    max_cooldown_seconds: float = Field(3600.0, gt=0, description="Cap of any cooldown.")
+    quota_block_seconds: float = Field(3600.0, gt=0, description="Block when no reset is known.")
+    rate_limit_backoff: float = Field(2.0, gt=0, description="First hint-less 429 backoff.")
+    overload_backoff: float = Field(1.0, gt=0, description="First 5xx backoff.")
+    overload_backoff_max: float = Field(30.0, gt=0, description="Cap of the 5xx backoff.")
+    half_life_seconds: float = Field(300.0, gt=0, description="Half-life of the error score.")
+    auth_recheck_seconds: float | None = Field(
+        None, gt=0, description="Retry a key disabled for a bad credential after this long."
+    )
+
+
+class FailoverConfig(_Model):
+    max_attempts: int = Field(3, ge=1, le=10, description="Tries per request, first included.")
+
+
+class StreamingConfig(_Model):
+    include_usage: bool = Field(
+        True, description="Ask OpenAI-style streams for their usage chunk when the client did not."
+    )
+    content_types: list[str] = Field(
+        ["text/event-stream"], description="Successful answers of these types are streamed."
+    )
+
+
 class KeyConfig(_Model):
     label: str = Field(description="Name shown in logs, flows and status; unique across pools.")
     key: SecretStr | None = Field(None, description="The key itself (prefer key_env or key_file).")
     key_env: str | None = Field(None, description="Environment variable holding the key.")
     key_file: str | None = Field(None, description="File holding the key (first line).")
     disabled: bool = Field(False, description="Keep the key configured but never use it.")
+    weight: float = Field(1.0, gt=0, description="Share of traffic under strategy 'weighted'.")
+    limits: LimitsConfig | None = Field(None, description="This key's limits (over key_limits).")
 
     @field_validator("label")
     @classmethod
@@ -92,7 +140,7 @@ class KeyConfig(_Model):
         return SecretStr(value)
 
 
-Strategy = Literal["round-robin"]
+Strategy = Literal["round-robin", "headroom", "sticky", "weighted"]
 
 
 class PoolConfig(_Model):
@@ -102,6 +150,27 @@ class PoolConfig(_Model):
     strategy: Strategy = Field("round-robin", description="How the next key is chosen.")
     keys: list[KeyConfig] = Field(default_factory=list, description="The pool's keys.")
     auths_dir: str | None = Field(None, description="Folder of key files in the older format.")
+    kimi_config: str | None = Field(
+        None, description="The Kimi CLI's config.toml to take keys from."
+    )
+    key_limits: LimitsConfig | None = Field(None, description="Default limits of every key.")
+    affinity_header: str | None = Field(
+        None, description="Requests with the same value of this header stay on one key."
+    )
+    usages_url: str | None = Field(
+        None, description="kimi-code only: the quota endpoint (default: the preset's)."
+    )
+    usage_poll_seconds: float = Field(
+        300.0, ge=0, description="kimi-code only: how often each key's quota is read; 0 = never."
+    )
+
+    @model_validator(mode="after")
+    def _usages_only_for_kimi_code(self) -> PoolConfig:
+        if self.usages_url is not None and self.provider != "kimi-code":
+            raise ValueError("usages_url: only provider 'kimi-code' has a usage endpoint")
+        if self.usages_url is not None and not self.usages_url.startswith(("https://", "http://")):
+            raise ValueError("usages_url: must be an http(s) URL")
+        return self
 
     @field_validator("name")
     @classmethod
@@ -133,6 +202,10 @@ class PoolConfig(_Model):
 
 class RotorConfig(_Model):
     state_dir: str = Field(DEFAULT_STATE_DIR, description="Where state.json lives.")
+    limits: GlobalLimits = Field(default_factory=GlobalLimits, description="The whole proxy.")
+    health: HealthConfig = Field(default_factory=HealthConfig)
+    failover: FailoverConfig = Field(default_factory=FailoverConfig)
+    streaming: StreamingConfig = Field(default_factory=StreamingConfig)
     pools: list[PoolConfig] = Field(description="At least one pool of keys.", min_length=1)
 
     @model_validator(mode="after")
@@ -159,6 +232,8 @@ class Key:
     fingerprint: str
     pool: str
     disabled: bool = False
+    weight: float = 1.0
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
     def __repr__(self) -> str:  # never the secret, even in a traceback's locals
         return f"Key({self.label!r}, {self.fingerprint})"
@@ -171,6 +246,9 @@ class Pool:
     hosts: tuple[HostPattern, ...]
     strategy: str
     keys: tuple[Key, ...]
+    affinity_header: str | None = None
+    usages_url: str | None = None
+    usage_poll_seconds: float = 0.0
 
     def matches(self, host: str, port: int) -> bool:
         return any(p.matches(host, port) for p in self.hosts)
@@ -181,6 +259,10 @@ class Settings:
     source: Path
     state_dir: Path
     pools: tuple[Pool, ...]
+    limits: GlobalLimits = field(default_factory=GlobalLimits)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    failover: FailoverConfig = field(default_factory=FailoverConfig)
+    streaming: StreamingConfig = field(default_factory=StreamingConfig)
 
     def pool_for(self, host: str, port: int) -> Pool | None:
         """The pool serving host:port: an exact host pattern wins over a wildcard."""
@@ -235,30 +317,9 @@ def from_dict(raw: dict[str, Any], source: Path, env: Mapping[str, str]) -> Sett
     pools: list[Pool] = []
     seen: dict[str, str] = {}
     for i, pc in enumerate(cfg.pools):
-        keys: list[Key] = []
-        for j, kc in enumerate(pc.keys):
-            try:
-                secret = kc.resolve(base_dir, env)
-            except ValueError as e:
-                raise ConfigError(
-                    f"{source}: {_join_loc(f'pools[{i}].keys[{j}]', str(e))}"
-                ) from None
-            keys.append(_key(kc.label, secret, pc.name, kc.disabled))
-        if pc.auths_dir is not None:
-            folder = (base_dir / Path(pc.auths_dir).expanduser()).resolve()
-            try:
-                found = auths.read_folder(folder)
-            except auths.AuthsError as e:
-                raise ConfigError(f"{source}: pools[{i}].auths_dir: {e}") from None
-            for a in found:
-                try:
-                    kc = KeyConfig(label=a.label, key=a.secret)
-                    keys.append(_key(a.label, kc.resolve(base_dir, env), pc.name, a.disabled))
-                except (ValidationError, ValueError) as e:
-                    why = _describe(e) if isinstance(e, ValidationError) else str(e)
-                    raise ConfigError(
-                        f"{source}: pools[{i}].auths_dir: {a.source}: {why}"
-                    ) from None
+        keys = _listed_keys(i, pc, base_dir, env, source) + _imported_keys(
+            i, pc, base_dir, env, source
+        )
         if not keys:
             raise ConfigError(f"{source}: pools[{i}].keys: pool {pc.name!r} has no keys")
         for k in keys:
@@ -272,16 +333,87 @@ def from_dict(raw: dict[str, Any], source: Path, env: Mapping[str, str]) -> Sett
                 seen[f"{what}:{value}"] = f"pool {pc.name!r}"
         preset = PRESETS[pc.provider]
         patterns = tuple(HostPattern.parse(h) for h in (pc.hosts or preset.hosts))
-        pools.append(Pool(pc.name, preset, patterns, pc.strategy, tuple(keys)))
+        usages = pc.usages_url or (KIMI_USAGES_URL if pc.provider == "kimi-code" else None)
+        poll = pc.usage_poll_seconds if usages else 0.0
+        pools.append(
+            Pool(
+                pc.name,
+                preset,
+                patterns,
+                pc.strategy,
+                tuple(keys),
+                pc.affinity_header,
+                usages,
+                poll,
+            )
+        )
     _no_duplicate_hosts(pools, source)
     state_dir = Path(cfg.state_dir).expanduser()
     if not state_dir.is_absolute():
         state_dir = base_dir / state_dir
-    return Settings(source=source, state_dir=state_dir, pools=tuple(pools))
+    return Settings(
+        source=source,
+        state_dir=state_dir,
+        pools=tuple(pools),
+        limits=cfg.limits,
+        health=cfg.health,
+        failover=cfg.failover,
+        streaming=cfg.streaming,
+    )
 
 
-def _key(label: str, secret: SecretStr, pool: str, disabled: bool) -> Key:
-    return Key(label, secret, fingerprint(secret.get_secret_value()), pool, disabled)
+def _listed_keys(
+    i: int, pc: PoolConfig, base_dir: Path, env: Mapping[str, str], source: Path
+) -> list[Key]:
+    """The pool's `[[pools.keys]]`, resolved."""
+    keys: list[Key] = []
+    for j, kc in enumerate(pc.keys):
+        try:
+            secret = kc.resolve(base_dir, env)
+        except ValueError as e:
+            raise ConfigError(f"{source}: {_join_loc(f'pools[{i}].keys[{j}]', str(e))}") from None
+        limits = _merge_limits(pc.key_limits, kc.limits)
+        keys.append(_key(kc.label, secret, pc.name, kc.disabled, kc.weight, limits))
+    return keys
+
+
+def _imported_keys(
+    i: int, pc: PoolConfig, base_dir: Path, env: Mapping[str, str], source: Path
+) -> list[Key]:
+    """Keys from `auths_dir` and `kimi_config`, held to the same checks as listed ones."""
+    keys: list[Key] = []
+    for field_name in ("auths_dir", "kimi_config"):
+        where = getattr(pc, field_name)
+        if where is None:
+            continue
+        path = (base_dir / Path(where).expanduser()).resolve()
+        try:
+            found = auths.read_folder(path) if field_name == "auths_dir" else auths.read_kimi(path)
+        except auths.AuthsError as e:
+            raise ConfigError(f"{source}: pools[{i}].{field_name}: {e}") from None
+        for a in found:
+            try:
+                secret = KeyConfig(label=a.label, key=a.secret).resolve(base_dir, env)
+            except (ValidationError, ValueError) as e:
+                why = _describe(e) if isinstance(e, ValidationError) else str(e)
+                raise ConfigError(f"{source}: pools[{i}].{field_name}: {a.source}: {why}") from None
+            limits = _merge_limits(pc.key_limits, None)
+            keys.append(_key(a.label, secret, pc.name, a.disabled, 1.0, limits))
+    return keys
+
+
+def _key(
+    label: str, secret: SecretStr, pool: str, disabled: bool, weight: float, limits: LimitsConfig
+) -> Key:
+    fp = fingerprint(secret.get_secret_value())
+    return Key(label, secret, fp, pool, disabled, weight, limits)
+
+
+def _merge_limits(default: LimitsConfig | None, own: LimitsConfig | None) -> LimitsConfig:
+    """A key's limits: its own fields over the pool's `key_limits`."""
+    merged = default.model_dump(exclude_none=True) if default else {}
+    merged |= own.model_dump(exclude_none=True) if own else {}
+    return LimitsConfig(**merged)
 
 
 def _no_duplicate_hosts(pools: list[Pool], source: Path) -> None:

@@ -1,4 +1,4 @@
-"""The proxy's view of the state: deltas kept in memory, merged to disk off the event loop."""
+"""The proxy's view of the state: changes kept in memory, merged to disk off the event loop."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 from .config import Key
-from .core.state import KeyDelta, StateDoc, overlay
+from .core.state import Delta, KeyDelta, StateDoc, overlay
 from .store import StateStore
 
 log = logging.getLogger("kmi_rotor")
@@ -18,7 +19,9 @@ log = logging.getLogger("kmi_rotor")
 class StateKeeper:
     """Records observations instantly (no I/O) and writes them, debounced, from a thread.
 
-    It also picks up what other processes wrote, so their changes are merged, never overwritten.
+    It also picks up what other processes wrote, so their changes are merged, never
+    overwritten; `on_change` hears of every document read or written while it runs (not of the
+    final flush at shutdown, when nobody is left to act on it).
     """
 
     def __init__(
@@ -34,30 +37,26 @@ class StateKeeper:
         self.poll = poll
         self.clock = clock
         self.base = StateDoc()
-        self._pending: dict[str, KeyDelta] = {}
-        self._writing: dict[str, KeyDelta] = {}  # handed to the writer thread, not yet on disk
+        self.on_change: Callable[[StateDoc], None] | None = None
+        self._pending = Delta()
+        self._writing = Delta()  # handed to the writer thread, not yet on disk
         self._dirty = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     # -- observations (event loop, no I/O) --------------------------------------------------
 
-    def _delta(self, key: Key) -> KeyDelta:
-        d = self._pending.get(key.fingerprint)
-        if d is None:
-            d = self._pending[key.fingerprint] = KeyDelta(label=key.label, pool=key.pool)
+    def key(self, key: Key) -> KeyDelta:
+        """The pending changes of one key, to be added to (marks the state dirty)."""
         self._dirty.set()
-        return d
+        return self._pending.key(key.fingerprint, key.label, key.pool)
 
-    def sent(self, key: Key) -> None:
-        self._delta(key).requests += 1
+    def pool_add(self, pool: str, name: str, n: int = 1) -> None:
+        self._dirty.set()
+        self._pending.pool_add(pool, name, n)
 
-    def answered(self, key: Key, status: int) -> None:
-        self._delta(key).observe(self.clock(), status, None)
-
-    def failed(self, key: Key, error: str) -> None:
-        d = self._delta(key)
-        d.errors += 1
-        d.observe(self.clock(), None, error)
+    def limiter_snapshot(self, snapshot: dict[str, Any]) -> None:
+        self._pending.limiter, self._pending.limiter_at = snapshot, self.clock()
+        self._dirty.set()
 
     def view(self) -> StateDoc:
         return overlay(overlay(self.base, self._writing), self._pending)
@@ -66,7 +65,15 @@ class StateKeeper:
 
     def load_blocking(self) -> None:
         """Read the file once at start-up (configure runs before any request)."""
-        self.base = self.store.read()
+        self._adopt(self.store.read())
+
+    def _adopt(self, doc: StateDoc) -> None:
+        self.base = doc
+        if self.on_change is not None:
+            try:
+                self.on_change(doc)
+            except Exception:
+                log.exception("kmi-rotor: could not apply the state read from disk")
 
     def start(self) -> None:
         if self._task is None:
@@ -83,35 +90,28 @@ class StateKeeper:
     async def sync(self) -> None:
         """Merge pending changes into the file and take in what others wrote (in a thread)."""
         self._dirty.clear()
-        pending, self._pending = self._pending, {}
+        pending, self._pending = self._pending, Delta()
         if not pending and not await asyncio.to_thread(self.store.changed):
             return
         self._writing = pending
         try:
-            self.base = await asyncio.to_thread(self.store.commit, pending, self.clock())
+            doc = await asyncio.to_thread(self.store.commit, pending, self.clock())
         except Exception as e:  # a full disk or a stuck lock must not lose observations
             log.warning("kmi-rotor: could not write state (%s); will retry", e)
-            self._restore(pending)
+            pending.absorb(self._pending)
+            self._pending = pending
+            self._dirty.set()
+            return
         finally:
-            self._writing = {}
-
-    def _restore(self, pending: dict[str, KeyDelta]) -> None:
-        for fp, old in pending.items():
-            new = self._pending.get(fp)
-            if new is not None:
-                old.requests += new.requests
-                old.errors += new.errors
-                if new.last_used is not None:
-                    old.observe(new.last_used, new.last_status, new.last_error)
-            self._pending[fp] = old
-        self._dirty.set()
+            self._writing = Delta()
+        self._adopt(doc)
 
     def close_blocking(self) -> None:
         """Stop the writer and flush what is left (shutdown; blocking is fine there)."""
         if self._task is not None:
             self._task.cancel()
             self._task = None
-        pending, self._pending = self._pending, {}
+        pending, self._pending = self._pending, Delta()
         if pending:
             try:
                 self.base = self.store.commit(pending, self.clock())

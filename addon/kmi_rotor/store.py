@@ -13,7 +13,7 @@ from pathlib import Path
 from filelock import FileLock
 from pydantic import ValidationError
 
-from .core.state import SCHEMA_VERSION, KeyDelta, StateDoc, merge
+from .core.state import SCHEMA_VERSION, Delta, StateDoc, merge
 
 log = logging.getLogger("kmi_rotor")
 
@@ -43,15 +43,15 @@ class StateStore:
         except FileNotFoundError:
             return False
 
-    def commit(self, deltas: dict[str, KeyDelta], now: float | None = None) -> StateDoc:
-        """Merge deltas into the file under the lock and return what is now on disk."""
+    def commit(self, delta: Delta, now: float | None = None) -> StateDoc:
+        """Merge a delta into the file under the lock and return what is now on disk."""
         now = time.time() if now is None else now
         self._ensure_dir()
         with self._lock:
             doc = self._read_locked() if self.path.exists() else StateDoc()
-            if not deltas:
+            if not delta:
                 return doc
-            doc = merge(doc, deltas, now)
+            doc = merge(doc, delta, now)
             self._write_locked(doc)
             return doc
 

@@ -50,12 +50,12 @@ def rotor(tmp_path):
         yield addon, tctx
 
 
-def test_round_robin_injects_bearer_in_exact_cycle(rotor):
+async def test_round_robin_injects_bearer_in_exact_cycle(rotor):
     addon, _ = rotor
     seen = []
     for _ in range(6):
         f = tflow.tflow(req=req(headers=[("authorization", "Bearer client-placeholder")]))
-        addon.requestheaders(f)
+        await addon.requestheaders(f)
         seen.append(f.request.headers["authorization"])
         assert f.metadata[META]["key"] in KEYS
     assert seen == [f"Bearer {KEYS[k]}" for k in "abcabc"]
@@ -71,10 +71,10 @@ def test_round_robin_injects_bearer_in_exact_cycle(rotor):
         ([], "/v1/x", ("header", "authorization"), "Bearer {}"),
     ],
 )
-def test_credential_replaced_where_the_client_put_it(rotor, headers, path, where, expected_form):
+async def test_credential_replaced_where_the_client_put_it(rotor, headers, path, where, expected_form):
     addon, _ = rotor
     f = tflow.tflow(req=req(path=path, headers=headers))
-    addon.requestheaders(f)
+    await addon.requestheaders(f)
     kind, name = where
     got = f.request.headers.get(name) if kind == "header" else f.request.query.get(name)
     assert got == expected_form.format(KEYS["a"])
@@ -92,42 +92,44 @@ def test_credential_replaced_where_the_client_put_it(rotor, headers, path, where
         ("kimi-code", "authorization", True),
     ],
 )
-def test_preset_header_when_client_sent_none(tmp_path, provider, header, bearer):
+async def test_preset_header_when_client_sent_none(tmp_path, provider, header, bearer):
     addon = Rotor()
     with taddons.context(addon) as tctx:
         tctx.configure(addon, rotor_config=str(write_config(tmp_path, provider, hosts="")))
         host = addon.settings.pools[0].hosts[0].host
         f = tflow.tflow(req=req(host=host))
-        addon.requestheaders(f)
+        await addon.requestheaders(f)
         assert f.request.headers[header] == (f"Bearer {KEYS['a']}" if bearer else KEYS["a"])
 
 
-def test_other_hosts_pass_untouched(rotor):
+async def test_other_hosts_pass_untouched(rotor):
     addon, _ = rotor
     f = tflow.tflow(req=req(host="example.org", headers=[("authorization", "Bearer mine")]))
-    addon.requestheaders(f)
+    await addon.requestheaders(f)
     assert f.request.headers["authorization"] == "Bearer mine"
     assert META not in f.metadata and f.response is None
 
 
-def test_key_masked_after_the_request_went_upstream(rotor):
+async def test_key_masked_after_the_request_went_upstream(rotor):
     addon, _ = rotor
     f = tflow.tflow(req=req(headers=[("authorization", "Bearer mine")]))
     f.response = None
-    addon.requestheaders(f)
+    await addon.requestheaders(f)
     f.response = tutils.tresp(headers=http.Headers(content_type="text/event-stream"))
     addon.responseheaders(f)
     assert f.request.headers["authorization"] == "Bearer sk-…aaaa"
-    assert f.response.stream is True
-    addon.response(f)
+    assert callable(f.response.stream)
+    for chunk in (b'data: {"choices": []}\n\n', b"data: [DONE]\n\n", b""):
+        assert f.response.stream(chunk) == chunk
+    await addon.response(f)
     assert f.comment == "key a · 200"
     assert all(v not in json.dumps(f.get_state(), default=repr) for v in KEYS.values())
 
 
-def test_error_masks_and_counts(rotor, tmp_path):
+async def test_error_masks_and_counts(rotor, tmp_path):
     addon, _ = rotor
     f = tflow.tflow(req=req())
-    addon.requestheaders(f)
+    await addon.requestheaders(f)
     f.error = tflow.terr("Client disconnected.")
     addon.error(f)
     assert KEYS["a"] not in str(f.request.headers)
@@ -137,10 +139,10 @@ def test_error_masks_and_counts(rotor, tmp_path):
     assert only.requests == 1 and only.errors == 1 and only.last_error == "Client disconnected."
 
 
-def test_error_responses_are_not_streamed(rotor):
+async def test_error_responses_are_not_streamed(rotor):
     addon, _ = rotor
     f = tflow.tflow(req=req())
-    addon.requestheaders(f)
+    await addon.requestheaders(f)
     f.response = tutils.tresp(
         status_code=429, headers=http.Headers(content_type="text/event-stream")
     )
@@ -148,14 +150,14 @@ def test_error_responses_are_not_streamed(rotor):
     assert not f.response.stream
 
 
-def test_state_counts_survive_done(rotor, tmp_path):
+async def test_state_counts_survive_done(rotor, tmp_path):
     addon, _ = rotor
     for _ in range(5):
         f = tflow.tflow(req=req())
-        addon.requestheaders(f)
+        await addon.requestheaders(f)
         f.response = tutils.tresp(status_code=200)
         addon.responseheaders(f)
-        addon.response(f)
+        await addon.response(f)
     addon.done()
     doc = StateStore(tmp_path / "state").read()
     assert sorted((r.label, r.requests, r.last_status) for r in doc.keys.values()) == [
@@ -165,39 +167,39 @@ def test_state_counts_survive_done(rotor, tmp_path):
     ]
 
 
-def test_bad_config_refuses_everything_with_one_line(tmp_path, caplog):
+async def test_bad_config_refuses_everything_with_one_line(tmp_path, caplog):
     bad = tmp_path / "rotor.toml"
     bad.write_text("[[pools]]\nname = 'p'\nprovider = 'nope'\n")
     addon = Rotor()
     with taddons.context(addon) as tctx, caplog.at_level(logging.ERROR):
         tctx.configure(addon, rotor_config=str(bad))
         f = tflow.tflow(req=req(headers=[("authorization", "Bearer mine")]))
-        addon.requestheaders(f)
+        await addon.requestheaders(f)
     assert f.response is not None and f.response.status_code == 503
     assert "unknown provider" in json.loads(f.response.content)["error"]["message"]
     lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(lines) == 1 and "\n" not in lines[0] and "pools[0].provider" in lines[0]
 
 
-def test_bad_reload_keeps_last_good_config(rotor, tmp_path):
+async def test_bad_reload_keeps_last_good_config(rotor, tmp_path):
     addon, tctx = rotor
     bad = tmp_path / "bad.toml"
     bad.write_text("this is not toml")
     tctx.configure(addon, rotor_config=str(bad))
     f = tflow.tflow(req=req())
-    addon.requestheaders(f)
+    await addon.requestheaders(f)
     assert f.request.headers["authorization"].startswith("Bearer sk-")
 
 
-def test_internal_error_fails_closed(rotor, monkeypatch):
+async def test_internal_error_fails_closed(rotor, monkeypatch):
     addon, _ = rotor
 
     def boom(*a, **k):
         raise RuntimeError("bug")
 
-    monkeypatch.setattr(addon.strategies["p"], "pick", boom)
+    monkeypatch.setattr(addon.engine.strategies["p"], "candidates", boom)
     f = tflow.tflow(req=req(headers=[("authorization", "Bearer client-own")]))
-    addon.requestheaders(f)
+    await addon.requestheaders(f)
     assert f.response is not None and f.response.status_code == 500
     assert json.loads(f.response.content)["error"]["code"] == "internal_error"
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from kmi_rotor import cli, config
+from kmi_rotor.core.health import KeyHealth
 from kmi_rotor.core.secrets import fingerprint
-from kmi_rotor.core.state import KeyDelta
+from kmi_rotor.core.state import KEY_COUNTERS, Delta, KeyDelta
 from kmi_rotor.store import StateStore
 
 S_WORK = "sk-workworkworkworkwork1111"
@@ -57,6 +59,13 @@ EXPECTED = {
 }
 
 
+def kd(label: str, pool: str, *, requests: int = 0, errors: int = 0, **kw: Any) -> KeyDelta:
+    """A key delta: counters by name (any of KEY_COUNTERS), the rest as KeyDelta fields."""
+    counts = {"requests": requests, "errors": errors}
+    counts |= {name: kw.pop(name) for name in KEY_COUNTERS if name in kw}
+    return KeyDelta(label, pool, counters={n: c for n, c in counts.items() if c}, **kw)
+
+
 @pytest.fixture
 def cfg(tmp_path: Path) -> Path:
     folder = tmp_path / "conf"
@@ -65,17 +74,28 @@ def cfg(tmp_path: Path) -> Path:
     path = folder / "rotor.toml"
     path.write_text(CONFIG, encoding="utf-8")
     now = time.time()
-    StateStore(folder / "state").commit(
-        {
-            fingerprint(S_WORK): KeyDelta(
-                "work", "kimi", requests=3, last_status=429, last_used=now - 120
+    state = Delta(
+        keys={
+            fingerprint(S_WORK): kd(
+                "work",
+                "kimi",
+                requests=3,
+                upstream_429=1,
+                tokens_in=40,
+                last_status=429,
+                last_used=now - 120,
+                health=KeyHealth(rate_limit_streak=1, updated_at=now - 120),
             ),
-            fingerprint(S_HOME): KeyDelta(
+            fingerprint(S_HOME): kd(
                 "home", "kimi", requests=1, errors=1, last_error="connection reset", last_used=now
             ),
-            "sha256:0000000000000000": KeyDelta("gone", "old", requests=7),
-        }
+            "sha256:0000000000000000": kd("gone", "old", requests=7),
+        },
+        limiter={"format": 1, "at": now, "scopes": {}},
+        limiter_at=now,
     )
+    state.pool_add("kimi", "local_429", 2)
+    StateStore(folder / "state").commit(state)
     return path
 
 
@@ -116,36 +136,63 @@ def test_status_json(cfg: Path, capsys: pytest.CaptureFixture[str]) -> None:
         assert rows[label]["fingerprint"] == fingerprint(secret)
     assert rows["spare"]["last_used"] is None
     assert isinstance(rows["work"]["last_used"], float)
+    assert (rows["work"]["upstream_429"], rows["work"]["tokens"]) == (1, 40)
+    assert data["local_429"] == {"kimi": 2}
     for secret in SECRETS:
         assert secret not in out
+
+
+TABLE_HEAD = (
+    "POOL",
+    "KEY",
+    "MASKED",
+    "STATUS",
+    "RESETS IN",
+    "REASON",
+    "REMAINING",
+    "REQS",
+    "ERRS",
+    "429",
+    "LAST",
+    "LAST USED",
+)
+
+
+def table_cells(head_line: str, line: str) -> list[str]:
+    """A table line cut at the header's column starts (cells may hold spaces)."""
+    starts, at = [], 0
+    for title in TABLE_HEAD:
+        at = head_line.index(title, at)
+        starts.append(at)
+        at += len(title)
+    return [line[a:b].strip() for a, b in zip(starts, [*starts[1:], None], strict=True)]
 
 
 def test_status_table(cfg: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run(["status", "--config", str(cfg)], capsys)
     assert (code, err) == (0, "")
     lines = out.splitlines()
-    assert lines[0].split() == [
-        "POOL",
-        "KEY",
-        "MASKED",
-        "STATUS",
-        "REQUESTS",
-        "ERRORS",
-        "LAST",
-        "LAST",
-        "USED",
-    ]
-    assert len(lines) == 1 + len(EXPECTED)
+    assert table_cells(lines[0], lines[0]) == list(TABLE_HEAD)
+    assert len(lines) == 1 + len(EXPECTED) + 1
+    disabled = "disabled in the configuration"
+    # label -> every cell but LAST USED, and how LAST USED starts
     expected_cells = {
-        "work": ["kimi", "work", "sk-…1111", "ready", "3", "0", "429", "2m", "ago"],
-        "home": ["kimi", "home", "sk-…2222", "ready", "1", "1", "error"],
-        "spare": ["kimi", "spare", "sk-…3333", "disabled", "0", "0", "-", "never"],
-        "short": ["claude", "short", "…", "ready", "0", "0", "-", "never"],
+        "work": (["kimi", "work", "sk-…1111", "ready", "-", "-", "-", "3", "0", "1", "429"], "2m"),
+        "home": (["kimi", "home", "sk-…2222", "ready", "-", "-", "-", "1", "1", "0", "error"], ""),
+        "spare": (
+            ["kimi", "spare", "sk-…3333", "disabled", "-", disabled, "-", "0", "0", "0", "-"],
+            "never",
+        ),
+        "short": (["claude", "short", "…", "ready", "-", "-", "-", "0", "0", "0", "-"], "never"),
     }
-    for line, (label, cells) in zip(lines[1:], expected_cells.items(), strict=True):
-        assert line.split()[: len(cells)] == cells, label
+    for line, (label, (cells, last_used)) in zip(lines[1:-1], expected_cells.items(), strict=True):
+        *got, got_last_used = table_cells(lines[0], line)
+        assert got == cells, label
+        assert got_last_used.startswith(last_used), label
+        assert got_last_used == "never" or got_last_used.endswith(" ago"), label
+    assert lines[-1] == "pool kimi: 2 requests refused locally (429)"
     columns = lines[0].index("MASKED")
-    assert all(line[columns:].startswith(("sk-", "…")) for line in lines[1:])
+    assert all(line[columns:].startswith(("sk-", "…")) for line in lines[1:-1])
     for secret in SECRETS:
         assert secret not in out
 

@@ -12,15 +12,25 @@ import textwrap
 import threading
 import time
 import types
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import SecretStr
 
 from kmi_rotor import store as store_module
 from kmi_rotor.config import Key
+from kmi_rotor.core.health import KeyHealth
 from kmi_rotor.core.secrets import fingerprint
-from kmi_rotor.core.state import SCHEMA_VERSION, KeyDelta, StateDoc
+from kmi_rotor.core.state import (
+    KEY_COUNTERS,
+    SCHEMA_VERSION,
+    Delta,
+    KeyDelta,
+    PoolRecord,
+    StateDoc,
+)
 from kmi_rotor.keeper import StateKeeper
 from kmi_rotor.store import StateStore
 
@@ -40,61 +50,154 @@ def asides(folder: Path, tag: str) -> list[Path]:
     return sorted(folder.glob(f"state.json.{tag}-*"))
 
 
+def kd(label: str, pool: str, *, requests: int = 0, errors: int = 0, **kw: Any) -> KeyDelta:
+    """A key delta: counters by name (any of KEY_COUNTERS), the rest as KeyDelta fields."""
+    counts = {"requests": requests, "errors": errors}
+    counts |= {name: kw.pop(name) for name in KEY_COUNTERS if name in kw}
+    return KeyDelta(label, pool, counters={n: c for n, c in counts.items() if c}, **kw)
+
+
+def delta(*maps: Mapping[str, KeyDelta], **keys: KeyDelta) -> Delta:
+    out = Delta()
+    for m in (*maps, keys):
+        out.keys.update(m)
+    return out
+
+
+def with_pools(d: Delta, **pools: dict[str, int]) -> Delta:
+    for pool, counters in pools.items():
+        for name, n in counters.items():
+            d.pool_add(pool, name, n)
+    return d
+
+
 # -- StateStore ------------------------------------------------------------------------------
 
 
+HEALTH = KeyHealth(
+    cooling_until=1060.0,
+    cooling_reason="rate limited",
+    blocked_until=4600.0,
+    blocked_reason="quota",
+    error_score=1.5,
+    score_at=999.0,
+    rate_limit_streak=2,
+    overload_streak=1,
+    windows={"requests:minute": {"limit": 60, "remaining": 0, "reset_at": 1060.0, "seen_at": 1}},
+    updated_at=1000.0,
+)
+LIMITER = {"format": 1, "at": 999.0, "scopes": {"global": {"rpm": [[998.5, 1], [999.0, 2]]}}}
+
+
 @pytest.mark.parametrize(
-    "deltas",
+    "delta_",
     [
-        pytest.param({"fp1": KeyDelta("a", "p", requests=1)}, id="one-request"),
+        pytest.param(delta(fp1=kd("a", "p", requests=1)), id="one-request"),
         pytest.param(
-            {
-                "fp1": KeyDelta("a", "p", requests=3, errors=1, last_status=429, last_used=12.5),
-                "fp2": KeyDelta(
+            delta(
+                fp1=kd("a", "p", requests=3, errors=1, last_status=429, last_used=12.5),
+                fp2=kd(
                     "b", "q", requests=1, errors=1, last_error="connection reset", last_used=13.0
                 ),
-            },
+            ),
             id="two-keys-all-fields",
         ),
         pytest.param(
-            {"fp-ü": KeyDelta("ключ", "池", requests=2, last_error="ошибка", last_used=1.0)},
+            delta({"fp-ü": kd("ключ", "池", requests=2, last_error="ошибка", last_used=1.0)}),
             id="unicode",
         ),
+        pytest.param(
+            with_pools(
+                Delta(
+                    keys={
+                        "fp1": kd(
+                            "a",
+                            "p",
+                            **{c: i + 1 for i, c in enumerate(KEY_COUNTERS)},
+                            last_status=200,
+                            last_used=999.0,
+                            health=HEALTH,
+                        )
+                    },
+                    limiter=LIMITER,
+                    limiter_at=999.0,
+                ),
+                p={"local_429": 4, "rotations": 2},
+                q={"rotations": 1},
+            ),
+            id="every-counter-health-pools-limiter",
+        ),
+        pytest.param(with_pools(Delta(), p={"local_429": 1}), id="pools-only"),
+        pytest.param(Delta(limiter=LIMITER, limiter_at=5.0), id="limiter-only"),
     ],
 )
-def test_round_trip(tmp_path: Path, deltas: dict[str, KeyDelta]) -> None:
+def test_round_trip(tmp_path: Path, delta_: Delta) -> None:
     store = StateStore(tmp_path / "state")
-    written = store.commit(deltas, now=1000.0)
+    written = store.commit(delta_, now=1000.0)
     read = StateStore(tmp_path / "state").read()
     assert read == written
     assert read.schema_version == SCHEMA_VERSION
     assert read.updated_at == 1000.0
-    assert set(read.keys) == set(deltas)
-    for fp, d in deltas.items():
+    assert set(read.keys) == set(delta_.keys)
+    for fp, d in delta_.keys.items():
         rec = read.keys[fp]
         assert (rec.label, rec.pool, rec.fingerprint) == (d.label, d.pool, fp)
-        assert (rec.requests, rec.errors) == (d.requests, d.errors)
+        assert {c: getattr(rec, c) for c in KEY_COUNTERS} == {
+            c: d.counters.get(c, 0) for c in KEY_COUNTERS
+        }
         assert (rec.last_status, rec.last_error, rec.last_used) == (
             d.last_status,
             d.last_error,
             d.last_used,
         )
+        assert rec.health == (d.health or KeyHealth())
+    assert read.pools == {name: PoolRecord(**counters) for name, counters in delta_.pools.items()}
+    assert (read.limiter, read.limiter_at) == (delta_.limiter, delta_.limiter_at)
     assert json.loads(store.path.read_text(encoding="utf-8"))["schema_version"] == SCHEMA_VERSION
 
 
 def test_commits_accumulate(tmp_path: Path) -> None:
     store = StateStore(tmp_path)
     for i in range(5):
-        store.commit({"fp": KeyDelta("a", "p", requests=1, last_status=200 + i, last_used=i)})
+        d = delta(fp=kd("a", "p", requests=1, tokens_out=i, last_status=200 + i, last_used=i))
+        store.commit(with_pools(d, p={"local_429": 1, "rotations": i}))
     doc = StateStore(tmp_path).read()
     assert doc.keys["fp"].requests == 5
+    assert doc.keys["fp"].tokens_out == 0 + 1 + 2 + 3 + 4
     assert doc.keys["fp"].last_status == 204
+    assert doc.pools["p"] == PoolRecord(local_429=5, rotations=10)
+
+
+def test_an_older_health_does_not_overwrite_a_newer_one_on_disk(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    newer = HEALTH.model_copy(update={"updated_at": 2000.0, "cooling_reason": "newer"})
+    older = HEALTH.model_copy(update={"updated_at": 1500.0, "cooling_reason": "older"})
+    store.commit(delta(fp=kd("a", "p", requests=1, health=newer)), now=2000.0)
+    store.commit(delta(fp=kd("a", "p", upstream_429=1, health=older)), now=2100.0)
+    rec = StateStore(tmp_path).read().keys["fp"]
+    assert rec.health == newer
+    assert (rec.requests, rec.upstream_429) == (1, 1)
+    newest = HEALTH.model_copy(update={"updated_at": 2500.0, "cooling_reason": "newest"})
+    store.commit(delta(fp=kd("a", "p", health=newest)), now=2200.0)
+    assert StateStore(tmp_path).read().keys["fp"].health == newest
+
+
+def test_an_older_limiter_snapshot_does_not_overwrite_a_newer_one(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    older = {**LIMITER, "at": 10.0}
+    store.commit(Delta(limiter=LIMITER, limiter_at=999.0))
+    store.commit(Delta(limiter=older, limiter_at=10.0))
+    doc = StateStore(tmp_path).read()
+    assert (doc.limiter, doc.limiter_at) == (LIMITER, 999.0)
+    store.commit(Delta(limiter=older, limiter_at=1000.0))
+    doc = StateStore(tmp_path).read()
+    assert (doc.limiter, doc.limiter_at) == (older, 1000.0)
 
 
 def test_missing_file_reads_empty_and_is_not_created(tmp_path: Path) -> None:
     store = StateStore(tmp_path / "nothing-yet")
     assert store.read() == StateDoc()
-    assert store.commit({}) == StateDoc()
+    assert store.commit(Delta()) == StateDoc()
     assert not store.path.exists()
     assert store.changed() is False
 
@@ -103,7 +206,7 @@ def test_file_mode_and_folder_mode(tmp_path: Path) -> None:
     old = os.umask(0o022)
     try:
         store = StateStore(tmp_path / "deep" / "state")
-        store.commit({"fp": KeyDelta("a", "p", requests=1)})
+        store.commit(delta(fp=kd("a", "p", requests=1)))
     finally:
         os.umask(old)
     assert stat.S_IMODE(os.stat(store.dir).st_mode) == 0o700
@@ -113,9 +216,9 @@ def test_file_mode_and_folder_mode(tmp_path: Path) -> None:
 
 def test_rewrite_tightens_a_loose_file_mode(tmp_path: Path) -> None:
     store = StateStore(tmp_path)
-    store.commit({"fp": KeyDelta("a", "p", requests=1)})
+    store.commit(delta(fp=kd("a", "p", requests=1)))
     os.chmod(store.path, 0o644)
-    store.commit({"fp": KeyDelta("a", "p", requests=1)})
+    store.commit(delta(fp=kd("a", "p", requests=1)))
     assert stat.S_IMODE(os.stat(store.path).st_mode) == 0o600
 
 
@@ -150,7 +253,7 @@ def test_corrupt_file_is_moved_aside_on_read(tmp_path: Path, content: bytes) -> 
 def test_corrupt_file_is_moved_aside_on_commit(tmp_path: Path, content: bytes) -> None:
     store = StateStore(tmp_path)
     store.path.write_bytes(content)
-    doc = store.commit({"fp": KeyDelta("a", "p", requests=1)})
+    doc = store.commit(delta(fp=kd("a", "p", requests=1)))
     assert doc.keys["fp"].requests == 1
     assert StateStore(tmp_path).read().keys["fp"].requests == 1
     [aside] = asides(tmp_path, "corrupt")
@@ -181,7 +284,7 @@ def test_newer_schema_is_moved_aside_not_overwritten(tmp_path: Path, version: in
     [aside] = asides(tmp_path, f"newer-v{version}")
     assert aside.read_bytes() == content
     assert not asides(tmp_path, "corrupt")
-    store.commit({"fp": KeyDelta("a", "p", requests=1)})
+    store.commit(delta(fp=kd("a", "p", requests=1)))
     assert aside.read_bytes() == content
     doc = json.loads(store.path.read_bytes())
     assert doc["schema_version"] == SCHEMA_VERSION
@@ -209,7 +312,7 @@ WRITER = textwrap.dedent(
     import sys, time
     from pathlib import Path
     sys.path.insert(0, sys.argv[1])
-    from kmi_rotor.core.state import KeyDelta
+    from kmi_rotor.core.state import KEY_COUNTERS, Delta
     from kmi_rotor.store import StateStore
 
     folder, me, count = Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
@@ -221,9 +324,19 @@ WRITER = textwrap.dedent(
             sys.exit("never told to go")
         time.sleep(0.001)
     for i in range(count):
-        store.commit({"shared": KeyDelta("shared", "p", requests=1, last_used=float(i))})
+        d = Delta(limiter={"by": me, "i": i}, limiter_at=float(i))
+        shared = d.key("shared", "shared", "p")
+        for name in KEY_COUNTERS:
+            shared.add(name)
+        shared.observe(float(i), 200, None)
+        d.pool_add("p", "local_429")
+        d.pool_add("p", "rotations", 2)
+        store.commit(d)
         if i % 50 == 0:
-            store.commit({f"own-{me}": KeyDelta(me, "p", requests=1)})
+            own = Delta()
+            own.key(f"own-{me}", me, "p").add("requests")
+            own.pool_add(me, "rotations")
+            store.commit(own)
     """
 )
 
@@ -256,10 +369,19 @@ def test_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
                 p.kill()
                 p.wait()
     doc = StateStore(folder).read()
-    assert doc.keys["shared"].requests == 2 * count
+    shared = doc.keys["shared"]
+    assert {c: getattr(shared, c) for c in KEY_COUNTERS} == dict.fromkeys(KEY_COUNTERS, 2 * count)
     assert doc.keys["own-w1"].requests == count // 50
     assert doc.keys["own-w2"].requests == count // 50
-    assert doc.keys["shared"].last_used == float(count - 1)
+    assert shared.last_used == float(count - 1)
+    assert shared.last_status == 200
+    assert doc.pools == {
+        "p": PoolRecord(local_429=2 * count, rotations=4 * count),
+        "w1": PoolRecord(rotations=count // 50),
+        "w2": PoolRecord(rotations=count // 50),
+    }
+    assert doc.limiter_at == float(count - 1)
+    assert doc.limiter is not None and doc.limiter["i"] == count - 1
     assert not asides(folder, "*")
     assert not list(folder.glob(".state.*.tmp"))
 
@@ -322,17 +444,31 @@ OBSERVATIONS = [
 ]
 
 
+def sent(keeper: StateKeeper, key: Key) -> None:
+    keeper.key(key).add("requests")
+
+
+def answered(keeper: StateKeeper, key: Key, status: int) -> None:
+    keeper.key(key).observe(keeper.clock(), status, None)
+
+
+def failed(keeper: StateKeeper, key: Key, error: str) -> None:
+    d = keeper.key(key)
+    d.add("errors")
+    d.observe(keeper.clock(), None, error)
+
+
 def apply(keeper: StateKeeper, clock: Clock, steps: list[tuple[object, ...]]) -> None:
     for step in steps:
         match step:
             case ("sent",):
-                keeper.sent(KEY_A)
+                sent(keeper, KEY_A)
             case ("answered", int(status), float(at)):
                 clock.now = at
-                keeper.answered(KEY_A, status)
+                answered(keeper, KEY_A, status)
             case ("failed", str(error), float(at)):
                 clock.now = at
-                keeper.failed(KEY_A, error)
+                failed(keeper, KEY_A, error)
             case _:
                 raise AssertionError(f"unknown step {step!r}")
 
@@ -355,7 +491,7 @@ async def test_sync_without_changes_writes_nothing(tmp_path: Path) -> None:
     keeper = keeper_for(tmp_path)
     await keeper.sync()
     assert not keeper.store.path.exists()
-    keeper.sent(KEY_A)
+    sent(keeper, KEY_A)
     await keeper.sync()
     mtime = os.stat(keeper.store.path).st_mtime_ns
     await keeper.sync()
@@ -371,15 +507,17 @@ def _bump_mtime(path: Path) -> None:
 async def test_sync_picks_up_other_writers_and_merges(tmp_path: Path) -> None:
     keeper = keeper_for(tmp_path, Clock(2000.0))
     keeper.load_blocking()
-    keeper.sent(KEY_A)
+    sent(keeper, KEY_A)
     await keeper.sync()
 
     other = StateStore(tmp_path)
     other.commit(
-        {
-            KEY_A.fingerprint: KeyDelta("a", "p", requests=5, last_status=500, last_used=1500.0),
-            KEY_B.fingerprint: KeyDelta("b", "p", requests=2, last_status=200, last_used=2500.0),
-        },
+        delta(
+            {
+                KEY_A.fingerprint: kd("a", "p", requests=5, last_status=500, last_used=1500.0),
+                KEY_B.fingerprint: kd("b", "p", requests=2, last_status=200, last_used=2500.0),
+            }
+        ),
         now=2600.0,
     )
     _bump_mtime(other.path)
@@ -390,11 +528,11 @@ async def test_sync_picks_up_other_writers_and_merges(tmp_path: Path) -> None:
     assert view.keys[KEY_A.fingerprint].last_status == 500
     assert view.keys[KEY_B.fingerprint].requests == 2
 
-    keeper.sent(KEY_B)
-    keeper.answered(KEY_B, 201)  # clock 2000 < the other's 2500: the other's status stays
-    keeper.sent(KEY_A)
-    keeper.answered(KEY_A, 204)  # 2000 > 1500: newer than the other's observation
-    other.commit({KEY_B.fingerprint: KeyDelta("b", "p", requests=10)}, now=2700.0)
+    sent(keeper, KEY_B)
+    answered(keeper, KEY_B, 201)  # clock 2000 < the other's 2500: the other's status stays
+    sent(keeper, KEY_A)
+    answered(keeper, KEY_A, 204)  # 2000 > 1500: newer than the other's observation
+    other.commit(delta({KEY_B.fingerprint: kd("b", "p", requests=10)}), now=2700.0)
     await keeper.sync()
 
     on_disk = StateStore(tmp_path).read()
@@ -406,20 +544,20 @@ async def test_sync_picks_up_other_writers_and_merges(tmp_path: Path) -> None:
 
 
 async def test_load_blocking_reads_what_is_on_disk(tmp_path: Path) -> None:
-    StateStore(tmp_path).commit({KEY_A.fingerprint: KeyDelta("a", "p", requests=9)})
+    StateStore(tmp_path).commit(delta({KEY_A.fingerprint: kd("a", "p", requests=9)}))
     keeper = keeper_for(tmp_path)
     assert KEY_A.fingerprint not in keeper.view().keys
     keeper.load_blocking()
-    keeper.sent(KEY_A)
+    sent(keeper, KEY_A)
     assert keeper.view().keys[KEY_A.fingerprint].requests == 10
 
 
 async def test_sync_picks_up_a_write_in_the_same_time_tick(tmp_path: Path) -> None:
     keeper = keeper_for(tmp_path)
-    keeper.sent(KEY_A)
+    sent(keeper, KEY_A)
     await keeper.sync()
     seen = os.stat(keeper.store.path).st_mtime_ns
-    StateStore(tmp_path).commit({KEY_B.fingerprint: KeyDelta("b", "p", requests=3)})
+    StateStore(tmp_path).commit(delta({KEY_B.fingerprint: kd("b", "p", requests=3)}))
     st = os.stat(keeper.store.path)
     os.utime(keeper.store.path, ns=(st.st_atime_ns, seen))  # as a coarse clock would leave it
     await keeper.sync()
@@ -434,18 +572,18 @@ async def test_failed_commit_keeps_pending_deltas(
     real_commit = keeper.store.commit
     calls: list[int] = []
 
-    def flaky_commit(deltas: dict[str, KeyDelta], now: float | None = None) -> StateDoc:
-        calls.append(len(deltas))
+    def flaky_commit(delta_: Delta, now: float | None = None) -> StateDoc:
+        calls.append(len(delta_.keys))
         if len(calls) == 1:
             raise OSError(28, "No space left on device")
-        return real_commit(deltas, now)
+        return real_commit(delta_, now)
 
     monkeypatch.setattr(keeper.store, "commit", flaky_commit)
-    keeper.sent(KEY_A)
-    keeper.sent(KEY_A)
+    sent(keeper, KEY_A)
+    sent(keeper, KEY_A)
     clock.now = 1001.0
-    keeper.answered(KEY_A, 429)
-    keeper.sent(KEY_B)
+    answered(keeper, KEY_A, 429)
+    sent(keeper, KEY_B)
     await keeper.sync()
     assert calls == [2]
     assert not keeper.store.path.exists()
@@ -454,9 +592,9 @@ async def test_failed_commit_keeps_pending_deltas(
     assert view.keys[KEY_A.fingerprint].last_status == 429
     assert view.keys[KEY_B.fingerprint].requests == 1
 
-    keeper.sent(KEY_A)
+    sent(keeper, KEY_A)
     clock.now = 1000.5
-    keeper.failed(KEY_A, "older")  # older than the kept 429: counted, but not the newest
+    failed(keeper, KEY_A, "older")  # older than the kept 429: counted, but not the newest
     await keeper.sync()
     assert calls == [2, 2]
     on_disk = StateStore(tmp_path).read()
@@ -475,13 +613,13 @@ async def test_view_keeps_observations_while_a_sync_is_writing(
     real_commit = keeper.store.commit
     started, release = threading.Event(), threading.Event()
 
-    def slow_commit(deltas: dict[str, KeyDelta], now: float | None = None) -> StateDoc:
+    def slow_commit(delta_: Delta, now: float | None = None) -> StateDoc:
         started.set()
         release.wait(10)
-        return real_commit(deltas, now)
+        return real_commit(delta_, now)
 
     monkeypatch.setattr(keeper.store, "commit", slow_commit)
-    keeper.sent(KEY_A)
+    sent(keeper, KEY_A)
     task = asyncio.create_task(keeper.sync())
     try:
         for _ in range(1000):
@@ -499,8 +637,8 @@ async def test_view_keeps_observations_while_a_sync_is_writing(
 async def test_close_blocking_flushes(tmp_path: Path) -> None:
     keeper = keeper_for(tmp_path)
     keeper.start()
-    keeper.sent(KEY_A)
-    keeper.failed(KEY_A, "boom")
+    sent(keeper, KEY_A)
+    failed(keeper, KEY_A, "boom")
     keeper.close_blocking()
     await asyncio.sleep(0)
     doc = StateStore(tmp_path).read()
@@ -516,11 +654,11 @@ async def test_close_blocking_survives_a_failed_write(
 ) -> None:
     keeper = keeper_for(tmp_path)
 
-    def broken(deltas: dict[str, KeyDelta], now: float | None = None) -> StateDoc:
+    def broken(delta_: Delta, now: float | None = None) -> StateDoc:
         raise OSError(13, "Permission denied")
 
     monkeypatch.setattr(keeper.store, "commit", broken)
-    keeper.sent(KEY_A)
+    sent(keeper, KEY_A)
     keeper.close_blocking()
     assert not keeper.store.path.exists()
 
@@ -529,8 +667,8 @@ async def test_background_writer_flushes_after_the_debounce(tmp_path: Path) -> N
     keeper = StateKeeper(StateStore(tmp_path), debounce=0.01, poll=0.05, clock=Clock())
     keeper.start()
     try:
-        keeper.sent(KEY_A)
-        keeper.sent(KEY_A)
+        sent(keeper, KEY_A)
+        sent(keeper, KEY_A)
         for _ in range(400):
             await asyncio.sleep(0.01)
             if keeper.store.path.exists():
@@ -542,3 +680,193 @@ async def test_background_writer_flushes_after_the_debounce(tmp_path: Path) -> N
     finally:
         keeper.close_blocking()
         await asyncio.sleep(0)
+
+
+async def test_on_change_hears_of_the_document_loaded_at_start(tmp_path: Path) -> None:
+    StateStore(tmp_path).commit(delta({KEY_A.fingerprint: kd("a", "p", requests=9)}))
+    keeper = keeper_for(tmp_path)
+    seen: list[StateDoc] = []
+    keeper.on_change = seen.append
+    keeper.load_blocking()
+    assert seen == [StateStore(tmp_path).read()]
+    assert seen[0].keys[KEY_A.fingerprint].requests == 9
+    assert keeper.base is seen[0]
+
+
+async def test_on_change_hears_of_an_empty_start(tmp_path: Path) -> None:
+    keeper = keeper_for(tmp_path / "nothing-yet")
+    seen: list[StateDoc] = []
+    keeper.on_change = seen.append
+    keeper.load_blocking()
+    assert seen == [StateDoc()]
+
+
+async def test_on_change_hears_of_every_new_document_after_sync(tmp_path: Path) -> None:
+    keeper = keeper_for(tmp_path, Clock(2000.0))
+    seen: list[StateDoc] = []
+    keeper.on_change = seen.append
+
+    await keeper.sync()  # nothing pending, nothing on disk: no new document
+    assert seen == []
+
+    sent(keeper, KEY_A)
+    await keeper.sync()
+    assert len(seen) == 1
+    assert seen[0] == StateStore(tmp_path).read()
+    assert seen[0].keys[KEY_A.fingerprint].requests == 1
+    assert seen[0].updated_at == 2000.0
+
+    await keeper.sync()  # the file did not change since: nothing new to hear of
+    assert len(seen) == 1
+
+    other = StateStore(tmp_path)
+    h = KeyHealth(blocked_until=9999.0, blocked_reason="quota", updated_at=2500.0)
+    other.commit(delta({KEY_B.fingerprint: kd("b", "p", requests=2, health=h)}), now=2600.0)
+    _bump_mtime(other.path)
+    await keeper.sync()  # nothing pending: takes in the other writer's document
+    assert len(seen) == 2
+    assert seen[1] == StateStore(tmp_path).read()
+    assert seen[1].keys[KEY_B.fingerprint].health == h
+    assert keeper.view() == seen[1]
+
+
+async def test_on_change_is_not_called_when_the_write_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keeper = keeper_for(tmp_path)
+    seen: list[StateDoc] = []
+    keeper.on_change = seen.append
+
+    def broken(delta_: Delta, now: float | None = None) -> StateDoc:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(keeper.store, "commit", broken)
+    sent(keeper, KEY_A)
+    await keeper.sync()
+    assert seen == []
+    assert keeper.view().keys[KEY_A.fingerprint].requests == 1
+
+
+async def test_a_failing_on_change_is_logged_and_the_document_kept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    keeper = keeper_for(tmp_path)
+
+    def boom(doc: StateDoc) -> None:
+        raise RuntimeError("cannot apply")
+
+    keeper.on_change = boom
+    sent(keeper, KEY_A)
+    with caplog.at_level("ERROR", logger="kmi_rotor"):
+        await keeper.sync()
+        keeper.load_blocking()
+    failures = [r.exc_info[1] for r in caplog.records if r.exc_info]
+    assert [(type(e), str(e)) for e in failures] == [(RuntimeError, "cannot apply")] * 2
+    assert keeper.base == StateStore(tmp_path).read()
+    assert keeper.base.keys[KEY_A.fingerprint].requests == 1
+
+
+async def test_pool_counters_and_limiter_show_at_once_and_sync_writes_them(
+    tmp_path: Path,
+) -> None:
+    clock = Clock(1000.0)
+    keeper = keeper_for(tmp_path, clock)
+    keeper.pool_add("p", "local_429")
+    keeper.pool_add("p", "local_429", 2)
+    keeper.pool_add("q", "rotations")
+    clock.now = 1001.0
+    keeper.limiter_snapshot({"old": True})
+    clock.now = 1002.0
+    keeper.limiter_snapshot(LIMITER)
+    expected_pools = {"p": PoolRecord(local_429=3), "q": PoolRecord(rotations=1)}
+    view = keeper.view()
+    assert view.pools == expected_pools
+    assert (view.limiter, view.limiter_at) == (LIMITER, 1002.0)
+    assert not keeper.store.path.exists()  # no I/O until a sync
+    await keeper.sync()
+    on_disk = StateStore(tmp_path).read()
+    assert on_disk.pools == expected_pools
+    assert (on_disk.limiter, on_disk.limiter_at) == (LIMITER, 1002.0)
+    assert keeper.view() == on_disk
+
+    keeper.pool_add("p", "rotations")
+    await keeper.sync()
+    assert StateStore(tmp_path).read().pools["p"] == PoolRecord(local_429=3, rotations=1)
+
+
+async def test_keeper_does_not_overwrite_newer_health_or_limiter_of_another_writer(
+    tmp_path: Path,
+) -> None:
+    keeper = keeper_for(tmp_path, Clock(1000.0))
+    newer = HEALTH.model_copy(update={"updated_at": 3000.0, "cooling_reason": "other"})
+    other = StateStore(tmp_path)
+    other.commit(
+        Delta(
+            keys={KEY_A.fingerprint: kd("a", "p", requests=4, health=newer)},
+            limiter=LIMITER,
+            limiter_at=3000.0,
+        ),
+        now=3000.0,
+    )
+    d = keeper.key(KEY_A)
+    d.add("requests")
+    d.add("upstream_429")
+    d.health = HEALTH.model_copy(update={"updated_at": 1000.0, "cooling_reason": "mine"})
+    keeper.limiter_snapshot({"mine": True})  # at 1000: older than the other's
+    await keeper.sync()
+    on_disk = StateStore(tmp_path).read()
+    rec = on_disk.keys[KEY_A.fingerprint]
+    assert (rec.requests, rec.upstream_429) == (5, 1)
+    assert rec.health == newer
+    assert (on_disk.limiter, on_disk.limiter_at) == (LIMITER, 3000.0)
+    assert keeper.view() == on_disk
+
+
+async def test_failed_commit_keeps_pool_counters_health_and_limiter(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = Clock(1000.0)
+    keeper = keeper_for(tmp_path, clock)
+    real_commit = keeper.store.commit
+    calls: list[Delta] = []
+
+    def flaky_commit(delta_: Delta, now: float | None = None) -> StateDoc:
+        calls.append(delta_)
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device")
+        return real_commit(delta_, now)
+
+    monkeypatch.setattr(keeper.store, "commit", flaky_commit)
+    first = HEALTH.model_copy(update={"updated_at": 1000.0, "cooling_reason": "first"})
+    d = keeper.key(KEY_A)
+    d.add("tokens_in", 10)
+    d.health = first
+    keeper.pool_add("p", "local_429")
+    keeper.limiter_snapshot({"first": True})
+    await keeper.sync()
+    assert len(calls) == 1
+    assert not keeper.store.path.exists()
+    view = keeper.view()
+    assert view.keys[KEY_A.fingerprint].tokens_in == 10
+    assert view.keys[KEY_A.fingerprint].health == first
+    assert view.pools == {"p": PoolRecord(local_429=1)}
+    assert (view.limiter, view.limiter_at) == ({"first": True}, 1000.0)
+
+    clock.now = 1001.0
+    second = HEALTH.model_copy(update={"updated_at": 1001.0, "cooling_reason": "second"})
+    d = keeper.key(KEY_A)
+    d.add("tokens_in", 5)
+    d.add("tokens_out", 7)
+    d.health = second
+    keeper.pool_add("p", "local_429")
+    keeper.pool_add("p", "rotations")
+    keeper.limiter_snapshot(LIMITER)
+    await keeper.sync()
+    assert len(calls) == 2
+    on_disk = StateStore(tmp_path).read()
+    rec = on_disk.keys[KEY_A.fingerprint]
+    assert (rec.tokens_in, rec.tokens_out) == (15, 7)
+    assert rec.health == second
+    assert on_disk.pools == {"p": PoolRecord(local_429=2, rotations=1)}
+    assert (on_disk.limiter, on_disk.limiter_at) == (LIMITER, 1001.0)
+    assert keeper.view() == on_disk

@@ -2,16 +2,31 @@
 
 Several processes (the proxy, the CLI, a second proxy) may write the same file. Each keeps its
 own changes as a delta and merges it into whatever is on disk under a lock: counters add up,
-observations keep the newest. So no process ever overwrites another's work.
+observations and health keep the newest. So no process ever overwrites another's work.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .health import KeyHealth
+
 SCHEMA_VERSION = 1
+
+KEY_COUNTERS = ("requests", "errors", "upstream_429", "retries", "tokens_in", "tokens_out")
+POOL_COUNTERS = ("local_429", "rotations")
+
+
+class Operator(BaseModel):
+    """An operator's last action on a key; every process applies each action exactly once."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    action: str = Field(description="disable, enable or reset")
+    at: float = Field(description="Epoch seconds; the newest action wins.")
 
 
 class KeyRecord(BaseModel):
@@ -21,10 +36,23 @@ class KeyRecord(BaseModel):
     pool: str = ""
     fingerprint: str
     requests: int = Field(0, ge=0, description="Requests sent upstream with this key.")
-    errors: int = Field(0, ge=0, description="Requests that ended without an upstream response.")
+    errors: int = Field(0, ge=0, description="Requests that failed (any failure kind).")
+    upstream_429: int = Field(0, ge=0, description="429s the provider answered for this key.")
+    retries: int = Field(0, ge=0, description="Failover attempts this key served.")
+    tokens_in: int = Field(0, ge=0)
+    tokens_out: int = Field(0, ge=0)
     last_status: int | None = Field(None, description="HTTP status of the last upstream answer.")
     last_error: str | None = Field(None, description="Why the last request failed, if it did.")
     last_used: float | None = Field(None, description="Epoch seconds of the last observation.")
+    health: KeyHealth = Field(default_factory=KeyHealth)
+    operator: Operator | None = None
+
+
+class PoolRecord(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    local_429: int = Field(0, ge=0, description="Requests refused locally for lack of capacity.")
+    rotations: int = Field(0, ge=0, description="Manual rotations asked for (sticky pools).")
 
 
 class StateDoc(BaseModel):
@@ -33,6 +61,9 @@ class StateDoc(BaseModel):
     schema_version: int = SCHEMA_VERSION
     updated_at: float = 0.0
     keys: dict[str, KeyRecord] = Field(default_factory=dict, description="By key fingerprint.")
+    pools: dict[str, PoolRecord] = Field(default_factory=dict, description="By pool name.")
+    limiter: dict[str, Any] | None = Field(None, description="Limiter windows worth keeping.")
+    limiter_at: float = 0.0
 
 
 @dataclass
@@ -41,38 +72,115 @@ class KeyDelta:
 
     label: str
     pool: str
-    requests: int = 0
-    errors: int = 0
+    counters: dict[str, int] = field(default_factory=dict)
     last_status: int | None = None
     last_error: str | None = None
     last_used: float | None = None
+    health: KeyHealth | None = None
+    operator: Operator | None = None
+
+    def add(self, name: str, n: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + n
 
     def observe(self, at: float, status: int | None, error: str | None) -> None:
         if self.last_used is None or at >= self.last_used:
             self.last_used, self.last_status, self.last_error = at, status, error
 
+    def absorb(self, newer: KeyDelta) -> None:
+        """Fold a later delta of the same key into this one."""
+        for name, n in newer.counters.items():
+            self.add(name, n)
+        if newer.last_used is not None:
+            self.observe(newer.last_used, newer.last_status, newer.last_error)
+        if newer.health is not None and (
+            self.health is None or newer.health.updated_at >= self.health.updated_at
+        ):
+            self.health = newer.health
+        if newer.operator is not None and (
+            self.operator is None or newer.operator.at >= self.operator.at
+        ):
+            self.operator = newer.operator
+        self.label, self.pool = newer.label, newer.pool
 
-def merge(doc: StateDoc, deltas: dict[str, KeyDelta], now: float) -> StateDoc:
-    """A new document: `doc` with every delta applied (counters added, newest observation kept)."""
-    keys = {fp: rec.model_copy() for fp, rec in doc.keys.items()}
-    for fp, d in deltas.items():
-        rec = keys.get(fp) or KeyRecord(label=d.label, pool=d.pool, fingerprint=fp)
-        update: dict[str, object] = {
-            "label": d.label,
-            "pool": d.pool,
-            "requests": rec.requests + d.requests,
-            "errors": rec.errors + d.errors,
+
+@dataclass
+class Delta:
+    """All of one process's unflushed changes."""
+
+    keys: dict[str, KeyDelta] = field(default_factory=dict)
+    pools: dict[str, dict[str, int]] = field(default_factory=dict)
+    limiter: dict[str, Any] | None = None
+    limiter_at: float = 0.0
+
+    def key(self, fingerprint: str, label: str, pool: str) -> KeyDelta:
+        d = self.keys.get(fingerprint)
+        if d is None:
+            d = self.keys[fingerprint] = KeyDelta(label=label, pool=pool)
+        return d
+
+    def pool_add(self, pool: str, name: str, n: int = 1) -> None:
+        counters = self.pools.setdefault(pool, {})
+        counters[name] = counters.get(name, 0) + n
+
+    def __bool__(self) -> bool:
+        return bool(self.keys or self.pools or self.limiter is not None)
+
+    def absorb(self, newer: Delta) -> None:
+        for fp, d in newer.keys.items():
+            mine = self.keys.get(fp)
+            if mine is None:
+                self.keys[fp] = d
+            else:
+                mine.absorb(d)
+        for pool, counters in newer.pools.items():
+            for name, n in counters.items():
+                self.pool_add(pool, name, n)
+        if newer.limiter is not None and newer.limiter_at >= self.limiter_at:
+            self.limiter, self.limiter_at = newer.limiter, newer.limiter_at
+
+
+def merge(doc: StateDoc, delta: Delta, now: float) -> StateDoc:
+    """A new document: `doc` with the delta applied (counters added, newest observation and
+    health kept)."""
+    keys = dict(doc.keys)
+    for fp, d in delta.keys.items():
+        keys[fp] = _merge_key(keys.get(fp), fp, d)
+    pools = dict(doc.pools)
+    for name, counters in delta.pools.items():
+        rec = pools.get(name) or PoolRecord()
+        pools[name] = rec.model_copy(
+            update={c: getattr(rec, c) + counters.get(c, 0) for c in POOL_COUNTERS}
+        )
+    limiter, limiter_at = doc.limiter, doc.limiter_at
+    if delta.limiter is not None and delta.limiter_at >= doc.limiter_at:
+        limiter, limiter_at = delta.limiter, delta.limiter_at
+    return StateDoc(
+        schema_version=SCHEMA_VERSION,
+        updated_at=now,
+        keys=keys,
+        pools=pools,
+        limiter=limiter,
+        limiter_at=limiter_at,
+    )
+
+
+def _merge_key(rec: KeyRecord | None, fp: str, d: KeyDelta) -> KeyRecord:
+    rec = rec or KeyRecord(label=d.label, pool=d.pool, fingerprint=fp)
+    update: dict[str, object] = {"label": d.label, "pool": d.pool}
+    update |= {c: getattr(rec, c) + d.counters.get(c, 0) for c in KEY_COUNTERS}
+    if d.last_used is not None and (rec.last_used is None or d.last_used >= rec.last_used):
+        update |= {
+            "last_used": d.last_used,
+            "last_status": d.last_status,
+            "last_error": d.last_error,
         }
-        if d.last_used is not None and (rec.last_used is None or d.last_used >= rec.last_used):
-            update |= {
-                "last_used": d.last_used,
-                "last_status": d.last_status,
-                "last_error": d.last_error,
-            }
-        keys[fp] = rec.model_copy(update=update)
-    return StateDoc(schema_version=SCHEMA_VERSION, updated_at=now, keys=keys)
+    if d.health is not None and d.health.updated_at >= rec.health.updated_at:
+        update["health"] = d.health
+    if d.operator is not None and (rec.operator is None or d.operator.at >= rec.operator.at):
+        update["operator"] = d.operator
+    return rec.model_copy(update=update)
 
 
-def overlay(doc: StateDoc, deltas: dict[str, KeyDelta]) -> StateDoc:
+def overlay(doc: StateDoc, delta: Delta) -> StateDoc:
     """The state as this process sees it: what is on disk plus what it has not flushed yet."""
-    return merge(doc, deltas, doc.updated_at)
+    return merge(doc, delta, doc.updated_at) if delta else doc

@@ -1,0 +1,114 @@
+"""Operating a running proxy: its live status and the commands of mitmweb's command bar."""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from typing import Any
+
+from mitmproxy import command
+
+from . import status
+from .config import Key, Settings
+from .core.state import Operator
+from .engine import Engine
+from .keeper import StateKeeper
+
+log = logging.getLogger("kmi_rotor")
+
+
+class OperatorCommands:
+    """`rotor.status`, `rotor.rotate`, `rotor.disable`, `rotor.enable`, `rotor.reset`."""
+
+    settings: Settings | None
+    config_error: str | None
+    engine: Engine | None
+    keeper: StateKeeper | None
+    _served: dict[str, Any]
+    _recent: deque[dict[str, Any]]
+    _rotations_seen: dict[str, int]
+    _operator_seen: dict[str, float]
+    _started: float
+    clock: Any
+
+    def _wake(self) -> None:
+        raise NotImplementedError
+
+    # -- status and operator commands ---------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """The live state for the status page and /metrics (call on the event loop)."""
+        if self.settings is None or self.keeper is None:
+            return {"error": self.config_error, "pools": [], "recent": []}
+        inflight: dict[str, int] = {}
+        for served in self._served.values():
+            inflight[served.key.fingerprint] = inflight.get(served.key.fingerprint, 0) + 1
+        return status.snapshot(
+            self.settings,
+            self.keeper.view(),
+            self.clock(),
+            engine=self.engine,
+            recent=list(reversed(self._recent)),
+            inflight=inflight,
+            started=self._started,
+        )
+
+    def _key_named(self, label: str) -> Key:
+        assert self.settings is not None
+        for key in self.settings.keys:
+            if key.label == label:
+                return key
+        raise ValueError(f"no key labelled {label!r}")
+
+    @command.command("rotor.status")
+    def cmd_status(self) -> str:
+        """Each key's status, remaining quota and counters, as a table."""
+        if self.settings is None or self.keeper is None:
+            return f"kmi-rotor is not serving: {self.config_error}"
+        doc = self.keeper.view()
+        rows = status.rows(self.settings, doc, self.clock(), self.engine)
+        table = status.render_table(rows, self.clock(), status.local_429(doc))
+        log.info("kmi-rotor status\n%s", table)
+        return table
+
+    @command.command("rotor.rotate")
+    def cmd_rotate(self, pool: str = "") -> None:
+        """Move a sticky pool (all sticky pools without an argument) on to its next key."""
+        assert self.settings is not None and self.engine is not None and self.keeper is not None
+        names = [pool] if pool else [p.name for p in self.settings.pools if p.strategy == "sticky"]
+        for name in names:
+            if not self.engine.rotate(name):
+                raise ValueError(f"pool {name!r} does not exist or is not sticky")
+            self.keeper.pool_add(name, "rotations")
+            self._rotations_seen[name] = self._rotations_seen.get(name, 0) + 1
+
+    @command.command("rotor.disable")
+    def cmd_disable(self, label: str) -> None:
+        """Stop using a key until it is enabled again."""
+        self._operate(self._key_named(label), "disable")
+
+    @command.command("rotor.enable")
+    def cmd_enable(self, label: str) -> None:
+        """Use a key again (clears its disable, cooldown and block)."""
+        self._operate(self._key_named(label), "enable")
+        self._wake()
+
+    @command.command("rotor.reset")
+    def cmd_reset(self, label: str) -> None:
+        """Clear the cooldowns and blocks of a key, or of `all` keys."""
+        assert self.settings is not None
+        keys = list(self.settings.keys) if label == "all" else [self._key_named(label)]
+        for key in keys:
+            self._operate(key, "reset")
+        self._wake()
+
+    def _operate(self, key: Key, action: str, *, record: bool = True) -> None:
+        """Apply an operator's action; `record` shares it with other processes."""
+        assert self.engine is not None and self.keeper is not None
+        now = self.clock()
+        d = self.keeper.key(key)
+        d.health = self.engine.operate(key, action, now)
+        if record:
+            d.operator = Operator(action=action, at=now)
+            self._operator_seen[key.fingerprint] = now
+        log.info("kmi-rotor: key %s: %s", key.label, action)

@@ -1,0 +1,287 @@
+"""What a response does to a key: cooldowns, blocks, disables, known windows and a decaying score.
+
+Each kind of failure has its own remedy: a rate limit cools the key down, an exhausted quota blocks
+it until the reset, a bad key disables it, an overload backs off briefly (it is not the key's
+fault), and a bad request costs nothing. A new penalty never shortens one already running.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .signals import FailureKind, Signal, Window
+
+_MAX_DOUBLINGS = 30
+"""Backoffs stop doubling here: the caps are far below, and 2**streak must not overflow."""
+
+
+@dataclass(frozen=True)
+class Policy:
+    max_cooldown_seconds: float = 3600.0
+    quota_block_seconds: float = 3600.0
+    """How long a quota error blocks a key when it carries no reset."""
+    rate_limit_backoff: float = 2.0
+    """First hint-less 429 backoff, doubled per consecutive 429, capped at max_cooldown_seconds."""
+    overload_backoff: float = 1.0
+    """First overload backoff, doubled per consecutive overload, capped at overload_backoff_max."""
+    overload_backoff_max: float = 30.0
+    half_life_seconds: float = 300.0
+    auth_recheck_seconds: float | None = None
+    """When set, a disabled key may be tried once this long after it was disabled."""
+
+
+class WindowState(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    limit: float | None = None
+    remaining: float | None = None
+    reset_at: float | None = None
+    seen_at: float = 0.0
+
+
+class KeyHealth(BaseModel):
+    """A key's health as persisted; every field has a default so old files keep loading."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    cooling_until: float | None = None
+    cooling_reason: str | None = None
+    blocked_until: float | None = None
+    blocked_reason: str | None = None
+    disabled_reason: str | None = None
+    disabled_at: float | None = None
+    error_score: float = 0.0
+    score_at: float | None = Field(None, description="When error_score had its stored value.")
+    rate_limit_streak: int = 0
+    overload_streak: int = 0
+    windows: dict[str, WindowState] = Field(
+        default_factory=dict, description='By "dimension" or "dimension:period".'
+    )
+    updated_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class KeyStatus:
+    state: Literal["ready", "cooling", "blocked", "disabled"]
+    until: float | None
+    reason: str | None
+
+
+# -- applying what a response said ----------------------------------------------------------------
+
+
+def apply_signal(
+    h: KeyHealth, sig: Signal, now: float, policy: Policy, *, outage: bool = False
+) -> KeyHealth:
+    """The key's health after `sig`; `outage` means every key of the pool failed the same way."""
+    h = h.model_copy(update={"windows": _merge_windows(h.windows, sig.windows, now)})
+    match sig.kind:
+        case FailureKind.OK:
+            h = _succeeded(h, now, policy)
+        case FailureKind.RATE_LIMITED:
+            h = _rate_limited(h, sig, now, policy)
+        case FailureKind.QUOTA:
+            h = _quota(h, sig, now, policy)
+        case FailureKind.AUTH:
+            h = _failed(h, now, policy, disabled_reason=sig.reason, disabled_at=now)
+        case FailureKind.OVERLOADED:
+            h = _overloaded(h, now, policy, sig.reason, sig.retry_at, outage)
+    return h.model_copy(update={"updated_at": now})
+
+
+def apply_network_error(
+    h: KeyHealth,
+    now: float,
+    policy: Policy,
+    *,
+    outage: bool = False,
+    reason: str = "network error",
+) -> KeyHealth:
+    """The key's health after a request that got no answer: treated like an overload."""
+    return _overloaded(h, now, policy, reason, None, outage).model_copy(update={"updated_at": now})
+
+
+def operator_reset(h: KeyHealth, now: float) -> KeyHealth:
+    """Usable again right now: cooldown, block, disable, streaks and known windows cleared.
+
+    Windows go too: an operator resets a key after fixing what made it fail (a top-up, a plan
+    change), and the next response reports them afresh. The score is history and just decays.
+    """
+    return h.model_copy(
+        update={
+            "cooling_until": None,
+            "cooling_reason": None,
+            "blocked_until": None,
+            "blocked_reason": None,
+            "disabled_reason": None,
+            "disabled_at": None,
+            "rate_limit_streak": 0,
+            "overload_streak": 0,
+            "windows": {},
+            "updated_at": now,
+        }
+    )
+
+
+def _succeeded(h: KeyHealth, now: float, policy: Policy) -> KeyHealth:
+    update: dict[str, object] = {"rate_limit_streak": 0, "overload_streak": 0}
+    # Only the planned recheck re-enables a key: a request that was already in flight when the
+    # key was disabled may still succeed, and must not undo the disable.
+    recheck = _recheck_at(h, policy.auth_recheck_seconds)
+    if recheck is not None and now >= recheck:
+        update |= {"disabled_reason": None, "disabled_at": None}
+    return h.model_copy(update=update)
+
+
+def _rate_limited(h: KeyHealth, sig: Signal, now: float, policy: Policy) -> KeyHealth:
+    hint = sig.retry_at if sig.retry_at is not None else _first_exhausted_reset(h, now)
+    if hint is None:
+        hint = now + policy.rate_limit_backoff * 2 ** min(h.rate_limit_streak, _MAX_DOUBLINGS)
+    until = min(hint, now + policy.max_cooldown_seconds)
+    return _failed(
+        h, now, policy, rate_limit_streak=h.rate_limit_streak + 1, **_cooling(h, until, sig.reason)
+    )
+
+
+def _quota(h: KeyHealth, sig: Signal, now: float, policy: Policy) -> KeyHealth:
+    until = sig.retry_at if sig.retry_at is not None else _first_exhausted_reset(h, now)
+    if until is None:
+        until = now + policy.quota_block_seconds
+    if h.blocked_until is not None and h.blocked_until >= until:
+        return _failed(h, now, policy)
+    return _failed(h, now, policy, blocked_until=until, blocked_reason=sig.reason)
+
+
+def _overloaded(
+    h: KeyHealth, now: float, policy: Policy, reason: str, hint: float | None, outage: bool
+) -> KeyHealth:
+    if outage:
+        return h  # every key failed alike: the provider is down, no key is to blame
+    backoff = policy.overload_backoff * 2 ** min(h.overload_streak, _MAX_DOUBLINGS)
+    # A Retry-After on an overload is honoured, but within the same short cap as the backoff.
+    wait = max(backoff, hint - now if hint is not None else 0.0)
+    until = now + min(wait, policy.overload_backoff_max)
+    return _failed(
+        h, now, policy, overload_streak=h.overload_streak + 1, **_cooling(h, until, reason)
+    )
+
+
+def _cooling(h: KeyHealth, until: float, reason: str) -> dict[str, object]:
+    """A cooldown until `until`, unless a longer one is already running."""
+    if h.cooling_until is not None and h.cooling_until >= until:
+        return {}
+    return {"cooling_until": until, "cooling_reason": reason}
+
+
+def _failed(h: KeyHealth, now: float, policy: Policy, **update: object) -> KeyHealth:
+    """`update` applied, and one more error on the decayed score."""
+    score = decayed_score(h, now, policy.half_life_seconds) + 1.0
+    return h.model_copy(update={**update, "error_score": score, "score_at": now})
+
+
+def _merge_windows(
+    old: dict[str, WindowState], new: tuple[Window, ...], now: float
+) -> dict[str, WindowState]:
+    """Windows as last reported; those whose reset has passed are dropped."""
+    out = {k: w for k, w in old.items() if w.reset_at is None or w.reset_at > now}
+    for w in new:
+        key = w.dimension if w.period is None else f"{w.dimension}:{w.period}"
+        # A response may omit the limit (Azure sends only what remains); limits rarely change.
+        limit = w.limit if w.limit is not None else (out[key].limit if key in out else None)
+        out[key] = WindowState(limit=limit, remaining=w.remaining, reset_at=w.reset_at, seen_at=now)
+    return out
+
+
+# -- reading the health ---------------------------------------------------------------------------
+
+
+def decayed_score(h: KeyHealth, now: float, half_life: float) -> float:
+    """The error score as of `now`: halved every `half_life` seconds since it was stored."""
+    if h.score_at is None or h.error_score == 0.0:
+        return h.error_score
+    elapsed = max(0.0, now - h.score_at)
+    if half_life <= 0.0:
+        return 0.0 if elapsed > 0.0 else h.error_score
+    return h.error_score * 0.5 ** (elapsed / half_life)
+
+
+def status(h: KeyHealth, now: float) -> KeyStatus:
+    """Disabled, else whichever of block and cooldown lasts longer, else ready."""
+    if h.disabled_reason is not None:
+        return KeyStatus("disabled", None, h.disabled_reason)
+    blocked = _running(h.blocked_until, now)
+    cooling = _running(h.cooling_until, now)
+    if blocked is not None and (cooling is None or blocked >= cooling):
+        return KeyStatus("blocked", blocked, h.blocked_reason)
+    if cooling is not None:
+        return KeyStatus("cooling", cooling, h.cooling_reason)
+    return KeyStatus("ready", None, None)
+
+
+def usable(h: KeyHealth, now: float) -> bool:
+    """Ready, and no known window is exhausted until a reset still to come."""
+    return status(h, now).state == "ready" and not _exhausted(h, now)
+
+
+def next_usable_at(h: KeyHealth, now: float, policy: Policy | None = None) -> float | None:
+    """When the key becomes usable (`now` if it is); None when disabled with no recheck due.
+
+    With `policy.auth_recheck_seconds`, a disabled key is due for one try that long after.
+    """
+    if h.disabled_reason is not None:
+        recheck = _recheck_at(h, policy.auth_recheck_seconds if policy else None)
+        return None if recheck is None else max(now, recheck)
+    times = [now, h.cooling_until or now, h.blocked_until or now]
+    return max(times + [w.reset_at for w in _exhausted(h, now) if w.reset_at is not None])
+
+
+def headroom(h: KeyHealth, now: float) -> float:
+    """Remaining fraction (0..1) of the tightest window still running; 1.0 when none is known."""
+    fractions = [
+        _fraction(w) for w in h.windows.values() if w.reset_at is not None and w.reset_at > now
+    ]
+    return min((f for f in fractions if f is not None), default=1.0)
+
+
+def _fraction(w: WindowState) -> float | None:
+    if w.remaining is None:
+        return None
+    if w.remaining <= 0:
+        return 0.0
+    if w.limit is None or w.limit <= 0:
+        return None
+    return min(1.0, w.remaining / w.limit)
+
+
+def _exhausted(h: KeyHealth, now: float) -> list[WindowState]:
+    return [
+        w
+        for w in h.windows.values()
+        if w.remaining is not None
+        and w.remaining <= 0
+        and w.reset_at is not None
+        and w.reset_at > now
+    ]
+
+
+def _first_exhausted_reset(h: KeyHealth, now: float) -> float | None:
+    return min((w.reset_at for w in _exhausted(h, now) if w.reset_at is not None), default=None)
+
+
+def _running(until: float | None, now: float) -> float | None:
+    return until if until is not None and until > now else None
+
+
+def _recheck_at(h: KeyHealth, recheck_seconds: float | None) -> float | None:
+    if h.disabled_reason is None or recheck_seconds is None or h.disabled_at is None:
+        return None
+    return h.disabled_at + recheck_seconds
+
+
+def observe_windows(h: KeyHealth, windows: tuple[Window, ...], now: float) -> KeyHealth:
+    """The key's health with quota windows learnt outside a request (a usage endpoint)."""
+    merged = _merge_windows(h.windows, windows, now)
+    return h.model_copy(update={"windows": merged, "updated_at": now})

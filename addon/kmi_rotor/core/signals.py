@@ -1,0 +1,402 @@
+"""One normalised signal from any provider's response: what kind it is, when to retry, what is left.
+
+Every value read here comes from an upstream that may be buggy or hostile: anything malformed is
+ignored (and its header name logged once), never raised, and no time lies outside [now, horizon].
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, time, timedelta, timezone, tzinfo
+from email.utils import parsedate_to_datetime
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from .classify import BodyFacts, FailureKind, classify, read_body
+
+log = logging.getLogger("kmi_rotor")
+
+DEFAULT_HORIZON = 31 * 86400.0
+_MAX_COUNT = 1e15
+_VALUE_LIMIT = 1024
+_REPORTED: set[str] = set()
+"""Header names already reported as malformed: one warning per name and process is enough."""
+
+
+@dataclass(frozen=True)
+class Window:
+    dimension: str
+    """"requests", "tokens", "input_tokens", "output_tokens" (or "unified": Anthropic plans)."""
+    period: str | None
+    """"minute", "hour", "day", "<n>s", or None when the provider does not say."""
+    limit: float | None
+    remaining: float | None
+    reset_at: float | None
+    """Absolute epoch seconds, within [now, now + horizon]."""
+
+
+@dataclass(frozen=True)
+class Signal:
+    status: int
+    kind: FailureKind
+    retry_at: float | None
+    """When the provider says to retry (absolute, within [now, now + horizon]); None on success."""
+    windows: tuple[Window, ...]
+    reason: str
+    """Short human text that never quotes the key or the body."""
+
+
+def parse_signal(
+    status: int,
+    headers: Iterable[tuple[str, str]] | Mapping[str, str],
+    body: bytes | None,
+    now: float,
+    *,
+    provider: str | None = None,
+    horizon: float = DEFAULT_HORIZON,
+) -> Signal:
+    """Everything a response says about its key; never raises on anything the upstream sent."""
+    facts = read_body(body)
+    h = _header_map(headers)
+    for name, value in _header_map(facts.headers).items():
+        if name.startswith(("x-ratelimit", "ratelimit", "retry-after")):
+            h.setdefault(name, value)
+    kind, reason = classify(status, facts)
+    windows = (
+        _openai_windows(h, now, horizon, (provider or "").lower())
+        + _anthropic_windows(h, now, horizon)
+        + _simple_windows(h, now, horizon)
+        + _ietf_windows(h, now, horizon)
+        + _gemini_windows(facts, now, horizon)
+    )
+    retry_at = None if kind is FailureKind.OK else _retry_at(kind, h, facts, windows, now, horizon)
+    return Signal(status, kind, retry_at, windows, reason[:120])
+
+
+# -- times ----------------------------------------------------------------------------------------
+
+# ASCII digits only: `\d` and float() would also accept other scripts' digits.
+_NUMBER = re.compile(r"[0-9]{1,18}(?:\.[0-9]{1,12})?")
+_GO_PART = re.compile(r"([0-9]{1,18}(?:\.[0-9]{0,12})?|\.[0-9]{1,12})(h|ms|m|s|us|µs|μs|ns)")
+_GO_UNITS = {"h": 3600, "m": 60, "s": 1, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ns": 1e-9}
+
+
+def parse_go_duration(text: str) -> float | None:
+    """Seconds in a Go duration (`6m0s`, `2m59.56s`, `12ms`, `500us`); None for anything else."""
+    s = text.strip() if isinstance(text, str) else ""
+    if s == "0":
+        return 0.0
+    total, pos = 0.0, 0
+    while pos < len(s) and pos < 64:
+        m = _GO_PART.match(s, pos)
+        if m is None:
+            return None
+        total += float(m.group(1)) * _GO_UNITS[m.group(2)]
+        pos = m.end()
+    return total if pos == len(s) and pos and math.isfinite(total) else None
+
+
+def parse_retry_after(value: str, now: float, *, horizon: float = DEFAULT_HORIZON) -> float | None:
+    """`Retry-After` (delta seconds or HTTP-date) as absolute epoch seconds, clamped to >= now."""
+    s = value.strip() if isinstance(value, str) else ""
+    delta = _number(s)
+    at = now + delta if delta is not None else _date(s)
+    return None if at is None else _clamp(at, now, horizon)
+
+
+def _parse_reset(value: str, now: float, horizon: float) -> float | None:
+    """A reset in any format seen: delta or epoch seconds or epoch ms (by magnitude), Go
+    duration, RFC 3339 or HTTP date."""
+    s = value.strip()
+    n = _number(s)
+    if n is not None:
+        at = n / 1000 if n > 1e12 else n if n > 1e9 else now + n
+    elif (d := parse_go_duration(s)) is not None:
+        at = now + d
+    else:
+        at = _date(s)
+    return None if at is None else _clamp(at, now, horizon)
+
+
+def _clamp(at: float, now: float, horizon: float) -> float | None:
+    """Past times mean "now" (clock skew); beyond the horizon is no real provider's answer."""
+    if not math.isfinite(at) or at > now + horizon:
+        return None
+    return max(at, now)
+
+
+def _number(s: str) -> float | None:
+    return float(s) if _NUMBER.fullmatch(s) else None
+
+
+def _count(s: str) -> float | None:
+    n = _number(s.strip())
+    return n if n is not None and n <= _MAX_COUNT else None
+
+
+def _date(s: str) -> float | None:
+    """An RFC 3339 or HTTP date as epoch seconds; a date without a zone is UTC."""
+    try:
+        dt = datetime.fromisoformat(s) if s[4:5] == "-" else parsedate_to_datetime(s)
+        return (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp()
+    except Exception:  # the stdlib parsers fail in many ways on garbage
+        return None
+
+
+def _next_pacific_midnight(now: float) -> float:
+    """When Gemini's daily quotas reset."""
+    try:
+        tz: tzinfo = ZoneInfo("America/Los_Angeles")
+    except (ZoneInfoNotFoundError, ValueError):
+        tz = timezone(timedelta(hours=-8))  # no tz database: PST is right most of the year
+    day = datetime.fromtimestamp(now, tz).date() + timedelta(days=1)
+    return datetime.combine(day, time(0), tz).timestamp()
+
+
+# -- headers --------------------------------------------------------------------------------------
+
+_JOINED = frozenset({"ratelimit", "ratelimit-policy"})
+
+
+def _header_map(headers: object) -> dict[str, str]:
+    """Lower-cased names; repeated structured-field lists joined, other repeats keep the first."""
+    items = headers.items() if isinstance(headers, Mapping) else headers
+    out: dict[str, str] = {}
+    try:
+        for name, value in items:  # type: ignore[attr-defined]
+            n, v = _text(name).strip().lower(), _text(value)[:_VALUE_LIMIT]
+            if n in _JOINED and n in out:
+                out[n] = f"{out[n]}, {v}"
+            else:
+                out.setdefault(n, v)
+    except (TypeError, ValueError):
+        pass  # a pair of an unexpected shape: keep what was read before it
+    return out
+
+
+def _text(v: object) -> str:
+    if isinstance(v, bytes | bytearray):
+        return bytes(v).decode("latin-1")
+    return v if isinstance(v, str) else ""
+
+
+def _malformed(name: str, value: str) -> None:
+    if name in _REPORTED:
+        return
+    _REPORTED.add(name)
+    # Every name read here is a rate-limit or retry header, whose value is no secret.
+    log.warning("ignoring malformed %s header: %r", name, value[:40])
+
+
+def _field[T](
+    h: Mapping[str, str], name: str, parse: Callable[[str], T | None], label: str | None = None
+) -> T | None:
+    """The parsed header, or None; a present but unparsable one is reported under `label`."""
+    value = h.get(name)
+    if value is None:
+        return None
+    parsed = parse(value)
+    if parsed is None:
+        _malformed(label or name, value)
+    return parsed
+
+
+def _window(
+    h: Mapping[str, str],
+    dim: str,
+    period: str | None,
+    names: tuple[str, str, str],
+    now: float,
+    horizon: float,
+    label: str | None = None,
+) -> Window | None:
+    limit = _field(h, names[0], _count, label)
+    remaining = _field(h, names[1], _count, label)
+    reset = _field(h, names[2], lambda v: _parse_reset(v, now, horizon), label)
+    if limit is None and remaining is None and reset is None:
+        return None
+    return Window(dim, period, limit, remaining, reset)
+
+
+def _names(prefix: str, dim: str) -> tuple[str, str, str]:
+    return f"{prefix}limit{dim}", f"{prefix}remaining{dim}", f"{prefix}reset{dim}"
+
+
+def _windows(found: Iterable[Window | None]) -> tuple[Window, ...]:
+    return tuple(w for w in found if w is not None)
+
+
+def _openai_windows(
+    h: Mapping[str, str], now: float, horizon: float, provider: str
+) -> tuple[Window, ...]:
+    # Groq reuses the names, but its request budget is per day and its token budget per minute.
+    periods = {"requests": "day", "tokens": "minute"} if provider == "groq" else {}
+    return _windows(
+        _window(h, dim, periods.get(dim), _names("x-ratelimit-", f"-{dim}"), now, horizon)
+        for dim in ("requests", "tokens")
+    )
+
+
+def _anthropic_windows(h: Mapping[str, str], now: float, horizon: float) -> tuple[Window, ...]:
+    prefix = "anthropic-ratelimit-"
+    found = [
+        _window(h, dim.replace("-", "_"), None, _names(f"{prefix}{dim}-", ""), now, horizon)
+        for dim in ("requests", "tokens", "input-tokens", "output-tokens")
+    ]
+    state = h.get("anthropic-ratelimit-unified-status", "").strip().lower()
+    reset = _field(h, "anthropic-ratelimit-unified-reset", lambda v: _parse_reset(v, now, horizon))
+    if state or reset is not None:
+        found.append(Window("unified", None, None, 0.0 if state == "rejected" else None, reset))
+    return _windows(found)
+
+
+def _simple_windows(h: Mapping[str, str], now: float, horizon: float) -> tuple[Window, ...]:
+    """Kimi, Moonshot and OpenRouter: `X-RateLimit-{Limit,Remaining,Reset}`."""
+    return _windows([_window(h, "requests", None, _names("x-ratelimit-", ""), now, horizon)])
+
+
+# -- IETF RateLimit headers -----------------------------------------------------------------------
+
+_PERIODS = {60.0: "minute", 3600.0: "hour", 86400.0: "day"}
+_PARTS = {sep: re.compile(rf'(?:[^{sep}"]|"[^"]*")+') for sep in ",;"}
+
+
+def _ietf_windows(h: Mapping[str, str], now: float, horizon: float) -> tuple[Window, ...]:
+    """Three generations: `"name";r=;t=` lists, `limit=, remaining=, reset=`, `RateLimit-*`."""
+    raw = h.get("ratelimit")
+    if raw is None:
+        return _windows([_ietf_legacy(h, now, horizon)])
+    members = [_member(m) for m in _split(raw, ",")]
+    if members and all("=" in head and not head.startswith('"') for head, _ in members):
+        return _windows([_ietf_dict(h, members, now, horizon)])
+    policies = _policies(h.get("ratelimit-policy", ""))
+    out: list[Window] = []
+    for head, params in members:
+        limit, period, dim = policies.get(head.strip('"'), (None, None, "requests"))
+        remaining = _count(params["r"]) if "r" in params else None
+        reset = _parse_reset(params["t"], now, horizon) if "t" in params else None
+        if ("r" in params and remaining is None) or ("t" in params and reset is None):
+            _malformed("ratelimit", raw)
+        if dim is not None and (remaining is not None or reset is not None):
+            out.append(Window(dim, period, limit, remaining, reset))
+    return tuple(out)
+
+
+def _ietf_dict(
+    h: Mapping[str, str], members: list[tuple[str, dict[str, str]]], now: float, horizon: float
+) -> Window | None:
+    d = {k.strip().lower(): v.strip() for k, _, v in (head.partition("=") for head, _ in members)}
+    parsed = _window(
+        d, "requests", None, ("limit", "remaining", "reset"), now, horizon, "ratelimit"
+    )
+    if parsed is None or parsed.limit is None:
+        return parsed
+    policy = [_member(m) for m in _split(h.get("ratelimit-policy", ""), ",")]
+    return replace(parsed, period=_legacy_period(policy, parsed.limit))
+
+
+def _ietf_legacy(h: Mapping[str, str], now: float, horizon: float) -> Window | None:
+    names = ("ratelimit-limit", "ratelimit-remaining", "ratelimit-reset")
+    # `RateLimit-Limit: 100, 100;w=60`: the first item is the limit, the others its policies.
+    members = [_member(m) for m in _split(h.get(names[0], ""), ",")]
+    fields = {**h, names[0]: members[0][0]} if members else h
+    parsed = _window(fields, "requests", None, names, now, horizon)
+    if parsed is None or parsed.limit is None:
+        return parsed
+    return replace(parsed, period=_legacy_period(members, parsed.limit))
+
+
+def _legacy_period(members: list[tuple[str, dict[str, str]]], limit: float) -> str | None:
+    return next(
+        (_period(p["w"]) for head, p in members if "w" in p and _count(head) == limit), None
+    )
+
+
+def _policies(text: str) -> dict[str, tuple[float | None, str | None, str | None]]:
+    """`"burst";q=100;w=60;qu="tokens"` by name: (quota, period, dimension or None if unknown)."""
+    out: dict[str, tuple[float | None, str | None, str | None]] = {}
+    for head, p in (_member(m) for m in _split(text, ",")):
+        out[head.strip('"')] = (_count(p.get("q", "")), _period(p.get("w", "")), _unit(p.get("qu")))
+    return out
+
+
+def _period(w: str) -> str | None:
+    n = _count(w)
+    return None if not n else _PERIODS.get(n, f"{n:g}s")
+
+
+def _unit(qu: str | None) -> str | None:
+    # Bytes and concurrency are not request or token budgets: such policies are skipped.
+    if qu is None or qu == "requests":
+        return "requests"
+    return "tokens" if "token" in qu else None
+
+
+def _split(text: str, sep: str) -> list[str]:
+    """Split on `sep` outside double quotes."""
+    return [p.strip() for p in _PARTS[sep].findall(text[:_VALUE_LIMIT]) if p.strip()]
+
+
+def _member(text: str) -> tuple[str, dict[str, str]]:
+    """`item;k=v;k2="v"` as (item, params); keys lower-cased, quotes dropped from values."""
+    head, *rest = _split(text, ";") or [""]
+    params = {}
+    for p in rest:
+        k, _, v = p.partition("=")
+        params[k.strip().lower()] = v.strip().strip('"')
+    return head, params
+
+
+# -- Gemini and retry hints -----------------------------------------------------------------------
+
+
+def _gemini_windows(facts: BodyFacts, now: float, horizon: float) -> tuple[Window, ...]:
+    """Each violated quota as an exhausted window, so the key is skipped until it resets."""
+    delay_at = _delay_at(facts, now, horizon)
+    out: list[Window] = []
+    for v in facts.violations:
+        reset = _clamp(_next_pacific_midnight(now), now, horizon) if v.period == "day" else delay_at
+        out.append(Window(v.dimension, v.period, v.value, 0.0, reset))
+    return tuple(out)
+
+
+def _retry_at(
+    kind: FailureKind,
+    h: Mapping[str, str],
+    facts: BodyFacts,
+    windows: tuple[Window, ...],
+    now: float,
+    horizon: float,
+) -> float | None:
+    """Explicit hints first (most precise first), then what the windows imply."""
+    for name in ("retry-after-ms", "x-ms-retry-after-ms", "retry-after"):
+        parse = _parse_ms if name.endswith("-ms") else parse_retry_after
+        at = _field(h, name, lambda v, parse=parse: parse(v, now, horizon=horizon))
+        if at is not None:
+            return at
+    if facts.retry_delay is not None:
+        if (at := _delay_at(facts, now, horizon)) is not None:
+            return at
+        _malformed("retryDelay", facts.retry_delay)
+    rejected = [w.reset_at for w in windows if w.dimension == "unified" and w.remaining == 0]
+    if rejected and rejected[0] is not None:
+        return rejected[0]
+    if kind not in (FailureKind.RATE_LIMITED, FailureKind.QUOTA):
+        return None
+    exhausted = [w.reset_at for w in windows if w.remaining is not None and w.remaining <= 0]
+    unknown = [w.reset_at for w in windows if w.remaining is None and w.dimension != "unified"]
+    known = [t for t in exhausted if t is not None] or [t for t in unknown if t is not None]
+    return min(known, default=None)
+
+
+def _delay_at(facts: BodyFacts, now: float, horizon: float) -> float | None:
+    delay = parse_go_duration(facts.retry_delay) if facts.retry_delay else None
+    return None if delay is None else _clamp(now + delay, now, horizon)
+
+
+def _parse_ms(value: str, now: float, *, horizon: float) -> float | None:
+    ms = _number(value.strip())
+    return None if ms is None else _clamp(now + ms / 1000, now, horizon)

@@ -1,0 +1,76 @@
+"""How many tokens a request may cost, known before the provider says."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+CHARS_PER_TOKEN = 4
+"""A rough, provider-neutral ratio: a reservation is corrected to the reported usage anyway."""
+DEFAULT_COMPLETION = 256
+"""Completion budget assumed when the request names none (max_tokens is optional for OpenAI)."""
+MAX_BODY = 8 * 1024 * 1024
+
+
+def estimate_from_length(content_length: int | None) -> int:
+    """A first estimate from the size of the body alone, before it has arrived."""
+    size = max(0, content_length or 0)
+    return size // CHARS_PER_TOKEN + DEFAULT_COMPLETION
+
+
+def estimate_from_body(body: bytes | None) -> int:
+    """Prompt size plus the completion budget (`max_tokens` / `max_completion_tokens` /
+    `max_output_tokens`), from a JSON request body; any body that is not JSON counts by size."""
+    if not body:
+        return DEFAULT_COMPLETION
+    data: Any = None
+    if len(body) <= MAX_BODY:
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            data = None
+    if not isinstance(data, dict):
+        return estimate_from_length(len(body))
+    prompt = len(body) - _non_prompt_size(data)
+    return max(0, prompt) // CHARS_PER_TOKEN + _completion_budget(data)
+
+
+def _completion_budget(data: dict[str, Any]) -> int:
+    for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+        value = data.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+    config = data.get("generationConfig")  # Gemini
+    if isinstance(config, dict):
+        value = config.get("maxOutputTokens")
+        if isinstance(value, int) and value >= 0:
+            return value
+    return DEFAULT_COMPLETION
+
+
+def _non_prompt_size(data: dict[str, Any]) -> int:
+    # Tool schemas and the like do count as prompt; only the obvious scalars are left out.
+    return sum(len(k) + len(str(v)) + 6 for k, v in data.items() if not isinstance(v, dict | list))
+
+
+def reported_usage(body: bytes | None) -> tuple[int | None, int | None]:
+    """(input, output) tokens from a JSON response's `usage` (OpenAI or Anthropic)."""
+    if not body or len(body) > MAX_BODY:
+        return None, None
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None, None
+    usage = data.get("usage") if isinstance(data, dict) else None
+    if not isinstance(usage, dict):
+        meta = data.get("usageMetadata") if isinstance(data, dict) else None  # Gemini
+        if isinstance(meta, dict):
+            return _int(meta.get("promptTokenCount")), _int(meta.get("candidatesTokenCount"))
+        return None, None
+    tokens_in = _int(usage.get("prompt_tokens", usage.get("input_tokens")))
+    tokens_out = _int(usage.get("completion_tokens", usage.get("output_tokens")))
+    return tokens_in, tokens_out
+
+
+def _int(v: object) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None

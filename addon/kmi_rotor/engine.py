@@ -1,0 +1,361 @@
+"""The rotation engine: which key serves a request, and what each answer does to the pool.
+
+It joins the strategy (order of preference), the keys' health (what providers said) and the
+limiter (local limits). Synchronous and free of I/O: the addon calls it from hooks and waits
+where it says so; tests drive it with a fake clock.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from .config import Key, LimitsConfig, Pool, Settings
+from .core import health as hl
+from .core.health import KeyHealth, Policy
+from .core.limiter import GLOBAL, Admitted, Exhausted, Limiter, Limits, Reservation
+from .core.refusal import Refusal
+from .core.rotation import Sticky, Strategy, make
+from .core.signals import FailureKind, Signal
+from .status import key_state
+
+OUTAGE_WINDOW = 30.0
+"""Overloads on every key of a pool within this many seconds are the provider's outage."""
+AFFINITY_SIZE = 10_000
+
+
+@dataclass(frozen=True)
+class Chosen:
+    key: Key
+    reservation: Reservation
+
+
+@dataclass(frozen=True)
+class Wait:
+    until: float | None
+    """When capacity may free; None when only a finishing request can free it."""
+    reason: str
+
+
+Decision = Chosen | Wait | Refusal
+
+
+class _Lazy:
+    """A sequence over an iterator, materialised only as far as it is read (twice at most)."""
+
+    def __init__(self, it: Iterator[str]) -> None:
+        self._it, self._seen = it, []  # type: tuple[Iterator[str], list[str]]
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._seen
+        for item in self._it:
+            self._seen.append(item)
+            yield item
+
+    def __len__(self) -> int:
+        self._seen.extend(self._it)
+        return len(self._seen)
+
+    def __getitem__(self, i: int) -> str:
+        self.__len__()
+        return self._seen[i]
+
+
+def limits_of(cfg: LimitsConfig) -> Limits:
+    return Limits(**cfg.model_dump(include=set(LimitsConfig.model_fields), exclude_none=True))
+
+
+class Engine:
+    def __init__(self, settings: Settings) -> None:
+        self.health: dict[str, KeyHealth] = {}
+        self.limiter = Limiter(Limits(), {})
+        self.strategies: dict[str, Strategy] = {}
+        self._affinity: dict[str, OrderedDict[str, str]] = {}
+        self._overloads: dict[str, float] = {}
+        self._strategy_names: dict[str, str] = {}
+        self._now = 0.0  # the decision's clock, for strategies that ask for headroom
+        self.reconfigure(settings)
+
+    def reconfigure(self, settings: Settings) -> None:
+        """Take a new configuration; health and limiter history of surviving keys are kept."""
+        self.settings = settings
+        h = settings.health
+        self.policy = Policy(**h.model_dump())
+        self.keys = {k.fingerprint: k for k in settings.keys}
+        self.limiter.configure(
+            limits_of(settings.limits), {fp: limits_of(k.limits) for fp, k in self.keys.items()}
+        )
+        old, self.strategies = self.strategies, {}
+        for p in settings.pools:
+            # A reload keeps a pool's cursor (its place in the cycle) unless the strategy changed.
+            same = old.get(p.name)
+            if same is not None and self._strategy_names.get(p.name) == p.strategy:
+                self.strategies[p.name] = same
+            else:
+                self.strategies[p.name] = make(
+                    p.strategy,
+                    weight=lambda k: getattr(k, "weight", 1.0),
+                    headroom=lambda k: self.headroom(getattr(k, "fingerprint", ""), self._now),
+                )
+        self._strategy_names = {p.name: p.strategy for p in settings.pools}
+
+    # -- admission --------------------------------------------------------------------------
+
+    def health_of(self, fp: str) -> KeyHealth:
+        return self.health.get(fp) or KeyHealth()
+
+    def usable(self, key: Key, now: float) -> bool:
+        if key.disabled:
+            return False
+        h = self.health.get(key.fingerprint)
+        return h is None or hl.usable(h, now) or self._recheck_due(h, now)
+
+    def _recheck_due(self, h: KeyHealth, now: float) -> bool:
+        at = hl.next_usable_at(h, now, self.policy) if h.disabled_reason else None
+        return at is not None and at <= now
+
+    def headroom(self, fp: str, now: float) -> float:
+        own = hl.headroom(self.health_of(fp), now)
+        return min(own, self.limiter.headroom(fp, now))
+
+    def decide(
+        self,
+        pool: Pool,
+        tokens: int,
+        now: float,
+        *,
+        deadline: float,
+        exclude: frozenset[str] = frozenset(),
+        affinity: str | None = None,
+    ) -> Decision:
+        """Admit the request on a key, say how long to wait, or refuse it (never blocks)."""
+        self._now = now
+        strategy = self.strategies[pool.name]
+
+        def ok(k: Any) -> bool:
+            return k.fingerprint not in exclude and self.usable(k, now)
+
+        order = (k.fingerprint for k in strategy.candidates(pool.keys, ok))
+        sticky = self._affine(pool, affinity, ok)
+        candidates = _Lazy(_unique(([sticky] if sticky else []), order))
+        result = self.limiter.try_admit(candidates, tokens, now)
+        if isinstance(result, Admitted):
+            key = self.keys[result.key]
+            strategy.chose(pool.keys, key)
+            if affinity:
+                self._remember(pool, affinity, key.fingerprint)
+            return Chosen(key, result.reservation)
+        if not len(candidates):
+            return self._no_usable_key(pool, now, deadline, exclude)
+        if not result.possible:
+            first = result.exhausted[0] if result.exhausted else None
+            return Refusal(
+                413,
+                "request_too_large",
+                "the request's token estimate exceeds a token limit",
+                limit=first.limit if first else None,
+                scope=_scope_name(first.scope, self.keys) if first else None,
+            )
+        wake = _min(result.retry_at, self._next_health_change(pool, now, exclude))
+        binding = _binding(result.exhausted, result.retry_at)
+        if (wake is None and deadline > now) or (wake is not None and wake <= deadline):
+            return Wait(wake, binding.limit if binding else "capacity")
+        retry_at = wake if wake is not None else now + 1.0
+        what = (
+            f"{binding.limit} of {_scope_name(binding.scope, self.keys)}" if binding else "capacity"
+        )
+        return Refusal(
+            429,
+            "local_rate_limit",
+            f"{what} is exhausted",
+            retry_at,
+            limit=binding.limit if binding else None,
+            limit_value=self._limit_value(binding),
+            scope=_scope_name(binding.scope, self.keys) if binding else None,
+        )
+
+    def _no_usable_key(
+        self, pool: Pool, now: float, deadline: float, exclude: frozenset[str]
+    ) -> Decision:
+        times = [self._available_at(k, now) for k in pool.keys if k.fingerprint not in exclude]
+        known = [t for t in times if t is not None]
+        reasons = tuple(self.key_status(k, now) for k in pool.keys)
+        if not known:
+            return Refusal(
+                503,
+                "all_keys_disabled",
+                f"every key of pool {pool.name!r} is disabled",
+                keys=reasons,
+            )
+        wake = min(known)
+        if wake <= deadline:
+            return Wait(wake, "no usable key")
+        return Refusal(
+            429, "pool_exhausted", f"no key of pool {pool.name!r} can serve now", wake, keys=reasons
+        )
+
+    def _available_at(self, key: Key, now: float) -> float | None:
+        if key.disabled:
+            return None
+        return hl.next_usable_at(self.health_of(key.fingerprint), now, self.policy)
+
+    def _next_health_change(self, pool: Pool, now: float, exclude: frozenset[str]) -> float | None:
+        times = [
+            self._available_at(k, now)
+            for k in pool.keys
+            if k.fingerprint not in exclude and not self.usable(k, now)
+        ]
+        return min((t for t in times if t is not None and t > now), default=None)
+
+    def _limit_value(self, binding: Exhausted | None) -> int | None:
+        if binding is None:
+            return None
+        if binding.scope == GLOBAL:
+            cfg: LimitsConfig = self.settings.limits
+        else:
+            key = self.keys.get(binding.scope.removeprefix("key:"))
+            if key is None:
+                return None
+            cfg = key.limits
+        value = getattr(cfg, binding.limit, None)
+        return value if isinstance(value, int) else None
+
+    # -- affinity ---------------------------------------------------------------------------
+
+    def _affine(self, pool: Pool, affinity: str | None, ok: Any) -> str | None:
+        if not affinity:
+            return None
+        fp = self._affinity.get(pool.name, OrderedDict()).get(affinity)
+        key = self.keys.get(fp) if fp else None
+        return fp if key is not None and ok(key) else None
+
+    def _remember(self, pool: Pool, affinity: str, fp: str) -> None:
+        table = self._affinity.setdefault(pool.name, OrderedDict())
+        table[affinity] = fp
+        table.move_to_end(affinity)
+        while len(table) > AFFINITY_SIZE:
+            table.popitem(last=False)
+
+    # -- outcomes ---------------------------------------------------------------------------
+
+    def settle(self, key: Key, reservation: Reservation | None, tokens: int | None) -> None:
+        """The request is over (whatever happened): correct its tokens and free its slot."""
+        if reservation is None:
+            return
+        if tokens is not None:
+            self.limiter.adjust(reservation, tokens)
+        self.limiter.release(reservation)
+
+    def observe(self, key: Key, sig: Signal, now: float) -> KeyHealth:
+        """What an answer (or an in-stream error) says about the key; returns its new health."""
+        outage = sig.kind is FailureKind.OVERLOADED and self._is_outage(key, now)
+        h = hl.apply_signal(self.health_of(key.fingerprint), sig, now, self.policy, outage=outage)
+        self.health[key.fingerprint] = h
+        return h
+
+    def network_error(self, key: Key, now: float, reason: str) -> KeyHealth:
+        outage = self._is_outage(key, now)
+        h = hl.apply_network_error(
+            self.health_of(key.fingerprint), now, self.policy, outage=outage, reason=reason
+        )
+        self.health[key.fingerprint] = h
+        return h
+
+    def _is_outage(self, key: Key, now: float) -> bool:
+        """Whether every other enabled key of the pool also failed this way just now."""
+        self._overloads[key.fingerprint] = now
+        pool = next((p for p in self.settings.pools if p.name == key.pool), None)
+        others = [k for k in (pool.keys if pool else ()) if not k.disabled and k is not key]
+        return bool(others) and all(
+            now - self._overloads.get(k.fingerprint, -math.inf) <= OUTAGE_WINDOW for k in others
+        )
+
+    # -- operators and other processes ----------------------------------------------------------
+
+    def operate(self, key: Key, action: str, now: float) -> KeyHealth:
+        """`disable`, `enable` or `reset` a key by hand."""
+        h = self.health_of(key.fingerprint)
+        if action == "disable":
+            h = h.model_copy(
+                update={
+                    "disabled_reason": "disabled by operator",
+                    "disabled_at": now,
+                    "updated_at": now,
+                }
+            )
+        elif action in ("enable", "reset"):
+            h = hl.operator_reset(h, now)
+        else:
+            raise ValueError(f"unknown action {action!r}")
+        self.health[key.fingerprint] = h
+        return h
+
+    def rotate(self, pool_name: str, times: int = 1) -> bool:
+        """Move a sticky pool's active key on; False for pools of other strategies."""
+        strategy = self.strategies.get(pool_name)
+        pool = next((p for p in self.settings.pools if p.name == pool_name), None)
+        if not isinstance(strategy, Sticky) or pool is None:
+            return False
+        for _ in range(times):
+            strategy.rotate(pool.keys)
+        return True
+
+    def adopt(self, fp: str, h: KeyHealth) -> bool:
+        """Take a key's health written elsewhere (the CLI, another proxy) when it is newer."""
+        mine = self.health.get(fp)
+        if mine is not None and mine.updated_at >= h.updated_at:
+            return False
+        self.health[fp] = h
+        return True
+
+    def key_status(self, key: Key, now: float) -> dict[str, Any]:
+        return {"label": key.label, **key_state(key, self.health_of(key.fingerprint), now)}
+
+
+def _unique(first: Iterable[str], rest: Iterable[str]) -> Iterator[str]:
+    seen: set[str] = set()
+    for x in itertools.chain(first, rest):
+        if x not in seen:
+            seen.add(x)
+            yield x
+
+
+def _min(a: float | None, b: float | None) -> float | None:
+    known = [x for x in (a, b) if x is not None]
+    return min(known) if known else None
+
+
+def _binding(exhausted: tuple[Exhausted, ...], retry_at: float | None) -> Exhausted | None:
+    """The limit that decides when the request can go: an exhausted global limit (the one
+    freeing last), else the key limit freeing first (any key freeing lets the request go)."""
+    if not exhausted:
+        return None
+    glob = [e for e in exhausted if e.scope == GLOBAL]
+    if glob:
+        return max(glob, key=lambda e: e.free_at or math.inf)
+    return min(exhausted, key=lambda e: e.free_at if e.free_at is not None else math.inf)
+
+
+def _scope_name(scope: str, keys: dict[str, Key]) -> str:
+    if scope == GLOBAL:
+        return "the proxy"
+    key = keys.get(scope.removeprefix("key:"))
+    return f"key {key.label!r}" if key else "a key"
+
+
+def pool_available_at(
+    engine: Engine, pool: Pool, now: float, exclude: frozenset[str]
+) -> float | None:
+    """When the pool can next serve a request on a key outside `exclude`: `now` when a key is
+    ready now, None when every such key is disabled."""
+    times = [
+        now if engine.usable(k, now) else engine._available_at(k, now)
+        for k in pool.keys
+        if k.fingerprint not in exclude
+    ]
+    known = [t for t in times if t is not None]
+    return min(known) if known else None

@@ -1,0 +1,93 @@
+"""What a flow says, read without side effects on kmi-rotor's state: helpers of the hooks."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from mitmproxy import http
+
+from .core.signals import FailureKind, Signal
+from .core.sse import StreamOutcome
+
+META = "kmi_rotor"
+STREAM_KINDS = {
+    "overloaded": FailureKind.OVERLOADED,
+    "rate_limited": FailureKind.RATE_LIMITED,
+    "quota": FailureKind.QUOTA,
+    "auth": FailureKind.AUTH,
+}
+RETRIABLE = (FailureKind.RATE_LIMITED, FailureKind.QUOTA, FailureKind.AUTH, FailureKind.OVERLOADED)
+
+
+def content_length(request: http.Request) -> int | None:
+    try:
+        return int(request.headers.get("content-length", ""))
+    except ValueError:
+        return None
+
+
+def wants_stream(request: http.Request, body: bytes) -> bool:
+    if "streamGenerateContent" in request.path or "text/event-stream" in request.headers.get(
+        "accept", ""
+    ):
+        return True
+    return b'"stream"' in body and json_object(body).get("stream") is True
+
+
+def json_object(body: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def ask_for_usage(flow: http.HTTPFlow) -> None:
+    """OpenAI-style streams carry usage only when asked: ask, unless the client said otherwise."""
+    if not flow.request.path.split("?")[0].endswith("/chat/completions"):
+        return
+    data = json_object(flow.request.raw_content or b"")
+    options = data.get("stream_options")
+    if options is None:
+        data["stream_options"] = {"include_usage": True}
+    elif isinstance(options, dict) and "include_usage" not in options:
+        options["include_usage"] = True
+    else:
+        return
+    flow.request.content = json.dumps(data).encode()
+    flow.metadata[META]["usage_requested"] = True
+
+
+def stream_tokens(stream: StreamOutcome) -> tuple[int | None, int | None]:
+    if stream.usage is None:
+        return None, None
+    return stream.usage.input_tokens, stream.usage.output_tokens
+
+
+def stream_signal(sig: Signal, stream: StreamOutcome) -> tuple[Signal, str]:
+    """A stream that failed in the middle, or never finished, is a failure of its key."""
+    if stream.error is not None:
+        kind = STREAM_KINDS.get(stream.error.kind, FailureKind.OVERLOADED)
+        failed = Signal(stream.error.status, kind, None, sig.windows, stream.error.message[:120])
+        return failed, "stream_error"
+    if stream.truncated:
+        failed = Signal(sig.status, FailureKind.OVERLOADED, None, sig.windows, "stream cut short")
+        return failed, "truncated"
+    return sig, sig.kind.value
+
+
+def total(tokens: tuple[int | None, int | None]) -> int | None:
+    known = [t for t in tokens if t is not None]
+    return sum(known) if known else None
+
+
+def count_outcome(d: Any, sig: Signal, tokens: tuple[int | None, int | None]) -> None:
+    if sig.kind not in (FailureKind.OK, FailureKind.CLIENT_ERROR):
+        d.add("errors")
+    if sig.status == 429 and sig.kind in (FailureKind.RATE_LIMITED, FailureKind.QUOTA):
+        d.add("upstream_429")
+    if tokens[0]:
+        d.add("tokens_in", tokens[0])
+    if tokens[1]:
+        d.add("tokens_out", tokens[1])

@@ -1,0 +1,62 @@
+"""The status page and /metrics, served by mitmproxy itself.
+
+Two addresses: `http://kmi-rotor.local/` through the proxy in regular mode, and the path
+`/_kmi-rotor/` on any host the proxy serves (the way to reach it in reverse mode).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import Callable, Iterable
+from typing import Any
+from wsgiref.types import StartResponse, WSGIEnvironment
+
+from mitmproxy import http
+from mitmproxy.addons.asgiapp import WSGIApp
+
+from .web import make_app
+
+WEB_HOST = "kmi-rotor.local"
+WEB_PREFIX = "/_kmi-rotor"
+SNAPSHOT_TIMEOUT = 5.0
+
+
+class StatusPage(WSGIApp):
+    """mitmproxy's WSGI host, answering on the status host and under the status path."""
+
+    def __init__(self, snapshot: Callable[[], dict[str, Any]]) -> None:
+        root, prefixed = make_app(snapshot), make_app(snapshot, prefix=WEB_PREFIX)
+
+        def dispatch(environ: WSGIEnvironment, start: StartResponse) -> Iterable[bytes]:
+            path = environ.get("PATH_INFO", "")
+            app = prefixed if path == WEB_PREFIX or path.startswith(WEB_PREFIX + "/") else root
+            return app(environ, start)
+
+        super().__init__(dispatch, WEB_HOST, None)
+
+    def should_serve(self, flow: http.HTTPFlow) -> bool:
+        path = flow.request.path.split("?", 1)[0]
+        ours = (
+            flow.request.pretty_host == WEB_HOST
+            or path == WEB_PREFIX
+            or path.startswith(WEB_PREFIX + "/")
+        )
+        return bool(ours and flow.live and not flow.error and not flow.response)
+
+
+def on_loop(
+    loop: asyncio.AbstractEventLoop | None, build: Callable[[], dict[str, Any]]
+) -> dict[str, Any]:
+    """Run `build` on the proxy's event loop (the only thread that may read its state) and wait
+    for the result; the WSGI app calls this from a worker thread."""
+    if loop is None or not loop.is_running():
+        return build()
+
+    async def call() -> dict[str, Any]:
+        return build()
+
+    future: concurrent.futures.Future[dict[str, Any]] = asyncio.run_coroutine_threadsafe(
+        call(), loop
+    )
+    return future.result(SNAPSHOT_TIMEOUT)

@@ -1,0 +1,215 @@
+"""What each key is doing, for people: the status table, `--json`, the status page and metrics.
+
+Built from the configuration and a state document (the CLI) or the live engine (the proxy).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from . import __version__
+from .config import Key, Settings
+from .core import health as hl
+from .core.health import KeyHealth
+from .core.secrets import mask
+from .core.state import KeyRecord, StateDoc
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+
+def key_state(key: Key, h: KeyHealth, now: float) -> dict[str, Any]:
+    """`ready`, `cooling` (until, reason), `blocked` (until, reason) or `disabled` (reason)."""
+    if key.disabled:
+        return {"status": "disabled", "until": None, "reason": "disabled in the configuration"}
+    st = hl.status(h, now)
+    state, until, reason = st.state, st.until, st.reason
+    if state == "ready" and not hl.usable(h, now):
+        state, until = "cooling", hl.next_usable_at(h, now)
+        reason = "provider reports no remaining quota"
+    return {"status": state, "until": until, "reason": reason}
+
+
+def quota(
+    h: KeyHealth, now: float, local: dict[str, dict[str, Any]] | None
+) -> list[dict[str, Any]]:
+    """Known windows: the provider's (from its headers) and the local limits'."""
+    out = [
+        {
+            "name": name,
+            "source": "provider",
+            "limit": w.limit,
+            "remaining": w.remaining,
+            "resets_at": w.reset_at,
+        }
+        for name, w in sorted(h.windows.items())
+        if w.reset_at is None or w.reset_at > now
+    ]
+    for name, u in sorted((local or {}).items()):
+        limit, used = u.get("limit"), u.get("used")
+        remaining = None if limit is None or used is None else max(0.0, limit - used)
+        out.append(
+            {
+                "name": name,
+                "source": "local",
+                "limit": limit,
+                "remaining": remaining,
+                "resets_at": u.get("free_at"),
+            }
+        )
+    return out
+
+
+def key_row(
+    key: Key, rec: KeyRecord | None, h: KeyHealth, now: float, engine: Engine | None
+) -> dict[str, Any]:
+    local = engine.limiter.usage(f"key:{key.fingerprint}", now) if engine else None
+    half_life = engine.policy.half_life_seconds if engine else 300.0
+    row: dict[str, Any] = {
+        "label": key.label,
+        "pool": key.pool,
+        "key": mask(key.secret.get_secret_value()),
+        "masked": mask(key.secret.get_secret_value()),
+        "fingerprint": key.fingerprint,
+        **key_state(key, h, now),
+        "requests": rec.requests if rec else 0,
+        "errors": rec.errors if rec else 0,
+        "upstream_429": rec.upstream_429 if rec else 0,
+        "retries": rec.retries if rec else 0,
+        "tokens": (rec.tokens_in + rec.tokens_out) if rec else 0,
+        "last_status": rec.last_status if rec else None,
+        "last_error": rec.last_error if rec else None,
+        "last_used": rec.last_used if rec else None,
+        "error_score": round(hl.decayed_score(h, now, half_life), 3),
+        "quota": quota(h, now, local),
+    }
+    return row
+
+
+def rows(
+    settings: Settings, doc: StateDoc, now: float, engine: Engine | None = None
+) -> list[dict[str, Any]]:
+    out = []
+    for key in settings.keys:
+        rec = doc.keys.get(key.fingerprint)
+        h = engine.health_of(key.fingerprint) if engine else (rec.health if rec else KeyHealth())
+        out.append(key_row(key, rec, h, now, engine))
+    return out
+
+
+def local_429(doc: StateDoc) -> dict[str, int]:
+    return {name: rec.local_429 for name, rec in doc.pools.items()}
+
+
+def snapshot(
+    settings: Settings,
+    doc: StateDoc,
+    now: float,
+    *,
+    engine: Engine | None = None,
+    recent: list[dict[str, Any]] | None = None,
+    inflight: dict[str, int] | None = None,
+    started: float | None = None,
+) -> dict[str, Any]:
+    """Everything the status page and /metrics show (no secret: masked keys, fingerprints)."""
+    all_rows = rows(settings, doc, now, engine)
+    for r in all_rows:
+        r["inflight"] = (inflight or {}).get(r["fingerprint"], 0)
+        r["local_429"] = 0
+    pools = [
+        {
+            "name": p.name,
+            "provider": p.preset.name,
+            "strategy": p.strategy,
+            "local_429": doc.pools[p.name].local_429 if p.name in doc.pools else 0,
+            "keys": [r for r in all_rows if r["pool"] == p.name],
+        }
+        for p in settings.pools
+    ]
+    totals = {
+        name: sum(r[name] for r in all_rows)
+        for name in ("requests", "errors", "upstream_429", "retries", "tokens", "inflight")
+    }
+    totals["local_429"] = sum(p["local_429"] for p in pools)
+    return {
+        "generated_at": now,
+        "version": __version__,
+        "uptime_s": None if started is None else round(time.time() - started, 1),
+        "totals": totals,
+        "pools": pools,
+        "recent": recent or [],
+    }
+
+
+def _ago(ts: float | None, now: float) -> str:
+    if ts is None:
+        return "never"
+    return _span(now - ts) + " ago"
+
+
+def _span(seconds: float) -> str:
+    s = max(0, int(seconds + 0.999))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _remaining(r: dict[str, Any]) -> str:
+    parts = []
+    for q in r["quota"]:
+        if q["remaining"] is None:
+            continue
+        limit = f"/{q['limit']:g}" if q["limit"] is not None else ""
+        parts.append(f"{q['remaining']:g}{limit} {q['name']}")
+    return ", ".join(parts[:2]) or "-"
+
+
+def render_table(
+    key_rows: list[dict[str, Any]], now: float, local: dict[str, int] | None = None
+) -> str:
+    """The human table of `kmi-rotor status`."""
+    head = (
+        "POOL",
+        "KEY",
+        "MASKED",
+        "STATUS",
+        "RESETS IN",
+        "REASON",
+        "REMAINING",
+        "REQS",
+        "ERRS",
+        "429",
+        "LAST",
+        "LAST USED",
+    )
+    body = [
+        (
+            r["pool"],
+            r["label"],
+            r["key"],
+            r["status"],
+            _span(r["until"] - now) if r.get("until") else "-",
+            (r.get("reason") or "-")[:40],
+            _remaining(r),
+            str(r["requests"]),
+            str(r["errors"]),
+            str(r["upstream_429"]),
+            str(r["last_status"] or (r["last_error"] and "error") or "-"),
+            _ago(r["last_used"], now),
+        )
+        for r in key_rows
+    ]
+    widths = [max(len(x) for x in col) for col in zip(head, *body, strict=False)]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+        for line in (head, *body)
+    ]
+    for pool, n in sorted((local or {}).items()):
+        if n:
+            lines.append(f"pool {pool}: {n} request{'s' if n != 1 else ''} refused locally (429)")
+    return "\n".join(lines)

@@ -1,0 +1,102 @@
+"""Reads Kimi Code's quota endpoint for each key in the background, off the event loop.
+
+What it learns (remaining requests, reset times) goes into the keys' health, so traffic moves
+away from a key before the provider refuses it. Only pools of provider `kimi-code` are polled,
+one key at a time, spread over the interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+
+from .config import Key, Pool
+from .core import health as hl
+from .core.kimi import parse_usages
+
+log = logging.getLogger("kmi_rotor")
+
+TIMEOUT = 10.0
+MAX_BODY = 256 * 1024
+
+
+def fetch(url: str, key: Key, cafile: str | None) -> tuple[int, bytes]:
+    """One blocking GET with the key (run it in a thread). Errors come back as a status."""
+    request = urllib.request.Request(
+        url,
+        headers={
+            "Authorization": f"Bearer {key.secret.get_secret_value()}",
+            "Accept": "application/json",
+            "User-Agent": "kmi-rotor",
+        },
+    )
+    context = ssl.create_default_context(cafile=cafile) if url.startswith("https:") else None
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT, context=context) as resp:
+            return resp.status, resp.read(MAX_BODY)
+    except urllib.error.HTTPError as e:
+        return e.code, b""
+    except (OSError, ValueError) as e:  # URLError is an OSError; never echo the request
+        log.warning("kmi-rotor: quota of key %s not read: %s", key.label, type(e).__name__)
+        return 0, b""
+
+
+class UsagePoller:
+    def __init__(self, rotor: object, cafile: Callable[[], str | None]) -> None:
+        self.rotor = rotor
+        self.cafile = cafile
+        self._task: asyncio.Task[None] | None = None
+        self._unsupported: set[str] = set()
+
+    def start(self, pools: tuple[Pool, ...]) -> None:
+        self.stop()
+        polled = [p for p in pools if p.usages_url and p.usage_poll_seconds > 0]
+        if polled:
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(polled), name="kmi-rotor-usages"
+            )
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    async def _run(self, pools: list[Pool]) -> None:
+        while True:
+            interval = min(p.usage_poll_seconds for p in pools)
+            for pool in pools:
+                if pool.name in self._unsupported or not pool.usages_url:
+                    continue
+                keys = [k for k in pool.keys if not k.disabled]
+                for key in keys:
+                    await self.poll_once(pool, key)
+                    await asyncio.sleep(interval / max(1, len(keys)) / 2)
+            await asyncio.sleep(interval / 2)
+
+    async def poll_once(self, pool: Pool, key: Key) -> bool:
+        """Read one key's quota and record it; True when windows were learnt."""
+        assert pool.usages_url is not None
+        status, body = await asyncio.to_thread(fetch, pool.usages_url, key, self.cafile())
+        if status == 404:
+            self._unsupported.add(pool.name)
+            log.info(
+                "kmi-rotor: pool %s: %s is not a usage endpoint; not polling it",
+                pool.name,
+                pool.usages_url,
+            )
+            return False
+        if status != 200:
+            return False
+        engine, keeper, clock = self.rotor.engine, self.rotor.keeper, self.rotor.clock  # type: ignore[attr-defined]
+        now = clock()
+        windows = parse_usages(body, now)
+        if not windows or engine is None or keeper is None or key.fingerprint not in engine.keys:
+            return False
+        h = hl.observe_windows(engine.health_of(key.fingerprint), windows, now)
+        engine.health[key.fingerprint] = h
+        keeper.key(key).health = h
+        return True

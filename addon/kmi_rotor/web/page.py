@@ -1,0 +1,655 @@
+"""The status page: one self-contained HTML document (inline CSS and JS, nothing external).
+
+The page carries no data. Its script polls ``api/status`` (relative, so any mount prefix works)
+and builds the DOM with ``textContent`` and ``setAttribute`` only: labels and reasons come from
+user configuration and upstream answers, and are never parsed as HTML.
+
+The document is kept in Python strings rather than a package data file so that it ships with
+any install of the package, editable or not.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+
+CSS = """
+:root {
+  --bg: #f4f6f9; --panel: #ffffff; --border: #e2e6ec; --border-strong: #cfd6df;
+  --text: #18202b; --muted: #5c6878; --faint: #8a95a5; --head: #f8f9fb;
+  --accent: #4f46e5; --track: #e9edf2;
+  --ok: #15803d; --ok-bg: #dcfce7; --ok-fill: #22c55e;
+  --warn: #a16207; --warn-bg: #fef3c7; --warn-fill: #f59e0b;
+  --bad: #b91c1c; --bad-bg: #fee2e2; --bad-fill: #ef4444;
+  --off: #4b5563; --off-bg: #e5e7eb; --off-fill: #9ca3af;
+  --shadow: 0 1px 2px rgba(16, 24, 40, .05);
+}
+@media (prefers-color-scheme: dark) {
+  :root {
+    --bg: #0d1117; --panel: #151b23; --border: #262f3a; --border-strong: #344050;
+    --text: #e6eaf0; --muted: #9aa6b6; --faint: #6f7c8d; --head: #1a212b;
+    --accent: #8b8cf6; --track: #242d38;
+    --ok: #4ade80; --ok-bg: #12301f; --ok-fill: #22c55e;
+    --warn: #fbbf24; --warn-bg: #3a2c0b; --warn-fill: #f59e0b;
+    --bad: #f87171; --bad-bg: #3b1517; --bad-fill: #ef4444;
+    --off: #b4bdc9; --off-bg: #2a323d; --off-fill: #6b7280;
+    --shadow: none;
+  }
+}
+* { box-sizing: border-box; }
+html { -webkit-text-size-adjust: 100%; }
+body {
+  margin: 0; background: var(--bg); color: var(--text);
+  font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial,
+    "Noto Sans", "Liberation Sans", sans-serif;
+  font-variant-numeric: tabular-nums;
+}
+.mono { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, "Liberation Mono", monospace; }
+.muted { color: var(--muted); }
+.faint { color: var(--faint); }
+h1, h2 { margin: 0; font-weight: 650; letter-spacing: -.01em; }
+h1 { font-size: 17px; }
+h2 { font-size: 15px; }
+a { color: var(--accent); text-decoration: none; }
+a:hover { text-decoration: underline; }
+
+.topbar {
+  position: sticky; top: 0; z-index: 2; display: flex; align-items: center; gap: 16px;
+  padding: 12px 24px; background: var(--panel); border-bottom: 1px solid var(--border);
+}
+.brand { display: flex; align-items: baseline; gap: 10px; }
+.logo {
+  align-self: center; width: 18px; height: 18px; border-radius: 50%;
+  background: conic-gradient(var(--accent) 0 25%, transparent 0 50%, var(--accent) 0 75%,
+    transparent 0);
+  box-shadow: inset 0 0 0 2px var(--accent);
+}
+.meta { margin-left: auto; display: flex; align-items: center; gap: 14px; color: var(--muted); }
+.conn {
+  display: inline-flex; align-items: center; gap: 7px; padding: 3px 10px; border-radius: 999px;
+  font-size: 12px; font-weight: 600; background: var(--off-bg); color: var(--off);
+}
+.conn .dot { width: 8px; height: 8px; border-radius: 50%; background: currentColor; }
+.conn[data-state="live"] { background: var(--ok-bg); color: var(--ok); }
+.conn[data-state="disconnected"] { background: var(--bad-bg); color: var(--bad); }
+
+main {
+  max-width: 1400px; margin: 0 auto; padding: 20px 24px 32px; display: grid; gap: 18px;
+}
+#pools { display: grid; gap: 18px; }
+.totals { display: grid; grid-template-columns: repeat(auto-fit, minmax(132px, 1fr)); gap: 12px; }
+.tile {
+  background: var(--panel); border: 1px solid var(--border); border-radius: 10px;
+  padding: 11px 14px; box-shadow: var(--shadow);
+}
+.tile-label {
+  font-size: 11px; font-weight: 600; text-transform: uppercase; letter-spacing: .05em;
+  color: var(--muted);
+}
+.tile-value { margin-top: 2px; font-size: 22px; font-weight: 650; }
+.tile.warn .tile-value { color: var(--warn); }
+.tile.bad .tile-value { color: var(--bad); }
+
+.panel {
+  background: var(--panel); border: 1px solid var(--border); border-radius: 12px;
+  box-shadow: var(--shadow); overflow: hidden;
+}
+.panel-head {
+  display: flex; flex-wrap: wrap; align-items: center; gap: 8px 10px; padding: 12px 16px;
+  border-bottom: 1px solid var(--border);
+}
+.panel-head .aside { margin-left: auto; color: var(--muted); font-size: 13px; }
+.chip {
+  display: inline-block; padding: 1px 8px; border-radius: 6px; font-size: 12px;
+  background: var(--head); border: 1px solid var(--border); color: var(--muted);
+}
+.table-wrap { overflow-x: auto; }
+table { width: 100%; border-collapse: collapse; }
+th {
+  text-align: left; font-size: 11px; font-weight: 600; text-transform: uppercase;
+  letter-spacing: .05em; color: var(--muted); background: var(--head);
+  padding: 8px 12px; border-bottom: 1px solid var(--border); white-space: nowrap;
+}
+td { padding: 10px 12px 10px; border-bottom: 1px solid var(--border); vertical-align: top; }
+tbody tr:last-child td { border-bottom: 0; }
+th.num, td.num { text-align: right; white-space: nowrap; }
+.sub { font-size: 12px; color: var(--muted); margin-top: 2px; }
+.empty { padding: 18px 16px; margin: 0; color: var(--muted); }
+
+.key-label { font-weight: 650; overflow-wrap: anywhere; }
+.key-masked { font-size: 12.5px; color: var(--muted); }
+.fp { font-size: 11px; color: var(--faint); }
+.key-row[data-status="disabled"] td { color: var(--muted); }
+.key-row[data-status="disabled"] .key-label { text-decoration: line-through; }
+.key-row td:first-child { box-shadow: inset 3px 0 0 transparent; }
+.key-row[data-status="ready"] td:first-child { box-shadow: inset 3px 0 0 var(--ok-fill); }
+.key-row[data-status="cooling"] td:first-child { box-shadow: inset 3px 0 0 var(--warn-fill); }
+.key-row[data-status="blocked"] td:first-child { box-shadow: inset 3px 0 0 var(--bad-fill); }
+.key-row[data-status="disabled"] td:first-child { box-shadow: inset 3px 0 0 var(--off-fill); }
+
+.badge {
+  display: inline-flex; align-items: center; gap: 6px; padding: 2px 9px; border-radius: 999px;
+  font-size: 12px; font-weight: 600; background: var(--off-bg); color: var(--off);
+}
+.badge::before {
+  content: ""; width: 7px; height: 7px; border-radius: 50%; background: currentColor;
+}
+.status-ready { background: var(--ok-bg); color: var(--ok); }
+.status-cooling { background: var(--warn-bg); color: var(--warn); }
+.status-blocked { background: var(--bad-bg); color: var(--bad); }
+.status-disabled { background: var(--off-bg); color: var(--off); }
+.status-cell .countdown { display: block; margin-top: 4px; font-size: 12.5px; font-weight: 600; }
+.reason { font-size: 12px; color: var(--muted); margin-top: 2px; overflow-wrap: anywhere; }
+.inflight {
+  display: inline-flex; align-items: center; gap: 5px; margin-top: 4px; font-size: 11.5px;
+  color: var(--accent); font-weight: 600;
+}
+.inflight::before {
+  content: ""; width: 6px; height: 6px; border-radius: 50%; background: currentColor;
+  animation: pulse 1.2s ease-in-out infinite;
+}
+@keyframes pulse { 50% { opacity: .25; } }
+
+.quota-cell { min-width: 240px; }
+.col-key { width: 14%; }
+.col-status { width: 17%; }
+.col-quota { width: 36%; }
+.col-last { width: 1%; white-space: nowrap; }
+.last-cell { white-space: nowrap; }
+.unit { color: var(--muted); font-size: 12px; font-weight: 400; }
+.quota + .quota { margin-top: 8px; }
+.quota-bar {
+  position: relative; height: 8px; border-radius: 999px; background: var(--track);
+  overflow: hidden;
+}
+.quota-fill { height: 100%; border-radius: 999px; background: var(--ok-fill); }
+.quota-fill.level-low { background: var(--warn-fill); }
+.quota-fill.level-empty { background: var(--bad-fill); }
+.quota-fill.level-unknown { background: var(--off-fill); }
+.quota-line { display: flex; align-items: baseline; gap: 6px; margin-top: 3px; }
+.quota-text { font-size: 12px; color: var(--muted); }
+.countdown, .quota-source { white-space: nowrap; }
+.quota-amount { color: var(--text); font-weight: 600; }
+.quota-source {
+  padding: 0 5px; border-radius: 4px; font-size: 10.5px;
+  border: 1px solid var(--border); color: var(--faint); text-transform: uppercase;
+  letter-spacing: .04em;
+}
+.none { color: var(--faint); }
+.count-bad { color: var(--bad); font-weight: 600; }
+.count-warn { color: var(--warn); font-weight: 600; }
+
+.code {
+  display: inline-block; min-width: 38px; padding: 0 6px; border-radius: 5px; text-align: center;
+  font-size: 12px; font-weight: 650; background: var(--off-bg); color: var(--off);
+}
+.code.c2 { background: var(--ok-bg); color: var(--ok); }
+.code.c3 { background: var(--off-bg); color: var(--off); }
+.code.c429 { background: var(--warn-bg); color: var(--warn); }
+.code.c4, .code.c5, .code.cerr { background: var(--bad-bg); color: var(--bad); }
+
+.strip-wrap { padding: 14px 16px 10px; border-bottom: 1px solid var(--border); }
+.strip {
+  display: flex; align-items: flex-end; justify-content: flex-end; gap: 2px; height: 44px;
+  border-bottom: 1px solid var(--border-strong);
+}
+.tick {
+  flex: 1 1 0; max-width: 14px; min-height: 4px; border-radius: 2px 2px 0 0;
+  background: var(--ok-fill); opacity: .85;
+}
+.tick.o-limited { background: var(--warn-fill); }
+.tick.o-fail { background: var(--bad-fill); }
+.tick:hover { opacity: 1; }
+.strip-axis {
+  display: flex; justify-content: space-between; margin-top: 4px; font-size: 11px;
+  color: var(--faint);
+}
+.legend { display: inline-flex; gap: 12px; font-size: 12px; color: var(--muted); }
+.legend span::before {
+  content: ""; display: inline-block; width: 8px; height: 8px; margin-right: 5px;
+  border-radius: 2px; background: var(--ok-fill);
+}
+.legend .l-limited::before { background: var(--warn-fill); }
+.legend .l-fail::before { background: var(--bad-fill); }
+
+.timeline td { padding: 6px 12px; white-space: nowrap; }
+.timeline .path { max-width: 380px; overflow: hidden; text-overflow: ellipsis; }
+.tl-row.fail td { background: color-mix(in srgb, var(--bad-bg) 55%, transparent); }
+.tl-row.fail td:first-child { box-shadow: inset 3px 0 0 var(--bad-fill); }
+.tl-row.limited td:first-child { box-shadow: inset 3px 0 0 var(--warn-fill); }
+.outcome { font-weight: 600; }
+.tl-row.fail .outcome { color: var(--bad); }
+.tl-row.limited .outcome { color: var(--warn); }
+.method { font-size: 11px; font-weight: 700; color: var(--muted); margin-right: 6px; }
+.tag {
+  margin-left: 6px; padding: 0 5px; border-radius: 4px; font-size: 10.5px; font-weight: 600;
+  background: var(--head); border: 1px solid var(--border); color: var(--muted);
+}
+.dur { display: flex; align-items: center; justify-content: flex-end; gap: 8px; }
+.dur-bar { width: 60px; height: 5px; border-radius: 3px; background: var(--track); }
+.dur-fill { height: 100%; border-radius: 3px; background: var(--accent); opacity: .7; }
+
+footer { max-width: 1400px; margin: 0 auto; padding: 0 24px 28px; font-size: 12px; color: var(--faint); }
+footer a { margin: 0 2px; }
+"""
+
+HTML_BODY = """
+<header class="topbar">
+  <div class="brand">
+    <span class="logo" aria-hidden="true"></span>
+    <h1>kmi-rotor</h1>
+    <span id="version" class="muted"></span>
+  </div>
+  <div class="meta">
+    <span id="uptime"></span>
+    <span id="updated"></span>
+    <span id="conn" class="conn" data-state="connecting" role="status" aria-live="polite">
+      <span class="dot"></span><span id="conn-text">connecting…</span>
+    </span>
+  </div>
+</header>
+<main>
+  <section id="totals" class="totals" aria-label="Totals"></section>
+  <div id="pools"></div>
+  <section id="activity" class="panel" aria-label="Recent requests">
+    <div class="panel-head">
+      <h2>Recent requests</h2>
+      <span class="legend"><span>ok</span><span class="l-limited">rate limited</span>
+        <span class="l-fail">failed</span></span>
+      <span id="timeline-count" class="aside"></span>
+    </div>
+    <div class="strip-wrap">
+      <div id="strip" class="strip" role="img" aria-label="Recent request durations"></div>
+      <div class="strip-axis"><span>older</span><span>newest</span></div>
+    </div>
+    <div class="table-wrap">
+      <table id="timeline" class="timeline">
+        <thead><tr>
+          <th>Time</th><th>Key</th><th>Request</th><th>Status</th><th>Outcome</th>
+          <th class="num">Attempt</th><th class="num">Tokens in / out</th>
+          <th class="num">Duration</th>
+        </tr></thead>
+        <tbody id="timeline-body"></tbody>
+      </table>
+    </div>
+    <p id="timeline-empty" class="empty" hidden>No requests yet.</p>
+  </section>
+</main>
+<footer>
+  Refreshes every 2 s.
+  <a href="api/status">JSON</a> · <a href="metrics">Prometheus metrics</a>
+</footer>
+"""
+
+JS = r"""
+(() => {
+  "use strict";
+  const POLL_MS = 2000, TIMEOUT_MS = 5000, MAX_ROWS = 100;
+  const STATUSES = ["ready", "cooling", "blocked", "disabled"];
+  const state = { data: null, offset: 0, okAt: null };
+
+  // -- small helpers: every value from the snapshot is untrusted and may be missing --------
+  const num = (v) => (typeof v === "number" && Number.isFinite(v) ? v : null);
+  const str = (v) => (v === null || v === undefined ? "" : String(v));
+  const arr = (v) => (Array.isArray(v) ? v : []);
+  const obj = (v) => (v !== null && typeof v === "object" && !Array.isArray(v) ? v : {});
+  const $ = (id) => document.getElementById(id);
+  const serverNow = () => Date.now() / 1000 + state.offset;
+
+  function el(tag, cls, text, attrs) {
+    const e = document.createElement(tag);
+    if (cls) e.className = cls;
+    if (text !== undefined && text !== null) e.textContent = String(text);
+    for (const [k, v] of Object.entries(attrs || {})) {
+      if (v !== undefined && v !== null) e.setAttribute(k, String(v));
+    }
+    return e;
+  }
+  function add(parent, ...children) {
+    for (const c of children) if (c) parent.appendChild(c);
+    return parent;
+  }
+
+  // -- formatting ------------------------------------------------------------------------
+  const intFmt = new Intl.NumberFormat("en-US", { maximumFractionDigits: 0 });
+  const fmtInt = (n) => (num(n) === null ? "—" : intFmt.format(n));
+  function fmtCompact(n) {
+    if (num(n) === null) return "—";
+    const a = Math.abs(n);
+    if (a < 10000) return intFmt.format(n);
+    if (a < 1e6) return (n / 1e3).toFixed(1) + "k";
+    if (a < 1e9) return (n / 1e6).toFixed(1) + "M";
+    return (n / 1e9).toFixed(1) + "B";
+  }
+  function fmtSpan(s) {
+    s = Math.max(0, Math.ceil(s));
+    const p2 = (x) => String(x).padStart(2, "0");
+    if (s < 60) return s + "s";
+    if (s < 3600) return Math.floor(s / 60) + "m " + p2(s % 60) + "s";
+    if (s < 86400) return Math.floor(s / 3600) + "h " + p2(Math.floor((s % 3600) / 60)) + "m";
+    return Math.floor(s / 86400) + "d " + Math.floor((s % 86400) / 3600) + "h";
+  }
+  const fmtCountdown = (until) => {
+    const left = until - serverNow();
+    return left > 0.5 ? "resets in " + fmtSpan(left) : "resets now";
+  };
+  const fmtAgo = (ts) => {
+    const d = serverNow() - ts;
+    return d < 2 ? "just now" : fmtSpan(d) + " ago";
+  };
+  function fmtClock(ts) {
+    const d = new Date(ts * 1000), p2 = (x) => String(x).padStart(2, "0");
+    return p2(d.getHours()) + ":" + p2(d.getMinutes()) + ":" + p2(d.getSeconds());
+  }
+  const fmtMs = (ms) => (ms < 1000 ? Math.round(ms) + " ms" : (ms / 1000).toFixed(2) + " s");
+
+  // Live elements carry their timestamp; the ticker rewrites their text every second.
+  function countdown(until, cls) {
+    return el("span", "countdown " + (cls || ""), fmtCountdown(until), { "data-until": until });
+  }
+  function ago(ts) {
+    return el("span", "ago", fmtAgo(ts), { "data-ts": ts, title: new Date(ts * 1000).toString() });
+  }
+  function tick() {
+    for (const e of document.querySelectorAll("[data-until]")) {
+      e.textContent = fmtCountdown(Number(e.getAttribute("data-until")));
+    }
+    for (const e of document.querySelectorAll("[data-ts]")) {
+      e.textContent = fmtAgo(Number(e.getAttribute("data-ts")));
+    }
+    if (state.okAt !== null) {
+      $("updated").textContent = "updated " + fmtSpan((Date.now() - state.okAt) / 1000) + " ago";
+    }
+  }
+
+  // -- header and totals -----------------------------------------------------------------
+  function renderHeader(d) {
+    $("version").textContent = d.version ? "v" + str(d.version) : "";
+    const up = num(d.uptime_s);
+    $("uptime").textContent = up === null ? "" : "up " + fmtSpan(up);
+    const kc = keyCounts(d);
+    document.title = "kmi-rotor" + (kc.all ? " · " + kc.ready + "/" + kc.all + " ready" : "");
+  }
+  function keyCounts(d) {
+    let ready = 0, all = 0;
+    for (const p of arr(d.pools)) {
+      for (const k of arr(obj(p).keys)) { all++; if (obj(k).status === "ready") ready++; }
+    }
+    return { ready, all };
+  }
+  function tile(name, label, value, level) {
+    const t = el("div", "tile " + (level || ""), null, { "data-total": name });
+    return add(t, el("div", "tile-label", label), el("div", "tile-value", value));
+  }
+  function renderTotals(d) {
+    const t = obj(d.totals), kc = keyCounts(d), box = $("totals");
+    const lvl = (v, bad) => (num(v) ? bad : "");
+    box.replaceChildren(
+      tile("keys_ready", "Keys ready", kc.all ? kc.ready + " / " + kc.all : "—",
+        kc.all && kc.ready === 0 ? "bad" : ""),
+      tile("requests", "Requests", fmtInt(t.requests)),
+      tile("tokens", "Tokens", fmtCompact(t.tokens)),
+      tile("inflight", "In flight", fmtInt(t.inflight)),
+      tile("errors", "Errors", fmtInt(t.errors), lvl(t.errors, "bad")),
+      tile("upstream_429", "Upstream 429", fmtInt(t.upstream_429), lvl(t.upstream_429, "warn")),
+      tile("local_429", "Local 429", fmtInt(t.local_429), lvl(t.local_429, "warn")),
+      tile("retries", "Retries", fmtInt(t.retries)),
+    );
+  }
+
+  // -- pools and keys --------------------------------------------------------------------
+  const KEY_COLUMNS = [["Key", "col-key"], ["Status", "col-status"], ["Quota", "col-quota"],
+    ["Requests", "num"], ["Errors", "num"], ["Rate limited", "num"], ["Tokens", "num"], ["Last", "col-last"]];
+
+  function renderPools(d) {
+    const box = $("pools"), pools = arr(d.pools);
+    if (!pools.length) {
+      box.replaceChildren(add(el("section", "panel"), el("p", "empty", "No pools configured.")));
+      return;
+    }
+    box.replaceChildren(...pools.map((p) => poolPanel(obj(p))));
+  }
+  function poolPanel(p) {
+    const keys = arr(p.keys).map(obj);
+    const ready = keys.filter((k) => k.status === "ready").length;
+    const sec = el("section", "panel pool", null, { "data-pool": str(p.name) });
+    const head = add(el("div", "panel-head"), el("h2", null, str(p.name) || "(unnamed pool)"));
+    if (p.provider) add(head, el("span", "chip", str(p.provider), { title: "provider" }));
+    if (p.strategy) add(head, el("span", "chip", str(p.strategy), { title: "strategy" }));
+    add(head, el("span", "aside pool-summary", ready + " of " + keys.length + " ready"));
+    add(sec, head);
+    if (!keys.length) return add(sec, el("p", "empty", "No keys in this pool."));
+    const table = el("table", "keys");
+    const hr = el("tr");
+    for (const [label, cls] of KEY_COLUMNS) add(hr, el("th", cls, label));
+    add(table, add(el("thead"), hr), add(el("tbody"), ...keys.map(keyRow)));
+    return add(sec, add(el("div", "table-wrap"), table));
+  }
+  function keyRow(k) {
+    const status = str(k.status) || "unknown";
+    const tr = el("tr", "key-row", null, { "data-key": str(k.label), "data-status": status });
+    return add(tr, keyCell(k), statusCell(k, status), quotaCell(k),
+      countCell(k.requests), countCell(k.errors, "count-bad", errorsSub(k)), limitedCell(k),
+      add(el("td", "num"), el("span", null, fmtCompact(k.tokens), { title: fmtInt(k.tokens) })),
+      lastCell(k));
+  }
+  function keyCell(k) {
+    const td = add(el("td", "key-cell"), el("div", "key-label", str(k.label) || "(no label)"));
+    if (k.masked) add(td, el("div", "key-masked mono", str(k.masked)));
+    if (k.fingerprint) add(td, el("div", "fp mono", str(k.fingerprint)));
+    const n = num(k.inflight);
+    if (n) add(td, el("div", "inflight", n + " in flight"));
+    return td;
+  }
+  function statusCell(k, status) {
+    const cls = STATUSES.includes(status) ? "status-" + status : "status-unknown";
+    const td = add(el("td", "status-cell"), el("span", "badge " + cls, status, { "data-status": status }));
+    const until = num(k.until);
+    if (until !== null && status !== "ready") add(td, countdown(until, "status-until"));
+    if (k.reason) add(td, el("div", "reason", str(k.reason)));
+    return td;
+  }
+  function countCell(v, hotCls, subs) {
+    const td = el("td", "num");
+    add(td, el("span", num(v) ? hotCls : null, fmtInt(v)));
+    for (const sub of subs || []) add(td, el("div", "sub", sub));
+    return td;
+  }
+  function limitedCell(k) {
+    // upstream and local 429s side by side: the first costs the provider's goodwill, the
+    // second only means the local limiter held a request back
+    const td = el("td", "num limited-cell");
+    add(td, add(el("div", "l-up"), el("span", num(k.upstream_429) ? "count-warn" : null,
+      fmtInt(k.upstream_429)), el("span", "unit", " upstream")));
+    add(td, add(el("div", "sub l-local"), el("span", null, fmtInt(k.local_429)), el("span", "unit", " local")));
+    return td;
+  }
+  function errorsSub(k) {
+    const parts = [];
+    const score = num(k.error_score);
+    if (score !== null) parts.push("score " + score.toFixed(2));
+    if (num(k.retries)) parts.push(fmtInt(k.retries) + " retried");
+    return parts;
+  }
+  function lastCell(k) {
+    const td = el("td", "last-cell");
+    if (num(k.last_status) !== null) add(td, statusCode(k.last_status));
+    const used = num(k.last_used);
+    add(td, add(el("div", "sub"), used === null ? el("span", "none", "never used") : ago(used)));
+    return td;
+  }
+
+  // -- quota bars ------------------------------------------------------------------------
+  function quotaCell(k) {
+    const td = el("td", "quota-cell"), quotas = arr(k.quota).map(obj);
+    if (!quotas.length) return add(td, el("span", "none", "no quota data"));
+    return add(td, ...quotas.map(quotaBar));
+  }
+  function fillLevel(frac) {
+    if (frac === null) return "level-unknown";
+    if (frac <= 0.1) return "level-empty";
+    return frac <= 0.35 ? "level-low" : "level-ok";
+  }
+  function quotaBar(q) {
+    const limit = num(q.limit), rem = num(q.remaining), name = str(q.name) || "quota";
+    const frac = limit && limit > 0 && rem !== null ? Math.min(1, Math.max(0, rem / limit)) : null;
+    const pct = frac === null ? 0 : Math.round(frac * 1000) / 10;
+    const box = el("div", "quota", null, { "data-quota": name, "data-source": str(q.source) || null });
+    const bar = el("div", "quota-bar", null, {
+      role: "meter", "aria-label": name, "aria-valuemin": 0, "aria-valuemax": limit,
+      "aria-valuenow": rem, "data-remaining": rem, "data-limit": limit, "data-pct": pct });
+    const fill = el("div", "quota-fill " + fillLevel(frac));
+    fill.style.width = pct + "%";
+    const amount = (rem === null ? "?" : fmtInt(rem)) + (limit === null ? "" : "/" + fmtInt(limit));
+    const text = add(el("div", "quota-text"), el("span", "quota-amount", amount), el("span", null, " " + name));
+    const resets = num(q.resets_at);
+    if (resets !== null) add(text, el("span", null, " · "), countdown(resets, "quota-reset"));
+    const line = add(el("div", "quota-line"), text);
+    if (q.source) add(line, el("span", "quota-source", str(q.source), { title: "quota source" }));
+    return add(box, add(bar, fill), line);
+  }
+
+  // -- timeline --------------------------------------------------------------------------
+  function outcomeClass(r) {
+    const s = num(r.status), o = str(r.outcome).toLowerCase();
+    if (s === 429 || o.includes("429") || o.includes("limit")) return "limited";
+    if (o === "ok" && (s === null || s < 400)) return "ok";
+    if (!o && s !== null && s < 400) return "ok";
+    return "fail";
+  }
+  function statusCode(s) {
+    const n = num(s);
+    if (n === null) return el("span", "code cerr", "—");
+    const cls = n === 429 ? "c429" : "c" + String(n)[0];
+    return el("span", "code " + cls, String(n));
+  }
+  function renderTimeline(d) {
+    const rows = arr(d.recent).map(obj)
+      .sort((a, b) => (num(b.ts) ?? -Infinity) - (num(a.ts) ?? -Infinity)).slice(0, MAX_ROWS);
+    const maxMs = Math.max(1, ...rows.map((r) => num(r.total_ms) || 0));
+    $("timeline-body").replaceChildren(...rows.map((r) => timelineRow(r, maxMs)));
+    $("timeline-empty").hidden = rows.length > 0;
+    $("timeline").hidden = rows.length === 0;
+    const fails = rows.filter((r) => outcomeClass(r) !== "ok").length;
+    $("timeline-count").textContent = rows.length
+      ? rows.length + " shown" + (fails ? " · " + fails + " not ok" : "") : "";
+    renderStrip(rows.slice().reverse(), maxMs);
+  }
+  function timelineRow(r, maxMs) {
+    const oc = outcomeClass(r), ts = num(r.ts), ms = num(r.total_ms), att = num(r.attempt);
+    const tr = el("tr", "tl-row " + oc, null, {
+      "data-key": str(r.key), "data-outcome": str(r.outcome), "data-status": num(r.status) });
+    const time = el("td", "mono", ts === null ? "—" : fmtClock(ts), { title: ts === null ? null : new Date(ts * 1000).toString() });
+    const key = add(el("td"), el("span", "key-label", str(r.key) || "—"));
+    if (r.pool) add(key, el("span", "faint", " · " + str(r.pool)));
+    const req = add(el("td", "path", null, { title: str(r.path) }),
+      el("span", "method", str(r.method)), el("span", "mono", str(r.path)));
+    if (r.stream === true) add(req, el("span", "tag", "stream"));
+    const dur = add(el("td", "num"), durCell(ms, maxMs));
+    return add(tr, time, key, req, add(el("td"), statusCode(r.status)),
+      el("td", "outcome", str(r.outcome) || "—"),
+      add(el("td", "num"), el("span", att && att > 1 ? "count-warn" : null, att === null ? "—" : "#" + att)),
+      el("td", "num", fmtInt(r.tokens_in) + " / " + fmtInt(r.tokens_out)), dur);
+  }
+  function durCell(ms, maxMs) {
+    const box = el("div", "dur");
+    if (ms === null) return add(box, el("span", "none", "—"));
+    const bar = el("div", "dur-bar"), fill = el("div", "dur-fill");
+    fill.style.width = Math.max(2, Math.round((ms / maxMs) * 100)) + "%";
+    return add(box, add(bar, fill), el("span", null, fmtMs(ms)));
+  }
+  function renderStrip(rows, maxMs) {
+    $("strip").replaceChildren(...rows.map((r) => {
+      const ms = num(r.total_ms), oc = outcomeClass(r);
+      const t = el("div", "tick o-" + oc, null, { title: [num(r.ts) === null ? "" : fmtClock(r.ts),
+        str(r.key), num(r.status) ?? "", str(r.outcome), ms === null ? "" : fmtMs(ms)].join("  ") });
+      // square root keeps short requests visible next to one slow stream
+      t.style.height = Math.max(10, Math.round(Math.sqrt((ms || 0) / maxMs) * 100)) + "%";
+      return t;
+    }));
+  }
+
+  // -- polling ---------------------------------------------------------------------------
+  function setConn(live, why) {
+    const c = $("conn");
+    c.setAttribute("data-state", live ? "live" : "disconnected");
+    $("conn-text").textContent = live ? "live" : "disconnected" + (why ? " (" + why + ")" : "");
+    document.body.setAttribute("data-conn", live ? "live" : "disconnected");
+  }
+  function render(d) {
+    for (const part of [renderHeader, renderTotals, renderPools, renderTimeline]) {
+      try { part(d); } catch (e) { console.error("status page:", e); }
+    }
+    tick();
+  }
+  async function fetchStatus() {
+    const ctrl = new AbortController();
+    const timer = setTimeout(() => ctrl.abort(), TIMEOUT_MS);
+    try {
+      const r = await fetch("api/status", {
+        cache: "no-store", signal: ctrl.signal, headers: { Accept: "application/json" } });
+      if (!r.ok) throw new Error("HTTP " + r.status);
+      const d = await r.json();
+      if (d === null || typeof d !== "object" || Array.isArray(d)) throw new Error("bad data");
+      return d;
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+  async function poll() {
+    try {
+      const d = await fetchStatus();
+      const gen = num(d.generated_at);
+      state.offset = gen === null ? 0 : gen - Date.now() / 1000;
+      state.data = d;
+      state.okAt = Date.now();
+      setConn(true);
+      render(d);
+    } catch (e) {
+      // keep showing the last data: a restarting proxy should not blank the page
+      setConn(false, e && e.name === "AbortError" ? "timeout" : e && e.message);
+    } finally {
+      setTimeout(poll, POLL_MS);
+    }
+  }
+  setInterval(tick, 1000);
+  poll();
+})();
+"""
+
+
+def _csp_hash(source: str) -> str:
+    digest = hashlib.sha256(source.encode()).digest()
+    return "'sha256-" + base64.b64encode(digest).decode() + "'"
+
+
+def build() -> tuple[bytes, list[tuple[str, str]]]:
+    """The page's bytes and its response headers.
+
+    The Content-Security-Policy allows exactly this document's own style and script (by hash)
+    and fetches to the same origin: even if some data slipped into markup, it could not run.
+    """
+    html = (
+        '<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        '<meta name="color-scheme" content="light dark">\n'
+        "<title>kmi-rotor status</title>\n"
+        '<link rel="icon" href="data:,">\n'
+        f"<style>{CSS}</style>\n</head>\n<body>{HTML_BODY}<script>{JS}</script>\n</body>\n</html>\n"
+    )
+    csp = "; ".join(
+        (
+            "default-src 'none'",
+            f"script-src {_csp_hash(JS)}",
+            f"style-src {_csp_hash(CSS)}",
+            "connect-src 'self'",
+            "img-src data:",
+            "base-uri 'none'",
+            "form-action 'none'",
+            "frame-ancestors 'none'",
+        )
+    )
+    return html.encode(), [("Content-Security-Policy", csp)]
+
+
+BODY, HEADERS = build()
