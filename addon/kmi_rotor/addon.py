@@ -11,10 +11,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from mitmproxy import ctx, http
+from mitmproxy.proxy.mode_specs import ProxyMode
 
 from . import config, failover, flows
 from .commands import OperatorCommands
-from .config import ConfigError, Key, Pool, Settings
+from .config import Client, ConfigError, Key, Pool, Settings
+from .core import access
 from .core import tokens as tk
 from .core.credentials import Placement, placements
 from .core.refusal import Refusal, render
@@ -31,6 +33,7 @@ from .usage_poller import UsagePoller
 
 log = logging.getLogger("kmi_rotor")
 
+EXPOSURE_OPTIONS = {"listen_host", "mode", "proxyauth", "rotor_allow_remote", "rotor_config"}
 WAIT_SLICE = 0.5
 """A waiting request looks at its client this often, so a client that left stops waiting."""
 
@@ -62,6 +65,7 @@ class Rotor(OperatorCommands):
         self.keeper: StateKeeper | None = None
         self.trace: TraceWriter | None = None
         self._served: dict[str, Served] = {}
+        self.exposure = access.Exposure("local")
         self._capacity = asyncio.Event()
         self._rotations_seen: dict[str, int] = {}
         self._operator_seen: dict[str, float] = {}
@@ -84,8 +88,31 @@ class Rotor(OperatorCommands):
             "Path of the kmi-rotor TOML config. Without it: $KMI_ROTOR_CONFIG, then ./rotor.toml, "
             "then ~/.kmi-rotor/rotor.toml.",
         )
+        loader.add_option(
+            "rotor_allow_remote",
+            bool,
+            False,
+            "Give pool keys to clients that are not on loopback, once they authenticate (proxyauth "
+            "in regular mode, or a [[clients]] token from the config). Off: only loopback clients.",
+        )
+
+    def _check_exposure(self) -> None:
+        """Decide from the listening addresses and the authentication whom to serve; say it once."""
+        opts = ctx.options
+        try:
+            hosts = [ProxyMode.parse(m).listen_host(opts.listen_host) for m in opts.mode]
+        except ValueError:  # mitmproxy refuses a bad mode itself; until then assume the worst
+            hosts = [""]
+        proxyauth = opts.proxyauth if "proxyauth" in opts else None
+        authenticated = bool(proxyauth) or bool(self.settings and self.settings.clients)
+        exp = access.exposure(hosts, opts.rotor_allow_remote, authenticated)
+        if exp.message and exp != self.exposure:
+            log.warning("%s", exp.message)
+        self.exposure = exp
 
     def configure(self, updated: set[str]) -> None:
+        if updated & EXPOSURE_OPTIONS:
+            self._check_exposure()
         if "rotor_config" not in updated and self.settings is not None:
             return
         try:
@@ -110,6 +137,7 @@ class Rotor(OperatorCommands):
             self.engine = Engine(settings)
         else:
             self.engine.reconfigure(settings)
+        self._check_exposure()  # client tokens count as authentication
         if self.keeper is None or old_dir != settings.state_dir:
             self._open_state(settings)
         if self._loop is not None:  # a reload while running: poll the new pools
@@ -194,13 +222,20 @@ class Rotor(OperatorCommands):
             )
 
     async def _admit(self, flow: http.HTTPFlow) -> None:
-        if self.page.should_serve(flow):
+        page = self.page.should_serve(flow)
+        pool = (
+            self.settings.pool_for(flow.request.host, flow.request.port) if self.settings else None
+        )
+        if (page or pool is not None) and not self._client_allowed(flow, pool):
+            why = "this client may not use kmi-rotor (not loopback, not authenticated)"
+            _local(flow, Refusal(403, "client_not_allowed", why), self.clock())
+            return
+        if page:
             return
         if self.settings is None or self.engine is None:
             reason = f"not serving: {self.config_error}"
             _local(flow, Refusal(503, "not_configured", reason), self.clock())
             return
-        pool = self.settings.pool_for(flow.request.host, flow.request.port)
         if pool is None:
             return
         retry = flow.metadata.get(META, {}).get("retry") if flow.is_replay else None
@@ -224,6 +259,31 @@ class Rotor(OperatorCommands):
                 continue
             self._refused(flow, pool, d, arrived)
             return
+
+    def _client_allowed(self, flow: http.HTTPFlow, pool: Pool | None) -> bool:
+        peer = flow.client_conn.peername[0] if flow.client_conn.peername else ""
+        authenticated = "proxyauth" in flow.metadata
+        if (
+            not authenticated
+            and self.settings
+            and self.settings.clients
+            and not access.is_loopback(peer)
+        ):
+            client = self._token_client(flow)
+            authenticated = client is not None and (
+                pool is None or client.pools is None or pool.name in client.pools
+            )
+            if authenticated:
+                flow.metadata.setdefault(META, {})["client"] = client.label  # type: ignore[union-attr]
+        return access.client_allowed(self.exposure, peer, authenticated)
+
+    def _token_client(self, flow: http.HTTPFlow) -> Client | None:
+        assert self.settings is not None
+        headers = {k.lower(): v for k, v in flow.request.headers.items()}
+        presented = access.presented_credentials(headers, dict(flow.request.query.items()))
+        tokens = [(c.label, c.token.get_secret_value()) for c in self.settings.clients]
+        label = access.match_token(presented, tokens)
+        return next((c for c in self.settings.clients if c.label == label), None)
 
     async def _wait(self, flow: http.HTTPFlow, until: float | None, deadline: float) -> bool:
         """Sleep until `until`, a freed slot, or the deadline; False if the client left."""
@@ -295,6 +355,12 @@ class Rotor(OperatorCommands):
                 flows.ask_for_usage(flow)
         except Exception:
             log.exception("kmi-rotor: internal error while reading the request body")
+            self._release(flow)
+            _local(
+                flow,
+                Refusal(500, "internal_error", "failed before sending the request"),
+                self.clock(),
+            )
 
     # -- response path ----------------------------------------------------------------------
 
@@ -304,14 +370,25 @@ class Rotor(OperatorCommands):
         served = self._served.get(flow.id)
         if served is None:
             return
-        served.ttfb = time.monotonic() - served.started
+        try:
+            served.ttfb = time.monotonic() - served.started
+            self._stream_if_wanted(flow, served)
+        except Exception:
+            # The body is still to come: the local answer replaces it once it is read.
+            log.exception("kmi-rotor: internal error while reading response headers")
+            flow.metadata[META]["internal_error"] = "responseheaders"
+
+    def _stream_if_wanted(self, flow: http.HTTPFlow, served: Served) -> None:
+        """Successful answers of a streaming type stream; errors stay buffered to be read."""
+        assert self.settings is not None and flow.response is not None
         ctype = flow.response.headers.get("content-type", "")
-        assert self.settings is not None
-        if 200 <= flow.response.status_code < 300 and any(
-            ctype.startswith(t) for t in self.settings.streaming.content_types
-        ):
+        if not 200 <= flow.response.status_code < 300:
+            return
+        if ctype.startswith("text/event-stream"):
             served.tap = SSETap()
             flow.response.stream = served.tap
+        elif any(ctype.startswith(t) for t in self.settings.streaming.content_types):
+            flow.response.stream = True
 
     async def response(self, flow: http.HTTPFlow) -> None:
         if not self._mask(flow) or flow.response is None:
@@ -320,11 +397,21 @@ class Rotor(OperatorCommands):
         if served is None:
             return
         try:
+            if flow.metadata[META].get("internal_error"):
+                raise RuntimeError("an earlier hook of this flow failed")
             sig = self._settle_response(flow, served)
             if self._should_fail_over(flow, served, sig):
                 await failover.run(self, flow, served, sig)
         except Exception:
             log.exception("kmi-rotor: internal error while reading a response")
+            if self.engine is not None:
+                self.engine.settle(served.key, served.reservation, None)
+            if not served.tap:  # a streamed answer is already with the client
+                _local(
+                    flow,
+                    Refusal(502, "internal_error", "failed while reading the answer"),
+                    self.clock(),
+                )
         finally:
             self._wake()
 

@@ -200,12 +200,29 @@ class PoolConfig(_Model):
         return self
 
 
+class ClientConfig(_Model):
+    """A client token: a remote client presenting it gets pool keys (with rotor_allow_remote)."""
+
+    label: str = Field(description="Name of the client, for logs and the trace.")
+    token: SecretStr | None = Field(None, description="The token itself.")
+    token_env: str | None = Field(None, description="Environment variable holding the token.")
+    token_file: str | None = Field(None, description="File holding the token (first line).")
+    pools: list[str] | None = Field(None, description="Only these pools (default: all).")
+
+    def as_key(self) -> KeyConfig:
+        """The same source rules as a key's: exactly one of token, token_env, token_file."""
+        return KeyConfig(
+            label=self.label, key=self.token, key_env=self.token_env, key_file=self.token_file
+        )
+
+
 class RotorConfig(_Model):
     state_dir: str = Field(DEFAULT_STATE_DIR, description="Where state.json lives.")
     limits: GlobalLimits = Field(default_factory=GlobalLimits, description="The whole proxy.")
     health: HealthConfig = Field(default_factory=HealthConfig)
     failover: FailoverConfig = Field(default_factory=FailoverConfig)
     streaming: StreamingConfig = Field(default_factory=StreamingConfig)
+    clients: list[ClientConfig] = Field(default_factory=list, description="Client tokens.")
     pools: list[PoolConfig] = Field(description="At least one pool of keys.", min_length=1)
 
     @model_validator(mode="after")
@@ -255,6 +272,16 @@ class Pool:
 
 
 @dataclass(frozen=True)
+class Client:
+    label: str
+    token: SecretStr
+    pools: tuple[str, ...] | None
+
+    def __repr__(self) -> str:
+        return f"Client({self.label!r})"
+
+
+@dataclass(frozen=True)
 class Settings:
     source: Path
     state_dir: Path
@@ -263,6 +290,7 @@ class Settings:
     health: HealthConfig = field(default_factory=HealthConfig)
     failover: FailoverConfig = field(default_factory=FailoverConfig)
     streaming: StreamingConfig = field(default_factory=StreamingConfig)
+    clients: tuple[Client, ...] = ()
 
     def pool_for(self, host: str, port: int) -> Pool | None:
         """The pool serving host:port: an exact host pattern wins over a wildcard."""
@@ -348,6 +376,7 @@ def from_dict(raw: dict[str, Any], source: Path, env: Mapping[str, str]) -> Sett
             )
         )
     _no_duplicate_hosts(pools, source)
+    clients = _clients(cfg, pools, base_dir, env, source)
     state_dir = Path(cfg.state_dir).expanduser()
     if not state_dir.is_absolute():
         state_dir = base_dir / state_dir
@@ -359,7 +388,35 @@ def from_dict(raw: dict[str, Any], source: Path, env: Mapping[str, str]) -> Sett
         health=cfg.health,
         failover=cfg.failover,
         streaming=cfg.streaming,
+        clients=clients,
     )
+
+
+def _clients(
+    cfg: RotorConfig, pools: list[Pool], base_dir: Path, env: Mapping[str, str], source: Path
+) -> tuple[Client, ...]:
+    names = {p.name for p in pools}
+    keys = {k.fingerprint for p in pools for k in p.keys}
+    out: list[Client] = []
+    for i, cc in enumerate(cfg.clients):
+        where = f"clients[{i}]"
+        try:
+            token = cc.as_key().resolve(base_dir, env)
+        except (ValidationError, ValueError) as e:
+            why = _describe(e) if isinstance(e, ValidationError) else str(e)
+            why = why.replace("key_env", "token_env").replace("key_file", "token_file")
+            raise ConfigError(
+                f"{source}: {_join_loc(where, why.replace('key:', 'token:'))}"
+            ) from None
+        unknown = [p for p in cc.pools or [] if p not in names]
+        if unknown:
+            raise ConfigError(f"{source}: {where}.pools: no pool named {unknown[0]!r}")
+        if fingerprint(token.get_secret_value()) in keys:
+            raise ConfigError(f"{source}: {where}: a client token must not be a pool key")
+        if any(c.label == cc.label for c in out):
+            raise ConfigError(f"{source}: {where}.label: duplicate client label {cc.label!r}")
+        out.append(Client(cc.label, token, tuple(cc.pools) if cc.pools is not None else None))
+    return tuple(out)
 
 
 def _listed_keys(
