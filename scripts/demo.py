@@ -40,9 +40,14 @@ def write_config(folder: Path, port: int) -> Path:
 def main() -> int:
     with tempfile.TemporaryDirectory(prefix="kmi-rotor-demo-") as tmp:
         folder = Path(tmp)
-        provider = fake_provider.FakeProvider(
-            {k: fake_provider.KeyBehaviour() for k in DEMO_KEYS.values()}, event_delay=0.15
+        behaviours = {
+            k: fake_provider.KeyBehaviour(headers="openai", rpm=100) for k in DEMO_KEYS.values()
+        }
+        # beta's first answer is a 429: kmi-rotor cools it down and retries on another key.
+        behaviours[DEMO_KEYS["beta"]] = fake_provider.KeyBehaviour(
+            fail_next=[429], headers="openai", rpm=100
         )
+        provider = fake_provider.FakeProvider(behaviours, event_delay=0.15)
         with fake_provider.run_in_thread(provider):
             config = write_config(folder, provider.port)
             print(f"fake provider   {provider.url}  (keys: {', '.join(DEMO_KEYS)})")
@@ -64,16 +69,24 @@ def main() -> int:
     return 0
 
 
+LABELS = {v: k for k, v in DEMO_KEYS.items()}
+
+
 def run_client(proxy_url: str, provider: fake_provider.FakeProvider) -> None:
     client = openai.OpenAI(base_url=proxy_url + "/v1", api_key="placeholder", max_retries=0)
+    seen = 0
     for i in range(1, 7):
         reply = client.chat.completions.create(
             model="fake-model", messages=[{"role": "user", "content": f"request {i}"}]
         )
-        seen = provider.requests[-1].credential or ""
+        attempts = provider.requests[seen:]
+        seen += len(attempts)
+        upstream = " then ".join(
+            f"{LABELS.get(r.credential or '', '?')} ({mask(r.credential or '')}) -> {r.status}"
+            for r in attempts
+        )
         print(
-            f"request {i}: client sent 'placeholder', provider saw {mask(seen)}"
-            f"  -> {reply.choices[0].message.content[:40]!r}"
+            f"request {i}: client got {reply.choices[0].message.content[:20]!r}; upstream: {upstream}"
         )
     print("streamed request: ", end="", flush=True)
     start = time.monotonic()
