@@ -546,16 +546,20 @@ class Rotor(OperatorCommands):
         meta = flow.metadata.get(META)
         if not meta or "fingerprint" not in meta:
             return False
-        for kind, name in meta.pop("placements", ()):
-            value = (
-                flow.request.headers.get(name) if kind == "header" else flow.request.query.get(name)
-            )
-            if value is not None:
-                _put(flow.request, Placement(kind, name), mask_credential_value(value))
+        mask_request(flow)
         return True
 
 
 # -- helpers -------------------------------------------------------------------------------------
+
+
+def mask_request(flow: http.HTTPFlow) -> None:
+    """Replace the injected key by its masked form wherever it was put (once)."""
+    meta = flow.metadata.get(META) or {}
+    for kind, name in meta.pop("placements", ()):
+        value = flow.request.headers.get(name) if kind == "header" else flow.request.query.get(name)
+        if value is not None:
+            _put(flow.request, Placement(kind, name), mask_credential_value(value))
 
 
 def _put(request: http.Request, placement: Placement, value: str) -> None:
@@ -566,7 +570,9 @@ def _put(request: http.Request, placement: Placement, value: str) -> None:
 
 
 def _local(flow: http.HTTPFlow, r: Refusal, now: float) -> None:
+    """Answer locally; a key already injected is masked at once (nothing goes upstream now)."""
     status, headers, body = render(r, now)
+    mask_request(flow)
     flow.response = http.Response.make(status, json.dumps(body).encode(), headers)
     meta = flow.metadata.setdefault(META, {})
     meta.pop("fingerprint", None)

@@ -161,7 +161,7 @@ class Engine:
                 scope=_scope_name(first.scope, self.keys) if first else None,
             )
         wake = _min(result.retry_at, self._next_health_change(pool, now, exclude))
-        binding = _binding(result.exhausted, result.retry_at)
+        binding = _binding(result.exhausted, result.retry_at, now)
         if (wake is None and deadline > now) or (wake is not None and wake <= deadline):
             return Wait(wake, binding.limit if binding else "capacity")
         retry_at = wake if wake is not None else now + 1.0
@@ -266,13 +266,25 @@ class Engine:
         return h
 
     def _is_outage(self, key: Key, now: float) -> bool:
-        """Whether every other enabled key of the pool also failed this way just now."""
+        """Whether every other key of the pool that could have been tried also failed this way
+        just now (keys disabled, blocked or cooling for a rate limit got no traffic to fail)."""
         self._overloads[key.fingerprint] = now
         pool = next((p for p in self.settings.pools if p.name == key.pool), None)
-        others = [k for k in (pool.keys if pool else ()) if not k.disabled and k is not key]
+        others = [
+            k for k in (pool.keys if pool else ()) if k is not key and self._in_service(k, now)
+        ]
         return bool(others) and all(
             now - self._overloads.get(k.fingerprint, -math.inf) <= OUTAGE_WINDOW for k in others
         )
+
+    def _in_service(self, key: Key, now: float) -> bool:
+        if key.disabled:
+            return False
+        h = self.health_of(key.fingerprint)
+        state = hl.status(h, now).state
+        if state in ("disabled", "blocked"):
+            return False
+        return not (state == "cooling" and h.rate_limit_streak > 0)
 
     # -- operators and other processes ----------------------------------------------------------
 
@@ -329,15 +341,20 @@ def _min(a: float | None, b: float | None) -> float | None:
     return min(known) if known else None
 
 
-def _binding(exhausted: tuple[Exhausted, ...], retry_at: float | None) -> Exhausted | None:
-    """The limit that decides when the request can go: an exhausted global limit (the one
-    freeing last), else the key limit freeing first (any key freeing lets the request go)."""
+def _binding(
+    exhausted: tuple[Exhausted, ...], retry_at: float | None, now: float
+) -> Exhausted | None:
+    """The limit the client waits for: the exhausted one that frees when the request can go
+    (`retry_at`), or a concurrency limit when only a finishing request can help."""
     if not exhausted:
         return None
-    glob = [e for e in exhausted if e.scope == GLOBAL]
-    if glob:
-        return max(glob, key=lambda e: e.free_at or math.inf)
-    return min(exhausted, key=lambda e: e.free_at if e.free_at is not None else math.inf)
+    if retry_at is None:
+        return next((e for e in exhausted if e.free_at is None), exhausted[0])
+    timed = [e for e in exhausted if e.free_at is not None]
+    if not timed:
+        return exhausted[0]
+    # Equal distance: the global limit binds every key, so it is the one to name.
+    return min(timed, key=lambda e: (abs((e.free_at or now) - retry_at), e.scope != GLOBAL))
 
 
 def _scope_name(scope: str, keys: dict[str, Key]) -> str:

@@ -28,11 +28,15 @@ def content_length(request: http.Request) -> int | None:
 
 
 def wants_stream(request: http.Request, body: bytes) -> bool:
-    if "streamGenerateContent" in request.path or "text/event-stream" in request.headers.get(
+    """Whether the client asked for a streamed answer: the body's `stream` decides when it has
+    one; otherwise Gemini's streaming method or an `Accept: text/event-stream`."""
+    if b'"stream"' in body:
+        stream = json_object(body).get("stream")
+        if isinstance(stream, bool):
+            return stream
+    return "streamGenerateContent" in request.path or "text/event-stream" in request.headers.get(
         "accept", ""
-    ):
-        return True
-    return b'"stream"' in body and json_object(body).get("stream") is True
+    )
 
 
 def json_object(body: bytes) -> dict[str, Any]:

@@ -42,8 +42,8 @@ def _completion_budget(data: dict[str, Any]) -> int:
             return value
     config = data.get("generationConfig")  # Gemini
     if isinstance(config, dict):
-        value = config.get("maxOutputTokens")
-        if isinstance(value, int) and value >= 0:
+        value = _int(config.get("maxOutputTokens"))
+        if value is not None:
             return value
     return DEFAULT_COMPLETION
 

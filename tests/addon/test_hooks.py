@@ -1,0 +1,634 @@
+"""The addon's hooks through mitmproxy's test helpers, with a clock the tests move by hand."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, Protocol
+
+import pytest
+from mitmproxy import http
+from mitmproxy.test import taddons, tflow, tutils
+
+from kmi_rotor.addon import META, Rotor
+from kmi_rotor.core import tokens as tk
+from kmi_rotor.core.sse import SSETap
+from kmi_rotor.core.state import KeyRecord
+from kmi_rotor.trace import read_trace, trace_path
+
+KEYS = {
+    "a": "sk-hooks-alpha-00000000000000000aaaa",
+    "b": "sk-hooks-bravo-00000000000000000bbbb",
+    "c": "sk-hooks-charl-00000000000000000cccc",
+}
+CLIENT = "Bearer client-own-credential"
+T0 = 1_800_000_000.0
+
+
+class Clock:
+    """The addon's clock: time moves only when a test says so."""
+
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    assert isinstance(v, dict)
+    return "{ " + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + " }"
+
+
+def write_config(
+    path: Path,
+    *,
+    limits: dict[str, Any] | None = None,
+    failover: dict[str, Any] | None = None,
+    streaming: dict[str, Any] | None = None,
+    pool: dict[str, Any] | None = None,
+) -> Path:
+    """A config of one pool `p` (hosts llm.test) holding KEYS; failover off unless asked."""
+    lines = [f"state_dir = {toml_value(str(path.parent / 'state'))}"]
+    sections = {
+        "limits": limits or {},
+        "failover": {"max_attempts": 1, **(failover or {})},
+        "streaming": streaming or {},
+    }
+    for name, values in sections.items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
+    pool_fields = {"name": "p", "provider": "generic", "hosts": ["llm.test"], **(pool or {})}
+    lines.append("[[pools]]")
+    lines += [f"{k} = {toml_value(v)}" for k, v in pool_fields.items()]
+    for label, key in KEYS.items():
+        lines += ["[[pools.keys]]", f"label = {toml_value(label)}", f"key = {toml_value(key)}"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class Make(Protocol):
+    def __call__(self, **config: Any) -> tuple[Rotor, taddons.context, Clock]: ...
+
+
+@pytest.fixture
+def make(tmp_path: Path) -> Iterator[Make]:
+    """Build a configured addon (inside a taddons context) from `write_config`'s arguments."""
+    with ExitStack() as stack:
+
+        def build(**config: Any) -> tuple[Rotor, taddons.context, Clock]:
+            addon, clock = Rotor(), Clock()
+            addon.clock = clock
+            tctx = stack.enter_context(taddons.context(addon))
+            stack.callback(addon.done)
+            tctx.configure(addon, rotor_config=str(write_config(tmp_path / "rotor.toml", **config)))
+            return addon, tctx, clock
+
+        yield build
+
+
+def flow(
+    body: dict[str, Any] | bytes | None = None,
+    *,
+    path: str = "/v1/chat/completions",
+    headers: tuple[tuple[str, str], ...] = (("authorization", CLIENT),),
+) -> tflow.tflow:
+    content = json.dumps(body).encode() if isinstance(body, dict) else (body or b"")
+    h = http.Headers(
+        [(k.encode(), v.encode()) for k, v in headers]
+        + [(b"content-length", str(len(content)).encode())]
+    )
+    req = tutils.treq(
+        host="llm.test",
+        port=443,
+        scheme=b"https",
+        method=b"POST",
+        path=path.encode(),
+        headers=h,
+        content=content,
+    )
+    f = tflow.tflow(req=req)
+    f.response = None
+    return f
+
+
+async def send(addon: Rotor, f: http.HTTPFlow) -> http.HTTPFlow:
+    await addon.requestheaders(f)
+    addon.request(f)
+    return f
+
+
+async def answer(
+    addon: Rotor,
+    f: http.HTTPFlow,
+    status: int = 200,
+    content: bytes = b"{}",
+    headers: dict[str, str] | None = None,
+) -> http.HTTPFlow:
+    f.response = tutils.tresp(
+        status_code=status,
+        headers=http.Headers(**({"content_type": "application/json"} | (headers or {}))),
+        content=content,
+    )
+    addon.responseheaders(f)
+    await addon.response(f)
+    return f
+
+
+async def served_by(addon: Rotor, n: int = 1) -> str:
+    """Labels of the keys given to `n` requests answered 200 in turn."""
+    out = ""
+    for _ in range(n):
+        f = await send(addon, flow())
+        assert f.response is None, f.response.content if f.response else None
+        out += f.metadata[META]["key"]
+        await answer(addon, f)
+    return out
+
+
+def record(addon: Rotor, label: str) -> KeyRecord:
+    assert addon.keeper is not None
+    for rec in addon.keeper.view().keys.values():
+        if rec.label == label:
+            return rec
+    raise AssertionError(f"no record for {label}")
+
+
+def row(addon: Rotor, label: str) -> dict[str, Any]:
+    snap = addon.snapshot()
+    return next(k for p in snap["pools"] for k in p["keys"] if k["label"] == label)
+
+
+def no_secret(text: str) -> bool:
+    return all(v not in text for v in KEYS.values())
+
+
+def error_body(f: http.HTTPFlow) -> dict[str, Any]:
+    assert f.response is not None
+    return json.loads(f.response.content or b"{}")["error"]
+
+
+# -- request path ----------------------------------------------------------------------------
+
+
+async def test_requestheaders_injects_and_counts(make: Make) -> None:
+    addon, _, _ = make()
+    seen = []
+    for _ in range(4):
+        f = flow()
+        await addon.requestheaders(f)
+        seen.append(f.request.headers["authorization"])
+        meta = f.metadata[META]
+        assert (meta["pool"], meta["attempt"], f.comment) == ("p", 1, f"key {meta['key']}")
+        assert f.response is None
+    assert seen == [f"Bearer {KEYS[x]}" for x in "abca"]
+    assert [record(addon, x).requests for x in "abc"] == [2, 1, 1]
+    assert [row(addon, x)["inflight"] for x in "abc"] == [2, 1, 1]
+
+
+ASK = {"include_usage": True}
+SSE = (("accept", "text/event-stream"),)
+ACCEPT_BUG = (
+    'flows.wants_stream trusts `Accept: text/event-stream` over the body\'s "stream": false, '
+    "so flows.ask_for_usage adds stream_options to a request that is not streamed (OpenAI answers "
+    "400 to stream_options without stream)"
+)
+
+
+def usage_case(
+    name: str,
+    path: str,
+    body: dict[str, Any],
+    expected: Any,
+    *,
+    headers: tuple[tuple[str, str], ...] = (),
+    setting: bool = True,
+    bug: str | None = None,
+) -> Any:
+    marks = [pytest.mark.xfail(strict=True, reason=bug)] if bug else []
+    return pytest.param(path, body, headers, setting, expected, id=name, marks=marks)
+
+
+CHAT = "/v1/chat/completions"
+USAGE_CASES = [
+    usage_case("added", CHAT, {"stream": True}, ASK),
+    usage_case("empty-options", CHAT, {"stream": True, "stream_options": {}}, ASK),
+    usage_case("query", CHAT + "?api-version=1", {"stream": True}, ASK),
+    usage_case("sse-accept", CHAT, {"stream": True}, ASK, headers=SSE),
+    usage_case(
+        "client-false", CHAT, {"stream": True, "stream_options": {"include_usage": False}}, "same"
+    ),
+    usage_case(
+        "client-true", CHAT, {"stream": True, "stream_options": {"include_usage": True}}, "same"
+    ),
+    usage_case("not-streamed", CHAT, {"stream": False}, "same"),
+    usage_case("no-stream-field", CHAT, {"model": "m"}, "same"),
+    usage_case("anthropic", "/v1/messages", {"stream": True}, "same"),
+    usage_case("responses-api", "/v1/responses", {"stream": True}, "same"),
+    usage_case("setting-off", CHAT, {"stream": True}, "same", setting=False),
+    usage_case("sse-accept-stream-false", CHAT, {"stream": False}, "same", headers=SSE),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "headers", "setting", "expected"), USAGE_CASES)
+async def test_request_asks_openai_streams_for_usage_only_when_absent(
+    make: Make,
+    path: str,
+    body: dict[str, Any],
+    headers: tuple[tuple[str, str], ...],
+    setting: bool,
+    expected: Any,
+) -> None:
+    addon, _, _ = make(streaming={"include_usage": setting})
+    f = flow(body, path=path, headers=(("authorization", CLIENT), *headers))
+    sent = f.request.content
+    await send(addon, f)
+    if expected == "same":
+        assert f.request.content == sent
+        assert "usage_requested" not in f.metadata[META]
+    else:
+        assert json.loads(f.request.content or b"") == {**body, "stream_options": expected}
+        assert f.metadata[META]["usage_requested"] is True
+    assert f.request.headers["authorization"] == f"Bearer {KEYS['a']}"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"model": "m", "max_tokens": 5000, "messages": [{"role": "user", "content": "x" * 999}]},
+        {"model": "m", "messages": []},
+        b"not json " * 300,
+    ],
+)
+async def test_request_corrects_the_token_reservation_to_the_body(
+    make: Make, body: dict[str, Any] | bytes
+) -> None:
+    addon, _, clock = make(limits={"tokens_per_minute": 1_000_000})
+    f = flow(body)
+    raw = f.request.content or b""
+    await addon.requestheaders(f)
+    assert addon.engine is not None
+    usage = addon.engine.limiter.usage
+
+    assert usage("global", clock())["tokens_per_minute"]["used"] == tk.estimate_from_length(
+        len(raw)
+    )
+    addon.request(f)
+    assert usage("global", clock())["tokens_per_minute"]["used"] == tk.estimate_from_body(raw)
+
+
+async def test_request_ignores_flows_it_did_not_admit(make: Make) -> None:
+    addon, _, _ = make()
+    f = flow({"stream": True})
+    addon.request(f)  # no requestheaders: not ours
+    assert json.loads(f.request.content or b"") == {"stream": True}
+
+
+# -- local refusals ------------------------------------------------------------------------------
+
+
+async def test_local_refusal_answers_429_with_headers_and_never_injects(make: Make) -> None:
+    addon, _, clock = make(limits={"requests_per_minute": 1, "max_wait_seconds": 0})
+    await served_by(addon)
+    clock.now += 12.5
+    f = await send(addon, flow())
+    assert f.response is not None and f.response.status_code == 429
+    h = f.response.headers
+    assert (h["retry-after"], h["retry-after-ms"]) == ("48", "47500")
+    assert h["ratelimit-policy"] == '"requests-per-minute";q=1;w=60'
+    assert h["ratelimit"] == '"requests-per-minute";r=0;t=48'
+    err = error_body(f)
+    assert (err["code"], err["limit"], err["scope"]) == (
+        "local_rate_limit",
+        "requests_per_minute",
+        "the proxy",
+    )
+    assert f.request.headers["authorization"] == CLIENT
+    assert no_secret(json.dumps(f.get_state(), default=repr))
+    assert f.metadata[META]["local"] is True and "fingerprint" not in f.metadata[META]
+    await addon.response(f)  # the hook still fires for a local answer: nothing to settle
+    assert record(addon, "a").requests == 1
+    snap = addon.snapshot()
+    assert snap["totals"]["local_429"] == 1 and snap["totals"]["requests"] == 1
+    assert snap["recent"][0]["outcome"] == "local_429"
+    clock.now = T0 + 60
+    assert await served_by(addon) == "b"
+
+
+# -- responses -----------------------------------------------------------------------------------
+
+
+async def test_upstream_429_cools_the_key_and_shows_in_trace_and_snapshot(
+    make: Make, tmp_path: Path
+) -> None:
+    addon, _, clock = make()
+    f = await send(addon, flow())
+    body = b'{"error": {"type": "rate_limit_error", "message": "slow down"}}'
+    await answer(addon, f, 429, body, {"retry-after": "30"})
+    assert f.comment == "key a · 429 · cooling 30s"
+    assert f.metadata[META]["outcome"] == "rate_limited"
+    a = row(addon, "a")
+    assert (a["status"], a["until"], a["upstream_429"], a["errors"], a["last_status"]) == (
+        "cooling",
+        T0 + 30,
+        1,
+        1,
+        429,
+    )
+    recent = addon.snapshot()["recent"][0]
+    assert (recent["key"], recent["status"], recent["outcome"]) == ("a", 429, "rate_limited")
+    assert await served_by(addon, 4) == "bcbc"
+    clock.now = T0 + 30
+    assert await served_by(addon, 3) == "abc"
+    addon.done()
+    traced = list(read_trace(trace_path(tmp_path / "state")))
+    assert [(r["key"], r["status"], r["outcome"]) for r in traced][:2] == [
+        ("a", 429, "rate_limited"),
+        ("b", 200, "ok"),
+    ]
+
+
+async def test_response_settles_tokens_reported_in_the_body(make: Make) -> None:
+    addon, _, clock = make(limits={"tokens_per_minute": 1_000_000})
+    f = await send(addon, flow({"model": "m", "messages": []}))
+    usage = b'{"usage": {"prompt_tokens": 40, "completion_tokens": 2}}'
+    await answer(addon, f, 200, usage)
+    assert addon.engine is not None
+    assert addon.engine.limiter.usage("global", clock())["tokens_per_minute"]["used"] == 42
+    rec = record(addon, "a")
+    assert (rec.tokens_in, rec.tokens_out) == (40, 2)
+
+
+@pytest.mark.parametrize("ending", ["error", "response", "upstream-500"])
+async def test_every_ending_releases_the_slot(make: Make, ending: str) -> None:
+    addon, _, _ = make(limits={"concurrency": 1, "max_wait_seconds": 0})
+    first = await send(addon, flow())
+    busy = await send(addon, flow())
+    assert busy.response is not None and error_body(busy)["limit"] == "concurrency"
+    if ending == "error":
+        first.error = tflow.terr("Connection killed.")
+        addon.error(first)
+    else:
+        await answer(addon, first, 500 if ending == "upstream-500" else 200)
+    later = await send(addon, flow())
+    assert later.response is None and later.metadata[META]["key"] in KEYS
+
+
+async def test_a_waiting_request_is_admitted_when_an_error_frees_the_slot(make: Make) -> None:
+    addon, _, _ = make(limits={"concurrency": 1, "max_wait_seconds": 30})
+    first = await send(addon, flow())
+    waiting = flow()
+    task = asyncio.create_task(addon.requestheaders(waiting))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not task.done()
+    first.error = tflow.terr("Client disconnected.")
+    addon.error(first)
+    await asyncio.wait_for(task, 5)
+    assert waiting.response is None
+    assert waiting.request.headers["authorization"] == f"Bearer {KEYS['b']}"
+
+
+@pytest.mark.parametrize(
+    ("message", "penalised"),
+    [
+        ("Client disconnected.", False),
+        ("client disconnected while the answer streamed", False),
+        ("Server disconnected.", True),
+        ("peer closed connection without sending complete message body", True),
+        ("Connection killed.", True),
+    ],
+)
+async def test_client_leaving_does_not_penalise_the_key_but_an_upstream_abort_does(
+    make: Make, message: str, penalised: bool
+) -> None:
+    addon, _, _ = make()
+    f = await send(addon, flow())
+    f.error = tflow.terr(message)
+    addon.error(f)
+    a = row(addon, "a")
+    assert a["status"] == ("cooling" if penalised else "ready")
+    assert a["errors"] == 1
+    assert f.metadata[META]["outcome"] == "error"
+    assert f.request.headers["authorization"].endswith("…aaaa")
+    assert await served_by(addon, 3) == ("bcb" if penalised else "bca")
+
+
+# -- streams ----------------------------------------------------------------------------------
+
+OPENAI_STREAM = [
+    b'data: {"choices": [{"delta": {"content": "hi"}}]}\n\n',
+    b'data: {"choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": 7}}\n\n',
+    b"data: [DONE]\n\n",
+]
+ANTHROPIC_STREAM = [
+    b'event: message_start\ndata: {"type": "message_start", "message": '
+    b'{"usage": {"input_tokens": 11, "output_tokens": 1}}}\n\n',
+    b'event: content_block_delta\ndata: {"type": "content_block_delta", '
+    b'"delta": {"type": "text_delta", "text": "hi"}}\n\n',
+    b'event: message_delta\ndata: {"type": "message_delta", "usage": {"output_tokens": 7}}\n\n',
+    b'event: message_stop\ndata: {"type": "message_stop"}\n\n',
+]
+
+
+@pytest.mark.parametrize("chunks", [OPENAI_STREAM, ANTHROPIC_STREAM], ids=["openai", "anthropic"])
+async def test_streamed_answer_is_tapped_and_its_usage_reaches_the_key(
+    make: Make, chunks: list[bytes]
+) -> None:
+    addon, _, clock = make(limits={"tokens_per_minute": 1_000_000})
+    f = await send(addon, flow({"model": "m", "stream": True, "messages": []}))
+    f.response = tutils.tresp(
+        status_code=200, headers=http.Headers(content_type="text/event-stream"), content=None
+    )
+    addon.responseheaders(f)
+    tap = f.response.stream
+    assert isinstance(tap, SSETap)
+    for chunk in [*chunks, b""]:
+        assert tap(chunk) == chunk
+    await addon.response(f)
+    rec = record(addon, "a")
+    assert (rec.tokens_in, rec.tokens_out) == (11, 7)
+    assert row(addon, "a")["tokens"] == 18
+    assert (f.metadata[META]["tokens_in"], f.metadata[META]["tokens_out"]) == (11, 7)
+    assert addon.engine is not None
+    assert addon.engine.limiter.usage("global", clock())["tokens_per_minute"]["used"] == 18
+    assert addon.snapshot()["recent"][0]["stream"] is True
+
+
+async def test_a_stream_cut_short_is_a_failure_of_its_key(make: Make) -> None:
+    addon, _, _ = make()
+    f = await send(addon, flow({"stream": True}))
+    f.response = tutils.tresp(headers=http.Headers(content_type="text/event-stream"), content=None)
+    addon.responseheaders(f)
+    assert callable(f.response.stream)
+    f.response.stream(OPENAI_STREAM[0])
+    f.response.stream(b"")
+    await addon.response(f)
+    assert f.metadata[META]["outcome"] == "truncated"
+    assert row(addon, "a")["status"] == "cooling"
+
+
+@pytest.mark.parametrize(
+    ("status", "ctype"), [(429, "text/event-stream"), (200, "application/json")]
+)
+async def test_only_successful_event_streams_are_tapped(
+    make: Make, status: int, ctype: str
+) -> None:
+    addon, _, _ = make()
+    f = await send(addon, flow())
+    f.response = tutils.tresp(status_code=status, headers=http.Headers(content_type=ctype))
+    addon.responseheaders(f)
+    assert not f.response.stream
+
+
+# -- operators ---------------------------------------------------------------------------------
+
+
+async def test_disable_and_enable_change_what_the_next_request_gets(make: Make) -> None:
+    addon, tctx, _ = make()
+    tctx.command(addon.cmd_disable, "a")
+    assert row(addon, "a")["status"] == "disabled"
+    assert await served_by(addon, 4) == "bcbc"
+    assert "disabled" in tctx.command(addon.cmd_status)
+    tctx.command(addon.cmd_enable, "a")
+    assert await served_by(addon, 3) == "abc"
+
+
+@pytest.mark.parametrize("target", ["a", "all"])
+async def test_reset_brings_a_cooling_key_back(make: Make, target: str) -> None:
+    addon, tctx, _ = make()
+    f = await send(addon, flow())
+    await answer(addon, f, 429, b"{}", {"retry-after": "600"})
+    assert await served_by(addon, 1) == "b"
+    tctx.command(addon.cmd_reset, target)
+    assert row(addon, "a")["status"] == "ready"
+    assert await served_by(addon, 3) == "cab"
+
+
+async def test_rotate_moves_a_sticky_pool_on(make: Make) -> None:
+    addon, tctx, _ = make(pool={"strategy": "sticky"})
+    assert await served_by(addon, 2) == "aa"
+    tctx.command(addon.cmd_rotate)
+    assert await served_by(addon, 2) == "bb"
+    tctx.command(addon.cmd_rotate, "p")
+    assert await served_by(addon, 1) == "c"
+    assert addon.keeper is not None and addon.keeper.view().pools["p"].rotations == 2
+
+
+async def test_rotate_refuses_a_round_robin_pool(make: Make) -> None:
+    addon, tctx, _ = make()
+    with pytest.raises(ValueError, match="not sticky"):
+        tctx.command(addon.cmd_rotate, "p")
+    assert await served_by(addon, 2) == "ab"
+
+
+@pytest.mark.parametrize("command", ["cmd_disable", "cmd_enable", "cmd_reset"])
+async def test_commands_refuse_an_unknown_label(make: Make, command: str) -> None:
+    addon, tctx, _ = make()
+    with pytest.raises(ValueError, match="no key labelled"):
+        tctx.command(getattr(addon, command), "zz")
+
+
+async def test_status_lists_every_key_without_secrets(make: Make) -> None:
+    addon, tctx, _ = make()
+    await served_by(addon, 2)
+    table = tctx.command(addon.cmd_status)
+    assert all(f"p     {x}" in table for x in "abc")
+    assert no_secret(table)
+
+
+# -- failing closed, secrets ------------------------------------------------------------------
+
+
+async def test_an_internal_error_answers_500_and_never_sends_the_client_credential(
+    make: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    addon, _, _ = make(limits={"concurrency": 1})
+    assert addon.engine is not None
+    monkeypatch.setattr(addon.engine, "decide", boom)
+    f = await send(addon, flow())
+    assert f.response is not None and f.response.status_code == 500
+    assert f.response.headers["content-type"] == "application/json"
+    assert error_body(f)["code"] == "internal_error"
+    assert f.metadata[META]["local"] is True
+    # answered here: the request, still holding the client's credential, never goes upstream
+    assert f.request.headers["authorization"] == CLIENT
+    assert no_secret(json.dumps(f.get_state(), default=repr))
+    monkeypatch.undo()
+    assert await served_by(addon, 1) == "a"  # nothing was left holding the only slot
+
+
+def break_inject(addon: Rotor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail inside `_inject`, after the key was written into the request."""
+    assert addon.keeper is not None
+    monkeypatch.setattr(addon.keeper, "key", boom)
+
+
+def break_request(addon: Rotor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail in the `request` hook, while reading the body of an admitted request."""
+    assert addon.engine is not None
+    monkeypatch.setattr(addon.engine.limiter, "adjust", boom)
+
+
+BREAKS = {"inject": break_inject, "request": break_request}
+
+
+def boom(*args: Any, **kwargs: Any) -> None:
+    raise RuntimeError("bug")
+
+
+@pytest.mark.parametrize("where", BREAKS)
+async def test_an_error_after_choosing_a_key_answers_500_and_frees_the_slot(
+    make: Make, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    addon, _, _ = make(limits={"concurrency": 1, "max_wait_seconds": 0})
+    BREAKS[where](addon, monkeypatch)
+    f = await send(addon, flow({"stream": True}))
+    assert f.response is not None and f.response.status_code == 500
+    assert error_body(f)["code"] == "internal_error"
+    monkeypatch.undo()
+    await addon.response(f)
+    assert await served_by(addon, 1) in KEYS  # the only slot was given back
+
+
+@pytest.mark.parametrize("where", BREAKS)
+async def test_an_error_after_choosing_a_key_leaves_no_key_in_the_flow(
+    make: Make, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    addon, _, _ = make()
+    BREAKS[where](addon, monkeypatch)
+    f = await send(addon, flow({"stream": True}))
+    assert f.response is not None and f.response.status_code == 500
+    await addon.response(f)
+    assert no_secret(json.dumps(f.get_state(), default=repr))
+
+
+async def test_snapshot_holds_no_secret(make: Make) -> None:
+    addon, _, clock = make(limits={"requests_per_minute": 5, "max_wait_seconds": 0})
+    await served_by(addon, 2)
+    f = await send(addon, flow())
+    await answer(addon, f, 429, b"{}", {"retry-after": "5"})
+    f = await send(addon, flow())
+    f.error = tflow.terr("Server disconnected.")
+    addon.error(f)
+    await send(addon, flow())  # in flight
+    await send(addon, flow())  # refused locally
+    clock.now += 1
+    snap = addon.snapshot()
+    text = json.dumps(snap, default=repr)
+    assert no_secret(text) and "client-own" not in text
+    assert snap["totals"]["requests"] == 5 and snap["totals"]["local_429"] == 1
+    assert {k["key"] for p in snap["pools"] for k in p["keys"]} == {
+        f"sk-…{v[-4:]}" for v in KEYS.values()
+    }

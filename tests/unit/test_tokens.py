@@ -1,0 +1,237 @@
+"""Token estimates before a request goes, and the usage a provider reports after."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from kmi_rotor.core.tokens import (
+    CHARS_PER_TOKEN,
+    DEFAULT_COMPLETION,
+    MAX_BODY,
+    estimate_from_body,
+    estimate_from_length,
+    reported_usage,
+)
+
+
+def body(**fields: Any) -> bytes:
+    return json.dumps(fields).encode()
+
+
+def chat(text: str = "hello", **extra: Any) -> dict[str, Any]:
+    return {"model": "m", "messages": [{"role": "user", "content": text}], **extra}
+
+
+# -- before the body ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("length", "expected"),
+    [
+        (None, DEFAULT_COMPLETION),
+        (0, DEFAULT_COMPLETION),
+        (-10, DEFAULT_COMPLETION),
+        (3, DEFAULT_COMPLETION),
+        (4, 1 + DEFAULT_COMPLETION),
+        (4000, 1000 + DEFAULT_COMPLETION),
+        (4003, 1000 + DEFAULT_COMPLETION),
+    ],
+)
+def test_estimate_from_length(length: int | None, expected: int) -> None:
+    assert estimate_from_length(length) == expected
+
+
+# -- from the body ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "budget"),
+    [
+        ({}, DEFAULT_COMPLETION),
+        ({"max_tokens": 100}, 100),
+        ({"max_tokens": 0}, 0),
+        ({"max_completion_tokens": 700}, 700),
+        ({"max_output_tokens": 333}, 333),
+        ({"max_tokens": 100, "max_completion_tokens": 900}, 900),
+        ({"max_tokens": -1}, DEFAULT_COMPLETION),
+        ({"max_tokens": "100"}, DEFAULT_COMPLETION),
+        ({"max_tokens": 1.5}, DEFAULT_COMPLETION),
+        ({"max_tokens": True}, DEFAULT_COMPLETION),
+        ({"max_tokens": None}, DEFAULT_COMPLETION),
+        ({"generationConfig": {"maxOutputTokens": 512}}, 512),
+        ({"generationConfig": {"maxOutputTokens": -5}}, DEFAULT_COMPLETION),
+        ({"generationConfig": "nope"}, DEFAULT_COMPLETION),
+        pytest.param(
+            {"generationConfig": {"maxOutputTokens": True}},
+            DEFAULT_COMPLETION,
+            id="gemini-bool-budget",
+        ),
+    ],
+)
+def test_completion_budget_is_added_to_the_prompt(extra: dict[str, Any], budget: int) -> None:
+    """The same prompt with and without a budget differs by exactly the budget."""
+    messages = chat("x" * 400)
+    plain = estimate_from_body(body(**messages))
+    with_budget = estimate_from_body(body(**messages, **extra))
+    prompt = plain - DEFAULT_COMPLETION
+    assert prompt >= 100
+    if all(not isinstance(v, dict | list) for v in extra.values()):
+        assert with_budget == prompt + budget
+    else:  # a nested object (Gemini's generationConfig) is counted as prompt
+        extra_prompt = with_budget - budget - prompt
+        assert 0 <= extra_prompt <= len(json.dumps(extra)) // CHARS_PER_TOKEN + 1
+
+
+@pytest.mark.parametrize("size", [0, 400, 4000, 40_000])
+def test_prompt_grows_with_the_text(size: int) -> None:
+    small = estimate_from_body(body(**chat("", max_tokens=10)))
+    big = estimate_from_body(body(**chat("y" * size, max_tokens=10)))
+    assert big - small == size // CHARS_PER_TOKEN
+
+
+def test_budget_values_change_only_the_budget() -> None:
+    a = estimate_from_body(body(**chat("z" * 999, max_tokens=100)))
+    b = estimate_from_body(body(**chat("z" * 999, max_tokens=100_000)))
+    assert b - a == 100_000 - 100
+
+
+def test_tool_schemas_count_as_prompt() -> None:
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"d": "q" * 800}}}]
+    without = estimate_from_body(body(**chat(max_tokens=10)))
+    with_tools = estimate_from_body(body(**chat(max_tokens=10), tools=tools))
+    assert with_tools - without >= 800 // CHARS_PER_TOKEN
+
+
+def test_gemini_request() -> None:
+    req = {
+        "contents": [{"role": "user", "parts": [{"text": "w" * 4000}]}],
+        "generationConfig": {"maxOutputTokens": 64, "temperature": 0.2},
+    }
+    est = estimate_from_body(body(**req))
+    # the text and the JSON around it are prompt; maxOutputTokens is the budget
+    assert 1000 + 64 <= est <= len(json.dumps(req)) // CHARS_PER_TOKEN + 64
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"not json at all " * 100,
+        b"\xff\xfe\x00garbage" * 50,
+        b"[1, 2, 3]" + b" " * 391,
+        b'"a json string"',
+        b"42",
+        b'{"max_tokens": 5',
+        "é".encode("latin-1") * 100,
+    ],
+)
+def test_non_json_bodies_count_by_size(raw: bytes) -> None:
+    assert estimate_from_body(raw) == len(raw) // CHARS_PER_TOKEN + DEFAULT_COMPLETION
+
+
+@pytest.mark.parametrize("raw", [None, b""])
+def test_no_body_is_the_default_budget(raw: bytes | None) -> None:
+    assert estimate_from_body(raw) == DEFAULT_COMPLETION
+
+
+def test_huge_bodies_are_counted_by_size_without_parsing() -> None:
+    prefix = b'{"max_tokens": 5, "messages": [{"content": "'
+    raw = prefix + b"a" * MAX_BODY + b'"}]}'
+    assert estimate_from_body(raw) == len(raw) // CHARS_PER_TOKEN + DEFAULT_COMPLETION
+
+
+def test_body_at_the_size_limit_is_still_parsed() -> None:
+    shell = body(**chat("", max_tokens=7))
+    raw = body(**chat("b" * (MAX_BODY - len(shell)), max_tokens=7))
+    assert len(raw) == MAX_BODY
+    est = estimate_from_body(raw)
+    assert est < len(raw) // CHARS_PER_TOKEN + 7 + 1
+    assert est > (MAX_BODY - 200) // CHARS_PER_TOKEN
+
+
+def test_estimate_is_never_negative() -> None:
+    # Scalars only: everything is "not prompt", the prompt part clamps at zero.
+    assert estimate_from_body(body(model="m" * 50, max_tokens=3)) == 3
+
+
+# -- what the provider reported ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("response", "expected"),
+    [
+        (  # OpenAI chat completions
+            {
+                "id": "x",
+                "choices": [],
+                "usage": {"prompt_tokens": 12, "completion_tokens": 34, "total_tokens": 46},
+            },
+            (12, 34),
+        ),
+        (  # OpenAI responses API
+            {"output": [], "usage": {"input_tokens": 5, "output_tokens": 6, "total_tokens": 11}},
+            (5, 6),
+        ),
+        (  # Anthropic messages
+            {
+                "type": "message",
+                "usage": {
+                    "input_tokens": 20,
+                    "output_tokens": 8,
+                    "cache_read_input_tokens": 100,
+                },
+            },
+            (20, 8),
+        ),
+        (  # Gemini generateContent
+            {
+                "candidates": [],
+                "usageMetadata": {
+                    "promptTokenCount": 9,
+                    "candidatesTokenCount": 4,
+                    "totalTokenCount": 13,
+                },
+            },
+            (9, 4),
+        ),
+        ({"usageMetadata": {"promptTokenCount": 9}}, (9, None)),
+        ({"usage": {"prompt_tokens": 7}}, (7, None)),
+        ({"usage": {"completion_tokens": 3}}, (None, 3)),
+        ({"usage": {"prompt_tokens": 0, "completion_tokens": 0}}, (0, 0)),
+        ({"usage": {"prompt_tokens": "7", "completion_tokens": 2.5}}, (None, None)),
+        ({"usage": {"prompt_tokens": -1, "completion_tokens": True}}, (None, None)),
+        ({"usage": {}}, (None, None)),
+        ({"usage": None}, (None, None)),
+        ({"usage": "lots"}, (None, None)),
+        ({"usageMetadata": "x"}, (None, None)),
+        ({"choices": []}, (None, None)),
+    ],
+)
+def test_reported_usage(response: dict[str, Any], expected: tuple[int | None, int | None]) -> None:
+    assert reported_usage(json.dumps(response).encode()) == expected
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        None,
+        b"",
+        b"garbage",
+        b"\xff\xfe\xfd",
+        b"[1, 2]",
+        b"null",
+        b"123",
+        b'{"usage": {"prompt_tokens": 1',
+        b"data: {}\n\n",
+    ],
+)
+def test_garbage_reports_nothing(raw: bytes | None) -> None:
+    assert reported_usage(raw) == (None, None)
+
+
+def test_huge_response_reports_nothing() -> None:
+    raw = b'{"usage": {"prompt_tokens": 1, "completion_tokens": 2}, "pad": "'
+    raw += b"p" * MAX_BODY + b'"}'
+    assert reported_usage(raw) == (None, None)
