@@ -5,8 +5,10 @@ It speaks just enough of both APIs (chat completions, models, messages; plain JS
 SSE streams) for SDK clients and a proxy in front of it to behave as they would against
 the real thing, and it can be told per key to misbehave: reject the key, run out of
 quota, be overloaded, enforce rate limits with the various rate-limit header dialects,
-cut a stream short or fail in the middle of one.  Every API request is recorded so tests
-can check what a proxy actually sent, including how many requests were in flight per key.
+cut a stream short or fail in the middle of one.  ``GET .../usages`` answers each key's
+configured Kimi Code quota document (404 for keys without one).  Every API request is
+recorded so tests can check what a proxy actually sent, including how many requests were
+in flight per key.
 
 Runs on loopback only.  Use it in-process (``FakeProvider`` / ``run_in_thread``) or as
 ``python scripts/fake_provider.py``, which prints ``fake-provider listening on URL`` once
@@ -29,6 +31,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
+from copy import deepcopy
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -90,6 +93,8 @@ class KeyBehaviour:
     truncate_after: int | None = None
     stream_error_after: int | None = None
     latency: float = 0.0
+    usages: dict[str, Any] | None = None
+    """What ``GET .../usages`` answers for this key (Kimi Code's quota endpoint); 404 if None."""
 
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, Mode)
@@ -103,6 +108,8 @@ class KeyBehaviour:
                 raise ValueError(f"{name} must be a non-negative integer or None, got {value!r}")
         if self.latency < 0:
             raise ValueError(f"latency must be >= 0, got {self.latency!r}")
+        if self.usages is not None and not isinstance(self.usages, dict):
+            raise ValueError(f"usages must be a JSON object or None, got {self.usages!r}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | str | None) -> KeyBehaviour:
@@ -118,7 +125,9 @@ class KeyBehaviour:
         return cls(**dict(data))
 
     def copy(self) -> KeyBehaviour:
-        return dataclasses.replace(self, fail_next=list(self.fail_next))
+        return dataclasses.replace(
+            self, fail_next=list(self.fail_next), usages=deepcopy(self.usages)
+        )
 
 
 def _check_choice(name: str, value: object, choices: Any) -> None:
@@ -560,6 +569,8 @@ class FakeProvider:
             return await self._api(request, "anthropic", "messages", "POST")
         if trimmed.endswith("/models"):
             return await self._api(request, "openai", "models", "GET")
+        if trimmed.endswith("/usages"):
+            return await self._api(request, "openai", "usages", "GET")
         return await self._api(request, self.dialect_default, None, None)
 
     async def _admin(self, request: web.Request, name: str) -> web.StreamResponse:
@@ -653,6 +664,8 @@ class FakeProvider:
             behaviour = KeyBehaviour()
         if behaviour.latency:
             await asyncio.sleep(behaviour.latency)
+        if kind == "usages":
+            return await self._usages(request, record, behaviour, dialect)
 
         events = self._events(request)
         prompt_tokens = _prompt_tokens(body)
@@ -732,6 +745,24 @@ class FakeProvider:
             # The client went away mid-stream; nothing left to tell it.
             pass
         return response
+
+    async def _usages(
+        self,
+        request: web.Request,
+        record: RecordedRequest,
+        behaviour: KeyBehaviour,
+        dialect: Dialect,
+    ) -> web.StreamResponse:
+        """Kimi Code's quota endpoint: the key's configured document, verbatim.
+
+        It sits outside the API's rate limits and ``fail_next``: a background poller must not
+        eat failures meant for the requests a test makes.
+        """
+        if behaviour.mode == "invalid":
+            return await self._reply_json(request, record, 401, _unauthorized_body(dialect))
+        if behaviour.usages is None:
+            return await self._reply_error(request, record, 404, dialect)
+        return await self._reply_json(request, record, 200, deepcopy(behaviour.usages))
 
     def _admit(
         self, behaviour: KeyBehaviour, state: _KeyState, tokens: int, now: float

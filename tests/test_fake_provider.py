@@ -587,6 +587,53 @@ async def test_admin_endpoints(provider: FakeProvider, session: aiohttp.ClientSe
     assert provider.stats()["keys"]["new"]["requests"] == 0
 
 
+# -- Kimi Code's usage endpoint ----------------------------------------------------------
+
+USAGES = "/coding/v1/usages"
+KIMI_USAGES = {
+    "usage": {"used": 40, "limit": 100, "remaining": 60, "reset_at": "2030-01-01T00:00:00Z"},
+    "limits": [
+        {
+            "name": "5h",
+            "detail": {"used": 3, "limit": 10, "remaining": 7, "reset_in": 120},
+            "window": {"duration": 300, "timeUnit": "MINUTE"},
+        }
+    ],
+}
+
+
+async def test_usages_answers_each_keys_document_or_404(
+    provider: FakeProvider, session: aiohttp.ClientSession
+) -> None:
+    doc = json.loads(json.dumps(KIMI_USAGES))
+    provider.set_keys({"kimi": KeyBehaviour(usages=doc, fail_next=[500]), "bad": "invalid"})
+    doc["usage"]["remaining"] = 0  # the provider keeps its own copy
+    for key, status in (("kimi", 200), ("good", 404), ("bad", 401), ("stranger", 401)):
+        async with session.get(provider.url + USAGES, headers=bearer(key)) as r:
+            assert r.status == status, key
+            body = await r.json()
+        assert body == KIMI_USAGES if status == 200 else "error" in body
+    async with session.post(provider.url + USAGES, headers=bearer("kimi")) as r:
+        assert r.status == 405
+    recorded = [(r.path, r.credential, r.status) for r in provider.requests]
+    assert recorded[0] == (USAGES, "kimi", 200)
+    assert [s for _, _, s in recorded] == [200, 404, 401, 401, 405]
+    # polling the quota does not consume failures meant for API requests
+    async with session.post(provider.url + CHAT, json=PROMPT, headers=bearer("kimi")) as r:
+        assert r.status == 500
+
+
+def test_usages_behaviour_is_validated_and_copied() -> None:
+    kb = KeyBehaviour.from_dict({"usages": KIMI_USAGES})
+    assert kb.usages == KIMI_USAGES
+    clone = kb.copy()
+    assert clone.usages is not None and kb.usages is not None
+    clone.usages["usage"]["remaining"] = 0
+    assert kb.usages["usage"]["remaining"] == 60
+    with pytest.raises(ValueError):
+        KeyBehaviour(usages=[1, 2])  # type: ignore[arg-type]
+
+
 # -- TLS, threads, CLI -----------------------------------------------------------------
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -18,7 +19,7 @@ from .commands import OperatorCommands
 from .config import Client, ConfigError, Key, Pool, Settings
 from .core import access
 from .core import tokens as tk
-from .core.credentials import Placement, placements
+from .core.credentials import CREDENTIAL_HEADERS, CREDENTIAL_QUERY, Placement, placements
 from .core.refusal import Refusal, render
 from .core.secrets import mask_credential_value
 from .core.signals import FailureKind, Signal, parse_signal
@@ -35,6 +36,9 @@ log = logging.getLogger("kmi_rotor")
 
 EXPOSURE_OPTIONS = {"listen_host", "mode", "proxyauth", "rotor_allow_remote", "rotor_config"}
 WAIT_SLICE = 0.5
+UPSTREAM_SETUP_WAIT = 10.0
+LIMITER_EVERY = 5.0
+"""Seconds between two snapshots of the limiter's windows into the state."""
 """A waiting request looks at its client this often, so a client that left stops waiting."""
 
 
@@ -49,6 +53,7 @@ class Served:
     started: float
     wall: float
     stream_request: bool = False
+    estimated_from_size: bool = False
     ttfb: float | None = None
     tap: SSETap | None = None
     tokens: tuple[int | None, int | None] = (None, None)
@@ -65,11 +70,14 @@ class Rotor(OperatorCommands):
         self.keeper: StateKeeper | None = None
         self.trace: TraceWriter | None = None
         self._served: dict[str, Served] = {}
+        self._deferred: dict[str, Pool] = {}
+        self._upstream = asyncio.Event()
         self.exposure = access.Exposure("local")
         self._capacity = asyncio.Event()
         self._rotations_seen: dict[str, int] = {}
         self._operator_seen: dict[str, float] = {}
         self._state_read = False
+        self._limiter_kept = 0.0
         self._recent: deque[dict[str, Any]] = deque(maxlen=200)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started = time.time()
@@ -111,17 +119,14 @@ class Rotor(OperatorCommands):
         self.exposure = exp
 
     def configure(self, updated: set[str]) -> None:
+        if "rotor_config" in updated or self.settings is None:
+            try:
+                self._apply(config.load(config.find_config(ctx.options.rotor_config)))
+            except ConfigError as e:
+                self._config_failed(str(e))
+        # After the config: its client tokens count as authentication.
         if updated & EXPOSURE_OPTIONS:
             self._check_exposure()
-        if "rotor_config" not in updated and self.settings is not None:
-            return
-        try:
-            path = config.find_config(ctx.options.rotor_config)
-            settings = config.load(path)
-        except ConfigError as e:
-            self._config_failed(str(e))
-            return
-        self._apply(settings)
 
     def _config_failed(self, message: str) -> None:
         if self.settings is None:
@@ -137,7 +142,6 @@ class Rotor(OperatorCommands):
             self.engine = Engine(settings)
         else:
             self.engine.reconfigure(settings)
-        self._check_exposure()  # client tokens count as authentication
         if self.keeper is None or old_dir != settings.state_dir:
             self._open_state(settings)
         if self._loop is not None:  # a reload while running: poll the new pools
@@ -177,15 +181,23 @@ class Rotor(OperatorCommands):
             op = rec.operator
             if op is not None and op.at > self._operator_seen.get(fp, 0.0):
                 self._operator_seen[fp] = op.at
-                if not first:  # on start-up the action is already in the stored health
+                # On start-up, an action newer than the stored health was never applied (its
+                # writer wrote after the last proxy stopped, or the proxy died first).
+                if not first or rec.health.updated_at < op.at:
                     self._operate(key, op.action, record=False)
         if doc.limiter and first:
-            self.engine.limiter.restore(doc.limiter, self.clock())
-        for name, rec in doc.pools.items():
-            seen = self._rotations_seen.get(name)
-            if seen is not None and rec.rotations > seen:
-                self.engine.rotate(name, rec.rotations - seen)
-            self._rotations_seen[name] = rec.rotations
+            try:
+                self.engine.limiter.restore(doc.limiter, self.clock())
+            except (ValueError, TypeError, KeyError, AttributeError) as e:
+                log.warning("kmi-rotor: stored limiter windows not used (%s)", e)
+        for pool in self.engine.settings.pools:
+            rotations = doc.pools[pool.name].rotations if pool.name in doc.pools else 0
+            seen = self._rotations_seen.get(pool.name)
+            if seen is None and not first:
+                seen = 0  # a pool first written by the CLI: every rotation is new
+            if seen is not None and rotations > seen:
+                self.engine.rotate(pool.name, rotations - seen)
+            self._rotations_seen[pool.name] = rotations
         self._wake()
 
     def running(self) -> None:
@@ -211,7 +223,15 @@ class Rotor(OperatorCommands):
         if flow.response is not None:
             return
         try:
-            await self._admit(flow)
+            pool = self._gate(flow)
+            if pool is None:
+                return
+            if flow.request.raw_content is not None:  # a replay: the body is known already
+                await self._admit(flow, pool, flow.request.raw_content)
+            elif self._admit_now(flow):
+                await self._admit(flow, pool, None)
+            else:  # the body will be there in `request`: admit with its real token estimate
+                self._deferred[flow.id] = pool
         except Exception:
             log.exception("kmi-rotor: internal error while choosing a key")
             self._release(flow)
@@ -221,29 +241,47 @@ class Rotor(OperatorCommands):
                 self.clock(),
             )
 
-    async def _admit(self, flow: http.HTTPFlow) -> None:
+    def _gate(self, flow: http.HTTPFlow) -> Pool | None:
+        """Access, configuration and pool checks; the pool when a key must be chosen."""
         page = self.page.should_serve(flow)
         pool = (
             self.settings.pool_for(flow.request.host, flow.request.port) if self.settings else None
         )
-        if (page or pool is not None) and not self._client_allowed(flow, pool):
-            why = "this client may not use kmi-rotor (not loopback, not authenticated)"
-            _local(flow, Refusal(403, "client_not_allowed", why), self.clock())
-            return
+        if page or pool is not None:
+            allowed = self._client_allowed(flow, pool)
+            self._scrub_tokens(flow)
+            if not allowed:
+                why = "this client may not use kmi-rotor (not loopback, not authenticated)"
+                _local(flow, Refusal(403, "client_not_allowed", why), self.clock())
+                return None
         if page:
-            return
+            return None
         if self.settings is None or self.engine is None:
             reason = f"not serving: {self.config_error}"
             _local(flow, Refusal(503, "not_configured", reason), self.clock())
-            return
-        if pool is None:
-            return
+            return None
+        return pool
+
+    def _admit_now(self, flow: http.HTTPFlow) -> bool:
+        """Whether the key must be chosen before the body arrives: a request body that streams
+        (stream_large_bodies) leaves with its headers, before the `request` hook."""
+        if flow.request.stream:
+            return True
+        chunked = "content-length" not in flow.request.headers
+        return bool(getattr(ctx.options, "stream_large_bodies", None)) and chunked
+
+    async def _admit(self, flow: http.HTTPFlow, pool: Pool, body: bytes | None) -> None:
+        assert self.settings is not None and self.engine is not None
         retry = flow.metadata.get(META, {}).get("retry") if flow.is_replay else None
         exclude = frozenset(retry["exclude"]) if retry else frozenset()
         arrived = self.clock()
         deadline = arrived if retry else arrived + self.settings.limits.max_wait_seconds
-        tokens = tk.estimate_from_length(flows.content_length(flow.request))
+        if body is None:
+            tokens = tk.estimate_from_length(flows.content_length(flow.request))
+        else:
+            tokens = tk.estimate_from_body(body)
         affinity = flow.request.headers.get(pool.affinity_header) if pool.affinity_header else None
+        await self._upstream_ready(flow)
         while True:
             now = self.clock()
             d = self.engine.decide(
@@ -251,6 +289,7 @@ class Rotor(OperatorCommands):
             )
             if isinstance(d, Chosen):
                 self._inject(flow, pool, d, retry["attempt"] if retry else 1, arrived)
+                self._served[flow.id].estimated_from_size = body is None
                 return
             if isinstance(d, Wait):
                 if not await self._wait(flow, d.until, deadline):
@@ -259,6 +298,31 @@ class Rotor(OperatorCommands):
                 continue
             self._refused(flow, pool, d, arrived)
             return
+
+    async def _upstream_ready(self, flow: http.HTTPFlow) -> None:
+        """Wait while the upstream connection is being set up (mitmproxy connects eagerly):
+        a key's limits count a request when it is admitted, so admitting it only once it can
+        leave at once keeps what the provider sees within the limits."""
+        server = flow.server_conn
+        end = self.clock() + UPSTREAM_SETUP_WAIT
+        while server.timestamp_start is not None and server.error is None and self.clock() < end:
+            if server.connected and (not server.tls or server.tls_established):
+                return
+            if server.timestamp_end is not None or not flow.client_conn.connected:
+                return
+            event = self._upstream
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), WAIT_SLICE)
+
+    def server_connected(self, data: Any) -> None:
+        self._upstream.set()
+        self._upstream = asyncio.Event()
+
+    def tls_established_server(self, data: Any) -> None:
+        self.server_connected(data)
+
+    def server_connect_error(self, data: Any) -> None:
+        self.server_connected(data)
 
     def _client_allowed(self, flow: http.HTTPFlow, pool: Pool | None) -> bool:
         peer = flow.client_conn.peername[0] if flow.client_conn.peername else ""
@@ -276,6 +340,21 @@ class Rotor(OperatorCommands):
             if authenticated:
                 flow.metadata.setdefault(META, {})["client"] = client.label  # type: ignore[union-attr]
         return access.client_allowed(self.exposure, peer, authenticated)
+
+    def _scrub_tokens(self, flow: http.HTTPFlow) -> None:
+        """Mask client tokens wherever the client put them: a flow answered locally (a
+        refusal, the status page) keeps its request, and so would keep the token."""
+        if self.settings is None or not self.settings.clients:
+            return
+        tokens = [(c.label, c.token.get_secret_value()) for c in self.settings.clients]
+        for slot in (*CREDENTIAL_HEADERS, *(f"?{q}" for q in CREDENTIAL_QUERY)):
+            where = flow.request.query if slot.startswith("?") else flow.request.headers
+            value = where.get(slot.lstrip("?"))
+            if value is None:
+                continue
+            bare = value[7:].strip() if value[:7].lower() == "bearer " else value.strip()
+            if access.match_token([bare], tokens) is not None:
+                where[slot.lstrip("?")] = mask_credential_value(value)
 
     def _token_client(self, flow: http.HTTPFlow) -> Client | None:
         assert self.settings is not None
@@ -303,6 +382,16 @@ class Rotor(OperatorCommands):
         """Let waiting requests look again (a slot was freed or a key came back)."""
         self._capacity.set()
         self._capacity = asyncio.Event()
+        self._keep_limiter()
+
+    def _keep_limiter(self) -> None:
+        """Hand the limiter's windows (daily counters) to the state now and then, so that a
+        crash loses at most a few seconds of them."""
+        now = self.clock()
+        if self.engine is None or self.keeper is None or now - self._limiter_kept < LIMITER_EVERY:
+            return
+        self._limiter_kept = now
+        self.keeper.limiter_snapshot(self.engine.limiter.snapshot(now))
 
     def _inject(
         self, flow: http.HTTPFlow, pool: Pool, chosen: Chosen, attempt: int, arrived: float
@@ -340,17 +429,24 @@ class Rotor(OperatorCommands):
             self.keeper.pool_add(pool.name, "local_429")
         self._trace(flow, pool, None, "local_429" if r.status == 429 else "error", arrived)
 
-    def request(self, flow: http.HTTPFlow) -> None:
-        served = self._served.get(flow.id)
-        if served is None or flow.response is not None:
+    async def request(self, flow: http.HTTPFlow) -> None:
+        pool = self._deferred.pop(flow.id, None)
+        if flow.response is not None:
             return
         try:
+            if pool is not None:
+                body = flow.request.raw_content or b""
+                await self._admit(flow, pool, body)
+            served = self._served.get(flow.id)
+            if served is None or flow.response is not None:
+                return
             body = flow.request.raw_content if not flow.request.stream else None
             if body is None:
                 return
             served.stream_request = flows.wants_stream(flow.request, body)
             assert self.engine is not None and self.settings is not None
-            self.engine.limiter.adjust(served.reservation, tk.estimate_from_body(body))
+            if served.estimated_from_size:  # admitted before the body: correct the estimate
+                self.engine.limiter.adjust(served.reservation, tk.estimate_from_body(body))
             if served.stream_request and self.settings.streaming.include_usage:
                 flows.ask_for_usage(flow)
         except Exception:
@@ -439,7 +535,7 @@ class Rotor(OperatorCommands):
             sig, outcome = flows.stream_signal(sig, stream)
         else:
             served.tokens = tk.reported_usage(body)
-        h = self.engine.observe(served.key, sig, now)
+        h = self.engine.observe(served.key, sig, now, served.reservation.at)
         self.engine.settle(served.key, served.reservation, flows.total(served.tokens))
         d = self.keeper.key(served.key)
         d.health = h
@@ -450,6 +546,7 @@ class Rotor(OperatorCommands):
         return sig
 
     def error(self, flow: http.HTTPFlow) -> None:
+        self._deferred.pop(flow.id, None)
         if not self._mask(flow):
             return
         served = self._served.pop(flow.id, None)
@@ -460,24 +557,29 @@ class Rotor(OperatorCommands):
         except Exception:
             log.exception("kmi-rotor: internal error while recording a failed request")
         finally:
+            if self.engine is not None:  # idempotent: the slot is free whatever happened
+                self.engine.settle(served.key, served.reservation, None)
             self._wake()
 
     def _settle_error(self, flow: http.HTTPFlow, served: Served) -> None:
         assert self.engine is not None and self.keeper is not None
         now = self.clock()
         reason = (flow.error.msg if flow.error else "unknown error")[:200]
-        client_left = "client disconnected" in reason.lower()
+        client_left = flows.client_left(reason)
         stream = served.tap.finish() if served.tap else None
         served.tokens = flows.stream_tokens(stream) if stream else (None, None)
         self.engine.settle(served.key, served.reservation, flows.total(served.tokens))
         d = self.keeper.key(served.key)
-        d.add("errors")
-        d.observe(now, flow.response.status_code if flow.response else None, reason)
-        if not client_left:  # a client that leaves is not the key's fault
+        if client_left:  # a client that leaves is not the key's fault
+            outcome = "client_gone"
+            flows.count_tokens(d, served.tokens)
+        else:
+            outcome = "truncated" if stream is not None else "error"
+            d.add("errors")
+            d.observe(now, flow.response.status_code if flow.response else None, reason)
             d.health = self.engine.network_error(served.key, now, reason)
-        outcome = "truncated" if stream is not None and not client_left else "error"
+            flow.marked = ":warning:"
         flow.comment = f"key {served.key.label} · {outcome}: {reason[:80]}"
-        flow.marked = ":warning:"
         flow.metadata[META].update({"outcome": outcome, "error": reason})
         self._trace(flow, served.pool, served, outcome, served.wall)
 
@@ -562,6 +664,16 @@ def mask_request(flow: http.HTTPFlow) -> None:
             _put(flow.request, Placement(kind, name), mask_credential_value(value))
 
 
+def _mask_credentials(flow: http.HTTPFlow) -> None:
+    """A request answered locally never leaves: no credential needs to stay in it."""
+    for name in CREDENTIAL_HEADERS:
+        if name in flow.request.headers:
+            flow.request.headers[name] = mask_credential_value(flow.request.headers[name])
+    for name in CREDENTIAL_QUERY:
+        if name in flow.request.query:
+            flow.request.query[name] = mask_credential_value(flow.request.query[name])
+
+
 def _put(request: http.Request, placement: Placement, value: str) -> None:
     if placement.kind == "header":
         request.headers[placement.name] = value
@@ -573,6 +685,7 @@ def _local(flow: http.HTTPFlow, r: Refusal, now: float) -> None:
     """Answer locally; a key already injected is masked at once (nothing goes upstream now)."""
     status, headers, body = render(r, now)
     mask_request(flow)
+    _mask_credentials(flow)
     flow.response = http.Response.make(status, json.dumps(body).encode(), headers)
     meta = flow.metadata.setdefault(META, {})
     meta.pop("fingerprint", None)

@@ -40,7 +40,7 @@ def read_folder(folder: Path) -> list[FoundKey]:
             found += reader(path, text)
         except (OSError, UnicodeDecodeError) as e:
             raise AuthsError(f"{path} cannot be read ({type(e).__name__})") from None
-        except (ValueError, tomllib.TOMLDecodeError) as e:
+        except (ValueError, tomllib.TOMLDecodeError, RecursionError) as e:
             raise AuthsError(f"{path}: {e}") from None
     return sorted(found, key=lambda k: -k.priority)
 
@@ -49,14 +49,15 @@ def read_kimi(path: Path) -> list[FoundKey]:
     """The keys of the Kimi CLI's `config.toml` (`[providers.<name>] api_key`), each labelled
     `kimi-<name>`."""
     try:
+        if not path.is_file():
+            raise AuthsError(f"{path} is not a file")
         providers = tomllib.loads(path.read_text(encoding="utf-8")).get("providers")
-        found = _providers_keys(path, providers)
+        named = _named_keys(providers)
     except (OSError, UnicodeDecodeError) as e:
         raise AuthsError(f"{path} cannot be read ({type(e).__name__})") from None
-    except (ValueError, tomllib.TOMLDecodeError) as e:
+    except (ValueError, tomllib.TOMLDecodeError, RecursionError) as e:
         raise AuthsError(f"{path}: {e}") from None
-    names = [n for n, p in providers.items() if isinstance(p, dict) and p.get("api_key")]
-    return [FoundKey(f"kimi-{_slug(n)}", k.secret, path) for n, k in zip(names, found, strict=True)]
+    return [FoundKey(f"kimi-{_slug(name)}", SecretStr(key), path) for name, key in named]
 
 
 def _label_for(path: Path) -> str:
@@ -93,16 +94,24 @@ def _read_env(path: Path, text: str) -> list[FoundKey]:
     ]
 
 
-def _providers_keys(path: Path, providers: Any) -> list[FoundKey]:
+def _named_keys(providers: Any) -> list[tuple[str, str]]:
+    """(provider name, api_key) of every provider that has a key."""
     if not isinstance(providers, dict):
         raise ValueError("no providers table")
-    keys = [
-        (name, p["api_key"])
-        for name, p in providers.items()
-        if isinstance(p, dict) and isinstance(p.get("api_key"), str) and p["api_key"].strip()
-    ]
+    keys = []
+    for name, p in providers.items():
+        key = p.get("api_key") if isinstance(p, dict) else None
+        if key is not None and not isinstance(key, str):
+            raise ValueError(f"providers.{name}.api_key is not a string")
+        if key and key.strip():
+            keys.append((str(name), key))
     if not keys:
         raise ValueError("no provider with an api_key")
+    return keys
+
+
+def _providers_keys(path: Path, providers: Any) -> list[FoundKey]:
+    keys = _named_keys(providers)
     base = _label_for(path)
     return [
         FoundKey(

@@ -32,15 +32,28 @@ from .core.secrets import fingerprint
 CONFIG_ENV = "KMI_ROTOR_CONFIG"
 DEFAULT_STATE_DIR = "~/.kmi-rotor"
 KIMI_USAGES_URL = "https://api.kimi.com/coding/v1/usages"
+ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 LABEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
+
+
+MAX_MESSAGE = 400
 
 
 class ConfigError(Exception):
     """A configuration problem, already phrased as the one line a user reads."""
 
+    def __init__(self, message: str) -> None:
+        super().__init__(one_line(message))
+
+
+def one_line(text: str, limit: int = MAX_MESSAGE) -> str:
+    """Control characters escaped and length capped: a message is one readable line."""
+    clean = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return clean if len(clean) <= limit else clean[: limit - 1] + "…"
+
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class LimitsConfig(_Model):
@@ -58,6 +71,13 @@ class LimitsConfig(_Model):
 class GlobalLimits(LimitsConfig):
     max_wait_seconds: float = Field(
         30.0, ge=0, le=3600, description="Longest a request may wait for capacity; 0 = never."
+    )
+    guard: float = Field(
+        0.02,
+        ge=0,
+        le=0.5,
+        description="Each window is enforced this fraction longer (at most 0.25 s), so that the "
+        "jitter between admission and the provider's count never adds a request; 0 = exact.",
     )
 
 
@@ -120,23 +140,23 @@ class KeyConfig(_Model):
             field = "key"
         elif self.key_env is not None:
             field = "key_env"
+            if not ENV_NAME_RE.fullmatch(self.key_env):
+                # Never echo it: it may be the key itself, pasted in the wrong field.
+                raise ValueError("key_env: not a variable name (to give the key itself, use key)")
             if self.key_env not in env:
                 raise ValueError(f"key_env: environment variable {self.key_env} is not set")
             value = env[self.key_env]
         else:
             assert self.key_file is not None
             field = "key_file"
-            path = (base_dir / Path(self.key_file).expanduser()).resolve()
-            try:
-                value = path.read_text(encoding="utf-8").splitlines()[0]
-            except (OSError, UnicodeDecodeError, IndexError) as e:
-                reason = "is empty" if isinstance(e, IndexError) else f"cannot be read ({_why(e)})"
-                raise ValueError(f"key_file: {path} {reason}") from None
-        value = value.strip()
+            value = _read_first_line(_path(self.key_file, base_dir, "key_file"), "key_file")
+        value = value.removeprefix("\ufeff").strip()
         if not value:
             raise ValueError(f"{field}: the key is empty")
-        if any(c.isspace() or ord(c) < 32 for c in value):
-            raise ValueError(f"{field}: the key contains whitespace or control characters")
+        if any(c.isspace() or not c.isascii() or not c.isprintable() for c in value):
+            raise ValueError(
+                f"{field}: the key contains whitespace or control characters, or non-ASCII ones"
+            )
         return SecretStr(value)
 
 
@@ -326,6 +346,8 @@ def load(path: Path, env: Mapping[str, str] | None = None) -> Settings:
     """Read, validate and resolve a config file; raise ConfigError (one line) on any problem."""
     env = os.environ if env is None else env
     try:
+        if path.exists() and not path.is_file():  # a FIFO or a device would block or never end
+            raise ConfigError(f"config file {path} is not a regular file")
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
@@ -333,10 +355,23 @@ def load(path: Path, env: Mapping[str, str] | None = None) -> Settings:
         raise ConfigError(f"config file {path} cannot be read: {_why(e)}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: malformed TOML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: malformed TOML: nested too deeply") from None
     return from_dict(raw, path, env)
 
 
 def from_dict(raw: dict[str, Any], source: Path, env: Mapping[str, str]) -> Settings:
+    """Validate and resolve a parsed config; any problem is one ConfigError line."""
+    try:
+        return _from_dict(raw, source, env)
+    except ConfigError:
+        raise
+    except (ValueError, OSError, RuntimeError, RecursionError, TypeError) as e:
+        # A last net under the precise checks: odd paths, odd nesting, odd files.
+        raise ConfigError(f"{source}: {type(e).__name__}: {e}") from None
+
+
+def _from_dict(raw: dict[str, Any], source: Path, env: Mapping[str, str]) -> Settings:
     try:
         cfg = RotorConfig.model_validate(raw)
     except ValidationError as e:
@@ -377,9 +412,10 @@ def from_dict(raw: dict[str, Any], source: Path, env: Mapping[str, str]) -> Sett
         )
     _no_duplicate_hosts(pools, source)
     clients = _clients(cfg, pools, base_dir, env, source)
-    state_dir = Path(cfg.state_dir).expanduser()
-    if not state_dir.is_absolute():
-        state_dir = base_dir / state_dir
+    try:
+        state_dir = _path(cfg.state_dir, base_dir, "state_dir")
+    except ValueError as e:
+        raise ConfigError(f"{source}: {e}") from None
     return Settings(
         source=source,
         state_dir=state_dir,
@@ -443,11 +479,12 @@ def _imported_keys(
         where = getattr(pc, field_name)
         if where is None:
             continue
-        path = (base_dir / Path(where).expanduser()).resolve()
         try:
+            path = _path(where, base_dir, field_name)
             found = auths.read_folder(path) if field_name == "auths_dir" else auths.read_kimi(path)
-        except auths.AuthsError as e:
-            raise ConfigError(f"{source}: pools[{i}].{field_name}: {e}") from None
+        except (auths.AuthsError, ValueError) as e:
+            message = str(e).removeprefix(f"{field_name}: ")
+            raise ConfigError(f"{source}: pools[{i}].{field_name}: {message}") from None
         for a in found:
             try:
                 secret = KeyConfig(label=a.label, key=a.secret).resolve(base_dir, env)
@@ -515,6 +552,28 @@ def _join_loc(loc: str, msg: str) -> str:
     if m:
         return f"{loc}.{m.group(1)}: {m.group(2)}" if loc else f"{m.group(1)}: {m.group(2)}"
     return f"{loc}: {msg}"
+
+
+def _path(text: str, base_dir: Path, field: str) -> Path:
+    """A path from the config: `~` expanded, relative to the config's folder."""
+    if "\x00" in text:
+        raise ValueError(f"{field}: the path contains a NUL character")
+    try:
+        path = Path(text).expanduser()
+    except RuntimeError:  # ~user of an unknown user
+        raise ValueError(f"{field}: cannot expand {text.split('/', 1)[0]!r}") from None
+    return path if path.is_absolute() else (base_dir / path).resolve()
+
+
+def _read_first_line(path: Path, field: str) -> str:
+    try:
+        if path.exists() and not path.is_file():
+            raise ValueError(f"{field}: {path} is not a regular file")
+        return path.read_text(encoding="utf-8").splitlines()[0]
+    except IndexError:
+        raise ValueError(f"{field}: {path} is empty") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{field}: {path} cannot be read ({_why(e)})") from None
 
 
 def _why(e: BaseException) -> str:

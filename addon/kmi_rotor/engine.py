@@ -16,11 +16,13 @@ from typing import Any
 
 from .config import Key, LimitsConfig, Pool, Settings
 from .core import health as hl
+from .core.budget import Budgets
 from .core.health import KeyHealth, Policy
 from .core.limiter import GLOBAL, Admitted, Exhausted, Limiter, Limits, Reservation
 from .core.refusal import Refusal
 from .core.rotation import Sticky, Strategy, make
 from .core.signals import FailureKind, Signal
+from .core.tokens import MAX_TOKENS
 from .status import key_state
 
 OUTAGE_WINDOW = 30.0
@@ -72,10 +74,12 @@ def limits_of(cfg: LimitsConfig) -> Limits:
 class Engine:
     def __init__(self, settings: Settings) -> None:
         self.health: dict[str, KeyHealth] = {}
-        self.limiter = Limiter(Limits(), {})
+        self.limiter = Limiter(Limits(), {}, guard=settings.limits.guard)
         self.strategies: dict[str, Strategy] = {}
         self._affinity: dict[str, OrderedDict[str, str]] = {}
         self._overloads: dict[str, float] = {}
+        self.budgets = Budgets()
+        self._open: dict[int, tuple[str, float]] = {}  # in-flight reservations: key, admitted at
         self._strategy_names: dict[str, str] = {}
         self._now = 0.0  # the decision's clock, for strategies that ask for headroom
         self.reconfigure(settings)
@@ -109,7 +113,7 @@ class Engine:
         return self.health.get(fp) or KeyHealth()
 
     def usable(self, key: Key, now: float) -> bool:
-        if key.disabled:
+        if key.disabled or self.budgets.blocked_until(key.fingerprint, now) is not None:
             return False
         h = self.health.get(key.fingerprint)
         return h is None or hl.usable(h, now) or self._recheck_due(h, now)
@@ -119,7 +123,7 @@ class Engine:
         return at is not None and at <= now
 
     def headroom(self, fp: str, now: float) -> float:
-        own = hl.headroom(self.health_of(fp), now)
+        own = min(hl.headroom(self.health_of(fp), now), self.budgets.fraction(fp, now))
         return min(own, self.limiter.headroom(fp, now))
 
     def decide(
@@ -146,6 +150,8 @@ class Engine:
         if isinstance(result, Admitted):
             key = self.keys[result.key]
             strategy.chose(pool.keys, key)
+            self.budgets.admitted(key.fingerprint, now)
+            self._open[id(result.reservation)] = (key.fingerprint, now)
             if affinity:
                 self._remember(pool, affinity, key.fingerprint)
             return Chosen(key, result.reservation)
@@ -161,6 +167,10 @@ class Engine:
                 scope=_scope_name(first.scope, self.keys) if first else None,
             )
         wake = _min(result.retry_at, self._next_health_change(pool, now, exclude))
+        # A key coming back cannot free the proxy's own limits: those bound the wait from below.
+        glob = [e.free_at for e in result.exhausted if e.scope == GLOBAL and e.free_at is not None]
+        if wake is not None and glob:
+            wake = max(wake, *glob)
         binding = _binding(result.exhausted, result.retry_at, now)
         if (wake is None and deadline > now) or (wake is not None and wake <= deadline):
             return Wait(wake, binding.limit if binding else "capacity")
@@ -201,7 +211,9 @@ class Engine:
     def _available_at(self, key: Key, now: float) -> float | None:
         if key.disabled:
             return None
-        return hl.next_usable_at(self.health_of(key.fingerprint), now, self.policy)
+        at = hl.next_usable_at(self.health_of(key.fingerprint), now, self.policy)
+        spent = self.budgets.blocked_until(key.fingerprint, now)
+        return at if at is None or spent is None else max(at, spent)
 
     def _next_health_change(self, pool: Pool, now: float, exclude: frozenset[str]) -> float | None:
         times = [
@@ -246,12 +258,23 @@ class Engine:
         """The request is over (whatever happened): correct its tokens and free its slot."""
         if reservation is None:
             return
+        self._open.pop(id(reservation), None)
         if tokens is not None:
-            self.limiter.adjust(reservation, tokens)
+            self.limiter.adjust(reservation, min(max(0, tokens), MAX_TOKENS))
         self.limiter.release(reservation)
 
-    def observe(self, key: Key, sig: Signal, now: float) -> KeyHealth:
-        """What an answer (or an in-stream error) says about the key; returns its new health."""
+    def observe(
+        self, key: Key, sig: Signal, now: float, admitted_at: float | None = None
+    ) -> KeyHealth:
+        """What an answer (or an in-stream error) says about the key; returns its new health.
+        `admitted_at`: when the answered request was admitted (later ones may be unseen)."""
+        if sig.windows:
+            after = [
+                at
+                for fp, at in self._open.values()
+                if fp == key.fingerprint and (admitted_at is None or at > admitted_at)
+            ]
+            self.budgets.observe(key.fingerprint, sig.windows, after, now)
         outage = sig.kind is FailureKind.OVERLOADED and self._is_outage(key, now)
         h = hl.apply_signal(self.health_of(key.fingerprint), sig, now, self.policy, outage=outage)
         self.health[key.fingerprint] = h
@@ -301,6 +324,7 @@ class Engine:
             )
         elif action in ("enable", "reset"):
             h = hl.operator_reset(h, now)
+            self.budgets.forget(key.fingerprint)
         else:
             raise ValueError(f"unknown action {action!r}")
         self.health[key.fingerprint] = h

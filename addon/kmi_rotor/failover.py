@@ -37,6 +37,7 @@ async def run(rotor: Rotor, flow: http.HTTPFlow, served: Served, sig: Signal) ->
     assert rotor.settings is not None and rotor.engine is not None
     tried = {served.key.fingerprint}
     notes: list[str] = []
+    last = sig.kind.value
     for attempt in range(served.attempt + 1, rotor.settings.failover.max_attempts + 1):
         now = rotor.clock()
         if pool_available_at(rotor.engine, served.pool, now, frozenset(tried)) != now:
@@ -48,12 +49,15 @@ async def run(rotor: Rotor, flow: http.HTTPFlow, served: Served, sig: Signal) ->
         tried.add(meta["fingerprint"])
         flow.response = copy.response
         notes.append(f"retried on {meta['key']} ({copy.response.status_code})")
-        if meta.get("outcome") not in {k.value for k in (*KEY_UNUSABLE, FailureKind.OVERLOADED)}:
+        last = meta.get("outcome", "")
+        if last not in {k.value for k in (*KEY_UNUSABLE, FailureKind.OVERLOADED)}:
             break
     if notes:
         flow.comment += " · " + " · ".join(notes)
         flow.metadata[META]["failover"] = notes
-    elif sig.kind in KEY_UNUSABLE:
+    if last in {k.value for k in KEY_UNUSABLE}:
+        # Out of attempts on a failure another key would not have: say when the pool can
+        # serve (0 s when a key is ready), rather than pass on, say, a 401 nobody retries.
         _point_to_pool(rotor, flow, served, sig)
 
 

@@ -9,6 +9,7 @@ from mitmproxy import http
 
 from .core.signals import FailureKind, Signal
 from .core.sse import StreamOutcome
+from .core.tokens import MAX_TOKENS
 
 META = "kmi_rotor"
 STREAM_KINDS = {
@@ -18,6 +19,16 @@ STREAM_KINDS = {
     "auth": FailureKind.AUTH,
 }
 RETRIABLE = (FailureKind.RATE_LIMITED, FailureKind.QUOTA, FailureKind.AUTH, FailureKind.OVERLOADED)
+
+
+CLIENT_GONE = ("client disconnected", "stream reset by client", "client closed")
+
+
+def client_left(reason: str) -> bool:
+    """Whether a flow's error is the client leaving (HTTP/1 close, HTTP/2 stream reset), which
+    is never the key's fault."""
+    lowered = reason.lower()
+    return any(marker in lowered for marker in CLIENT_GONE)
 
 
 def content_length(request: http.Request) -> int | None:
@@ -66,7 +77,11 @@ def ask_for_usage(flow: http.HTTPFlow) -> None:
 def stream_tokens(stream: StreamOutcome) -> tuple[int | None, int | None]:
     if stream.usage is None:
         return None, None
-    return stream.usage.input_tokens, stream.usage.output_tokens
+    return _capped(stream.usage.input_tokens), _capped(stream.usage.output_tokens)
+
+
+def _capped(n: int | None) -> int | None:
+    return None if n is None else min(max(0, n), MAX_TOKENS)
 
 
 def stream_signal(sig: Signal, stream: StreamOutcome) -> tuple[Signal, str]:
@@ -87,10 +102,15 @@ def total(tokens: tuple[int | None, int | None]) -> int | None:
 
 
 def count_outcome(d: Any, sig: Signal, tokens: tuple[int | None, int | None]) -> None:
+    """Add an answer to a key's counters: errors, upstream 429s, tokens."""
     if sig.kind not in (FailureKind.OK, FailureKind.CLIENT_ERROR):
         d.add("errors")
     if sig.status == 429 and sig.kind in (FailureKind.RATE_LIMITED, FailureKind.QUOTA):
         d.add("upstream_429")
+    count_tokens(d, tokens)
+
+
+def count_tokens(d: Any, tokens: tuple[int | None, int | None]) -> None:
     if tokens[0]:
         d.add("tokens_in", tokens[0])
     if tokens[1]:

@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -20,6 +21,14 @@ log = logging.getLogger("kmi_rotor")
 LOCK_TIMEOUT = 10.0
 
 
+class StateError(Exception):
+    """The state file exists but cannot be used at all (not a file, unreadable)."""
+
+
+def stat_is_file(st: os.stat_result) -> bool:
+    return stat.S_ISREG(st.st_mode)
+
+
 class StateStore:
     """One state file. Every method blocks: call them from a thread, never from a hook."""
 
@@ -28,6 +37,7 @@ class StateStore:
         self.path = state_dir / "state.json"
         self._lock = FileLock(str(self.path) + ".lock", timeout=LOCK_TIMEOUT)
         self._seen: tuple[int, int, int] | None = None
+        self._swept = False
 
     def read(self) -> StateDoc:
         """The document on disk (empty when there is none)."""
@@ -48,6 +58,8 @@ class StateStore:
         now = time.time() if now is None else now
         self._ensure_dir()
         with self._lock:
+            if not self._swept:
+                self._sweep_locked()
             doc = self._read_locked() if self.path.exists() else StateDoc()
             if not delta:
                 return doc
@@ -59,25 +71,38 @@ class StateStore:
         if not self.dir.exists():
             self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
 
+    def _sweep_locked(self) -> None:
+        """Remove temporary files of writes cut short (a kill mid-write): under the lock no
+        other writer is busy, so every one of them is stale."""
+        self._swept = True
+        for tmp in self.dir.glob(".state.*.tmp"):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
     def _read_locked(self) -> StateDoc:
+        if not self._swept:
+            self._sweep_locked()
         try:
-            stat = os.stat(self.path)
+            st = os.stat(self.path)
+            if not stat_is_file(st):
+                raise StateError(f"{self.path} is not a regular file: move it out of the way")
             raw = self.path.read_bytes()
         except FileNotFoundError:
             return StateDoc()
+        except OSError as e:
+            raise StateError(f"{self.path} cannot be read: {e.strerror or e}") from None
         try:
             data = json.loads(raw)
-            version = data.get("schema_version") if isinstance(data, dict) else None
-            if isinstance(version, int) and version > SCHEMA_VERSION:
-                self._move_aside(
-                    f"newer-v{version}", f"was written by a newer kmi-rotor (schema {version})"
-                )
+            version = _version(data.get("schema_version")) if isinstance(data, dict) else None
+            if version is not None and version > SCHEMA_VERSION:
+                tag = f"newer-v{version}" if version < 10**6 else "newer"
+                self._move_aside(tag, f"was written by a newer kmi-rotor (schema {tag[7:] or '?'})")
                 return StateDoc()
             doc = StateDoc.model_validate(data)
-        except (ValueError, ValidationError):
+        except (ValueError, ValidationError, RecursionError):
             self._move_aside("corrupt", "is not valid kmi-rotor state")
             return StateDoc()
-        self._seen = _identity(stat)
+        self._seen = _identity(st)
         return doc
 
     def _move_aside(self, tag: str, why: str) -> None:
@@ -105,6 +130,21 @@ class StateStore:
                 os.unlink(tmp)
             raise
         self._seen = _identity(os.stat(self.path))
+
+
+def _version(value: object) -> int | None:
+    """A schema version however it was written (2, 2.0, "2"); None when it is no number."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    try:
+        number = float(value) if isinstance(value, float | str) else None
+    except ValueError:
+        return None
+    if number is None or not number.is_integer() or abs(number) > 10**9:
+        return None
+    return int(number)
 
 
 def _identity(st: os.stat_result) -> tuple[int, int, int]:

@@ -33,6 +33,7 @@ Outcome = Literal[
     "error",
     "truncated",
     "stream_error",
+    "client_gone",
 ]
 OUTCOMES: Final[tuple[str, ...]] = get_args(Outcome)
 

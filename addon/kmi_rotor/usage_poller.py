@@ -73,7 +73,10 @@ class UsagePoller:
                     continue
                 keys = [k for k in pool.keys if not k.disabled]
                 for key in keys:
-                    await self.poll_once(pool, key)
+                    try:
+                        await self.poll_once(pool, key)
+                    except Exception:  # one odd answer must not end the polling for good
+                        log.exception("kmi-rotor: reading the quota of key %s failed", key.label)
                     await asyncio.sleep(interval / max(1, len(keys)) / 2)
             await asyncio.sleep(interval / 2)
 

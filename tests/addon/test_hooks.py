@@ -13,8 +13,10 @@ import pytest
 from mitmproxy import http
 from mitmproxy.test import taddons, tflow, tutils
 
+import kmi_rotor.flows
 from kmi_rotor.addon import META, Rotor
 from kmi_rotor.core import tokens as tk
+from kmi_rotor.core.secrets import mask_credential_value
 from kmi_rotor.core.sse import SSETap
 from kmi_rotor.core.state import KeyRecord
 from kmi_rotor.trace import read_trace, trace_path
@@ -62,7 +64,7 @@ def write_config(
     """A config of one pool `p` (hosts llm.test) holding KEYS; failover off unless asked."""
     lines = [f"state_dir = {toml_value(str(path.parent / 'state'))}"]
     sections = {
-        "limits": limits or {},
+        "limits": {"guard": 0, **(limits or {})},
         "failover": {"max_attempts": 1, **(failover or {})},
         "streaming": streaming or {},
     }
@@ -124,8 +126,11 @@ def flow(
 
 
 async def send(addon: Rotor, f: http.HTTPFlow) -> http.HTTPFlow:
+    """`requestheaders` then `request`, the body arriving in between as it does in mitmproxy."""
+    body, f.request.data.content = f.request.data.content, None
     await addon.requestheaders(f)
-    addon.request(f)
+    f.request.data.content = body
+    await addon.request(f)
     return f
 
 
@@ -277,21 +282,35 @@ async def test_request_corrects_the_token_reservation_to_the_body(
     addon, _, clock = make(limits={"tokens_per_minute": 1_000_000})
     f = flow(body)
     raw = f.request.content or b""
-    await addon.requestheaders(f)
     assert addon.engine is not None
     usage = addon.engine.limiter.usage
-
-    assert usage("global", clock())["tokens_per_minute"]["used"] == tk.estimate_from_length(
-        len(raw)
-    )
-    addon.request(f)
+    f.request.data.content = None  # as in mitmproxy: headers first, the body later
+    await addon.requestheaders(f)
+    assert usage("global", clock())["tokens_per_minute"]["used"] == 0  # admitted with the body
+    assert f.request.headers.get("authorization", "").startswith("Bearer client")
+    f.request.data.content = raw
+    await addon.request(f)
     assert usage("global", clock())["tokens_per_minute"]["used"] == tk.estimate_from_body(raw)
+    assert f.request.headers["authorization"].startswith("Bearer sk-")
+
+
+async def test_a_streamed_request_body_is_admitted_on_its_size_then_corrected(make: Make) -> None:
+    addon, _, clock = make(limits={"tokens_per_minute": 1_000_000})
+    f = flow({"model": "m", "max_tokens": 5000, "messages": []})
+    raw = f.request.content or b""
+    assert addon.engine is not None
+    f.request.data.content = None
+    f.request.stream = True  # stream_large_bodies: the headers leave before `request`
+    await addon.requestheaders(f)
+    used = addon.engine.limiter.usage("global", clock())["tokens_per_minute"]["used"]
+    assert used == tk.estimate_from_length(len(raw))
+    assert f.request.headers["authorization"].startswith("Bearer sk-")
 
 
 async def test_request_ignores_flows_it_did_not_admit(make: Make) -> None:
     addon, _, _ = make()
     f = flow({"stream": True})
-    addon.request(f)  # no requestheaders: not ours
+    await addon.request(f)  # no requestheaders: not ours
     assert json.loads(f.request.content or b"") == {"stream": True}
 
 
@@ -314,7 +333,7 @@ async def test_local_refusal_answers_429_with_headers_and_never_injects(make: Ma
         "requests_per_minute",
         "the proxy",
     )
-    assert f.request.headers["authorization"] == CLIENT
+    assert f.request.headers["authorization"] == mask_credential_value(CLIENT)  # never a pool key
     assert no_secret(json.dumps(f.get_state(), default=repr))
     assert f.metadata[META]["local"] is True and "fingerprint" not in f.metadata[META]
     await addon.response(f)  # the hook still fires for a local answer: nothing to settle
@@ -419,8 +438,8 @@ async def test_client_leaving_does_not_penalise_the_key_but_an_upstream_abort_do
     addon.error(f)
     a = row(addon, "a")
     assert a["status"] == ("cooling" if penalised else "ready")
-    assert a["errors"] == 1
-    assert f.metadata[META]["outcome"] == "error"
+    assert a["errors"] == (1 if penalised else 0)
+    assert f.metadata[META]["outcome"] == ("error" if penalised else "client_gone")
     assert f.request.headers["authorization"].endswith("…aaaa")
     assert await served_by(addon, 3) == ("bcb" if penalised else "bca")
 
@@ -563,7 +582,7 @@ async def test_an_internal_error_answers_500_and_never_sends_the_client_credenti
     assert error_body(f)["code"] == "internal_error"
     assert f.metadata[META]["local"] is True
     # answered here: the request, still holding the client's credential, never goes upstream
-    assert f.request.headers["authorization"] == CLIENT
+    assert f.request.headers["authorization"] == mask_credential_value(CLIENT)  # never a pool key
     assert no_secret(json.dumps(f.get_state(), default=repr))
     monkeypatch.undo()
     assert await served_by(addon, 1) == "a"  # nothing was left holding the only slot
@@ -577,8 +596,7 @@ def break_inject(addon: Rotor, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def break_request(addon: Rotor, monkeypatch: pytest.MonkeyPatch) -> None:
     """Fail in the `request` hook, while reading the body of an admitted request."""
-    assert addon.engine is not None
-    monkeypatch.setattr(addon.engine.limiter, "adjust", boom)
+    monkeypatch.setattr(kmi_rotor.flows, "wants_stream", boom)
 
 
 BREAKS = {"inject": break_inject, "request": break_request}

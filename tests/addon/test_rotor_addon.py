@@ -71,7 +71,9 @@ async def test_round_robin_injects_bearer_in_exact_cycle(rotor):
         ([], "/v1/x", ("header", "authorization"), "Bearer {}"),
     ],
 )
-async def test_credential_replaced_where_the_client_put_it(rotor, headers, path, where, expected_form):
+async def test_credential_replaced_where_the_client_put_it(
+    rotor, headers, path, where, expected_form
+):
     addon, _ = rotor
     f = tflow.tflow(req=req(path=path, headers=headers))
     await addon.requestheaders(f)
@@ -130,13 +132,13 @@ async def test_error_masks_and_counts(rotor, tmp_path):
     addon, _ = rotor
     f = tflow.tflow(req=req())
     await addon.requestheaders(f)
-    f.error = tflow.terr("Client disconnected.")
+    f.error = tflow.terr("Server disconnected.")
     addon.error(f)
     assert KEYS["a"] not in str(f.request.headers)
     addon.done()
     rec = StateStore(tmp_path / "state").read().keys
     (only,) = [r for r in rec.values() if r.label == "a"]
-    assert only.requests == 1 and only.errors == 1 and only.last_error == "Client disconnected."
+    assert only.requests == 1 and only.errors == 1 and only.last_error == "Server disconnected."
 
 
 async def test_error_responses_are_not_streamed(rotor):

@@ -157,7 +157,7 @@ GOOD_FOLDERS = [
                         "kimi for coding": {"api_key": S1},
                         "moonshot-ai": {"api_key": S2},
                         "broken": "not a table",
-                        "numeric": {"api_key": 42},
+                        "no-key": {"base_url": "https://x.test"},
                     }
                 }
             )

@@ -437,7 +437,7 @@ BAD_CONFIGS = [
         {},
         {"dir.key/inner": "x"},
         "pools[0].keys[0].key_file",
-        "cannot be read",
+        "is not a regular file",
         id="key-file-is-a-folder",
     ),
     pytest.param(

@@ -48,9 +48,9 @@ def settings(
     }
     if key_limits is not None:
         pool["key_limits"] = key_limits
+    # guard 0: these tables check the exact windows (the guard has tests of its own)
     raw: dict[str, Any] = {"state_dir": "/tmp/x/state", "pools": [pool]}
-    if limits is not None:
-        raw["limits"] = limits
+    raw["limits"] = {"guard": 0, **(limits or {})}
     if health is not None:
         raw["health"] = health
     return from_dict(raw, SOURCE, env={})
@@ -393,7 +393,7 @@ def test_a_failing_key_is_skipped_and_comes_back_exactly_at_its_reset(
     [
         (Window("requests", "minute", 100, 0, T0 + 30), T0 + 30),
         (Window("tokens", "minute", 1000, 0, T0 + 45), T0 + 45),
-        (Window("requests", "day", 100, 1, T0 + 30), None),  # some left: usable
+        (Window("requests", "day", 100, 2, T0 + 30), None),  # enough left: usable
         (Window("requests", "day", 100, 0, None), None),  # no reset known: not trusted
     ],
 )

@@ -21,6 +21,7 @@ from kmi_rotor.core.limiter import (
     Limits,
     Rejected,
     Reservation,
+    enforced_length,
 )
 
 T0 = 1_000.0
@@ -518,3 +519,20 @@ def test_retry_at_is_the_earliest_moment(seed: int) -> None:
             admit(lim, now, tuple(candidates), tokens)
             waited += 1
     assert waited > 300
+
+
+@pytest.mark.parametrize(
+    ("name", "guard", "expected"),
+    [
+        ("requests_per_second", 0.0, 1.0),
+        ("requests_per_second", 0.02, 1.02),
+        ("requests_per_minute", 0.02, 60.25),  # capped at 0.25 s
+        ("requests_per_day", 0.02, 86400.25),
+    ],
+)
+def test_the_guard_lengthens_windows(name: str, guard: float, expected: float) -> None:
+    assert enforced_length(name, guard) == pytest.approx(expected)
+    lim = Limiter(Limits(**{name: 1}), {}, guard=guard)
+    admit(lim, T0)
+    reject(lim, T0 + expected - EPS)
+    admit(lim, T0 + expected)

@@ -7,10 +7,11 @@ fault), and a bad request costs nothing. A new penalty never shortens one alread
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .signals import FailureKind, Signal, Window
 
@@ -33,19 +34,31 @@ class Policy:
     """When set, a disabled key may be tried once this long after it was disabled."""
 
 
-class WindowState(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class Persisted(BaseModel):
+    """A model read back from the state file: a non-finite number in it (NaN, infinity) is
+    dropped, so the field takes its default, rather than making the whole file unreadable."""
 
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _finite_only(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {
+                k: v for k, v in data.items() if not (isinstance(v, float) and not math.isfinite(v))
+            }
+        return data
+
+
+class WindowState(Persisted):
     limit: float | None = None
     remaining: float | None = None
     reset_at: float | None = None
     seen_at: float = 0.0
 
 
-class KeyHealth(BaseModel):
+class KeyHealth(Persisted):
     """A key's health as persisted; every field has a default so old files keep loading."""
-
-    model_config = ConfigDict(extra="ignore")
 
     cooling_until: float | None = None
     cooling_reason: str | None = None

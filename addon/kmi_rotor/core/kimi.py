@@ -16,9 +16,12 @@ MAX_HORIZON = 62 * 86400.0
 def parse_usages(body: bytes | str, now: float) -> tuple[Window, ...]:
     """Windows from a `/usages` answer; anything malformed is skipped, never raised."""
     try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError, TypeError):
+        return _parse(json.loads(body), now)
+    except (ValueError, TypeError, RecursionError, OverflowError):
         return ()
+
+
+def _parse(data: Any, now: float) -> tuple[Window, ...]:
     if not isinstance(data, dict):
         return ()
     found: list[Window] = []
@@ -27,7 +30,8 @@ def parse_usages(body: bytes | str, now: float) -> tuple[Window, ...]:
         w = _window(usage, "requests", "plan", now)
         if w is not None:
             found.append(w)
-    for item in data.get("limits") or []:
+    limits = data.get("limits")
+    for item in limits if isinstance(limits, list) else []:
         if not isinstance(item, dict):
             continue
         detail = item.get("detail") if isinstance(item.get("detail"), dict) else item
@@ -70,7 +74,7 @@ def _period(window: Any) -> str | None:
         return None
     unit = str(window.get("timeUnit") or window.get("time_unit") or "").upper()
     duration = _num(window.get("duration"))
-    if unit not in UNIT_SECONDS or duration is None:
+    if unit not in UNIT_SECONDS or duration is None or duration * UNIT_SECONDS[unit] > MAX_HORIZON:
         return None
     if duration == 1:
         return unit.lower()

@@ -26,6 +26,20 @@ _SECONDS = {"second": 1.0, "minute": 60.0, "hour": 3_600.0, "day": 86_400.0}
 REQUEST_WINDOWS: dict[str, float] = {f"requests_per_{u}": s for u, s in _SECONDS.items()}
 TOKEN_WINDOWS: dict[str, float] = {f"tokens_per_{u}": _SECONDS[u] for u in ("minute", "day")}
 WINDOWS: dict[str, float] = {**REQUEST_WINDOWS, **TOKEN_WINDOWS}
+GUARD_MAX = 0.25
+
+
+def enforced_length(name: str, guard: float = 0.0) -> float:
+    """A window's length as enforced: the nominal one plus `guard` of it (at most 0.25 s).
+
+    Admission happens at the proxy; a provider counts arrivals. The event loop, the network
+    and the provider's own queue put a few milliseconds between the two, differently for each
+    request, so a window exact at the proxy can hold one request too many at the provider; a
+    guard of 0.02 absorbs that at a cost of 2% of a one-second limit's throughput."""
+    nominal = WINDOWS[name]
+    return nominal + min(guard * nominal, GUARD_MAX)
+
+
 # Past this many entries an hour or day log coalesces admissions of the same second into one
 # entry stamped with the latest of them: each then counts up to 1 s longer than it should,
 # never shorter, so the limit still holds in every window (precision: 1 s in 86,400).
@@ -124,9 +138,9 @@ class _Window:
 
     __slots__ = ("amounts", "base", "bucket", "length", "limit", "name", "times", "used")
 
-    def __init__(self, name: str, limit: int) -> None:
+    def __init__(self, name: str, limit: int, guard: float = 0.0) -> None:
         self.name = name
-        self.length = WINDOWS[name]
+        self.length = enforced_length(name, guard)
         self.limit = limit
         self.bucket = _bucket_for(name, limit)
         self.times: deque[float] = deque()
@@ -202,9 +216,19 @@ class _Scope:
     change before then except by a release, a correction, a new admission or new limits, and
     each of those forgets it; so a scan over many full keys costs one comparison per key."""
 
-    __slots__ = ("block", "concurrency", "in_flight", "name", "requests", "tokens", "windows")
+    __slots__ = (
+        "block",
+        "concurrency",
+        "guard",
+        "in_flight",
+        "name",
+        "requests",
+        "tokens",
+        "windows",
+    )
 
-    def __init__(self, name: str, limits: Limits) -> None:
+    def __init__(self, name: str, limits: Limits, guard: float = 0.0) -> None:
+        self.guard = guard
         self.name = name
         self.in_flight = 0
         self.windows: dict[str, _Window] = {}
@@ -218,7 +242,7 @@ class _Scope:
         for name in WINDOWS:
             limit = getattr(limits, name)
             if limit is not None:
-                kept[name] = window = self.windows.get(name) or _Window(name, limit)
+                kept[name] = window = self.windows.get(name) or _Window(name, limit, self.guard)
                 window.limit, window.bucket = limit, _bucket_for(name, limit)
         self.bind(kept)
 
@@ -303,8 +327,12 @@ def _held(reservation: Reservation) -> _Held:
 class Limiter:
     """In-memory LimiterBackend. Not thread-safe: call it from one thread (the event loop)."""
 
-    def __init__(self, global_limits: Limits, key_limits: Mapping[str, Limits]) -> None:
-        self._global = _Scope(GLOBAL, global_limits)
+    def __init__(
+        self, global_limits: Limits, key_limits: Mapping[str, Limits], *, guard: float = 0.0
+    ) -> None:
+        """`guard`: the fraction added to every window's length (see `enforced_length`)."""
+        self.guard = guard
+        self._global = _Scope(GLOBAL, global_limits, guard)
         self._keys: dict[str, _Scope] = {}
         self._version = 0
         self.configure(global_limits, key_limits)
@@ -321,14 +349,14 @@ class Limiter:
         self._global.configure(global_limits)
         old, self._keys = self._keys, {}
         for key, limits in key_limits.items():
-            scope = self._keys[key] = old.get(key) or _Scope(f"key:{key}", limits)
+            scope = self._keys[key] = old.get(key) or _Scope(f"key:{key}", limits, self.guard)
             scope.configure(limits)
         self._version += 1
 
     def _key(self, key: str) -> _Scope:
         scope = self._keys.get(key)
         if scope is None:
-            scope = self._keys[key] = _Scope(f"key:{key}", Limits())
+            scope = self._keys[key] = _Scope(f"key:{key}", Limits(), self.guard)
         return scope
 
     def try_admit(self, candidates: Sequence[str], tokens: int, now: float) -> Admitted | Rejected:
@@ -449,7 +477,7 @@ class Limiter:
             entries, fresh = saved.get(scope.name, {}), {}
             for name, old in scope.windows.items():
                 # New window objects: reservations made before point at the old ones.
-                fresh[name] = window = _Window(name, old.limit)
+                fresh[name] = window = _Window(name, old.limit, scope.guard)
                 for t, amount in sorted((float(t), int(a)) for t, a in entries.get(name, [])):
                     if t + window.length > now:
                         window.add(t, amount)

@@ -375,7 +375,7 @@ class SSETap:
         kind = obj.get("type")
         # Some Anthropic-compatible servers leave out the `event:` line; the payload's own
         # `type` still names the event.
-        name = kind.encode() if isinstance(kind, str) else b""
+        name = kind.encode("utf-8", "replace") if isinstance(kind, str) else b""
         if name in _ANTHROPIC_EVENTS or (name == _ERROR and isinstance(obj.get("error"), dict)):
             self._dialect = self._dialect or "anthropic"
             if name == _MESSAGE_STOP:

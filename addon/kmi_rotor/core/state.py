@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field, StrictInt, field_validator
 
-from .health import KeyHealth
+from .health import KeyHealth, Persisted
 
 SCHEMA_VERSION = 1
 
@@ -20,18 +20,14 @@ KEY_COUNTERS = ("requests", "errors", "upstream_429", "retries", "tokens_in", "t
 POOL_COUNTERS = ("local_429", "rotations")
 
 
-class Operator(BaseModel):
+class Operator(Persisted):
     """An operator's last action on a key; every process applies each action exactly once."""
-
-    model_config = ConfigDict(extra="ignore")
 
     action: str = Field(description="disable, enable or reset")
     at: float = Field(description="Epoch seconds; the newest action wins.")
 
 
-class KeyRecord(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class KeyRecord(Persisted):
     label: str
     pool: str = ""
     fingerprint: str
@@ -48,22 +44,37 @@ class KeyRecord(BaseModel):
     operator: Operator | None = None
 
 
-class PoolRecord(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class PoolRecord(Persisted):
     local_429: int = Field(0, ge=0, description="Requests refused locally for lack of capacity.")
     rotations: int = Field(0, ge=0, description="Manual rotations asked for (sticky pools).")
 
 
-class StateDoc(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    schema_version: int = SCHEMA_VERSION
+class StateDoc(Persisted):
+    schema_version: StrictInt = SCHEMA_VERSION
     updated_at: float = 0.0
     keys: dict[str, KeyRecord] = Field(default_factory=dict, description="By key fingerprint.")
     pools: dict[str, PoolRecord] = Field(default_factory=dict, description="By pool name.")
     limiter: dict[str, Any] | None = Field(None, description="Limiter windows worth keeping.")
     limiter_at: float = 0.0
+
+    @field_validator("limiter")
+    @classmethod
+    def _limiter_shape(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        # Windows are a few levels deep; anything deeper is not ours and could not be written back.
+        return v if v is None or _depth(v) <= MAX_LIMITER_DEPTH else None
+
+
+MAX_LIMITER_DEPTH = 8
+
+
+def _depth(value: Any, level: int = 0) -> int:
+    if level > MAX_LIMITER_DEPTH:
+        return level
+    if isinstance(value, dict):
+        return max((_depth(v, level + 1) for v in value.values()), default=level + 1)
+    if isinstance(value, list):
+        return max((_depth(v, level + 1) for v in value), default=level + 1)
+    return level
 
 
 @dataclass

@@ -10,6 +10,8 @@ CHARS_PER_TOKEN = 4
 DEFAULT_COMPLETION = 256
 """Completion budget assumed when the request names none (max_tokens is optional for OpenAI)."""
 MAX_BODY = 8 * 1024 * 1024
+MAX_TOKENS = 100_000_000
+"""More than any model's context: a larger count is garbage, and is capped to this."""
 
 
 def estimate_from_length(content_length: int | None) -> int:
@@ -27,18 +29,18 @@ def estimate_from_body(body: bytes | None) -> int:
     if len(body) <= MAX_BODY:
         try:
             data = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             data = None
     if not isinstance(data, dict):
         return estimate_from_length(len(body))
     prompt = len(body) - _non_prompt_size(data)
-    return max(0, prompt) // CHARS_PER_TOKEN + _completion_budget(data)
+    return min(MAX_TOKENS, max(0, prompt) // CHARS_PER_TOKEN + _completion_budget(data))
 
 
 def _completion_budget(data: dict[str, Any]) -> int:
     for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
-        value = data.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        value = _int(data.get(name))
+        if value is not None:
             return value
     config = data.get("generationConfig")  # Gemini
     if isinstance(config, dict):
@@ -50,7 +52,17 @@ def _completion_budget(data: dict[str, Any]) -> int:
 
 def _non_prompt_size(data: dict[str, Any]) -> int:
     # Tool schemas and the like do count as prompt; only the obvious scalars are left out.
-    return sum(len(k) + len(str(v)) + 6 for k, v in data.items() if not isinstance(v, dict | list))
+    return sum(
+        len(k) + _scalar_size(v) + 6 for k, v in data.items() if not isinstance(v, dict | list)
+    )
+
+
+def _scalar_size(v: object) -> int:
+    if isinstance(v, str):
+        return len(v)
+    if isinstance(v, int) and abs(v) >= 10**64:  # str() of a huge int is slow, then refused
+        return 64
+    return len(str(v))
 
 
 def reported_usage(body: bytes | None) -> tuple[int | None, int | None]:
@@ -59,7 +71,7 @@ def reported_usage(body: bytes | None) -> tuple[int | None, int | None]:
         return None, None
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None, None
     usage = data.get("usage") if isinstance(data, dict) else None
     if not isinstance(usage, dict):
@@ -73,4 +85,6 @@ def reported_usage(body: bytes | None) -> tuple[int | None, int | None]:
 
 
 def _int(v: object) -> int | None:
-    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
+    if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+        return min(v, MAX_TOKENS)
+    return None
