@@ -340,7 +340,8 @@ def _quota_error(style: QuotaStyle) -> tuple[int, dict[str, Any]]:
 def _count_usage(times: deque[float], limit: int, window: float, now: float) -> _Usage:
     while times and times[0] <= now - window:
         times.popleft()
-    reset = times[0] + window - now if times else 0.0
+    # As real providers mean it: the time until the window is fully replenished.
+    reset = times[-1] + window - now if times else 0.0
     return _Usage(limit, max(0, limit - len(times)), reset, window)
 
 
@@ -350,7 +351,7 @@ def _token_usage(
     while entries and entries[0][0] <= now - window:
         entries.popleft()
     used = sum(n for _, n in entries)
-    reset = entries[0][0] + window - now if entries else 0.0
+    reset = entries[-1][0] + window - now if entries else 0.0
     return _Usage(limit, max(0, limit - used), reset, window)
 
 

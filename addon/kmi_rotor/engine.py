@@ -78,7 +78,7 @@ class Engine:
         self.strategies: dict[str, Strategy] = {}
         self._affinity: dict[str, OrderedDict[str, str]] = {}
         self._overloads: dict[str, float] = {}
-        self.budgets = Budgets()
+        self.budgets = Budgets(settings.limits.guard)
         self._open: dict[int, tuple[str, float]] = {}  # in-flight reservations: key, admitted at
         self._strategy_names: dict[str, str] = {}
         self._now = 0.0  # the decision's clock, for strategies that ask for headroom
@@ -116,7 +116,7 @@ class Engine:
         if key.disabled or self.budgets.blocked_until(key.fingerprint, now) is not None:
             return False
         h = self.health.get(key.fingerprint)
-        return h is None or hl.usable(h, now) or self._recheck_due(h, now)
+        return h is None or hl.usable(h, now, _paced(key)) or self._recheck_due(h, now)
 
     def _recheck_due(self, h: KeyHealth, now: float) -> bool:
         at = hl.next_usable_at(h, now, self.policy) if h.disabled_reason else None
@@ -211,7 +211,7 @@ class Engine:
     def _available_at(self, key: Key, now: float) -> float | None:
         if key.disabled:
             return None
-        at = hl.next_usable_at(self.health_of(key.fingerprint), now, self.policy)
+        at = hl.next_usable_at(self.health_of(key.fingerprint), now, self.policy, _paced(key))
         spent = self.budgets.blocked_until(key.fingerprint, now)
         return at if at is None or spent is None else max(at, spent)
 
@@ -268,7 +268,7 @@ class Engine:
     ) -> KeyHealth:
         """What an answer (or an in-stream error) says about the key; returns its new health.
         `admitted_at`: when the answered request was admitted (later ones may be unseen)."""
-        if sig.windows:
+        if sig.windows and "requests" not in _paced(key):
             after = [
                 at
                 for fp, at in self._open.values()
@@ -350,6 +350,20 @@ class Engine:
 
     def key_status(self, key: Key, now: float) -> dict[str, Any]:
         return {"label": key.label, **key_state(key, self.health_of(key.fingerprint), now)}
+
+
+def _paced(key: Key) -> frozenset[str]:
+    """Dimensions the key's local limits pace exactly: for those, the provider's remaining and
+    reset (which must be read as the worst case of a sliding window) would only slow it."""
+    lim = key.limits
+    paced = set()
+    if any(
+        getattr(lim, f"requests_per_{u}") is not None for u in ("second", "minute", "hour", "day")
+    ):
+        paced.add("requests")
+    if lim.tokens_per_minute is not None or lim.tokens_per_day is not None:
+        paced.update(("tokens", "input_tokens", "output_tokens"))
+    return frozenset(paced)
 
 
 def _unique(first: Iterable[str], rest: Iterable[str]) -> Iterator[str]:

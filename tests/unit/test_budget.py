@@ -38,14 +38,17 @@ def test_left_counts_what_the_report_cannot_include(remaining, in_flight, sent, 
 
 def test_a_spent_key_is_blocked_until_the_reset_then_gets_its_limit_back() -> None:
     b = Budgets()
-    b.observe("k", report(1, 30, limit=3), [], T0)
+    b.observe("k", report(1, 30, limit=3), [], T0)  # the window: 30 s, as the report tells
     b.admitted("k", T0 + 1)
     assert b.blocked_until("k", T0 + 2) == T0 + 30
     assert b.blocked_until("k", T0 + 30) is None
-    for i in range(3):  # the new window holds `limit`, not an unbounded rush
+    # The window may slide: the request at T0 + 1 still counts until T0 + 31, so two fit now,
+    # not the whole limit of three, and certainly not every waiting request.
+    for i in range(2):
         assert b.blocked_until("k", T0 + 30 + i * 0.01) is None
         b.admitted("k", T0 + 30 + i * 0.01)
-    assert b.blocked_until("k", T0 + 31) == T0 + 60  # the next window, guessed from the report
+    assert b.blocked_until("k", T0 + 30.5) == T0 + 31
+    assert b.blocked_until("k", T0 + 31) is None
 
 
 def test_an_unknown_limit_after_the_reset_is_not_a_block() -> None:
@@ -85,3 +88,22 @@ def test_fraction(left, limit, fraction) -> None:
     b.observe("k", report(left, 10, limit), [], T0)
     assert b.fraction("k", T0) == (1.0 if fraction is None else fraction)
     assert math.isfinite(b.fraction("nobody", T0))
+
+
+@pytest.mark.parametrize("limit", [0, 0.4])
+def test_a_window_that_holds_nothing_blocks_without_failing(limit: float) -> None:
+    b = Budgets()
+    b.observe("k", report(0, 2, limit=limit), [], T0)
+    assert b.blocked_until("k", T0 + 1) == T0 + 2
+    assert b.blocked_until("k", T0 + 3) == T0 + 3 + 2  # one (guessed) window later
+
+
+def test_budgets_never_raise_on_odd_reports() -> None:
+    b = Budgets(guard=0.02)
+    odd = [(-5, 1, 10), (0, 0, 10), (3, 1e-9, None), (1e12, 5, 1e12), (0, 1, 1)]
+    for i, (remaining, reset_in, limit) in enumerate(odd):
+        b.observe("k", report(remaining, reset_in, limit), [T0] * i, T0 + i)
+        for j in range(5):
+            b.admitted("k", T0 + i + j * 0.1)
+            b.blocked_until("k", T0 + i + j)
+            assert 0.0 <= b.fraction("k", T0 + i + j) <= 1.0

@@ -27,36 +27,41 @@ class Budget:
     observed_at: float
     sent: list[float] = field(default_factory=list)
     """Admission times of requests the report may not include."""
+    longest: float = 0.0
+    """The longest time to a reset any report of this window gave: its length, at least."""
+    guard: float = 0.0
+    """Seconds added to the window, for the jitter between admission and the provider."""
 
     @property
     def period(self) -> float:
-        """The window's length as far as one report tells (reset minus report, at least 1 s)."""
-        return max(1.0, self.reset_at - self.observed_at)
+        """The window's length as far as the reports tell (at least 1 s)."""
+        return max(1.0, self.longest, self.reset_at - self.observed_at)
 
-    def _window(self, now: float) -> tuple[float, float]:
-        """Start and end of the window `now` falls in (windows after the reset are guessed to
-        last `period` each, until a fresh report says otherwise)."""
-        if now < self.reset_at:
-            return self.observed_at, self.reset_at
-        n = math.floor((now - self.reset_at) / self.period)
-        start = self.reset_at + n * self.period
-        return start, start + self.period
+    def _recent(self, now: float) -> list[float]:
+        return [t for t in self.sent if t > now - self.period - self.guard]
 
     def left(self, now: float) -> float:
-        """Requests the key can still take in this window (may be negative)."""
-        if now < self.reset_at:
+        """Requests the key can still take (may be negative). Before the reset: what the
+        report said, less what was sent since. After it (the provider said the window is then
+        fully replenished): the limit, less what was sent within the last period, since a
+        provider's window may slide."""
+        if now < self.reset_at + self.guard:
             return self.remaining - len(self.sent)
         if self.limit is None:
             return math.inf
-        # A new window began at the reset: it holds `limit`, less what was sent since.
-        start, _ = self._window(now)
-        return self.limit - sum(1 for t in self.sent if t >= start)
+        return math.floor(self.limit) - len(self._recent(now))
 
     def blocked_until(self, now: float) -> float | None:
         """When the key may be tried again if the budget is spent (None: it is not)."""
         if self.left(now) > 0:
             return None
-        return self._window(now)[1]
+        if now < self.reset_at + self.guard or self.limit is None:
+            return self.reset_at + self.guard
+        if self.limit < 1:  # a window that holds nothing: look again a window later
+            return now + self.period + self.guard
+        recent = sorted(self._recent(now))
+        # One more fits once all but limit - 1 of the recent ones have left the window.
+        return recent[len(recent) - int(self.limit)] + self.period + self.guard
 
     def fraction(self, now: float) -> float | None:
         if self.limit is None or self.limit <= 0:
@@ -67,7 +72,9 @@ class Budget:
 class Budgets:
     """The budgets of every key, by fingerprint and window name."""
 
-    def __init__(self) -> None:
+    def __init__(self, guard: float = 0.0) -> None:
+        """`guard`: the fraction added to windows (as the limiter's, at most 0.25 s)."""
+        self.guard = guard
         self._by_key: dict[str, dict[str, Budget]] = {}
 
     def observe(
@@ -80,7 +87,11 @@ class Budgets:
             if w.dimension not in COUNTED or w.remaining is None or w.reset_at is None:
                 continue
             name = w.dimension if w.period is None else f"{w.dimension}:{w.period}"
-            budgets[name] = Budget(w.limit, w.remaining, w.reset_at, now, sorted(in_flight_after))
+            old = budgets.get(name)
+            longest = old.period if old is not None else 0.0
+            b = Budget(w.limit, w.remaining, w.reset_at, now, sorted(in_flight_after), longest)
+            b.guard = min(self.guard * b.period, 0.25)
+            budgets[name] = b
 
     def forget(self, fp: str) -> None:
         """An operator reset: what the provider said before no longer holds."""
@@ -99,7 +110,6 @@ class Budgets:
 
     def admitted(self, fp: str, at: float) -> None:
         for b in self._by_key.get(fp, {}).values():
-            start, _ = b._window(at)
-            if b.sent and b.sent[0] < start and at >= b.reset_at:
-                b.sent = [t for t in b.sent if t >= start]  # earlier windows no longer count
+            if at >= b.reset_at and b.sent and b.sent[0] <= at - b.period - b.guard:
+                b.sent = b._recent(at)  # older ones no longer count, whatever the window
             b.sent.append(at)

@@ -234,12 +234,14 @@ def status(h: KeyHealth, now: float) -> KeyStatus:
     return KeyStatus("ready", None, None)
 
 
-def usable(h: KeyHealth, now: float) -> bool:
+def usable(h: KeyHealth, now: float, paced: frozenset[str] = frozenset()) -> bool:
     """Ready, and no known window is exhausted until a reset still to come."""
-    return status(h, now).state == "ready" and not _exhausted(h, now)
+    return status(h, now).state == "ready" and not _exhausted(h, now, paced)
 
 
-def next_usable_at(h: KeyHealth, now: float, policy: Policy | None = None) -> float | None:
+def next_usable_at(
+    h: KeyHealth, now: float, policy: Policy | None = None, paced: frozenset[str] = frozenset()
+) -> float | None:
     """When the key becomes usable (`now` if it is); None when disabled with no recheck due.
 
     With `policy.auth_recheck_seconds`, a disabled key is due for one try that long after.
@@ -248,7 +250,8 @@ def next_usable_at(h: KeyHealth, now: float, policy: Policy | None = None) -> fl
         recheck = _recheck_at(h, policy.auth_recheck_seconds if policy else None)
         return None if recheck is None else max(now, recheck)
     times = [now, h.cooling_until or now, h.blocked_until or now]
-    return max(times + [w.reset_at for w in _exhausted(h, now) if w.reset_at is not None])
+    exhausted = _exhausted(h, now, paced)
+    return max(times + [w.reset_at for w in exhausted if w.reset_at is not None])
 
 
 def headroom(h: KeyHealth, now: float) -> float:
@@ -269,10 +272,13 @@ def _fraction(w: WindowState) -> float | None:
     return min(1.0, w.remaining / w.limit)
 
 
-def _exhausted(h: KeyHealth, now: float) -> list[WindowState]:
+def _exhausted(h: KeyHealth, now: float, paced: frozenset[str] = frozenset()) -> list[WindowState]:
+    """Windows with nothing left until a reset still to come; `paced` dimensions are left out
+    (local limits pace them exactly, which a provider's coarse reset time cannot)."""
     return [
         w
-        for w in h.windows.values()
+        for name, w in h.windows.items()
+        if name.split(":", 1)[0] not in paced
         if w.remaining is not None
         and w.remaining <= 0
         and w.reset_at is not None
