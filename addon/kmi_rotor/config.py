@@ -73,7 +73,7 @@ class GlobalLimits(LimitsConfig):
         30.0, ge=0, le=3600, description="Longest a request may wait for capacity; 0 = never."
     )
     guard: float = Field(
-        0.02,
+        0.015,
         ge=0,
         le=0.5,
         description="Each window is enforced this fraction longer (at most 0.25 s), so that the "

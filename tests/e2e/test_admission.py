@@ -171,7 +171,7 @@ def test_waiting_requests_never_exceed_limits_at_the_provider(waited_burst):
 # -- 2. never waiting: local 429s that say when to come back -----------------------------------
 
 
-GUARD = 0.02
+GUARD = 0.015
 """kmi-rotor's default `[limits] guard`."""
 
 

@@ -35,7 +35,7 @@ def enforced_length(name: str, guard: float = 0.0) -> float:
     Admission happens at the proxy; a provider counts arrivals. The event loop, the network
     and the provider's own queue put a few milliseconds between the two, differently for each
     request, so a window exact at the proxy can hold one request too many at the provider; a
-    guard of 0.02 absorbs that at a cost of 2% of a one-second limit's throughput."""
+    guard of 0.015 absorbs that at a cost of 1.5% of a one-second limit's throughput."""
     nominal = WINDOWS[name]
     return nominal + min(guard * nominal, GUARD_MAX)
 

@@ -143,9 +143,22 @@ def _label(key: KeyLike) -> str:
     return getattr(key, "label", None) or str(key)
 
 
+_positions: dict[int, tuple[Sequence[KeyLike], dict[int, int]]] = {}
+
+
 def _index(keys: Sequence[KeyLike], key: KeyLike) -> int:
-    for i, k in enumerate(keys):
-        if k is key or k == key:
+    """Where `key` stands in `keys`: a lookup, not a scan (a pool may hold 1,000 keys)."""
+    cached = _positions.get(id(keys))
+    if cached is None or cached[0] is not keys:
+        if len(_positions) > 64:  # pools are few; old tuples of a reloaded config go
+            _positions.clear()
+        cached = (keys, {id(k): i for i, k in enumerate(keys)})
+        _positions[id(keys)] = cached
+    i = cached[1].get(id(key))
+    if i is not None:
+        return i
+    for i, k in enumerate(keys):  # an equal key that is another object
+        if k == key:
             return i
     return -1
 
