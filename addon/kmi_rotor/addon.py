@@ -234,12 +234,7 @@ class Rotor(OperatorCommands):
                 self._deferred[flow.id] = pool
         except Exception:
             log.exception("kmi-rotor: internal error while choosing a key")
-            self._release(flow)
-            _local(
-                flow,
-                Refusal(500, "internal_error", "failed before sending the request"),
-                self.clock(),
-            )
+            self._fail_before_sending(flow)
 
     def _gate(self, flow: http.HTTPFlow) -> Pool | None:
         """Access, configuration and pool checks; the pool when a key must be chosen."""
@@ -451,12 +446,7 @@ class Rotor(OperatorCommands):
                 flows.ask_for_usage(flow)
         except Exception:
             log.exception("kmi-rotor: internal error while reading the request body")
-            self._release(flow)
-            _local(
-                flow,
-                Refusal(500, "internal_error", "failed before sending the request"),
-                self.clock(),
-            )
+            self._fail_before_sending(flow)
 
     # -- response path ----------------------------------------------------------------------
 
@@ -636,6 +626,12 @@ class Rotor(OperatorCommands):
                 self.trace.write(record)
         except Exception:
             log.exception("kmi-rotor: could not trace a request")
+
+    def _fail_before_sending(self, flow: http.HTTPFlow) -> None:
+        """Fail closed: free what the flow holds and answer locally; nothing goes upstream."""
+        self._release(flow)
+        refusal = Refusal(500, "internal_error", "failed before sending the request")
+        _local(flow, refusal, self.clock())
 
     def _release(self, flow: http.HTTPFlow) -> None:
         served = self._served.pop(flow.id, None)

@@ -169,24 +169,17 @@ def _remaining(r: dict[str, Any]) -> str:
     return ", ".join(parts[:2]) or "-"
 
 
+TABLE_HEAD = (
+    *("POOL", "KEY", "MASKED", "STATUS", "RESETS IN", "REASON"),
+    *("REMAINING", "REQS", "ERRS", "429", "LAST", "LAST USED"),
+)
+
+
 def render_table(
     key_rows: list[dict[str, Any]], now: float, local: dict[str, int] | None = None
 ) -> str:
     """The human table of `kmi-rotor status`."""
-    head = (
-        "POOL",
-        "KEY",
-        "MASKED",
-        "STATUS",
-        "RESETS IN",
-        "REASON",
-        "REMAINING",
-        "REQS",
-        "ERRS",
-        "429",
-        "LAST",
-        "LAST USED",
-    )
+    head = TABLE_HEAD
     body = [
         (
             r["pool"],

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from kmi_rotor import cli, config
+from kmi_rotor import cli, config, status
 from kmi_rotor.core.health import KeyHealth
 from kmi_rotor.core.secrets import fingerprint
 from kmi_rotor.core.state import KEY_COUNTERS, Delta, KeyDelta
@@ -142,20 +142,7 @@ def test_status_json(cfg: Path, capsys: pytest.CaptureFixture[str]) -> None:
         assert secret not in out
 
 
-TABLE_HEAD = (
-    "POOL",
-    "KEY",
-    "MASKED",
-    "STATUS",
-    "RESETS IN",
-    "REASON",
-    "REMAINING",
-    "REQS",
-    "ERRS",
-    "429",
-    "LAST",
-    "LAST USED",
-)
+TABLE_HEAD = status_module.TABLE_HEAD
 
 
 def table_cells(head_line: str, line: str) -> list[str]:
