@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from kmi_rotor import cli, config, status
+from kmi_rotor import cli, config
+from kmi_rotor import status as status_module
 from kmi_rotor.core.health import KeyHealth
 from kmi_rotor.core.secrets import fingerprint
 from kmi_rotor.core.state import KEY_COUNTERS, Delta, KeyDelta
