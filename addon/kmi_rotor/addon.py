@@ -392,10 +392,11 @@ class Rotor(OperatorCommands):
         self, flow: http.HTTPFlow, pool: Pool, chosen: Chosen, attempt: int, arrived: float
     ) -> None:
         key = chosen.key
+        # Held first: whatever fails below, the error path finds the reservation and frees it.
+        self._served[flow.id] = Served(
+            pool, key, chosen.reservation, attempt, time.monotonic(), arrived
+        )
         where = placements(flow.request.headers.keys(), flow.request.query.keys(), pool.preset)
-        secret = key.secret.get_secret_value()
-        for p in where:
-            _put(flow.request, p, p.render(secret))
         meta = flow.metadata.setdefault(META, {})
         meta.update(
             {
@@ -406,10 +407,10 @@ class Rotor(OperatorCommands):
                 "placements": [[p.kind, p.name] for p in where],
             }
         )
+        secret = key.secret.get_secret_value()
+        for p in where:
+            _put(flow.request, p, p.render(secret))
         flow.comment = f"key {key.label}" + (f" · attempt {attempt}" if attempt > 1 else "")
-        self._served[flow.id] = Served(
-            pool, key, chosen.reservation, attempt, time.monotonic(), arrived
-        )
         assert self.keeper is not None
         d = self.keeper.key(key)
         d.add("requests")
