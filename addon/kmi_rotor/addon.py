@@ -526,7 +526,7 @@ class Rotor(OperatorCommands):
             sig, outcome = flows.stream_signal(sig, stream)
         else:
             served.tokens = tk.reported_usage(body)
-        h = self.engine.observe(served.key, sig, now, served.reservation.at)
+        h = self.engine.observe(served.key, sig, now, served.reservation)
         self.engine.settle(served.key, served.reservation, flows.total(served.tokens))
         d = self.keeper.key(served.key)
         d.health = h

@@ -264,15 +264,17 @@ class Engine:
         self.limiter.release(reservation)
 
     def observe(
-        self, key: Key, sig: Signal, now: float, admitted_at: float | None = None
+        self, key: Key, sig: Signal, now: float, answered: Reservation | None = None
     ) -> KeyHealth:
         """What an answer (or an in-stream error) says about the key; returns its new health.
-        `admitted_at`: when the answered request was admitted (later ones may be unseen)."""
+        `answered`: the answered request's reservation. Every other request in flight on the
+        key may be missing from what the provider reported, whenever it was admitted: transit
+        times differ, so an earlier one can arrive later."""
         if sig.windows and "requests" not in _paced(key):
             after = [
                 at
-                for fp, at in self._open.values()
-                if fp == key.fingerprint and (admitted_at is None or at > admitted_at)
+                for rid, (fp, at) in self._open.items()
+                if fp == key.fingerprint and (answered is None or rid != id(answered))
             ]
             self.budgets.observe(key.fingerprint, sig.windows, after, now)
         outage = sig.kind is FailureKind.OVERLOADED and self._is_outage(key, now)
