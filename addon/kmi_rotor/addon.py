@@ -4,37 +4,35 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from mitmproxy import ctx, http
-from mitmproxy.proxy.mode_specs import ProxyMode
 
 from . import config, failover, flows
+from .answers import answer_locally, mask_request, put
 from .commands import OperatorCommands
-from .config import Client, ConfigError, Key, Pool, Settings
+from .config import ConfigError, Pool, Settings
 from .core import access
 from .core import tokens as tk
-from .core.credentials import CREDENTIAL_HEADERS, CREDENTIAL_QUERY, Placement, placements
-from .core.refusal import Refusal, render
-from .core.secrets import mask_credential_value
+from .core.credentials import placements
+from .core.refusal import Refusal
 from .core.signals import FailureKind, Signal, parse_signal
 from .core.sse import SSETap
 from .engine import Chosen, Engine, Wait, pool_available_at
-from .flows import META
+from .flows import META, Served
+from .gatekeeper import EXPOSURE_OPTIONS, Gatekeeper
 from .hosting import StatusPage, on_loop
 from .keeper import StateKeeper
+from .records import Bookkeeping
 from .store import StateStore
-from .trace import TraceRecord, TraceWriter, trace_path
+from .trace import TraceWriter, trace_path
 from .usage_poller import UsagePoller
 
 log = logging.getLogger("kmi_rotor")
 
-EXPOSURE_OPTIONS = {"listen_host", "mode", "proxyauth", "rotor_allow_remote", "rotor_config"}
 WAIT_SLICE = 0.5
 UPSTREAM_SETUP_WAIT = 10.0
 LIMITER_EVERY = 5.0
@@ -42,25 +40,7 @@ LIMITER_EVERY = 5.0
 """A waiting request looks at its client this often, so a client that left stops waiting."""
 
 
-@dataclass
-class Served:
-    """What kmi-rotor holds for a flow between choosing its key and its end."""
-
-    pool: Pool
-    key: Key
-    reservation: Any
-    attempt: int
-    started: float
-    wall: float
-    stream_request: bool = False
-    estimated_from_size: bool = False
-    ttfb: float | None = None
-    tap: SSETap | None = None
-    tokens: tuple[int | None, int | None] = (None, None)
-    notes: list[str] = field(default_factory=list)
-
-
-class Rotor(OperatorCommands):
+class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
     """Injects a key of the matching pool into every request to a configured LLM host."""
 
     def __init__(self) -> None:
@@ -103,20 +83,6 @@ class Rotor(OperatorCommands):
             "Give pool keys to clients that are not on loopback, once they authenticate (proxyauth "
             "in regular mode, or a [[clients]] token from the config). Off: only loopback clients.",
         )
-
-    def _check_exposure(self) -> None:
-        """Decide from the listening addresses and the authentication whom to serve; say it once."""
-        opts = ctx.options
-        try:
-            hosts = [ProxyMode.parse(m).listen_host(opts.listen_host) for m in opts.mode]
-        except ValueError:  # mitmproxy refuses a bad mode itself; until then assume the worst
-            hosts = [""]
-        proxyauth = opts.proxyauth if "proxyauth" in opts else None
-        authenticated = bool(proxyauth) or bool(self.settings and self.settings.clients)
-        exp = access.exposure(hosts, opts.rotor_allow_remote, authenticated)
-        if exp.message and exp != self.exposure:
-            log.warning("%s", exp.message)
-        self.exposure = exp
 
     def configure(self, updated: set[str]) -> None:
         if "rotor_config" in updated or self.settings is None:
@@ -169,37 +135,6 @@ class Rotor(OperatorCommands):
         self.keeper.load_blocking()
         self.trace = TraceWriter(trace_path(settings.state_dir))
 
-    def _adopt_state(self, doc: Any) -> None:
-        """Take in what other processes wrote: operators' actions and newer health."""
-        assert self.engine is not None and self.keeper is not None
-        first, self._state_read = not self._state_read, True
-        for fp, rec in doc.keys.items():
-            key = self.engine.keys.get(fp)
-            if key is None:
-                continue
-            self.engine.adopt(fp, rec.health)
-            op = rec.operator
-            if op is not None and op.at > self._operator_seen.get(fp, 0.0):
-                self._operator_seen[fp] = op.at
-                # On start-up, an action newer than the stored health was never applied (its
-                # writer wrote after the last proxy stopped, or the proxy died first).
-                if not first or rec.health.updated_at < op.at:
-                    self._operate(key, op.action, record=False)
-        if doc.limiter and first:
-            try:
-                self.engine.limiter.restore(doc.limiter, self.clock())
-            except (ValueError, TypeError, KeyError, AttributeError) as e:
-                log.warning("kmi-rotor: stored limiter windows not used (%s)", e)
-        for pool in self.engine.settings.pools:
-            rotations = doc.pools[pool.name].rotations if pool.name in doc.pools else 0
-            seen = self._rotations_seen.get(pool.name)
-            if seen is None and not first:
-                seen = 0  # a pool first written by the CLI: every rotation is new
-            if seen is not None and rotations > seen:
-                self.engine.rotate(pool.name, rotations - seen)
-            self._rotations_seen[pool.name] = rotations
-        self._wake()
-
     def running(self) -> None:
         self._loop = asyncio.get_running_loop()
         if self.keeper is not None:
@@ -247,13 +182,13 @@ class Rotor(OperatorCommands):
             self._scrub_tokens(flow)
             if not allowed:
                 why = "this client may not use kmi-rotor (not loopback, not authenticated)"
-                _local(flow, Refusal(403, "client_not_allowed", why), self.clock())
+                answer_locally(flow, Refusal(403, "client_not_allowed", why), self.clock())
                 return None
         if page:
             return None
         if self.settings is None or self.engine is None:
             reason = f"not serving: {self.config_error}"
-            _local(flow, Refusal(503, "not_configured", reason), self.clock())
+            answer_locally(flow, Refusal(503, "not_configured", reason), self.clock())
             return None
         return pool
 
@@ -288,7 +223,9 @@ class Rotor(OperatorCommands):
                 return
             if isinstance(d, Wait):
                 if not await self._wait(flow, d.until, deadline):
-                    _local(flow, Refusal(499, "client_gone", "the client left while waiting"), now)
+                    answer_locally(
+                        flow, Refusal(499, "client_gone", "the client left while waiting"), now
+                    )
                     return
                 continue
             self._refused(flow, pool, d, arrived)
@@ -318,46 +255,6 @@ class Rotor(OperatorCommands):
 
     def server_connect_error(self, data: Any) -> None:
         self.server_connected(data)
-
-    def _client_allowed(self, flow: http.HTTPFlow, pool: Pool | None) -> bool:
-        peer = flow.client_conn.peername[0] if flow.client_conn.peername else ""
-        authenticated = "proxyauth" in flow.metadata
-        if (
-            not authenticated
-            and self.settings
-            and self.settings.clients
-            and not access.is_loopback(peer)
-        ):
-            client = self._token_client(flow)
-            authenticated = client is not None and (
-                pool is None or client.pools is None or pool.name in client.pools
-            )
-            if authenticated:
-                flow.metadata.setdefault(META, {})["client"] = client.label  # type: ignore[union-attr]
-        return access.client_allowed(self.exposure, peer, authenticated)
-
-    def _scrub_tokens(self, flow: http.HTTPFlow) -> None:
-        """Mask client tokens wherever the client put them: a flow answered locally (a
-        refusal, the status page) keeps its request, and so would keep the token."""
-        if self.settings is None or not self.settings.clients:
-            return
-        tokens = [(c.label, c.token.get_secret_value()) for c in self.settings.clients]
-        for slot in (*CREDENTIAL_HEADERS, *(f"?{q}" for q in CREDENTIAL_QUERY)):
-            where = flow.request.query if slot.startswith("?") else flow.request.headers
-            value = where.get(slot.lstrip("?"))
-            if value is None:
-                continue
-            bare = value[7:].strip() if value[:7].lower() == "bearer " else value.strip()
-            if access.match_token([bare], tokens) is not None:
-                where[slot.lstrip("?")] = mask_credential_value(value)
-
-    def _token_client(self, flow: http.HTTPFlow) -> Client | None:
-        assert self.settings is not None
-        headers = {k.lower(): v for k, v in flow.request.headers.items()}
-        presented = access.presented_credentials(headers, dict(flow.request.query.items()))
-        tokens = [(c.label, c.token.get_secret_value()) for c in self.settings.clients]
-        label = access.match_token(presented, tokens)
-        return next((c for c in self.settings.clients if c.label == label), None)
 
     async def _wait(self, flow: http.HTTPFlow, until: float | None, deadline: float) -> bool:
         """Sleep until `until`, a freed slot, or the deadline; False if the client left."""
@@ -409,7 +306,7 @@ class Rotor(OperatorCommands):
         )
         secret = key.secret.get_secret_value()
         for p in where:
-            _put(flow.request, p, p.render(secret))
+            put(flow.request, p, p.render(secret))
         flow.comment = f"key {key.label}" + (f" · attempt {attempt}" if attempt > 1 else "")
         assert self.keeper is not None
         d = self.keeper.key(key)
@@ -418,7 +315,7 @@ class Rotor(OperatorCommands):
             d.add("retries")
 
     def _refused(self, flow: http.HTTPFlow, pool: Pool, r: Refusal, arrived: float) -> None:
-        _local(flow, r, self.clock())
+        answer_locally(flow, r, self.clock())
         flow.metadata[META]["pool"] = pool.name
         flow.marked = ":no_entry:"
         if r.status == 429 and self.keeper is not None:
@@ -494,7 +391,7 @@ class Rotor(OperatorCommands):
             if self.engine is not None:
                 self.engine.settle(served.key, served.reservation, None)
             if not served.tap:  # a streamed answer is already with the client
-                _local(
+                answer_locally(
                     flow,
                     Refusal(502, "internal_error", "failed while reading the answer"),
                     self.clock(),
@@ -576,63 +473,11 @@ class Rotor(OperatorCommands):
 
     # -- bookkeeping ------------------------------------------------------------------------
 
-    def _annotate(self, flow: http.HTTPFlow, served: Served, sig: Signal, outcome: str) -> None:
-        assert self.engine is not None and flow.response is not None
-        parts = [f"key {served.key.label}", str(flow.response.status_code)]
-        if served.attempt > 1:
-            parts.append(f"attempt {served.attempt}")
-        st = self.engine.key_status(served.key, self.clock())
-        if st["status"] != "ready":
-            until = st["until"]
-            left = f" {max(0, round(until - self.clock()))}s" if until else ""
-            parts.append(f"{st['status']}{left}")
-        flow.comment = " · ".join(parts)
-        if sig.kind not in (FailureKind.OK, FailureKind.CLIENT_ERROR) or outcome != sig.kind.value:
-            flow.marked = ":warning:"
-        flow.metadata[META].update(
-            {
-                "outcome": outcome,
-                "status": flow.response.status_code,
-                "reason": sig.reason,
-                "key_status": st["status"],
-                "tokens_in": served.tokens[0],
-                "tokens_out": served.tokens[1],
-            }
-        )
-
-    def _trace(
-        self, flow: http.HTTPFlow, pool: Pool, served: Served | None, outcome: str, arrived: float
-    ) -> None:
-        total = None if served is None else (time.monotonic() - served.started) * 1000
-        try:
-            record = TraceRecord(
-                ts=arrived,
-                id=flow.id,
-                pool=pool.name,
-                key=served.key.label if served else None,
-                fp=served.key.fingerprint if served else None,
-                method=flow.request.method,
-                path=flow.request.path,
-                status=flow.response.status_code if flow.response else None,
-                ttfb_ms=served.ttfb * 1000 if served and served.ttfb is not None else None,
-                total_ms=total,
-                tokens_in=served.tokens[0] if served else None,
-                tokens_out=served.tokens[1] if served else None,
-                outcome=outcome,  # type: ignore[arg-type]
-                attempt=served.attempt if served else 1,
-                stream=bool(served and served.tap),
-            )
-            self._recent.append(asdict(record))
-            if self.trace is not None:
-                self.trace.write(record)
-        except Exception:
-            log.exception("kmi-rotor: could not trace a request")
-
     def _fail_before_sending(self, flow: http.HTTPFlow) -> None:
         """Fail closed: free what the flow holds and answer locally; nothing goes upstream."""
         self._release(flow)
         refusal = Refusal(500, "internal_error", "failed before sending the request")
-        _local(flow, refusal, self.clock())
+        answer_locally(flow, refusal, self.clock())
 
     def _release(self, flow: http.HTTPFlow) -> None:
         served = self._served.pop(flow.id, None)
@@ -650,46 +495,6 @@ class Rotor(OperatorCommands):
 
 
 # -- helpers -------------------------------------------------------------------------------------
-
-
-def mask_request(flow: http.HTTPFlow) -> None:
-    """Replace the injected key by its masked form wherever it was put (once)."""
-    meta = flow.metadata.get(META) or {}
-    for kind, name in meta.pop("placements", ()):
-        value = flow.request.headers.get(name) if kind == "header" else flow.request.query.get(name)
-        if value is not None:
-            _put(flow.request, Placement(kind, name), mask_credential_value(value))
-
-
-def _mask_credentials(flow: http.HTTPFlow) -> None:
-    """A request answered locally never leaves: no credential needs to stay in it."""
-    for name in CREDENTIAL_HEADERS:
-        if name in flow.request.headers:
-            flow.request.headers[name] = mask_credential_value(flow.request.headers[name])
-    for name in CREDENTIAL_QUERY:
-        if name in flow.request.query:
-            flow.request.query[name] = mask_credential_value(flow.request.query[name])
-
-
-def _put(request: http.Request, placement: Placement, value: str) -> None:
-    if placement.kind == "header":
-        request.headers[placement.name] = value
-    else:
-        request.query[placement.name] = value
-
-
-def _local(flow: http.HTTPFlow, r: Refusal, now: float) -> None:
-    """Answer locally; a key already injected is masked at once (nothing goes upstream now)."""
-    status, headers, body = render(r, now)
-    mask_request(flow)
-    _mask_credentials(flow)
-    flow.response = http.Response.make(status, json.dumps(body).encode(), headers)
-    meta = flow.metadata.setdefault(META, {})
-    meta.pop("fingerprint", None)
-    meta.update({"local": True, "code": r.code, "status": status})
-    flow.comment = f"kmi-rotor: {status} {r.code}" + (
-        f" · retry in {body['error']['retry_after']}s" if "retry_after" in body["error"] else ""
-    )
 
 
 __all__ = ["META", "Rotor", "Served", "pool_available_at"]

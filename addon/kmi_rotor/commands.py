@@ -29,6 +29,7 @@ class OperatorCommands:
     _rotations_seen: dict[str, int]
     _operator_seen: dict[str, float]
     _started: float
+    _state_read: bool
     clock: Any
 
     def _wake(self) -> None:
@@ -112,3 +113,34 @@ class OperatorCommands:
             d.operator = Operator(action=action, at=now)
             self._operator_seen[key.fingerprint] = now
         log.info("kmi-rotor: key %s: %s", key.label, action)
+
+    def _adopt_state(self, doc: Any) -> None:
+        """Take in what other processes wrote: operators' actions and newer health."""
+        assert self.engine is not None and self.keeper is not None
+        first, self._state_read = not self._state_read, True
+        for fp, rec in doc.keys.items():
+            key = self.engine.keys.get(fp)
+            if key is None:
+                continue
+            self.engine.adopt(fp, rec.health)
+            op = rec.operator
+            if op is not None and op.at > self._operator_seen.get(fp, 0.0):
+                self._operator_seen[fp] = op.at
+                # On start-up, an action newer than the stored health was never applied (its
+                # writer wrote after the last proxy stopped, or the proxy died first).
+                if not first or rec.health.updated_at < op.at:
+                    self._operate(key, op.action, record=False)
+        if doc.limiter and first:
+            try:
+                self.engine.limiter.restore(doc.limiter, self.clock())
+            except (ValueError, TypeError, KeyError, AttributeError) as e:
+                log.warning("kmi-rotor: stored limiter windows not used (%s)", e)
+        for pool in self.engine.settings.pools:
+            rotations = doc.pools[pool.name].rotations if pool.name in doc.pools else 0
+            seen = self._rotations_seen.get(pool.name)
+            if seen is None and not first:
+                seen = 0  # a pool first written by the CLI: every rotation is new
+            if seen is not None and rotations > seen:
+                self.engine.rotate(pool.name, rotations - seen)
+            self._rotations_seen[pool.name] = rotations
+        self._wake()

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from typing import Any
 
 from mitmproxy import http
 
+from .config import Key, Pool
 from .core.signals import FailureKind, Signal
-from .core.sse import StreamOutcome
+from .core.sse import SSETap, StreamOutcome
 from .core.tokens import MAX_TOKENS
 
 META = "kmi_rotor"
@@ -18,6 +20,26 @@ STREAM_KINDS = {
     "quota": FailureKind.QUOTA,
     "auth": FailureKind.AUTH,
 }
+
+
+@dataclass
+class Served:
+    """What kmi-rotor holds for a flow between choosing its key and its end."""
+
+    pool: Pool
+    key: Key
+    reservation: Any
+    attempt: int
+    started: float
+    wall: float
+    stream_request: bool = False
+    estimated_from_size: bool = False
+    ttfb: float | None = None
+    tap: SSETap | None = None
+    tokens: tuple[int | None, int | None] = (None, None)
+    notes: list[str] = field(default_factory=list)
+
+
 RETRIABLE = (FailureKind.RATE_LIMITED, FailureKind.QUOTA, FailureKind.AUTH, FailureKind.OVERLOADED)
 
 
