@@ -752,3 +752,32 @@ def test_key_status_reports_label_and_reason() -> None:
     b.signal("a", FailureKind.QUOTA, T0, retry_at=T0 + 30)
     st = b.engine.key_status(b.keys["a"], T0 + 1)
     assert st == {"label": "a", "status": "blocked", "until": T0 + 30, "reason": "quota"}
+
+
+# -- provider budgets ---------------------------------------------------------------------------
+
+
+def test_a_reported_remaining_is_spent_by_what_is_sent_before_the_next_report() -> None:
+    b = Bench(settings(2))
+    b.signal("a", FailureKind.OK, T0, windows=(Window("requests", "minute", 10, 2, T0 + 30),))
+    assert b.serve(T0 + 1, 6) == "ababbb"  # a had 2 left: skipped before the provider refuses it
+    assert not b.engine.usable(b.keys["a"], T0 + 29)
+    assert b.engine.usable(b.keys["a"], T0 + 31)
+
+
+def test_requests_in_flight_when_the_provider_answered_count_against_its_remaining() -> None:
+    b = Bench(settings(2))
+    held = [b.take(T0) for _ in range(4)]  # a, b, a, b in flight
+    answered = held[0]
+    window = (Window("requests", "minute", 10, 1, T0 + 30),)
+    b.engine.observe(
+        b.keys["a"], sig(FailureKind.OK, windows=window), T0 + 0.1, answered.reservation
+    )
+    # One left by the report, and the other request in flight on a may not be in it.
+    assert not b.engine.usable(b.keys["a"], T0 + 0.2)
+
+
+def test_local_request_limits_pace_a_key_instead_of_the_providers_reports() -> None:
+    b = Bench(settings(2, per_key={"a": {"limits": {"requests_per_minute": 100}}}))
+    b.signal("a", FailureKind.OK, T0, windows=(Window("requests", "minute", 10, 0, T0 + 30),))
+    assert b.engine.usable(b.keys["a"], T0 + 1)  # its own limit has room: that decides
