@@ -21,7 +21,7 @@ from .core.credentials import placements
 from .core.refusal import Refusal
 from .core.signals import FailureKind, Signal, parse_signal
 from .core.sse import SSETap
-from .engine import Chosen, Engine, Wait, pool_available_at
+from .engine import Chosen, Engine, Wait
 from .flows import META, Served
 from .gatekeeper import EXPOSURE_OPTIONS, Gatekeeper
 from .hosting import StatusPage, on_loop
@@ -497,4 +497,4 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
 # -- helpers -------------------------------------------------------------------------------------
 
 
-__all__ = ["META", "Rotor", "Served", "pool_available_at"]
+__all__ = ["META", "Rotor", "Served"]

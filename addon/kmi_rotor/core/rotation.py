@@ -56,12 +56,7 @@ class RoundRobin(_Base):
     def candidates(
         self, keys: Sequence[KeyLike], usable: Callable[[KeyLike], bool]
     ) -> Iterator[KeyLike]:
-        n = len(keys)
-        start = self._next % n if n else 0
-        for step in range(n):
-            key = keys[(start + step) % n]
-            if usable(key):
-                yield key
+        return _cycle(keys, self._next, usable)
 
     def chose(self, keys: Sequence[KeyLike], key: KeyLike) -> None:
         self._next = _index(keys, key) + 1
@@ -76,11 +71,7 @@ class Sticky(_Base):
     def candidates(
         self, keys: Sequence[KeyLike], usable: Callable[[KeyLike], bool]
     ) -> Iterator[KeyLike]:
-        n = len(keys)
-        for step in range(n):
-            key = keys[(self._active + step) % n]
-            if usable(key):
-                yield key
+        return _cycle(keys, self._active, usable)
 
     def chose(self, keys: Sequence[KeyLike], key: KeyLike) -> None:
         self._active = _index(keys, key)
@@ -137,6 +128,17 @@ class Headroom(_Base):
 
     def chose(self, keys: Sequence[KeyLike], key: KeyLike) -> None:
         self._rr.chose(keys, key)
+
+
+def _cycle(
+    keys: Sequence[KeyLike], start: int, usable: Callable[[KeyLike], bool]
+) -> Iterator[KeyLike]:
+    """The usable keys in cyclic order from `start`, lazily."""
+    n = len(keys)
+    for step in range(n):
+        key = keys[(start + step) % n]
+        if usable(key):
+            yield key
 
 
 def _label(key: KeyLike) -> str:
