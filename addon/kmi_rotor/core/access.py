@@ -98,15 +98,6 @@ def exposure(listen_hosts: Iterable[str], allow_remote: bool, authenticated: boo
     )
 
 
-def client_allowed(exp: Exposure, client_ip: str, authenticated: bool) -> bool:
-    """Whether this client may have a pool key (`authenticated`: proxyauth or a client token)."""
-    if exp.state == "exposed":
-        return False
-    if is_loopback(client_ip):
-        return True
-    return exp.state == "remote_ok" and authenticated
-
-
 def match_token(presented: Sequence[str], tokens: Sequence[tuple[str, str]]) -> str | None:
     """The label of the client token the request carries, compared in constant time."""
     found: str | None = None
