@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import logging
 import socket
 from collections.abc import Callable
@@ -104,8 +105,10 @@ class Gatekeeper:
         pool = self._pool_of(host, port)
         try:
             addresses = await _resolve(host, port)
-        except OSError:
-            return  # mitmproxy fails to connect itself, and says why
+        except (OSError, TimeoutError):
+            if not loopback:
+                server.error = f"kmi-rotor: the destination {host}:{port} cannot be resolved"
+            return  # for loopback clients, mitmproxy fails to connect itself and says why
         why = access.destination_verdict(
             addresses,
             port,
@@ -193,8 +196,11 @@ class Gatekeeper:
             return None
         try:
             addresses = await _resolve(host, port)
-        except OSError:
-            return None  # unresolvable: mitmproxy answers 502 itself
+        except (OSError, TimeoutError):
+            if loopback:
+                return None  # mitmproxy answers 502 itself
+            why = f"the destination {host}:{port} cannot be resolved"
+            return Refusal(403, "destination_not_allowed", why)  # and so not checked
         why = access.destination_verdict(
             addresses,
             port,
@@ -319,6 +325,8 @@ async def _resolve(host: str, port: int) -> list[IP]:
     literal = access.parse_address(host)
     if literal is not None:
         return [literal]
+    if access.names_loopback(host):  # `localhost.` may not resolve here, and yet elsewhere
+        return [ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")]
     loop = asyncio.get_running_loop()
     infos = await asyncio.wait_for(
         loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), RESOLVE_TIMEOUT
