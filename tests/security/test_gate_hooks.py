@@ -4,6 +4,7 @@ made, a TLS handshake about to start)."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,11 +12,12 @@ from pathlib import Path
 import pytest
 from mitmproxy import connection, http
 from mitmproxy.options import Options
-from mitmproxy.proxy import context
+from mitmproxy.proxy import context, server_hooks
 from mitmproxy.proxy.layers import tls
 from mitmproxy.test import taddons, tflow, tutils
 
 from kmi_rotor.addon import META, Rotor
+from kmi_rotor.gatekeeper import is_own_address
 
 KEY = "sk-gate-hooks-000000000000000000000001"
 
@@ -26,7 +28,7 @@ def rotor(tmp_path: Path) -> Iterator[Rotor]:
     cfg.write_text(
         f'state_dir = "{tmp_path / "state"}"\n'
         '[[pools]]\nname = "p"\nprovider = "generic"\n'
-        'hosts = ["llm.test", "http://plain.test", "https://tls.test"]\n'
+        'hosts = ["llm.test", "http://plain.test", "https://tls.test", "127.0.0.1:9443"]\n'
         f'[[pools.keys]]\nlabel = "k"\nkey = "{KEY}"\n'
     )
     addon = Rotor()
@@ -171,3 +173,40 @@ def test_upstream_server_name_of_a_pool_host_is_the_pool_host(
     data = tls_data(address, client_sni)
     rotor.tls_start_server(data)
     assert data.conn.sni == pinned
+
+
+def hook_data(peer: str, address: tuple[str, int]) -> server_hooks.ServerConnectionHookData:
+    client = connection.Client(peername=(peer, 5555), sockname=("0.0.0.0", 8080), timestamp_start=1)
+    return server_hooks.ServerConnectionHookData(connection.Server(address=address), client)
+
+
+@pytest.mark.parametrize(
+    ("peer", "address", "refused"),
+    [
+        ("10.231.0.2", ("127.0.0.2", 6379), True),  # a remote client, a service of this machine
+        ("10.231.0.2", ("2130706433", 6379), True),
+        ("10.231.0.2", ("[::ffff:127.0.0.1]", 6379), True),
+        ("10.231.0.2", ("localhost.", 6379), True),
+        ("10.231.0.2", ("0.0.0.0", 6379), True),
+        ("10.231.0.2", ("127.0.0.1", 9443), False),  # a pool host: the operator's choice
+        ("10.231.0.2", ("llm.test", 443), True),  # unresolvable, so unchecked: refused
+        ("10.231.0.2", ("192.0.2.1", 443), False),  # elsewhere (TEST-NET-1, never this machine)
+        ("127.0.0.1", ("127.0.0.2", 6379), False),  # loopback clients may
+        ("127.0.0.1", ("127.0.0.2", 8080), True),  # ... but never back into the proxy
+    ],
+)
+async def test_server_connect_is_the_last_word(rotor: Rotor, peer, address, refused) -> None:
+    data = hook_data(peer, address)
+    rotor._listen_ports = lambda flow=None: {8080}  # type: ignore[method-assign]
+    await rotor.server_connect(data)
+    assert (data.server.error is not None) is refused, data.server.error
+    if refused:
+        assert data.server.error.startswith("kmi-rotor: the destination ")
+
+
+@pytest.mark.parametrize(
+    ("ip", "own"),
+    [("127.0.0.1", True), ("127.0.0.2", True), ("::1", True), ("192.0.2.1", False)],
+)
+def test_is_own_address(ip: str, own: bool) -> None:
+    assert is_own_address(ipaddress.ip_address(ip)) is own
