@@ -143,16 +143,20 @@ class Gatekeeper:
     async def _gate(self, flow: http.HTTPFlow) -> Pool | None:
         """Access, Host, configuration and route checks; the pool when a key must be chosen."""
         req = flow.request
-        refusal = self._reverse_host(flow)
+        # A replay (a failover attempt, or the operator's in mitmweb) is made by the proxy from
+        # a flow that passed these checks; its Host is the upstream's already.
+        replay = flow.is_replay == "request"
+        refusal = None if replay else self._reverse_host(flow)
         page = self.page.should_serve(flow)
         pool = self._pool_of(req.host, req.port)
         if refusal is None and page and not self._page_host_ok(flow):
             why = f"the status page is served on {WEB_HOST} and the proxy's own addresses only"
             refusal = Refusal(403, "host_not_allowed", why)
         kind: access.Kind = "page" if page else "pool" if pool is not None else "other"
-        refusal = refusal or self._who(flow, kind, pool)
+        if refusal is None and not replay:
+            refusal = self._who(flow, kind, pool)
         self._scrub_tokens(flow)
-        if refusal is None:
+        if refusal is None and not replay:
             refusal = await self._where(flow, req.host, req.port, pool, everyone=False)
         if refusal is None and not page and self.settings is None:
             refusal = Refusal(503, "not_configured", f"not serving: {self.config_error}")

@@ -111,6 +111,23 @@ def test_tunnel_with_a_foreign_server_name_or_host(
     assert_only_pool_host_saw_keys(hostile, f"localhost:{port}")
 
 
+def test_tunnel_opened_lazily_gets_the_pool_server_name_too(tmp_path, hostile, start, mitm_confdir):
+    """With connection_strategy=lazy the upstream connection is made for the first request,
+    on another path through mitmproxy than the eager one."""
+    port = hostile.port
+    m = start(
+        write_config(tmp_path, [f"localhost:{port}"]),
+        listen_host="127.0.0.1",
+        extra=("--set", "connection_strategy=lazy"),
+    )
+    sock = tunnel_tls(m.port, f"localhost:{port}", "attacker.test", client_context(mitm_confdir))
+    with sock:
+        status, body = h1_over(sock, get("/v1/models", "attacker.test"))
+    assert status == 200, body
+    assert len(leaked(hostile)) == 1
+    assert_only_pool_host_saw_keys(hostile, f"localhost:{port}")
+
+
 def test_absolute_form_inside_a_tunnel(tmp_path, hostile, start, mitm_confdir):
     port = hostile.port
     m = start(write_config(tmp_path, [f"localhost:{port}"]), listen_host="127.0.0.1")
@@ -213,6 +230,8 @@ def test_status_page_only_on_hosts_that_name_the_proxy(tmp_path, hostile, start)
     refused = [
         get("http://attacker.test/_kmi-rotor/api/status", "attacker.test"),
         get("http://127.0.0.1:9/_kmi-rotor/api/status", "attacker.test"),
+        # DNS rebinding on the regular port: a direct request naming the page's own site
+        get("/_kmi-rotor/api/status", f"attacker.test:{m.port}"),
     ]
     for raw in refused:
         a = probe({"proxy": proxy, "request": raw})
