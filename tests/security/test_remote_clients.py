@@ -61,8 +61,12 @@ def self_spellings(ns: Netns, port: int) -> list[str]:
         "LOCALHOST.",
         ns.host_ip,
         f"[::ffff:{ns.host_ip}]",
-        socket.gethostname(),
     ]
+    try:  # the machine's own name, where it resolves (it does not on every machine)
+        socket.getaddrinfo(socket.gethostname(), port)
+        hosts.append(socket.gethostname())
+    except OSError:
+        pass
     return [f"{h}:{port}" for h in hosts]
 
 
