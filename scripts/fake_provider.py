@@ -136,6 +136,17 @@ def _check_choice(name: str, value: object, choices: Any) -> None:
         raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
 
 
+def _remember_sni(conn: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
+    """Keep the server name of a handshake on its connection, for the requests that follow."""
+    conn.fake_provider_sni = name  # type: ignore[attr-defined]
+
+
+def _sni_of(request: web.Request) -> str | None:
+    transport = request.transport
+    conn = transport.get_extra_info("ssl_object") if transport is not None else None
+    return getattr(conn, "fake_provider_sni", None)
+
+
 @dataclass
 class RecordedRequest:
     """One API request as the fake saw it, and what it answered."""
@@ -148,6 +159,8 @@ class RecordedRequest:
     credential_source: str | None
     headers: dict[str, str]
     body: Any
+    sni: str | None = None
+    """The TLS server name the client's handshake gave (None: plain HTTP or no SNI)."""
     status: int = 0
     stream: bool = False
     started: float = 0.0
@@ -490,6 +503,7 @@ class FakeProvider:
         cert = self.tls.issue_cert("127.0.0.1", "localhost", *self.tls_hostnames)
         cert.configure_cert(ctx)
         ctx.set_alpn_protocols(["http/1.1"])
+        ctx.sni_callback = _remember_sni
         return ctx
 
     @property
@@ -622,6 +636,7 @@ class FakeProvider:
             credential_source=source,
             headers=headers,
             body=body,
+            sni=_sni_of(request),
             stream=stream,
             started=now,
         )

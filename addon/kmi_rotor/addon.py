@@ -158,7 +158,7 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
         if flow.response is not None:
             return
         try:
-            pool = self._gate(flow)
+            pool = await self._gate(flow)
             if pool is None:
                 return
             if flow.request.raw_content is not None:  # a replay: the body is known already
@@ -170,27 +170,6 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
         except Exception:
             log.exception("kmi-rotor: internal error while choosing a key")
             self._fail_before_sending(flow)
-
-    def _gate(self, flow: http.HTTPFlow) -> Pool | None:
-        """Access, configuration and pool checks; the pool when a key must be chosen."""
-        page = self.page.should_serve(flow)
-        pool = (
-            self.settings.pool_for(flow.request.host, flow.request.port) if self.settings else None
-        )
-        if page or pool is not None:
-            allowed = self._client_allowed(flow, pool)
-            self._scrub_tokens(flow)
-            if not allowed:
-                why = "this client may not use kmi-rotor (not loopback, not authenticated)"
-                answer_locally(flow, Refusal(403, "client_not_allowed", why), self.clock())
-                return None
-        if page:
-            return None
-        if self.settings is None or self.engine is None:
-            reason = f"not serving: {self.config_error}"
-            answer_locally(flow, Refusal(503, "not_configured", reason), self.clock())
-            return None
-        return pool
 
     def _admit_now(self, flow: http.HTTPFlow) -> bool:
         """Whether the key must be chosen before the body arrives: a request body that streams

@@ -243,7 +243,20 @@ class RotorConfig(_Model):
     failover: FailoverConfig = Field(default_factory=FailoverConfig)
     streaming: StreamingConfig = Field(default_factory=StreamingConfig)
     clients: list[ClientConfig] = Field(default_factory=list, description="Client tokens.")
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Reverse mode: Host names clients may use besides localhost and the proxy's "
+        "own addresses (anything else is refused, against DNS rebinding).",
+    )
     pools: list[PoolConfig] = Field(description="At least one pool of keys.", min_length=1)
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _allowed_hosts(cls, v: list[str]) -> list[str]:
+        for h in v:
+            if HostPattern.parse(h).scheme is not None:
+                raise ValueError(f"a Host name, without a scheme: {h!r}")
+        return v
 
     @model_validator(mode="after")
     def _unique_names(self) -> RotorConfig:
@@ -290,6 +303,10 @@ class Pool:
     def matches(self, host: str, port: int) -> bool:
         return any(p.matches(host, port) for p in self.hosts)
 
+    def plain_http_allowed(self, host: str, port: int) -> bool:
+        """Whether a pattern of host:port was written with `http://` (keys in clear allowed)."""
+        return any(p.scheme == "http" and p.matches(host, port) for p in self.hosts)
+
 
 @dataclass(frozen=True)
 class Client:
@@ -311,6 +328,7 @@ class Settings:
     failover: FailoverConfig = field(default_factory=FailoverConfig)
     streaming: StreamingConfig = field(default_factory=StreamingConfig)
     clients: tuple[Client, ...] = ()
+    allowed_hosts: tuple[HostPattern, ...] = ()
 
     def pool_for(self, host: str, port: int) -> Pool | None:
         """The pool serving host:port: an exact host pattern wins over a wildcard."""
@@ -425,6 +443,7 @@ def _from_dict(raw: dict[str, Any], source: Path, env: Mapping[str, str]) -> Set
         failover=cfg.failover,
         streaming=cfg.streaming,
         clients=clients,
+        allowed_hosts=tuple(HostPattern.parse(h) for h in cfg.allowed_hosts),
     )
 
 
@@ -514,12 +533,12 @@ def _no_duplicate_hosts(pools: list[Pool], source: Path) -> None:
     owner: dict[str, str] = {}
     for p in pools:
         for h in p.hosts:
-            if str(h) in owner and owner[str(h)] != p.name:
+            if h.place in owner and owner[h.place] != p.name:
                 raise ConfigError(
-                    f"{source}: pools: host {str(h)!r} is served by both pool "
-                    f"{owner[str(h)]!r} and pool {p.name!r}"
+                    f"{source}: pools: host {h.place!r} is served by both pool "
+                    f"{owner[h.place]!r} and pool {p.name!r}"
                 )
-            owner[str(h)] = p.name
+            owner[h.place] = p.name
 
 
 def _no_duplicates(values: dict[str, str], what: str) -> None:

@@ -1,62 +1,304 @@
-"""Who may use the proxy: the exposure check at start and each client's admission.
+"""Who may use the proxy, and where a key may go: the shell around `core/access.py` and
+`core/routing.py`.
 
-The decisions are in `core/access.py`; this shell reads mitmproxy's options and the flow.
+It reads mitmproxy's options and flows and applies the core's verdicts in four hooks:
+`http_connect` (who may open a tunnel, and to where), `requestheaders` through `_gate` (who
+may have what a request asks for, and whether its Host names the pool's host), `server_connect`
+(no connection to the proxy itself, whatever the spelling) and `tls_start_server` (the
+upstream server name of a pool host is the pool's host).
 """
 
 from __future__ import annotations
 
+import asyncio
+import errno
+import ipaddress
 import logging
+import socket
+from collections.abc import Callable
 
 from mitmproxy import ctx, http
-from mitmproxy.proxy.mode_specs import ProxyMode
+from mitmproxy.net.http import url
+from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 
+from .answers import answer_locally
 from .config import Client, Pool, Settings
-from .core import access
+from .core import access, routing
+from .core.access import IP
 from .core.credentials import CREDENTIAL_HEADERS, CREDENTIAL_QUERY
+from .core.refusal import Refusal
 from .core.secrets import mask_credential_value
 from .flows import META
+from .hosting import WEB_HOST, StatusPage
 
 log = logging.getLogger("kmi_rotor")
 
 EXPOSURE_OPTIONS = {"listen_host", "mode", "proxyauth", "rotor_allow_remote", "rotor_config"}
+RESOLVE_TIMEOUT = 10.0
 
 
 class Gatekeeper:
-    """Loopback clients, and remote ones once authenticated (proxyauth or a client token)."""
+    """Loopback clients, and remote ones once authenticated (proxyauth or a client token);
+    keys only to their pool's host."""
 
     settings: Settings | None
+    config_error: str | None
     exposure: access.Exposure
+    page: StatusPage
+    _listen_hosts: tuple[str, ...] = ()
+    _owns_host_header = False
+    """True when kmi-rotor turned on keep_host_header to see reverse-mode clients' own Host
+    (mitmproxy would replace it before any hook), and so rewrites it itself afterwards."""
+
+    clock: Callable[[], float]
+
+    # -- start-up -------------------------------------------------------------------------
 
     def _check_exposure(self) -> None:
         """Decide from the listening addresses and the authentication whom to serve; say it once."""
         opts = ctx.options
         try:
-            hosts = [ProxyMode.parse(m).listen_host(opts.listen_host) for m in opts.mode]
+            modes = [ProxyMode.parse(m) for m in opts.mode]
+            hosts = [m.listen_host(opts.listen_host) for m in modes]
         except ValueError:  # mitmproxy refuses a bad mode itself; until then assume the worst
-            hosts = [""]
+            modes, hosts = [], [""]
+        self._listen_hosts = tuple(hosts)
         proxyauth = opts.proxyauth if "proxyauth" in opts else None
         authenticated = bool(proxyauth) or bool(self.settings and self.settings.clients)
         exp = access.exposure(hosts, opts.rotor_allow_remote, authenticated)
         if exp.message and exp != self.exposure:
             log.warning("%s", exp.message)
         self.exposure = exp
+        reverse = any(isinstance(m, ReverseMode) for m in modes)
+        if reverse and not opts.keep_host_header:
+            self._owns_host_header = True
+            opts.update(keep_host_header=True)
 
-    def _client_allowed(self, flow: http.HTTPFlow, pool: Pool | None) -> bool:
-        peer = flow.client_conn.peername[0] if flow.client_conn.peername else ""
-        authenticated = "proxyauth" in flow.metadata
-        if (
-            not authenticated
-            and self.settings
-            and self.settings.clients
-            and not access.is_loopback(peer)
-        ):
-            client = self._token_client(flow)
-            authenticated = client is not None and (
-                pool is None or client.pools is None or pool.name in client.pools
+    # -- hooks ----------------------------------------------------------------------------
+
+    async def http_connect(self, flow: http.HTTPFlow) -> None:
+        """A tunnel: who may open it, and whether its destination is allowed."""
+        if flow.response is not None:  # proxyauth answered already
+            return
+        try:
+            pool = self._pool_of(flow.request.host, flow.request.port)
+            kind: access.Kind = "connect_pool" if pool is not None else "other"
+            refusal = self._who(flow, kind, pool) or await self._where(
+                flow, flow.request.host, flow.request.port, pool, everyone=True
             )
-            if authenticated:
+        except Exception:
+            log.exception("kmi-rotor: internal error while checking a tunnel")
+            refusal = Refusal(500, "internal_error", "failed while checking the tunnel")
+        if refusal is not None:
+            answer_locally(flow, refusal, self.clock())
+
+    async def server_connect(self, data) -> None:  # type: ignore[no-untyped-def]
+        """The last word before any connection leaves: never to the proxy itself, and for a
+        client not on loopback never to this machine; its address is pinned to what was
+        checked (a name that resolves again could answer otherwise)."""
+        server = data.server
+        if server.address is None or server.error:
+            return
+        host, port = server.address[0], server.address[1]
+        peer = data.client.peername[0] if data.client.peername else ""
+        loopback = access.is_loopback(peer)
+        pool = self._pool_of(host, port)
+        try:
+            addresses = await _resolve(host, port)
+        except (OSError, TimeoutError):
+            if not loopback:
+                server.error = f"kmi-rotor: the destination {host}:{port} cannot be resolved"
+            return  # for loopback clients, mitmproxy fails to connect itself and says why
+        why = access.destination_verdict(
+            addresses,
+            port,
+            client_loopback=loopback,
+            pool_host=pool is not None,
+            listen_ports=self._listen_ports(),
+            own=is_own_address,
+        )
+        if why is not None:
+            server.error = f"kmi-rotor: {why}"
+            return
+        if not loopback and pool is None and access.parse_address(host) is None and addresses:
+            if server.sni is None:
+                server.sni = host  # the name still goes in the handshake, not the address
+            server.address = (str(addresses[0]), port)
+
+    def tls_start_server(self, data) -> None:  # type: ignore[no-untyped-def]
+        """Runs before mitmproxy's own TLS set-up (scripts come first): the server name of a
+        connection to a pool host is that host, whatever name the client's handshake gave."""
+        conn = data.conn
+        if conn.address is None:
+            return
+        if self._pool_of(conn.address[0], conn.address[1]) is not None:
+            conn.sni = routing.canonical_host(conn.address[0])
+            return
+        mode = data.context.client.proxy_mode
+        if self._owns_host_header and isinstance(mode, ReverseMode) and conn.address == mode.address:
+            conn.sni = mode.address[0]  # what mitmproxy does without keep_host_header
+
+    # -- the request path -----------------------------------------------------------------
+
+    async def _gate(self, flow: http.HTTPFlow) -> Pool | None:
+        """Access, Host, configuration and route checks; the pool when a key must be chosen."""
+        req = flow.request
+        # A replay (a failover attempt, or the operator's in mitmweb) is made by the proxy from
+        # a flow that passed these checks; its Host is the upstream's already.
+        replay = flow.is_replay == "request"
+        refusal = None if replay else self._reverse_host(flow)
+        page = self.page.should_serve(flow)
+        pool = self._pool_of(req.host, req.port)
+        if refusal is None and page and not self._page_host_ok(flow):
+            why = f"the status page is served on {WEB_HOST} and the proxy's own addresses only"
+            refusal = Refusal(403, "host_not_allowed", why)
+        kind: access.Kind = "page" if page else "pool" if pool is not None else "other"
+        if refusal is None and not replay:
+            refusal = self._who(flow, kind, pool)
+        self._scrub_tokens(flow)
+        if refusal is None and not replay:
+            refusal = await self._where(flow, req.host, req.port, pool, everyone=False)
+        if refusal is None and not page and self.settings is None:
+            refusal = Refusal(503, "not_configured", f"not serving: {self.config_error}")
+        if refusal is None and pool is not None and not page:
+            refusal = self._route(flow, pool)
+        if refusal is not None:
+            answer_locally(flow, refusal, self.clock())
+            return None
+        return None if page else pool
+
+    def _who(self, flow: http.HTTPFlow, kind: access.Kind, pool: Pool | None) -> Refusal | None:
+        peer = flow.client_conn.peername[0] if flow.client_conn.peername else ""
+        loopback = access.is_loopback(peer)
+        token = False
+        clients = self.settings.clients if self.settings else ()
+        if kind in ("pool", "page") and clients and not loopback:
+            client = self._token_client(flow)
+            token = client is not None and access.token_allows(
+                client.pools, pool.name if pool else None
+            )
+            if token:
                 flow.metadata.setdefault(META, {})["client"] = client.label  # type: ignore[union-attr]
-        return access.client_allowed(self.exposure, peer, authenticated)
+        why = access.client_verdict(
+            self.exposure,
+            kind,
+            loopback=loopback,
+            proxyauth="proxyauth" in flow.metadata,
+            token=token,
+            tokens_configured=bool(clients),
+        )
+        return None if why is None else Refusal(403, "client_not_allowed", why)
+
+    async def _where(
+        self, flow: http.HTTPFlow, host: str, port: int, pool: Pool | None, *, everyone: bool
+    ) -> Refusal | None:
+        """The destination check of `server_connect`, answered as a local 403 before anything
+        opens: for tunnels from everyone, for requests from clients not on loopback."""
+        peer = flow.client_conn.peername[0] if flow.client_conn.peername else ""
+        loopback = access.is_loopback(peer)
+        if loopback and not everyone:
+            return None
+        try:
+            addresses = await _resolve(host, port)
+        except (OSError, TimeoutError):
+            if loopback:
+                return None  # mitmproxy answers 502 itself
+            why = f"the destination {host}:{port} cannot be resolved"
+            return Refusal(403, "destination_not_allowed", why)  # and so not checked
+        why = access.destination_verdict(
+            addresses,
+            port,
+            client_loopback=loopback,
+            pool_host=pool is not None,
+            listen_ports=self._listen_ports(flow),
+            own=is_own_address,
+        )
+        return None if why is None else Refusal(403, "destination_not_allowed", why)
+
+    def _route(self, flow: http.HTTPFlow, pool: Pool) -> Refusal | None:
+        """The key follows the connection target: Host and authority rewritten to it, or a
+        refusal when the request cannot reach the pool's host over an acceptable transport."""
+        req = flow.request
+        hosts = req.headers.get_all("host")
+        r = routing.route(
+            req.scheme,
+            req.host,
+            req.port,
+            host_values=[*hosts, *([req.authority] if req.authority else [])],
+            upstream_sni=flow.server_conn.sni,
+            upstream_tls_done=flow.server_conn.tls_established,
+            plain_http_allowed=pool.plain_http_allowed(req.host, req.port),
+        )
+        if r.refusal is not None:
+            return Refusal(*r.refusal)
+        if hosts or not (req.is_http2 or req.is_http3):
+            req.headers.set_all("Host", [r.authority])
+        if req.authority:
+            req.authority = r.authority
+        if r.mismatches:
+            shown = [routing.canonical_host(v)[:100] for v in r.mismatches]
+            flow.metadata.setdefault(META, {})["host_rewritten"] = shown
+        return None
+
+    def _reverse_host(self, flow: http.HTTPFlow) -> Refusal | None:
+        """Reverse mode: the Host must name this proxy (DNS rebinding); then it becomes the
+        upstream's, as mitmproxy would have made it."""
+        mode = flow.client_conn.proxy_mode
+        if not isinstance(mode, ReverseMode):
+            return None
+        req = flow.request
+        local = flow.client_conn.sockname
+        why = routing.reverse_host_verdict(
+            req.host_header,
+            "https" if flow.client_conn.tls else "http",
+            (str(local[0]), int(local[1])) if local else None,
+            self._listen_hosts,
+            self.settings.allowed_hosts if self.settings else (),
+        )
+        if why is not None:
+            return Refusal(403, "host_not_allowed", why)
+        if self._owns_host_header:
+            scheme = "https" if mode.scheme in ("https", "http3", "tls", "quic") else "http"
+            req.host_header = url.hostport(scheme, mode.address[0], mode.address[1])
+        return None
+
+    def _page_host_ok(self, flow: http.HTTPFlow) -> bool:
+        """The status page under /_kmi-rotor/ of a host a browser page could be from (one the
+        user browses to through the proxy) would let that page read it: only the status host,
+        pool hosts, loopback, the proxy's own address and allowed names serve it."""
+        if isinstance(flow.client_conn.proxy_mode, ReverseMode):
+            return True  # the Host was checked already
+        req = flow.request
+        local = flow.client_conn.sockname
+        here = access.parse_address(str(local[0])) if local else None
+        allowed = self.settings.allowed_hosts if self.settings else ()
+
+        def ok(name: str) -> bool:
+            name = routing.canonical_host(name)
+            return (
+                name == WEB_HOST
+                or self._pool_of(name, req.port) is not None
+                or access.names_loopback(name)
+                or (here is not None and access.parse_address(name) == here)
+                or any(p.matches(name, req.port) for p in allowed)
+            )
+
+        return ok(req.host) and ok(req.pretty_host)
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _pool_of(self, host: str, port: int) -> Pool | None:
+        return self.settings.pool_for(host, port) if self.settings else None
+
+    def _listen_ports(self, flow: http.HTTPFlow | None = None) -> set[int]:
+        """Every port the proxy listens on (several modes may share one process)."""
+        ports: set[int] = set()
+        server = ctx.master.addons.get("proxyserver") if hasattr(ctx, "master") else None
+        for instance in getattr(server, "servers", ()) or ():
+            ports.update(int(a[1]) for a in instance.listen_addrs)
+        if flow is not None and flow.client_conn.sockname:
+            ports.add(int(flow.client_conn.sockname[1]))
+        return ports
 
     def _scrub_tokens(self, flow: http.HTTPFlow) -> None:
         """Mask client tokens wherever the client put them: a flow answered locally (a
@@ -80,3 +322,38 @@ class Gatekeeper:
         tokens = [(c.label, c.token.get_secret_value()) for c in self.settings.clients]
         label = access.match_token(presented, tokens)
         return next((c for c in self.settings.clients if c.label == label), None)
+
+
+async def _resolve(host: str, port: int) -> list[IP]:
+    """The addresses a connection to host:port would try, without blocking the event loop."""
+    literal = access.parse_address(host)
+    if literal is not None:
+        return [literal]
+    if access.names_loopback(host):  # `localhost.` may not resolve here, and yet elsewhere
+        return [ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")]
+    loop = asyncio.get_running_loop()
+    infos = await asyncio.wait_for(
+        loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), RESOLVE_TIMEOUT
+    )
+    found: list[IP] = []
+    for info in infos:
+        ip = access.parse_address(str(info[4][0]))
+        if ip is not None and ip not in found:
+            found.append(ip)
+    return found
+
+
+def is_own_address(ip: IP) -> bool:
+    """Whether `ip` is an address of this machine: one a socket can be bound to. Always
+    current (interfaces come and go), one system call; an unexpected error counts as ours
+    (fail closed)."""
+    family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.bind((str(ip), 0))
+    except OSError as e:
+        return e.errno not in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT, errno.EINVAL)
+    return True
+
+
+__all__ = ["EXPOSURE_OPTIONS", "Gatekeeper", "is_own_address"]

@@ -7,7 +7,6 @@ import hmac
 import pytest
 
 from kmi_rotor.core import access
-from kmi_rotor.core.access import Exposure
 
 # -- is_loopback ---------------------------------------------------------------------------------
 
@@ -107,31 +106,6 @@ def test_exposed_message_names_every_outside_address_but_no_loopback() -> None:
 
 def test_exposure_accepts_any_iterable() -> None:
     assert access.exposure(iter(["0.0.0.0"]), True, True).state == "remote_ok"
-
-
-# -- client_allowed ------------------------------------------------------------------------------
-
-LOCAL_PEERS = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
-REMOTE_PEERS = ("10.231.0.2", "::ffff:10.231.0.2", "fd00::2", "")
-
-
-@pytest.mark.parametrize("authenticated", [False, True])
-@pytest.mark.parametrize(
-    ("state", "loopback_ok", "remote_ok"),
-    [
-        ("local", True, False),
-        ("open", True, False),
-        ("exposed", False, False),  # nobody, not even loopback: the operator must fix it
-        ("remote_ok", True, "auth"),
-    ],
-)
-def test_client_allowed(state: str, loopback_ok: bool, remote_ok: object, authenticated: bool):
-    exp = Exposure(state)  # type: ignore[arg-type]
-    for peer in LOCAL_PEERS:
-        assert access.client_allowed(exp, peer, authenticated) is loopback_ok, peer
-    want_remote = authenticated if remote_ok == "auth" else remote_ok
-    for peer in REMOTE_PEERS:
-        assert access.client_allowed(exp, peer, authenticated) is want_remote, peer
 
 
 # -- match_token ---------------------------------------------------------------------------------

@@ -827,3 +827,36 @@ def test_find_config_without_any_config(places: dict[str, Path], explicit: str |
     assert msg.startswith("no configuration found")
     for hint in (config.CONFIG_ENV, "./rotor.toml", "~/.kmi-rotor/rotor.toml", "--config"):
         assert hint in msg
+
+
+def test_allowed_hosts_are_host_patterns(tmp_path: Path) -> None:
+    text = 'allowed_hosts = ["rotor.lan", "*.rotor.lan", "box:8081"]\n' + pool_toml(
+        "p", "openai", ("k1", SECRET_A)
+    )
+    s = load(tmp_path, text)
+    assert [str(h) for h in s.allowed_hosts] == ["rotor.lan", "*.rotor.lan", "box:8081"]
+
+
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [
+        ('["https://rotor.lan"]', "without a scheme"),
+        ('["rotor.lan/x"]', "not a host pattern"),
+        ('"rotor.lan"', "valid list"),
+    ],
+)
+def test_allowed_hosts_rejects(tmp_path: Path, value: str, why: str) -> None:
+    text = f"allowed_hosts = {value}\n" + pool_toml("p", "openai", ("k1", SECRET_A))
+    with pytest.raises(ConfigError, match="allowed_hosts") as exc:
+        load(tmp_path, text)
+    assert why in str(exc.value)
+
+
+def test_http_host_pattern_allows_plain_http_to_that_host_only(tmp_path: Path) -> None:
+    text = pool_toml(
+        "p", "generic", ("k1", SECRET_A), hosts='hosts = ["http://llm.lan:8000", "api.x"]'
+    )
+    pool = load(tmp_path, text).pools[0]
+    assert pool.plain_http_allowed("llm.lan", 8000)
+    assert not pool.plain_http_allowed("api.x", 80)
+    assert not pool.plain_http_allowed("llm.lan", 8001)

@@ -137,7 +137,10 @@ def test_host_pattern_parse(
     [
         ("", "not a host pattern"),
         ("   ", "not a host pattern"),
-        ("https://api.openai.com", "not a host pattern"),
+        ("ftp://api.openai.com", "not a host pattern"),
+        ("https://", "not a host pattern"),
+        ("http://user@api.openai.com", "not a host pattern"),
+        ("https://api.openai.com/v1", "not a host pattern"),
         ("api.openai.com/v1", "not a host pattern"),
         ("api openai.com", "not a host pattern"),
         ("api.openai.com:", "bad port"),

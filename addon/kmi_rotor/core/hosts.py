@@ -1,4 +1,8 @@
-"""Host patterns: `host`, `host:port` and `*.example.com`."""
+"""Host patterns: `host`, `host:port` and `*.example.com`, optionally with a scheme.
+
+A pattern written with `http://` allows pool keys over plain HTTP to that host; `https://` or
+no scheme means TLS only (plain HTTP is then allowed to a loopback host alone).
+"""
 
 from __future__ import annotations
 
@@ -11,15 +15,25 @@ class HostPattern:
     """Lower-case host name or address; for a wildcard, the suffix without `*.`."""
     port: int | None
     wildcard: bool
+    scheme: str | None = None
+    """`http` or `https` when the pattern was written with one; None otherwise."""
 
     @classmethod
     def parse(cls, text: str) -> HostPattern:
         """Parse a pattern; raise ValueError with a readable reason."""
         raw = text.strip().lower()
+        scheme: str | None = None
+        for prefix in ("https://", "http://"):
+            if raw.startswith(prefix):
+                scheme, raw = prefix[:-3], raw[len(prefix) :]
+                break
         if raw.endswith("."):  # a fully qualified name means the same host
             raw = raw[:-1]
-        if not raw or "/" in raw or " " in raw:
-            raise ValueError(f"not a host pattern: {text!r} (use host, host:port or *.domain)")
+        if not raw or "/" in raw or " " in raw or "@" in raw:
+            raise ValueError(
+                f"not a host pattern: {text!r} (use host, host:port or *.domain, "
+                "optionally after https:// or http://)"
+            )
         port: int | None = None
         host = raw
         if raw.startswith("["):  # [v6]:port
@@ -37,21 +51,28 @@ class HostPattern:
             host = host[2:]
         if not host or "*" in host:
             raise ValueError(f"'*' may only open a pattern, as in *.example.com: {text!r}")
-        return cls(host, port, wildcard)
+        return cls(host, port, wildcard, scheme)
 
     def matches(self, host: str, port: int) -> bool:
+        """Whether host:port is this pattern's (the scheme is not part of the match: a plain
+        HTTP request to a TLS-only host belongs to the pool, and is refused for it)."""
         if self.port is not None and self.port != port:
             return False
-        host = host.lower().rstrip(".")
+        host = host.lower().strip("[]").rstrip(".")
         if self.wildcard:
             return host.endswith("." + self.host)
         return host == self.host
 
-    def __str__(self) -> str:
+    @property
+    def place(self) -> str:
+        """host[:port] without the scheme: two patterns with the same place name one host."""
         host = f"*.{self.host}" if self.wildcard else self.host
         if ":" in host:
             host = f"[{host}]"
         return host if self.port is None else f"{host}:{self.port}"
+
+    def __str__(self) -> str:
+        return self.place if self.scheme is None else f"{self.scheme}://{self.place}"
 
 
 def _port(text: str, pattern: str) -> int:
