@@ -89,6 +89,7 @@ class Engine:
         self.settings = settings
         h = settings.health
         self.policy = Policy(**h.model_dump())
+        self.budgets.cap = self.policy.max_cooldown_seconds
         self.keys = {k.fingerprint: k for k in settings.keys}
         self.limiter.configure(
             limits_of(settings.limits), {fp: limits_of(k.limits) for fp, k in self.keys.items()}
@@ -116,7 +117,8 @@ class Engine:
         if key.disabled or self.budgets.blocked_until(key.fingerprint, now) is not None:
             return False
         h = self.health.get(key.fingerprint)
-        return h is None or hl.usable(h, now, _paced(key)) or self._recheck_due(h, now)
+        cap = self.policy.max_cooldown_seconds
+        return h is None or hl.usable(h, now, _paced(key), cap) or self._recheck_due(h, now)
 
     def _recheck_due(self, h: KeyHealth, now: float) -> bool:
         at = hl.next_usable_at(h, now, self.policy) if h.disabled_reason else None
@@ -351,7 +353,9 @@ class Engine:
         return True
 
     def key_status(self, key: Key, now: float) -> dict[str, Any]:
-        return {"label": key.label, **key_state(key, self.health_of(key.fingerprint), now)}
+        h = self.health_of(key.fingerprint)
+        spent = self.budgets.blocked_until(key.fingerprint, now)
+        return {"label": key.label, **key_state(key, h, now, self.policy, spent)}
 
 
 def _paced(key: Key) -> frozenset[str]:
