@@ -143,9 +143,13 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
             self.poller.start(self.settings.pools)
 
     def done(self) -> None:
+        """Every flow still holding a key is masked first: scripts run before mitmproxy's own
+        `done` handlers, so a writer (`-w`) saving unfinished flows finds no key in them."""
         self.poller.stop()
         for flow_id in list(self._served):
-            self._served.pop(flow_id, None)
+            served = self._served.pop(flow_id, None)
+            if served is not None and served.flow is not None:
+                mask_request(served.flow)
         if self.keeper is not None and self.engine is not None:
             self.keeper.limiter_snapshot(self.engine.limiter.snapshot(self.clock()))
             self.keeper.close_blocking()
@@ -291,7 +295,7 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
         key = chosen.key
         # Held first: whatever fails below, the error path finds the reservation and frees it.
         self._served[flow.id] = Served(
-            pool, key, chosen.reservation, attempt, time.monotonic(), arrived
+            pool, key, chosen.reservation, attempt, time.monotonic(), arrived, flow=flow
         )
         where = placements(flow.request.headers.keys(), flow.request.query.keys(), pool.preset)
         meta = flow.metadata.setdefault(META, {})

@@ -38,6 +38,8 @@ class Served:
     tap: SSETap | None = None
     tokens: tuple[int | None, int | None] = (None, None)
     notes: list[str] = field(default_factory=list)
+    flow: http.HTTPFlow | None = None
+    """The flow the key went into, so that it can be masked at shutdown whatever its stage."""
 
 
 RETRIABLE = (FailureKind.RATE_LIMITED, FailureKind.QUOTA, FailureKind.AUTH, FailureKind.OVERLOADED)
