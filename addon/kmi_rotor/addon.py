@@ -34,10 +34,8 @@ from .usage_poller import UsagePoller
 log = logging.getLogger("kmi_rotor")
 
 WAIT_SLICE = 0.5
-UPSTREAM_SETUP_WAIT = 10.0
-LIMITER_EVERY = 5.0
-"""Seconds between two snapshots of the limiter's windows into the state."""
 """A waiting request looks at its client this often, so a client that left stops waiting."""
+UPSTREAM_SETUP_WAIT = 10.0
 
 
 class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
@@ -57,7 +55,6 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
         self._rotations_seen: dict[str, int] = {}
         self._operator_seen: dict[str, float] = {}
         self._state_read = False
-        self._limiter_kept = 0.0
         self._recent: deque[dict[str, Any]] = deque(maxlen=200)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started = time.time()
@@ -132,8 +129,14 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
         self._state_read = False
         self.keeper = StateKeeper(StateStore(settings.state_dir))
         self.keeper.on_change = self._adopt_state
+        self.keeper.limiter_source = self._limiter_windows
         self.keeper.load_blocking()
         self.trace = TraceWriter(trace_path(settings.state_dir))
+
+    def _limiter_windows(self) -> dict[str, Any]:
+        """The limiter's windows as they are now, for the state file."""
+        assert self.engine is not None
+        return self.engine.limiter.snapshot(self.clock())
 
     def running(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -278,16 +281,6 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
         """Let waiting requests look again (a slot was freed or a key came back)."""
         self._capacity.set()
         self._capacity = asyncio.Event()
-        self._keep_limiter()
-
-    def _keep_limiter(self) -> None:
-        """Hand the limiter's windows (daily counters) to the state now and then, so that a
-        crash loses at most a few seconds of them."""
-        now = self.clock()
-        if self.engine is None or self.keeper is None or now - self._limiter_kept < LIMITER_EVERY:
-            return
-        self._limiter_kept = now
-        self.keeper.limiter_snapshot(self.engine.limiter.snapshot(now))
 
     def _inject(
         self, flow: http.HTTPFlow, pool: Pool, chosen: Chosen, attempt: int, arrived: float

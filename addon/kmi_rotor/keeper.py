@@ -38,6 +38,9 @@ class StateKeeper:
         self.clock = clock
         self.base = StateDoc()
         self.on_change: Callable[[StateDoc], None] | None = None
+        self.limiter_source: Callable[[], dict[str, Any]] | None = None
+        """The limiter's windows, taken with every write that carries other changes: its daily
+        and hourly windows are then no staler on disk than the counters."""
         self._pending = Delta()
         self._writing = Delta()  # handed to the writer thread, not yet on disk
         self._dirty = asyncio.Event()
@@ -91,6 +94,7 @@ class StateKeeper:
         """Merge pending changes into the file and take in what others wrote (in a thread)."""
         self._dirty.clear()
         pending, self._pending = self._pending, Delta()
+        self._take_limiter(pending)
         if not pending and not await asyncio.to_thread(self.store.changed):
             return
         self._writing = pending
@@ -105,6 +109,16 @@ class StateKeeper:
         finally:
             self._writing = Delta()
         self._adopt(doc)
+
+    def _take_limiter(self, pending: Delta) -> None:
+        """Add the limiter's windows to a write that records requests (on the event loop: the
+        limiter is not thread-safe; it costs a walk over the live window entries)."""
+        if not pending or self.limiter_source is None:
+            return
+        try:
+            pending.limiter, pending.limiter_at = self.limiter_source(), self.clock()
+        except Exception:
+            log.exception("kmi-rotor: could not take the limiter's windows")
 
     def close_blocking(self) -> None:
         """Stop the writer and flush what is left (shutdown; blocking is fine there)."""
