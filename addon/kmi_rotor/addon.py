@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -19,6 +20,7 @@ from .core import access
 from .core import tokens as tk
 from .core.credentials import placements
 from .core.refusal import Refusal
+from .core.scrub import only_own_words
 from .core.signals import FailureKind, Signal, parse_signal
 from .core.sse import SSETap
 from .engine import Chosen, Engine, Wait
@@ -27,6 +29,7 @@ from .gatekeeper import EXPOSURE_OPTIONS, Gatekeeper
 from .hosting import StatusPage, on_loop
 from .keeper import StateKeeper
 from .records import Bookkeeping
+from .status import scrubber
 from .store import StateStore
 from .trace import TraceWriter, trace_path
 from .usage_poller import UsagePoller
@@ -420,6 +423,8 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
             sig, outcome = flows.stream_signal(sig, stream)
         else:
             served.tokens = tk.reported_usage(body)
+        scrub = scrubber(self.settings)  # type: ignore[arg-type]
+        sig = dataclasses.replace(sig, reason=scrub(sig.reason, 120), detail=scrub(sig.detail))
         h = self.engine.observe(served.key, sig, now, served.reservation)
         self.engine.settle(served.key, served.reservation, flows.total(served.tokens))
         d = self.keeper.key(served.key)
@@ -449,7 +454,9 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
     def _settle_error(self, flow: http.HTTPFlow, served: Served) -> None:
         assert self.engine is not None and self.keeper is not None
         now = self.clock()
-        reason = (flow.error.msg if flow.error else "unknown error")[:200]
+        # mitmproxy's message may quote what the upstream sent: scrubbed for this flow and the
+        # key's last error; the key's reason, which other clients may see, quotes nothing.
+        reason = scrubber(self.settings)(flow.error.msg if flow.error else "unknown error")  # type: ignore[arg-type]
         client_left = flows.client_left(reason)
         stream = served.tap.finish() if served.tap else None
         served.tokens = flows.stream_tokens(stream) if stream else (None, None)
@@ -462,7 +469,7 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
             outcome = "truncated" if stream is not None else "error"
             d.add("errors")
             d.observe(now, flow.response.status_code if flow.response else None, reason)
-            d.health = self.engine.network_error(served.key, now, reason)
+            d.health = self.engine.network_error(served.key, now, only_own_words(reason))
             flow.marked = ":warning:"
         flow.comment = f"key {served.key.label} · {outcome}: {reason[:80]}"
         flow.metadata[META].update({"outcome": outcome, "error": reason})

@@ -23,7 +23,7 @@ from .core.refusal import Refusal
 from .core.rotation import Sticky, Strategy, make
 from .core.signals import FailureKind, Signal
 from .core.tokens import MAX_TOKENS
-from .status import key_state
+from .status import key_state, scrubber
 
 OUTAGE_WINDOW = 30.0
 """Overloads on every key of a pool within this many seconds are the provider's outage."""
@@ -355,7 +355,9 @@ class Engine:
     def key_status(self, key: Key, now: float) -> dict[str, Any]:
         h = self.health_of(key.fingerprint)
         spent = self.budgets.blocked_until(key.fingerprint, now)
-        return {"label": key.label, **key_state(key, h, now, self.policy, spent)}
+        state = key_state(key, h, now, self.policy, spent)
+        state["reason"] = scrubber(self.settings)(state["reason"], 120) or None
+        return {"label": key.label, **state}
 
 
 def _paced(key: Key) -> frozenset[str]:

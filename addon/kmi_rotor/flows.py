@@ -112,7 +112,12 @@ def stream_signal(sig: Signal, stream: StreamOutcome) -> tuple[Signal, str]:
     """A stream that failed in the middle, or never finished, is a failure of its key."""
     if stream.error is not None:
         kind = STREAM_KINDS.get(stream.error.kind, FailureKind.OVERLOADED)
-        failed = Signal(stream.error.status, kind, None, sig.windows, stream.error.message[:120])
+        # The key's reason may reach other clients: kmi-rotor's words; the upstream's message
+        # stays with this flow (scrubbed by the caller).
+        reason = f"in-stream error: {kind.value} ({stream.error.status})"
+        failed = Signal(
+            stream.error.status, kind, None, sig.windows, reason, detail=stream.error.message
+        )
         return failed, "stream_error"
     if stream.truncated:
         failed = Signal(sig.status, FailureKind.OVERLOADED, None, sig.windows, "stream cut short")

@@ -13,11 +13,28 @@ from . import __version__
 from .config import Key, Settings
 from .core import health as hl
 from .core.health import KeyHealth
+from .core.scrub import Scrubber
 from .core.secrets import mask
 from .core.state import KeyRecord, StateDoc
 
 if TYPE_CHECKING:
     from .engine import Engine
+
+
+_SCRUBBERS: dict[int, tuple[Settings, Scrubber]] = {}
+
+
+def scrubber(settings: Settings) -> Scrubber:
+    """The scrubber of every key and client token of `settings` (built once per settings)."""
+    cached = _SCRUBBERS.get(id(settings))
+    if cached is not None and cached[0] is settings:
+        return cached[1]
+    secrets = [k.secret.get_secret_value() for k in settings.keys]
+    secrets += [c.token.get_secret_value() for c in settings.clients]
+    made = Scrubber(secrets)
+    _SCRUBBERS.clear()  # one configuration is live at a time
+    _SCRUBBERS[id(settings)] = (settings, made)
+    return made
 
 
 def key_state(
@@ -113,10 +130,15 @@ def rows(
 ) -> list[dict[str, Any]]:
     out = []
     policy = hl.Policy(**settings.health.model_dump())
+    scrub = scrubber(settings)
     for key in settings.keys:
         rec = doc.keys.get(key.fingerprint)
         h = engine.health_of(key.fingerprint) if engine else (rec.health if rec else KeyHealth())
-        out.append(key_row(key, rec, h, now, engine, policy))
+        row = key_row(key, rec, h, now, engine, policy)
+        # What other processes or older versions wrote is shown scrubbed too.
+        row["reason"] = scrub(row["reason"], 120) or None
+        row["last_error"] = scrub(row["last_error"], 200) or None
+        out.append(row)
     return out
 
 
