@@ -15,7 +15,7 @@ from mitmproxy import ctx, http
 from . import config, failover, flows
 from .answers import answer_locally, mask_request, put
 from .commands import OperatorCommands
-from .config import ConfigError, Pool, Settings
+from .config import ConfigError, Pool, Settings, one_line
 from .core import access
 from .core import tokens as tk
 from .core.credentials import placements
@@ -30,7 +30,7 @@ from .hosting import StatusPage, on_loop
 from .keeper import StateKeeper
 from .records import Bookkeeping
 from .status import scrubber
-from .store import StateStore
+from .store import StateError, StateStore
 from .trace import TraceWriter, trace_path
 from .usage_poller import UsagePoller
 
@@ -90,6 +90,9 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
                 self._apply(config.load(config.find_config(ctx.options.rotor_config)))
             except ConfigError as e:
                 self._config_failed(str(e))
+            except StateError as e:  # without its state it serves nothing (fail closed)
+                self.settings, self.config_error = None, str(e)
+                log.error("kmi-rotor: %s", one_line(str(e)))
         # After the config: its client tokens count as authentication.
         if updated & EXPOSURE_OPTIONS:
             self._check_exposure()
@@ -219,7 +222,11 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
         if body is None:
             tokens = tk.estimate_from_length(flows.content_length(flow.request))
         else:
-            tokens = tk.estimate_from_body(body)
+            try:
+                tokens = tk.estimate_from_body(body, strict=True)
+            except tk.Unreadable as e:  # refused before a key is chosen: nothing is spent
+                answer_locally(flow, Refusal(400, "unreadable_body", str(e)), arrived)
+                return
         affinity = flow.request.headers.get(pool.affinity_header) if pool.affinity_header else None
         await self._upstream_ready(flow)
         while True:

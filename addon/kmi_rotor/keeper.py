@@ -5,15 +5,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any
 
-from .config import Key
+from .config import Key, one_line
 from .core.state import Delta, KeyDelta, StateDoc, overlay
 from .store import StateStore
 
 log = logging.getLogger("kmi_rotor")
+
+WARN_EVERY = 60.0
+"""Seconds between two warnings that the state cannot be written (it is retried meanwhile)."""
 
 
 class StateKeeper:
@@ -44,6 +48,7 @@ class StateKeeper:
         self._pending = Delta()
         self._writing = Delta()  # handed to the writer thread, not yet on disk
         self._dirty = asyncio.Event()
+        self._warned_at = -math.inf
         self._task: asyncio.Task[None] | None = None
 
     # -- observations (event loop, no I/O) --------------------------------------------------
@@ -101,7 +106,10 @@ class StateKeeper:
         try:
             doc = await asyncio.to_thread(self.store.commit, pending, self.clock())
         except Exception as e:  # a full disk or a stuck lock must not lose observations
-            log.warning("kmi-rotor: could not write state (%s); will retry", e)
+            now = time.monotonic()
+            if now - self._warned_at >= WARN_EVERY:
+                self._warned_at = now
+                log.warning("kmi-rotor: could not write state (%s); will retry", one_line(str(e)))
             pending.absorb(self._pending)
             self._pending = pending
             self._dirty.set()
