@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from mitmproxy import ctx, http
@@ -139,10 +140,10 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
         self.keeper.load_blocking()
         self.trace = TraceWriter(trace_path(settings.state_dir))
 
-    def _limiter_windows(self) -> dict[str, Any]:
-        """The limiter's windows as they are now, for the state file."""
+    def _limiter_windows(self) -> Callable[[], dict[str, Any]]:
+        """The limiter's windows as they are now, for the state file (rendered later)."""
         assert self.engine is not None
-        return self.engine.limiter.snapshot(self.clock())
+        return self.engine.limiter.capture(self.clock())
 
     def running(self) -> None:
         self._loop = asyncio.get_running_loop()

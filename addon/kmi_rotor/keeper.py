@@ -42,9 +42,10 @@ class StateKeeper:
         self.clock = clock
         self.base = StateDoc()
         self.on_change: Callable[[StateDoc], None] | None = None
-        self.limiter_source: Callable[[], dict[str, Any]] | None = None
-        """The limiter's windows, taken with every write that carries other changes: its daily
-        and hourly windows are then no staler on disk than the counters."""
+        self.limiter_source: Callable[[], Callable[[], dict[str, Any]]] | None = None
+        """The limiter's windows, captured with every write that carries other changes (on the
+        loop, cheaply) and rendered in the writer's thread: its daily and hourly windows are
+        then no staler on disk than the counters."""
         self._pending = Delta()
         self._writing = Delta()  # handed to the writer thread, not yet on disk
         self._dirty = asyncio.Event()
@@ -99,12 +100,12 @@ class StateKeeper:
         """Merge pending changes into the file and take in what others wrote (in a thread)."""
         self._dirty.clear()
         pending, self._pending = self._pending, Delta()
-        self._take_limiter(pending)
+        limiter = self._capture_limiter(pending)
         if not pending and not await asyncio.to_thread(self.store.changed):
             return
         self._writing = pending
         try:
-            doc = await asyncio.to_thread(self.store.commit, pending, self.clock())
+            doc = await asyncio.to_thread(self._commit, pending, limiter, self.clock())
         except Exception as e:  # a full disk or a stuck lock must not lose observations
             now = time.monotonic()
             if now - self._warned_at >= WARN_EVERY:
@@ -118,15 +119,24 @@ class StateKeeper:
             self._writing = Delta()
         self._adopt(doc)
 
-    def _take_limiter(self, pending: Delta) -> None:
-        """Add the limiter's windows to a write that records requests (on the event loop: the
-        limiter is not thread-safe; it costs a walk over the live window entries)."""
+    def _capture_limiter(self, pending: Delta) -> Callable[[], dict[str, Any]] | None:
+        """The limiter's windows for a write that records requests, copied on the event loop
+        (the limiter is not thread-safe); None when there is nothing to record."""
         if not pending or self.limiter_source is None:
-            return
+            return None
         try:
-            pending.limiter, pending.limiter_at = self.limiter_source(), self.clock()
+            return self.limiter_source()
         except Exception:
             log.exception("kmi-rotor: could not take the limiter's windows")
+            return None
+
+    def _commit(
+        self, pending: Delta, limiter: Callable[[], dict[str, Any]] | None, now: float
+    ) -> StateDoc:
+        """The writer thread's part: the limiter's snapshot rendered, then the merge."""
+        if limiter is not None and pending.limiter is None:
+            pending.limiter, pending.limiter_at = limiter(), now
+        return self.store.commit(pending, now)
 
     def close_blocking(self) -> None:
         """Stop the writer and flush what is left (shutdown; blocking is fine there)."""
