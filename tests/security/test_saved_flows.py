@@ -103,3 +103,13 @@ def test_flows_saved_at_shutdown_hold_no_key(
         assert flow.metadata["kmi_rotor"]["key"] in LABELS
     assert leaks(data, [secret(label) for label in LABELS]) == []
     assert leaks(proxy.process.output.encode(), [secret(label) for label in LABELS]) == []
+
+
+def test_scripts_are_done_before_mitmproxys_writers() -> None:
+    """kmi-rotor masks in its `done`; that is early enough only while mitmproxy loads scripts
+    ahead of its writers (an upgrade that changed this would fail here first)."""
+    from mitmproxy.addons import default_addons, save, savehar, script
+
+    kinds = [type(a) for a in default_addons()]
+    loader = kinds.index(script.ScriptLoader)
+    assert loader < kinds.index(save.Save) and loader < kinds.index(savehar.SaveHar)
