@@ -92,6 +92,29 @@ def test_a_network_error_reason_quotes_nothing(message: str, own: str) -> None:
     assert only_own_words(message) == own
 
 
+def test_what_an_older_writer_kept_is_shown_scrubbed() -> None:
+    from kmi_rotor import status
+    from kmi_rotor.config import from_dict
+    from kmi_rotor.core.health import KeyHealth
+    from kmi_rotor.core.state import KeyRecord, StateDoc
+    from kmi_rotor.engine import Engine
+
+    pool = {"name": "p", "provider": "generic", "hosts": ["llm.test"]}
+    pool["keys"] = [{"label": "a", "key": KEY}]
+    raw = {"state_dir": "/tmp/s", "pools": [pool], "clients": [{"label": "c", "token": TOKEN}]}
+    settings = from_dict(raw, Path("/tmp/rotor.toml"), env={})
+    fp = settings.keys[0].fingerprint
+    echo = f"bad key {KEY} from {b64(TOKEN.encode()).decode()}"
+    health = KeyHealth(cooling_until=2e9, cooling_reason=echo)
+    doc = StateDoc(keys={fp: KeyRecord(label="a", fingerprint=fp, last_error=echo, health=health)})
+    row = status.rows(settings, doc, 1.9e9)[0]
+    engine = Engine(settings)
+    engine.health[fp] = health
+    told = engine.key_status(settings.keys[0], 1.9e9)
+    for text in (row["reason"], row["last_error"], told["reason"]):
+        assert text.startswith("bad key ") and leaks(text.encode(), [KEY, TOKEN]) == []
+
+
 # -- end to end ----------------------------------------------------------------------------------
 
 MARKER = "UPSTREAM-ERROR-TEXT-7f3a"
