@@ -157,6 +157,7 @@ def _config(tmp_path: Path) -> tuple[Path, Path]:
     return config, state
 
 
+@pytest.mark.e2e
 def test_status_changes_nothing_on_disk_for_an_unparsable_state_file(tmp_path: Path) -> None:
     config, state = _config(tmp_path)
     state.mkdir(mode=0o700)
@@ -169,6 +170,7 @@ def test_status_changes_nothing_on_disk_for_an_unparsable_state_file(tmp_path: P
     assert (state / "state.json").read_bytes() == b"{not json"
 
 
+@pytest.mark.e2e
 def test_a_state_file_that_is_a_folder_is_one_line_for_the_cli(tmp_path: Path) -> None:
     config, state = _config(tmp_path)
     state.mkdir(mode=0o700)
