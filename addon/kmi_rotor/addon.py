@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from mitmproxy import ctx, http
@@ -14,11 +16,12 @@ from mitmproxy import ctx, http
 from . import config, failover, flows
 from .answers import answer_locally, mask_request, put
 from .commands import OperatorCommands
-from .config import ConfigError, Pool, Settings
+from .config import ConfigError, Pool, Settings, one_line
 from .core import access
 from .core import tokens as tk
 from .core.credentials import placements
 from .core.refusal import Refusal
+from .core.scrub import only_own_words
 from .core.signals import FailureKind, Signal, parse_signal
 from .core.sse import SSETap
 from .engine import Chosen, Engine, Wait
@@ -27,17 +30,16 @@ from .gatekeeper import EXPOSURE_OPTIONS, Gatekeeper
 from .hosting import StatusPage, on_loop
 from .keeper import StateKeeper
 from .records import Bookkeeping
-from .store import StateStore
+from .status import scrubber
+from .store import StateError, StateStore
 from .trace import TraceWriter, trace_path
 from .usage_poller import UsagePoller
 
 log = logging.getLogger("kmi_rotor")
 
 WAIT_SLICE = 0.5
-UPSTREAM_SETUP_WAIT = 10.0
-LIMITER_EVERY = 5.0
-"""Seconds between two snapshots of the limiter's windows into the state."""
 """A waiting request looks at its client this often, so a client that left stops waiting."""
+UPSTREAM_SETUP_WAIT = 10.0
 
 
 class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
@@ -57,7 +59,6 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
         self._rotations_seen: dict[str, int] = {}
         self._operator_seen: dict[str, float] = {}
         self._state_read = False
-        self._limiter_kept = 0.0
         self._recent: deque[dict[str, Any]] = deque(maxlen=200)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started = time.time()
@@ -90,6 +91,9 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
                 self._apply(config.load(config.find_config(ctx.options.rotor_config)))
             except ConfigError as e:
                 self._config_failed(str(e))
+            except StateError as e:  # without its state it serves nothing (fail closed)
+                self.settings, self.config_error = None, str(e)
+                log.error("kmi-rotor: %s", one_line(str(e)))
         # After the config: its client tokens count as authentication.
         if updated & EXPOSURE_OPTIONS:
             self._check_exposure()
@@ -132,8 +136,14 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
         self._state_read = False
         self.keeper = StateKeeper(StateStore(settings.state_dir))
         self.keeper.on_change = self._adopt_state
+        self.keeper.limiter_source = self._limiter_windows
         self.keeper.load_blocking()
         self.trace = TraceWriter(trace_path(settings.state_dir))
+
+    def _limiter_windows(self) -> Callable[[], dict[str, Any]]:
+        """The limiter's windows as they are now, for the state file (rendered later)."""
+        assert self.engine is not None
+        return self.engine.limiter.capture(self.clock())
 
     def running(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -143,9 +153,13 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
             self.poller.start(self.settings.pools)
 
     def done(self) -> None:
+        """Every flow still holding a key is masked first: scripts run before mitmproxy's own
+        `done` handlers, so a writer (`-w`) saving unfinished flows finds no key in them."""
         self.poller.stop()
         for flow_id in list(self._served):
-            self._served.pop(flow_id, None)
+            served = self._served.pop(flow_id, None)
+            if served is not None and served.flow is not None:
+                mask_request(served.flow)
         if self.keeper is not None and self.engine is not None:
             self.keeper.limiter_snapshot(self.engine.limiter.snapshot(self.clock()))
             self.keeper.close_blocking()
@@ -188,7 +202,11 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
         if body is None:
             tokens = tk.estimate_from_length(flows.content_length(flow.request))
         else:
-            tokens = tk.estimate_from_body(body)
+            try:
+                tokens = tk.estimate_from_body(body, strict=True)
+            except tk.Unreadable as e:  # refused before a key is chosen: nothing is spent
+                answer_locally(flow, Refusal(400, "unreadable_body", str(e)), arrived)
+                return
         affinity = flow.request.headers.get(pool.affinity_header) if pool.affinity_header else None
         await self._upstream_ready(flow)
         while True:
@@ -253,16 +271,6 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
         """Let waiting requests look again (a slot was freed or a key came back)."""
         self._capacity.set()
         self._capacity = asyncio.Event()
-        self._keep_limiter()
-
-    def _keep_limiter(self) -> None:
-        """Hand the limiter's windows (daily counters) to the state now and then, so that a
-        crash loses at most a few seconds of them."""
-        now = self.clock()
-        if self.engine is None or self.keeper is None or now - self._limiter_kept < LIMITER_EVERY:
-            return
-        self._limiter_kept = now
-        self.keeper.limiter_snapshot(self.engine.limiter.snapshot(now))
 
     def _inject(
         self, flow: http.HTTPFlow, pool: Pool, chosen: Chosen, attempt: int, arrived: float
@@ -270,7 +278,7 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
         key = chosen.key
         # Held first: whatever fails below, the error path finds the reservation and frees it.
         self._served[flow.id] = Served(
-            pool, key, chosen.reservation, attempt, time.monotonic(), arrived
+            pool, key, chosen.reservation, attempt, time.monotonic(), arrived, flow=flow
         )
         where = placements(flow.request.headers.keys(), flow.request.query.keys(), pool.preset)
         meta = flow.metadata.setdefault(META, {})
@@ -402,6 +410,8 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
             sig, outcome = flows.stream_signal(sig, stream)
         else:
             served.tokens = tk.reported_usage(body)
+        scrub = scrubber(self.settings)  # type: ignore[arg-type]
+        sig = dataclasses.replace(sig, reason=scrub(sig.reason, 120), detail=scrub(sig.detail))
         h = self.engine.observe(served.key, sig, now, served.reservation)
         self.engine.settle(served.key, served.reservation, flows.total(served.tokens))
         d = self.keeper.key(served.key)
@@ -431,7 +441,9 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
     def _settle_error(self, flow: http.HTTPFlow, served: Served) -> None:
         assert self.engine is not None and self.keeper is not None
         now = self.clock()
-        reason = (flow.error.msg if flow.error else "unknown error")[:200]
+        # mitmproxy's message may quote what the upstream sent: scrubbed for this flow and the
+        # key's last error; the key's reason, which other clients may see, quotes nothing.
+        reason = scrubber(self.settings)(flow.error.msg if flow.error else "unknown error")  # type: ignore[arg-type]
         client_left = flows.client_left(reason)
         stream = served.tap.finish() if served.tap else None
         served.tokens = flows.stream_tokens(stream) if stream else (None, None)
@@ -444,7 +456,7 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
             outcome = "truncated" if stream is not None else "error"
             d.add("errors")
             d.observe(now, flow.response.status_code if flow.response else None, reason)
-            d.health = self.engine.network_error(served.key, now, reason)
+            d.health = self.engine.network_error(served.key, now, only_own_words(reason))
             flow.marked = ":warning:"
         flow.comment = f"key {served.key.label} · {outcome}: {reason[:80]}"
         flow.metadata[META].update({"outcome": outcome, "error": reason})

@@ -12,9 +12,9 @@ import time
 from collections.abc import Sequence
 
 from . import cli_env, cli_trace, config, status
-from .config import ConfigError, Key, Settings
+from .config import ConfigError, Key, Settings, one_line
 from .core.state import Delta, Operator
-from .store import StateStore
+from .store import StateError, StateStore
 
 ACTIONS = ("disable", "enable", "reset")
 
@@ -25,7 +25,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def cmd_status(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    store = StateStore(settings.state_dir)
+    store = StateStore(settings.state_dir, read_only=True)  # a look changes nothing on disk
     while True:
         now = time.time()
         doc = store.read()
@@ -131,6 +131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"kmi-rotor: {e}", file=sys.stderr)
         return 2
+    except StateError as e:
+        print(f"kmi-rotor: {one_line(str(e))}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

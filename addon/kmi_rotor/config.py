@@ -37,6 +37,10 @@ LABEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
 
 
 MAX_MESSAGE = 400
+MIN_TOKEN = 16
+"""Shortest client token: it is all that stands between a remote client and the pool."""
+MAX_SECONDS = 366 * 86400.0
+"""Longest duration a health setting may name: beyond it, times stop being representable."""
 
 
 class ConfigError(Exception):
@@ -53,7 +57,8 @@ def one_line(text: str, limit: int = MAX_MESSAGE) -> str:
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    # strict: a bool is no number (`concurrency = true`), nor a string a number.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=True)
 
 
 class LimitsConfig(_Model):
@@ -84,14 +89,27 @@ class GlobalLimits(LimitsConfig):
 class HealthConfig(_Model):
     """How failures steer keys: cooldowns, blocks, and how fast old errors fade."""
 
-    max_cooldown_seconds: float = Field(3600.0, gt=0, description="Cap of any cooldown.")
-    quota_block_seconds: float = Field(3600.0, gt=0, description="Block when no reset is known.")
-    rate_limit_backoff: float = Field(2.0, gt=0, description="First hint-less 429 backoff.")
-    overload_backoff: float = Field(1.0, gt=0, description="First 5xx backoff.")
-    overload_backoff_max: float = Field(30.0, gt=0, description="Cap of the 5xx backoff.")
-    half_life_seconds: float = Field(300.0, gt=0, description="Half-life of the error score.")
+    max_cooldown_seconds: float = Field(
+        3600.0, gt=0, le=MAX_SECONDS, description="Cap of any cooldown."
+    )
+    quota_block_seconds: float = Field(
+        3600.0, gt=0, le=MAX_SECONDS, description="Block when no reset is known."
+    )
+    rate_limit_backoff: float = Field(
+        2.0, gt=0, le=MAX_SECONDS, description="First hint-less 429 backoff."
+    )
+    overload_backoff: float = Field(1.0, gt=0, le=MAX_SECONDS, description="First 5xx backoff.")
+    overload_backoff_max: float = Field(
+        30.0, gt=0, le=MAX_SECONDS, description="Cap of the 5xx backoff."
+    )
+    half_life_seconds: float = Field(
+        300.0, gt=0, le=MAX_SECONDS, description="Half-life of the error score."
+    )
     auth_recheck_seconds: float | None = Field(
-        None, gt=0, description="Retry a key disabled for a bad credential after this long."
+        None,
+        gt=0,
+        le=MAX_SECONDS,
+        description="Retry a key disabled for a bad credential after this long.",
     )
 
 
@@ -463,6 +481,10 @@ def _clients(
             raise ConfigError(
                 f"{source}: {_join_loc(where, why.replace('key:', 'token:'))}"
             ) from None
+        if len(token.get_secret_value()) < MIN_TOKEN:
+            raise ConfigError(
+                f"{source}: {where}: a client token must be at least {MIN_TOKEN} characters"
+            )
         unknown = [p for p in cc.pools or [] if p not in names]
         if unknown:
             raise ConfigError(f"{source}: {where}.pools: no pool named {unknown[0]!r}")

@@ -23,7 +23,7 @@ from .core.refusal import Refusal
 from .core.rotation import Sticky, Strategy, make
 from .core.signals import FailureKind, Signal
 from .core.tokens import MAX_TOKENS
-from .status import key_state
+from .status import key_state, scrubber
 
 OUTAGE_WINDOW = 30.0
 """Overloads on every key of a pool within this many seconds are the provider's outage."""
@@ -89,6 +89,7 @@ class Engine:
         self.settings = settings
         h = settings.health
         self.policy = Policy(**h.model_dump())
+        self.budgets.cap = self.policy.max_cooldown_seconds
         self.keys = {k.fingerprint: k for k in settings.keys}
         self.limiter.configure(
             limits_of(settings.limits), {fp: limits_of(k.limits) for fp, k in self.keys.items()}
@@ -116,7 +117,8 @@ class Engine:
         if key.disabled or self.budgets.blocked_until(key.fingerprint, now) is not None:
             return False
         h = self.health.get(key.fingerprint)
-        return h is None or hl.usable(h, now, _paced(key)) or self._recheck_due(h, now)
+        cap = self.policy.max_cooldown_seconds
+        return h is None or hl.usable(h, now, _paced(key), cap) or self._recheck_due(h, now)
 
     def _recheck_due(self, h: KeyHealth, now: float) -> bool:
         at = hl.next_usable_at(h, now, self.policy) if h.disabled_reason else None
@@ -351,7 +353,11 @@ class Engine:
         return True
 
     def key_status(self, key: Key, now: float) -> dict[str, Any]:
-        return {"label": key.label, **key_state(key, self.health_of(key.fingerprint), now)}
+        h = self.health_of(key.fingerprint)
+        spent = self.budgets.blocked_until(key.fingerprint, now)
+        state = key_state(key, h, now, self.policy, spent)
+        state["reason"] = scrubber(self.settings)(state["reason"], 120) or None
+        return {"label": key.label, **state}
 
 
 def _paced(key: Key) -> frozenset[str]:

@@ -38,6 +38,8 @@ class Served:
     tap: SSETap | None = None
     tokens: tuple[int | None, int | None] = (None, None)
     notes: list[str] = field(default_factory=list)
+    flow: http.HTTPFlow | None = None
+    """The flow the key went into, so that it can be masked at shutdown whatever its stage."""
 
 
 RETRIABLE = (FailureKind.RATE_LIMITED, FailureKind.QUOTA, FailureKind.AUTH, FailureKind.OVERLOADED)
@@ -75,7 +77,7 @@ def wants_stream(request: http.Request, body: bytes) -> bool:
 def json_object(body: bytes) -> dict[str, Any]:
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return {}
     return data if isinstance(data, dict) else {}
 
@@ -110,7 +112,12 @@ def stream_signal(sig: Signal, stream: StreamOutcome) -> tuple[Signal, str]:
     """A stream that failed in the middle, or never finished, is a failure of its key."""
     if stream.error is not None:
         kind = STREAM_KINDS.get(stream.error.kind, FailureKind.OVERLOADED)
-        failed = Signal(stream.error.status, kind, None, sig.windows, stream.error.message[:120])
+        # The key's reason may reach other clients: kmi-rotor's words; the upstream's message
+        # stays with this flow (scrubbed by the caller).
+        reason = f"in-stream error: {kind.value} ({stream.error.status})"
+        failed = Signal(
+            stream.error.status, kind, None, sig.windows, reason, detail=stream.error.message
+        )
         return failed, "stream_error"
     if stream.truncated:
         failed = Signal(sig.status, FailureKind.OVERLOADED, None, sig.windows, "stream cut short")

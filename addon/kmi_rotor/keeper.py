@@ -5,15 +5,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any
 
-from .config import Key
+from .config import Key, one_line
 from .core.state import Delta, KeyDelta, StateDoc, overlay
 from .store import StateStore
 
 log = logging.getLogger("kmi_rotor")
+
+WARN_EVERY = 60.0
+"""Seconds between two warnings that the state cannot be written (it is retried meanwhile)."""
 
 
 class StateKeeper:
@@ -38,9 +42,14 @@ class StateKeeper:
         self.clock = clock
         self.base = StateDoc()
         self.on_change: Callable[[StateDoc], None] | None = None
+        self.limiter_source: Callable[[], Callable[[], dict[str, Any]]] | None = None
+        """The limiter's windows, captured with every write that carries other changes (on the
+        loop, cheaply) and rendered in the writer's thread: its daily and hourly windows are
+        then no staler on disk than the counters."""
         self._pending = Delta()
         self._writing = Delta()  # handed to the writer thread, not yet on disk
         self._dirty = asyncio.Event()
+        self._warned_at = -math.inf
         self._task: asyncio.Task[None] | None = None
 
     # -- observations (event loop, no I/O) --------------------------------------------------
@@ -91,13 +100,17 @@ class StateKeeper:
         """Merge pending changes into the file and take in what others wrote (in a thread)."""
         self._dirty.clear()
         pending, self._pending = self._pending, Delta()
+        limiter = self._capture_limiter(pending)
         if not pending and not await asyncio.to_thread(self.store.changed):
             return
         self._writing = pending
         try:
-            doc = await asyncio.to_thread(self.store.commit, pending, self.clock())
+            doc = await asyncio.to_thread(self._commit, pending, limiter, self.clock())
         except Exception as e:  # a full disk or a stuck lock must not lose observations
-            log.warning("kmi-rotor: could not write state (%s); will retry", e)
+            now = time.monotonic()
+            if now - self._warned_at >= WARN_EVERY:
+                self._warned_at = now
+                log.warning("kmi-rotor: could not write state (%s); will retry", one_line(str(e)))
             pending.absorb(self._pending)
             self._pending = pending
             self._dirty.set()
@@ -105,6 +118,25 @@ class StateKeeper:
         finally:
             self._writing = Delta()
         self._adopt(doc)
+
+    def _capture_limiter(self, pending: Delta) -> Callable[[], dict[str, Any]] | None:
+        """The limiter's windows for a write that records requests, copied on the event loop
+        (the limiter is not thread-safe); None when there is nothing to record."""
+        if not pending or self.limiter_source is None:
+            return None
+        try:
+            return self.limiter_source()
+        except Exception:
+            log.exception("kmi-rotor: could not take the limiter's windows")
+            return None
+
+    def _commit(
+        self, pending: Delta, limiter: Callable[[], dict[str, Any]] | None, now: float
+    ) -> StateDoc:
+        """The writer thread's part: the limiter's snapshot rendered, then the merge."""
+        if limiter is not None and pending.limiter is None:
+            pending.limiter, pending.limiter_at = limiter(), now
+        return self.store.commit(pending, now)
 
     def close_blocking(self) -> None:
         """Stop the writer and flush what is left (shutdown; blocking is fine there)."""

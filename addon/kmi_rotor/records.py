@@ -44,6 +44,7 @@ class Bookkeeping:
                 "outcome": outcome,
                 "status": flow.response.status_code,
                 "reason": sig.reason,
+                **({"detail": sig.detail} if sig.detail else {}),
                 "key_status": st["status"],
                 "tokens_in": served.tokens[0],
                 "tokens_out": served.tokens[1],

@@ -5,6 +5,7 @@ Built from the configuration and a state document (the CLI) or the live engine (
 
 from __future__ import annotations
 
+import math
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -12,6 +13,7 @@ from . import __version__
 from .config import Key, Settings
 from .core import health as hl
 from .core.health import KeyHealth
+from .core.scrub import Scrubber
 from .core.secrets import mask
 from .core.state import KeyRecord, StateDoc
 
@@ -19,15 +21,44 @@ if TYPE_CHECKING:
     from .engine import Engine
 
 
-def key_state(key: Key, h: KeyHealth, now: float) -> dict[str, Any]:
-    """`ready`, `cooling` (until, reason), `blocked` (until, reason) or `disabled` (reason)."""
+_SCRUBBERS: dict[int, tuple[Settings, Scrubber]] = {}
+
+
+def scrubber(settings: Settings) -> Scrubber:
+    """The scrubber of every key and client token of `settings` (built once per settings)."""
+    cached = _SCRUBBERS.get(id(settings))
+    if cached is not None and cached[0] is settings:
+        return cached[1]
+    secrets = [k.secret.get_secret_value() for k in settings.keys]
+    secrets += [c.token.get_secret_value() for c in settings.clients]
+    made = Scrubber(secrets)
+    _SCRUBBERS.clear()  # one configuration is live at a time
+    _SCRUBBERS[id(settings)] = (settings, made)
+    return made
+
+
+def key_state(
+    key: Key,
+    h: KeyHealth,
+    now: float,
+    policy: hl.Policy | None = None,
+    spent_until: float | None = None,
+) -> dict[str, Any]:
+    """`ready`, `cooling` (until, reason), `blocked` (until, reason) or `disabled` (reason).
+
+    `spent_until`: when the key's provider budget (what it reported, less what was sent since)
+    lets it take a request again; a key held back by it is not ready."""
     if key.disabled:
         return {"status": "disabled", "until": None, "reason": "disabled in the configuration"}
     st = hl.status(h, now)
     state, until, reason = st.state, st.until, st.reason
-    if state == "ready" and not hl.usable(h, now):
-        state, until = "cooling", hl.next_usable_at(h, now)
+    cap = policy.max_cooldown_seconds if policy else math.inf
+    if state == "ready" and not hl.usable(h, now, cap=cap):
+        state, until = "cooling", hl.next_usable_at(h, now, policy)
         reason = "provider reports no remaining quota"
+    if state == "ready" and spent_until is not None and spent_until > now:
+        state, until = "cooling", spent_until
+        reason = "provider reports no remaining requests"
     return {"status": state, "until": until, "reason": reason}
 
 
@@ -62,17 +93,24 @@ def quota(
 
 
 def key_row(
-    key: Key, rec: KeyRecord | None, h: KeyHealth, now: float, engine: Engine | None
+    key: Key,
+    rec: KeyRecord | None,
+    h: KeyHealth,
+    now: float,
+    engine: Engine | None,
+    policy: hl.Policy | None = None,
 ) -> dict[str, Any]:
     local = engine.limiter.usage(f"key:{key.fingerprint}", now) if engine else None
     half_life = engine.policy.half_life_seconds if engine else 300.0
+    policy = engine.policy if engine else policy
+    spent = engine.budgets.blocked_until(key.fingerprint, now) if engine else None
     row: dict[str, Any] = {
         "label": key.label,
         "pool": key.pool,
         "key": mask(key.secret.get_secret_value()),
         "masked": mask(key.secret.get_secret_value()),
         "fingerprint": key.fingerprint,
-        **key_state(key, h, now),
+        **key_state(key, h, now, policy, spent),
         "requests": rec.requests if rec else 0,
         "errors": rec.errors if rec else 0,
         "upstream_429": rec.upstream_429 if rec else 0,
@@ -91,10 +129,16 @@ def rows(
     settings: Settings, doc: StateDoc, now: float, engine: Engine | None = None
 ) -> list[dict[str, Any]]:
     out = []
+    policy = hl.Policy(**settings.health.model_dump())
+    scrub = scrubber(settings)
     for key in settings.keys:
         rec = doc.keys.get(key.fingerprint)
         h = engine.health_of(key.fingerprint) if engine else (rec.health if rec else KeyHealth())
-        out.append(key_row(key, rec, h, now, engine))
+        row = key_row(key, rec, h, now, engine, policy)
+        # What other processes or older versions wrote is shown scrubbed too.
+        row["reason"] = scrub(row["reason"], 120) or None
+        row["last_error"] = scrub(row["last_error"], 200) or None
+        out.append(row)
     return out
 
 

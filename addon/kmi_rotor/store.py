@@ -30,21 +30,47 @@ def stat_is_file(st: os.stat_result) -> bool:
 
 
 class StateStore:
-    """One state file. Every method blocks: call them from a thread, never from a hook."""
+    """One state file. Every method blocks: call them from a thread, never from a hook.
 
-    def __init__(self, state_dir: Path) -> None:
+    `read_only`: a store that changes nothing on disk (no lock file, no clean-up, no folder
+    mode, an unusable file reported as a `StateError` rather than moved aside)."""
+
+    def __init__(self, state_dir: Path, *, read_only: bool = False) -> None:
         self.dir = state_dir
         self.path = state_dir / "state.json"
-        self._lock = FileLock(str(self.path) + ".lock", timeout=LOCK_TIMEOUT)
+        self.read_only = read_only
+        self._lock_path = Path(str(self.path) + ".lock")
+        self._lock = FileLock(str(self._lock_path), timeout=LOCK_TIMEOUT)
         self._seen: tuple[int, int, int] | None = None
         self._swept = False
+        self._tightened = False
 
     def read(self) -> StateDoc:
         """The document on disk (empty when there is none)."""
-        if not self.path.exists():
-            return StateDoc()
-        with self._lock:
+        if self.read_only:
             return self._read_locked()
+        self._tighten()
+        if not os.path.lexists(self.path):
+            return StateDoc()
+        with self._locked():
+            return self._read_locked()
+
+    def _locked(self) -> FileLock:
+        # The lock file is opened with O_TRUNC: a link planted in its place is refused.
+        if os.path.islink(self._lock_path):
+            raise StateError(f"{self._lock_path} is a symbolic link: remove it")
+        return self._lock
+
+    def _tighten(self) -> None:
+        """An existing folder of ours readable by others is made 0700 (once per store)."""
+        if self._tightened or self.read_only:
+            return
+        self._tightened = True
+        with contextlib.suppress(FileNotFoundError):
+            st = os.stat(self.dir)
+            if st.st_mode & 0o077 and st.st_uid == os.getuid():
+                os.chmod(self.dir, 0o700)
+                log.warning("kmi-rotor: %s was open to other users; now 0700", self.dir)
 
     def changed(self) -> bool:
         """Whether the file changed since this store last read or wrote it."""
@@ -56,11 +82,14 @@ class StateStore:
     def commit(self, delta: Delta, now: float | None = None) -> StateDoc:
         """Merge a delta into the file under the lock and return what is now on disk."""
         now = time.time() if now is None else now
+        if self.read_only:
+            raise StateError("a read-only state store cannot write")
         self._ensure_dir()
-        with self._lock:
+        self._tighten()
+        with self._locked():
             if not self._swept:
                 self._sweep_locked()
-            doc = self._read_locked() if self.path.exists() else StateDoc()
+            doc = self._read_locked() if os.path.lexists(self.path) else StateDoc()
             if not delta:
                 return doc
             doc = merge(doc, delta, now)
@@ -80,26 +109,28 @@ class StateStore:
                 tmp.unlink()
 
     def _read_locked(self) -> StateDoc:
-        if not self._swept:
+        if not self._swept and not self.read_only:
             self._sweep_locked()
         try:
-            st = os.stat(self.path)
-            if not stat_is_file(st):
-                raise StateError(f"{self.path} is not a regular file: move it out of the way")
-            raw = self.path.read_bytes()
+            st, raw = _read_regular(self.path)
         except FileNotFoundError:
             return StateDoc()
-        except OSError as e:
-            raise StateError(f"{self.path} cannot be read: {e.strerror or e}") from None
         try:
             data = json.loads(raw)
             version = _version(data.get("schema_version")) if isinstance(data, dict) else None
             if version is not None and version > SCHEMA_VERSION:
+                if self.read_only:
+                    raise StateError(f"{self.path} was written by a newer kmi-rotor")
                 tag = f"newer-v{version}" if version < 10**6 else "newer"
                 self._move_aside(tag, f"was written by a newer kmi-rotor (schema {tag[7:] or '?'})")
                 return StateDoc()
             doc = StateDoc.model_validate(data)
         except (ValueError, ValidationError, RecursionError):
+            if self.read_only:
+                raise StateError(
+                    f"{self.path} is not valid kmi-rotor state (left as it is; a running proxy "
+                    "moves it aside and starts afresh)"
+                ) from None
             self._move_aside("corrupt", "is not valid kmi-rotor state")
             return StateDoc()
         self._seen = _identity(st)
@@ -130,6 +161,29 @@ class StateStore:
                 os.unlink(tmp)
             raise
         self._seen = _identity(os.stat(self.path))
+
+
+def _read_regular(path: Path) -> tuple[os.stat_result, bytes]:
+    """The stat and bytes of a regular file, never through a symbolic link; FileNotFoundError
+    when there is none, StateError (one line) when it cannot be used."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        if os.path.islink(path):
+            raise StateError(f"{path} is a symbolic link: not followed; remove it") from None
+        raise StateError(f"{path} cannot be read: {e.strerror or e}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat_is_file(st):
+            raise StateError(f"{path} is not a regular file: move it out of the way")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return st, f.read()
+    except OSError as e:
+        raise StateError(f"{path} cannot be read: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
 
 
 def _version(value: object) -> int | None:

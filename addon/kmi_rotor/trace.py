@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import queue
+import stat
 import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -210,7 +211,12 @@ class TraceWriter:
         if not self.path.parent.is_dir():
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         # O_APPEND: lines of another process writing the same trace interleave, never overlap.
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        # O_NOFOLLOW: a link planted in the trace's place is not written through.
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+        self._fd = os.open(self.path, flags, 0o600)
+        if not stat.S_ISREG(os.fstat(self._fd).st_mode):
+            self._close_fd()
+            raise OSError(f"{self.path} is not a regular file")
         self._size = os.fstat(self._fd).st_size
 
     def _rotate(self) -> None:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from .config import Key, Pool
 from .core import health as hl
-from .core.kimi import parse_usages
+from .core.kimi import may_follow_redirect, parse_usages
 
 log = logging.getLogger("kmi_rotor")
 
@@ -24,8 +24,23 @@ TIMEOUT = 10.0
 MAX_BODY = 256 * 1024
 
 
+class _KeyedRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only to the same https origin: the request carries a key. Any other
+    one is not followed and its 3xx status comes back as the answer."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+        if not may_follow_redirect(req.full_url, newurl):
+            log.warning(
+                "kmi-rotor: the usage endpoint redirected elsewhere (%d); not followed with a key",
+                code,
+            )
+            return None
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
 def fetch(url: str, key: Key, cafile: str | None) -> tuple[int, bytes]:
-    """One blocking GET with the key (run it in a thread). Errors come back as a status."""
+    """One blocking GET with the key (run it in a thread). Errors come back as a status; a
+    redirect is followed only within the same https origin."""
     request = urllib.request.Request(
         url,
         headers={
@@ -35,8 +50,11 @@ def fetch(url: str, key: Key, cafile: str | None) -> tuple[int, bytes]:
         },
     )
     context = ssl.create_default_context(cafile=cafile) if url.startswith("https:") else None
+    opener = urllib.request.build_opener(
+        urllib.request.HTTPSHandler(context=context), _KeyedRedirects()
+    )
     try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT, context=context) as resp:
+        with opener.open(request, timeout=TIMEOUT) as resp:
             return resp.status, resp.read(MAX_BODY)
     except urllib.error.HTTPError as e:
         return e.code, b""

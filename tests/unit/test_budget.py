@@ -91,11 +91,54 @@ def test_fraction(left, limit, fraction) -> None:
 
 
 @pytest.mark.parametrize("limit", [0, 0.4])
-def test_a_window_that_holds_nothing_blocks_without_failing(limit: float) -> None:
+def test_a_window_that_holds_nothing_lets_one_probe_through_after_its_reset(limit: float) -> None:
     b = Budgets()
     b.observe("k", report(0, 2, limit=limit), [], T0)
     assert b.blocked_until("k", T0 + 1) == T0 + 2
-    assert b.blocked_until("k", T0 + 3) == T0 + 3 + 2  # one (guessed) window later
+    # Past the reset, nothing new was reported: one request may go and look.
+    assert b.blocked_until("k", T0 + 3) is None
+    b.admitted("k", T0 + 3)
+    # The probe holds the next one back a window (2 s), a fixed time that does not move on.
+    assert b.blocked_until("k", T0 + 3.5) == T0 + 5
+    assert b.blocked_until("k", T0 + 4.9) == T0 + 5
+    assert b.blocked_until("k", T0 + 5) is None
+
+
+# (remaining, limit, reset in, cap): the key is blocked until `free`, then one probe goes.
+@pytest.mark.parametrize(
+    ("remaining", "limit", "reset_in", "cap", "free"),
+    [
+        (0, 0, 30, 60, 30),  # a zero window: its reset binds
+        (0, 0, 31 * 86400, 60, 60),  # a reset far away: the cap binds
+        (0, 10, 31 * 86400, 60, 60),
+        (0, None, 31 * 86400, 60, 60),
+        (0, 10, 30, 60, 30),
+        (0, 0, 3600, 3600, 3600),
+    ],
+)
+def test_no_report_benches_a_key_for_good(remaining, limit, reset_in, cap, free) -> None:
+    b = Budgets(cap=cap)
+    b.observe("k", report(remaining, reset_in, limit), [], T0)
+    looks = [b.blocked_until("k", T0 + t) for t in (0, free / 3, free - 0.01)]
+    assert looks == [T0 + free] * 3  # the same answer on every look
+    assert b.blocked_until("k", T0 + free) is None
+    b.admitted("k", T0 + free)  # the probe
+    after = b.blocked_until("k", T0 + free + 0.01)
+    if limit is not None and limit >= 1 and reset_in <= cap:
+        assert after is None  # a real window came back: its limit, not one probe
+    else:
+        assert after is not None and T0 + free < after <= T0 + free + cap
+        assert b.blocked_until("k", after) is None  # and then the next probe
+
+
+def test_a_fresh_report_after_a_probe_binds_again() -> None:
+    b = Budgets(cap=60)
+    b.observe("k", report(0, 2, limit=0), [], T0)
+    b.admitted("k", T0 + 2)
+    # The probe's answer: still nothing, for another two seconds.
+    b.observe("k", (Window("requests", "minute", 0, 0, T0 + 4.1),), [], T0 + 2.1)
+    assert b.blocked_until("k", T0 + 2.2) == T0 + 4.1
+    assert b.blocked_until("k", T0 + 4.1) is None
 
 
 def test_budgets_never_raise_on_odd_reports() -> None:

@@ -781,3 +781,35 @@ def test_local_request_limits_pace_a_key_instead_of_the_providers_reports() -> N
     b = Bench(settings(2, per_key={"a": {"limits": {"requests_per_minute": 100}}}))
     b.signal("a", FailureKind.OK, T0, windows=(Window("requests", "minute", 10, 0, T0 + 30),))
     assert b.engine.usable(b.keys["a"], T0 + 1)  # its own limit has room: that decides
+
+
+def test_a_limit_of_zero_holds_a_key_until_the_reset_then_one_request_probes() -> None:
+    from kmi_rotor.core.signals import parse_signal
+
+    b = Bench(settings(2))
+    headers = {
+        "x-ratelimit-limit-requests": "0",
+        "x-ratelimit-remaining-requests": "0",
+        "x-ratelimit-reset-requests": "2s",
+    }
+    b.engine.observe(b.keys["a"], parse_signal(200, headers, b"{}", T0), T0)
+    # Held back, and not called ready meanwhile.
+    assert not b.engine.usable(b.keys["a"], T0 + 1)
+    assert b.status("a", T0 + 1) == "cooling"
+    assert b.engine.key_status(b.keys["a"], T0 + 1)["until"] == T0 + 2
+    # The reset came and nothing refreshed it: one request looks, the next waits for a window.
+    assert b.engine.usable(b.keys["a"], T0 + 3)
+    assert b.status("a", T0 + 3) == "ready"
+    assert b.serve(T0 + 3, 3) == "abb"
+    assert b.status("a", T0 + 3.5) == "cooling"
+    assert b.engine.usable(b.keys["a"], T0 + 5)
+
+
+def test_a_spent_window_with_a_far_reset_holds_a_key_at_most_the_cooldown_cap() -> None:
+    b = Bench(settings(2, health={"max_cooldown_seconds": 60}))
+    far = (Window("requests", "day", 100, 0, T0 + 20 * 86400),)
+    b.signal("a", FailureKind.OK, T0, windows=far)
+    assert not b.engine.usable(b.keys["a"], T0 + 59)
+    assert b.engine.key_status(b.keys["a"], T0 + 59)["until"] == T0 + 60
+    assert b.engine.usable(b.keys["a"], T0 + 60)
+    assert b.serve(T0 + 60, 3) == "abb"  # one probe, not a rush

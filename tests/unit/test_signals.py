@@ -1122,7 +1122,7 @@ def test_each_malformed_header_name_is_logged_once(caplog: pytest.LogCaptureFixt
     records = [r for r in caplog.records if r.name == "kmi_rotor"]
     assert [r.levelno for r in records] == [logging.WARNING, logging.WARNING]
     assert "retry-after" in records[0].getMessage()
-    assert "x" * 40 in records[0].getMessage() and "x" * 41 not in records[0].getMessage()
+    assert "x" not in records[0].getMessage().replace("x-", "")  # the value is not quoted
     assert "x-ratelimit-reset" in records[1].getMessage()
     assert SECRET not in caplog.text
 

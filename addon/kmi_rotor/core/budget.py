@@ -4,6 +4,11 @@ A provider's `remaining` describes the moment it answered. Requests sent since (
 flight when it answered) spend from it too, so kmi-rotor counts them: a key whose budget is
 spent is skipped until its reset, before the provider refuses it; and when a window resets,
 the key gets back its `limit`, not an unbounded rush of every waiting request.
+
+No report benches a key for good: a report binds until its reset and at most `cap` seconds
+after it was made. Past that, a window that holds nothing (`limit` 0), or one whose report was
+cut short by the cap, lets one request through at a time to probe it; the probe's answer brings
+a fresh report.
 """
 
 from __future__ import annotations
@@ -31,37 +36,59 @@ class Budget:
     """The longest time to a reset any report of this window gave: its length, at least."""
     guard: float = 0.0
     """Seconds added to the window, for the jitter between admission and the provider."""
+    cap: float = math.inf
+    """The longest a report may hold the key back, from when it was made."""
 
     @property
     def period(self) -> float:
         """The window's length as far as the reports tell (at least 1 s)."""
         return max(1.0, self.longest, self.reset_at - self.observed_at)
 
+    @property
+    def free_at(self) -> float:
+        """When the report stops binding: its reset, or `cap` after it was made if sooner."""
+        return min(self.reset_at, self.observed_at + self.cap) + self.guard
+
     def _recent(self, now: float) -> list[float]:
         return [t for t in self.sent if t > now - self.period - self.guard]
 
+    def _sliding(self, now: float) -> bool:
+        """Past the reset of a window that holds requests: its limit, spread as it slides."""
+        return self.limit is not None and self.limit >= 1 and now >= self.reset_at + self.guard
+
+    def _probes(self, now: float) -> list[float]:
+        """Requests sent to probe a report that no longer binds, within the probe interval."""
+        every = min(self.period, self.cap)
+        return [t for t in self.sent if t >= self.free_at and t > now - every - self.guard]
+
     def left(self, now: float) -> float:
-        """Requests the key can still take (may be negative). Before the reset: what the
-        report said, less what was sent since. After it (the provider said the window is then
+        """Requests the key can still take (may be negative). While the report binds: what it
+        said, less what was sent since. After the reset (the provider said the window is then
         fully replenished): the limit, less what was sent within the last period, since a
-        provider's window may slide."""
-        if now < self.reset_at + self.guard:
+        provider's window may slide. Otherwise (a window of nothing, or a report cut short by
+        the cap): one probe at a time."""
+        if now < self.free_at:
             return self.remaining - len(self.sent)
-        if self.limit is None:
+        if self._sliding(now):
+            assert self.limit is not None
+            return math.floor(self.limit) - len(self._recent(now))
+        if self.limit is None and now >= self.reset_at + self.guard:
             return math.inf
-        return math.floor(self.limit) - len(self._recent(now))
+        return 1 - len(self._probes(now))
 
     def blocked_until(self, now: float) -> float | None:
-        """When the key may be tried again if the budget is spent (None: it is not)."""
+        """When the key may be tried again if the budget is spent (None: it is not); always
+        a fixed time, never one that moves on with `now`."""
         if self.left(now) > 0:
             return None
-        if now < self.reset_at + self.guard or self.limit is None:
-            return self.reset_at + self.guard
-        if self.limit < 1:  # a window that holds nothing: look again a window later
-            return now + self.period + self.guard
-        recent = sorted(self._recent(now))
-        # One more fits once all but limit - 1 of the recent ones have left the window.
-        return recent[len(recent) - int(self.limit)] + self.period + self.guard
+        if now < self.free_at:
+            return self.free_at
+        if self._sliding(now):
+            assert self.limit is not None
+            recent = sorted(self._recent(now))
+            # One more fits once all but limit - 1 of the recent ones have left the window.
+            return recent[len(recent) - int(self.limit)] + self.period + self.guard
+        return max(self._probes(now)) + min(self.period, self.cap) + self.guard
 
     def fraction(self, now: float) -> float | None:
         if self.limit is None or self.limit <= 0:
@@ -72,9 +99,11 @@ class Budget:
 class Budgets:
     """The budgets of every key, by fingerprint and window name."""
 
-    def __init__(self, guard: float = 0.0) -> None:
-        """`guard`: the fraction added to windows (as the limiter's, at most 0.25 s)."""
+    def __init__(self, guard: float = 0.0, cap: float = math.inf) -> None:
+        """`guard`: the fraction added to windows (as the limiter's, at most 0.25 s); `cap`:
+        the longest a report may hold a key back."""
         self.guard = guard
+        self.cap = cap
         self._by_key: dict[str, dict[str, Budget]] = {}
 
     def observe(
@@ -91,6 +120,7 @@ class Budgets:
             longest = old.period if old is not None else 0.0
             b = Budget(w.limit, w.remaining, w.reset_at, now, sorted(in_flight_after), longest)
             b.guard = min(self.guard * b.period, 0.25)
+            b.cap = self.cap
             budgets[name] = b
 
     def forget(self, fp: str) -> None:

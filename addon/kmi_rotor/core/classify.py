@@ -138,7 +138,9 @@ def _gemini(facts: BodyFacts) -> tuple[FailureKind, str] | None:
     """Gemini's RESOURCE_EXHAUSTED: a daily quota when a violated quota id is per day."""
     if "resource_exhausted" not in facts.codes:
         return None
-    ids = [v.quota_id for v in facts.violations]
+    # A quota id is the provider's name for a limit: kept to a name's characters, as it ends
+    # up in a reason other clients may read.
+    ids = [_SAFE.sub("", v.quota_id)[:80] for v in facts.violations]
     daily = next((q for q in ids if "perday" in q.lower()), None)
     if daily is not None:
         return FailureKind.QUOTA, f"daily quota: {daily}"[:120]

@@ -234,9 +234,12 @@ def status(h: KeyHealth, now: float) -> KeyStatus:
     return KeyStatus("ready", None, None)
 
 
-def usable(h: KeyHealth, now: float, paced: frozenset[str] = frozenset()) -> bool:
-    """Ready, and no known window is exhausted until a reset still to come."""
-    return status(h, now).state == "ready" and not _exhausted(h, now, paced)
+def usable(
+    h: KeyHealth, now: float, paced: frozenset[str] = frozenset(), cap: float = math.inf
+) -> bool:
+    """Ready, and no known window is exhausted until a reset still to come (a report holds
+    the key back at most `cap` seconds after it was seen)."""
+    return status(h, now).state == "ready" and not _exhausted(h, now, paced, cap)
 
 
 def next_usable_at(
@@ -250,8 +253,8 @@ def next_usable_at(
         recheck = _recheck_at(h, policy.auth_recheck_seconds if policy else None)
         return None if recheck is None else max(now, recheck)
     times = [now, h.cooling_until or now, h.blocked_until or now]
-    exhausted = _exhausted(h, now, paced)
-    return max(times + [w.reset_at for w in exhausted if w.reset_at is not None])
+    cap = policy.max_cooldown_seconds if policy else math.inf
+    return max(times + [_frees_at(w, cap) for w in _exhausted(h, now, paced, cap)])
 
 
 def headroom(h: KeyHealth, now: float) -> float:
@@ -272,18 +275,24 @@ def _fraction(w: WindowState) -> float | None:
     return min(1.0, w.remaining / w.limit)
 
 
-def _exhausted(h: KeyHealth, now: float, paced: frozenset[str] = frozenset()) -> list[WindowState]:
+def _exhausted(
+    h: KeyHealth, now: float, paced: frozenset[str] = frozenset(), cap: float = math.inf
+) -> list[WindowState]:
     """Windows with nothing left until a reset still to come; `paced` dimensions are left out
-    (local limits pace them exactly, which a provider's coarse reset time cannot)."""
+    (local limits pace them exactly, which a provider's coarse reset time cannot). A report
+    binds at most `cap` seconds after it was seen: then a request may look again."""
     return [
         w
         for name, w in h.windows.items()
         if name.split(":", 1)[0] not in paced
-        if w.remaining is not None
-        and w.remaining <= 0
-        and w.reset_at is not None
-        and w.reset_at > now
+        if w.remaining is not None and w.remaining <= 0 and _frees_at(w, cap) > now
     ]
+
+
+def _frees_at(w: WindowState, cap: float) -> float:
+    """When an exhausted window stops holding its key back: its reset, capped."""
+    reset = w.reset_at if w.reset_at is not None else -math.inf
+    return min(reset, w.seen_at + cap)
 
 
 def _first_exhausted_reset(h: KeyHealth, now: float) -> float | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import urllib.parse
 from datetime import datetime
 from typing import Any
 
@@ -11,6 +12,23 @@ from .signals import Window
 
 UNIT_SECONDS = {"SECOND": 1, "MINUTE": 60, "HOUR": 3600, "DAY": 86400, "WEEK": 7 * 86400}
 MAX_HORIZON = 62 * 86400.0
+
+
+def may_follow_redirect(origin: str, target: str) -> bool:
+    """Whether a request carrying a key to `origin` may follow a redirect to `target`: only
+    to the same https origin (scheme, host and port), so the key never changes hands and
+    never leaves TLS. `target` may be relative, as a `Location` header may be."""
+    try:
+        a = urllib.parse.urlsplit(origin)
+        b = urllib.parse.urlsplit(urllib.parse.urljoin(origin, target))
+        same = (a.hostname or "").rstrip(".").lower() == (b.hostname or "").rstrip(".").lower()
+        return a.scheme == b.scheme == "https" and same and _port(a) == _port(b)
+    except ValueError:  # a port out of range, a malformed address
+        return False
+
+
+def _port(u: urllib.parse.SplitResult) -> int:
+    return u.port if u.port is not None else 443
 
 
 def parse_usages(body: bytes | str, now: float) -> tuple[Window, ...]:

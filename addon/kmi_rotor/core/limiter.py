@@ -15,7 +15,7 @@ that can free capacity, so a waiter can tell whether a retry is worth it.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from math import inf
 from typing import Any, NamedTuple, Protocol
@@ -127,6 +127,7 @@ class LimiterBackend(Protocol):
     def headroom(self, key: str, now: float) -> float: ...
     def usage(self, scope: str, now: float) -> dict[str, dict[str, float | None]]: ...
     def snapshot(self, now: float) -> dict[str, Any]: ...
+    def capture(self, now: float) -> Callable[[], dict[str, Any]]: ...
     def restore(self, data: Mapping[str, Any], now: float) -> None: ...
 
 
@@ -455,16 +456,26 @@ class Limiter:
     def snapshot(self, now: float) -> dict[str, Any]:
         """JSON-serialisable live window entries, by scope and limit name (concurrency is not
         kept: in-flight requests do not outlive the process)."""
-        scopes: dict[str, dict[str, list[list[float]]]] = {}
+        return self.capture(now)()
+
+    def capture(self, now: float) -> Callable[[], dict[str, Any]]:
+        """The live window entries copied now (cheap: C-level copies), and a function that
+        makes the snapshot of them later, in any thread, whatever the limiter does meanwhile."""
+        copied: list[tuple[str, str, tuple[float, ...], tuple[int, ...]]] = []
         for scope in (self._global, *self._keys.values()):
-            kept: dict[str, list[list[float]]] = {}
             for w in scope.windows.values():
                 w.prune(now)
                 if w.times:
-                    kept[w.name] = [[t, a] for t, a in zip(w.times, w.amounts, strict=True)]
-            if kept:
-                scopes[scope.name] = kept
-        return {"format": SNAPSHOT_FORMAT, "at": now, "scopes": scopes}
+                    copied.append((scope.name, w.name, tuple(w.times), tuple(w.amounts)))
+
+        def render() -> dict[str, Any]:
+            scopes: dict[str, dict[str, list[list[float]]]] = {}
+            for scope_name, name, times, amounts in copied:
+                entries = [[t, a] for t, a in zip(times, amounts, strict=True)]
+                scopes.setdefault(scope_name, {})[name] = entries
+            return {"format": SNAPSHOT_FORMAT, "at": now, "scopes": scopes}
+
+        return render
 
     def restore(self, data: Mapping[str, Any], now: float) -> None:
         """Replace the history of configured scopes and windows with a snapshot's; entries that

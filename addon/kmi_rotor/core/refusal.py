@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,16 +23,29 @@ class Refusal:
     keys: tuple[dict[str, Any], ...] = ()
 
 
+MAX_RETRY = 366 * 86400.0
+"""The furthest a refusal points into the future: any time beyond (an absurd setting, a state
+file written by hand) is told as this, so rendering never overflows."""
+
+
+def _bounded(retry_at: float | None, now: float) -> float | None:
+    if retry_at is None or math.isnan(retry_at):
+        return None
+    return min(max(retry_at, now - MAX_RETRY), now + MAX_RETRY)
+
+
 def retry_after_seconds(retry_at: float | None, now: float) -> int | None:
     """Whole seconds, rounded up: a client that waits this long is never early."""
-    if retry_at is None:
+    bounded = _bounded(retry_at, now)
+    if bounded is None:
         return None
-    return max(0, math.ceil(retry_at - now - 1e-9))
+    return max(0, math.ceil(bounded - now - 1e-9))
 
 
 def render(r: Refusal, now: float) -> tuple[int, dict[str, str], dict[str, Any]]:
-    """Status, headers and JSON body of a local refusal."""
+    """Status, headers and JSON body of a local refusal; never raises on odd times."""
     headers = {"content-type": "application/json", "cache-control": "no-store"}
+    r = replace(r, retry_at=_bounded(r.retry_at, now))
     wait = retry_after_seconds(r.retry_at, now)
     error: dict[str, Any] = {
         "type": "rate_limit_error" if r.status == 429 else "kmi_rotor_error",
@@ -70,4 +83,7 @@ def render(r: Refusal, now: float) -> tuple[int, dict[str, str], dict[str, Any]]
 def _iso(ts: object) -> str | None:
     if not isinstance(ts, int | float):
         return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+    try:
+        return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+    except (OverflowError, ValueError, OSError):  # beyond what a date can say
+        return None

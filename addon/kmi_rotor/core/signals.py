@@ -46,7 +46,10 @@ class Signal:
     """When the provider says to retry (absolute, within [now, now + horizon]); None on success."""
     windows: tuple[Window, ...]
     reason: str
-    """Short human text that never quotes the key or the body."""
+    """Short human text in kmi-rotor's words: it may be shown to any client."""
+    detail: str = ""
+    """What the upstream said in its own words (an in-stream error's message), if anything:
+    for this flow only, and only once scrubbed of secrets."""
 
 
 def parse_signal(
@@ -187,8 +190,8 @@ def _malformed(name: str, value: str) -> None:
     if name in _REPORTED:
         return
     _REPORTED.add(name)
-    # Every name read here is a rate-limit or retry header, whose value is no secret.
-    log.warning("ignoring malformed %s header: %r", name, value[:40])
+    # Not the value: an upstream that echoes what it was sent could put a key in any header.
+    log.warning("ignoring malformed %s header (%d characters)", name, len(value))
 
 
 def _field[T](

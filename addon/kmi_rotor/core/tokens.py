@@ -20,16 +20,24 @@ def estimate_from_length(content_length: int | None) -> int:
     return size // CHARS_PER_TOKEN + DEFAULT_COMPLETION
 
 
-def estimate_from_body(body: bytes | None) -> int:
+class Unreadable(ValueError):
+    """A JSON request body no parser can read (nested too deeply): no provider could either."""
+
+
+def estimate_from_body(body: bytes | None, *, strict: bool = False) -> int:
     """Prompt size plus the completion budget (`max_tokens` / `max_completion_tokens` /
-    `max_output_tokens`), from a JSON request body; any body that is not JSON counts by size."""
+    `max_output_tokens`), from a JSON request body; any body that is not JSON counts by size.
+    `strict`: a body that nests too deeply to be parsed raises `Unreadable`."""
     if not body:
         return DEFAULT_COMPLETION
     data: Any = None
     if len(body) <= MAX_BODY:
         try:
             data = json.loads(body)
-        except (ValueError, UnicodeDecodeError, RecursionError):
+        except RecursionError:
+            if strict:
+                raise Unreadable("the JSON request body nests too deeply to be read") from None
+        except (ValueError, UnicodeDecodeError):
             data = None
     if not isinstance(data, dict):
         return estimate_from_length(len(body))
