@@ -20,7 +20,7 @@ from .core import tokens as tk
 from .core.credentials import placements
 from .core.refusal import Refusal
 from .core.signals import FailureKind, Signal, parse_signal
-from .core.sse import SSETap
+from .core.stream_tap import SSETap
 from .engine import Chosen, Engine, Wait
 from .flows import META, Served
 from .gatekeeper import EXPOSURE_OPTIONS, Gatekeeper

@@ -17,8 +17,8 @@ import kmi_rotor.flows
 from kmi_rotor.addon import META, Rotor
 from kmi_rotor.core import tokens as tk
 from kmi_rotor.core.secrets import mask_credential_value
-from kmi_rotor.core.sse import SSETap
 from kmi_rotor.core.state import KeyRecord
+from kmi_rotor.core.stream_tap import SSETap
 from kmi_rotor.trace import read_trace, trace_path
 
 KEYS = {
