@@ -12,6 +12,8 @@ from typing import Any, Protocol
 import pytest
 from mitmproxy import http
 from mitmproxy.test import taddons, tflow, tutils
+from rotor_toml import pool as pool_table
+from rotor_toml import rotor_config
 
 import kmi_rotor.flows
 from kmi_rotor.addon import META, Rotor
@@ -40,19 +42,6 @@ class Clock:
         return self.now
 
 
-def toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    assert isinstance(v, dict)
-    return "{ " + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + " }"
-
-
 def write_config(
     path: Path,
     *,
@@ -62,22 +51,15 @@ def write_config(
     pool: dict[str, Any] | None = None,
 ) -> Path:
     """A config of one pool `p` (hosts llm.test) holding KEYS; failover off unless asked."""
-    lines = [f"state_dir = {toml_value(str(path.parent / 'state'))}"]
-    sections = {
-        "limits": {"guard": 0, **(limits or {})},
-        "failover": {"max_attempts": 1, **(failover or {})},
-        "streaming": streaming or {},
-    }
-    for name, values in sections.items():
-        lines.append(f"[{name}]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
-    pool_fields = {"name": "p", "provider": "generic", "hosts": ["llm.test"], **(pool or {})}
-    lines.append("[[pools]]")
-    lines += [f"{k} = {toml_value(v)}" for k, v in pool_fields.items()]
-    for label, key in KEYS.items():
-        lines += ["[[pools.keys]]", f"label = {toml_value(label)}", f"key = {toml_value(key)}"]
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    fields = {"provider": "generic", "hosts": ["llm.test"], **(pool or {})}
+    return rotor_config(
+        path,
+        path.parent / "state",
+        [pool_table("p", fields.pop("hosts"), KEYS, **fields)],
+        limits={"guard": 0, **(limits or {})},
+        failover={"max_attempts": 1, **(failover or {})},
+        streaming=streaming or {},
+    )
 
 
 class Make(Protocol):

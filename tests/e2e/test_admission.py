@@ -21,7 +21,7 @@ from typing import Any
 import httpx2
 import openai
 import pytest
-from proctools import BIN, Mitmdump, clean_env, start_mitmdump
+from proctools import BIN, Mitmdump, clean_env, start_mitmdump, wait_until
 
 import fake_provider
 
@@ -97,13 +97,6 @@ def api_status(m: Mitmdump) -> dict[str, Any]:
     r = httpx2.get(m.url + "/_kmi-rotor/api/status", timeout=5)
     r.raise_for_status()
     return r.json()
-
-
-def wait_until(cond: Any, timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 # -- 1. waiting: every request goes, never faster than the limits -------------------------------

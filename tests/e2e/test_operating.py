@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx2 as httpx
 import pytest
-from proctools import Mitmdump, clean_env
+from proctools import Mitmdump, clean_env, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 from web.browser import CHROMIUM, run_chromium
 from web.dom import Node, parse
@@ -36,7 +36,6 @@ from ._operating_helpers import (
     served,
     state_rows,
     state_written_at,
-    wait_until,
     write_config,
 )
 from .conftest import KEYS

@@ -18,6 +18,7 @@ import anthropic
 import httpx2 as httpx
 import openai
 import pytest
+from proctools import wait_until
 
 import fake_provider
 from fake_provider import HeaderDialect
@@ -36,7 +37,6 @@ from ._steering_helpers import (
     secret,
     served_by,
     spend,
-    wait_until,
     write_config,
 )
 

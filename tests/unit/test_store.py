@@ -12,22 +12,18 @@ import textwrap
 import threading
 import time
 import types
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import pytest
-from pydantic import SecretStr
+from testkit import Clock, delta, kd, make_key, with_pools
 
 from kmi_rotor import store as store_module
 from kmi_rotor.config import Key
 from kmi_rotor.core.health import KeyHealth
-from kmi_rotor.core.secrets import fingerprint
 from kmi_rotor.core.state import (
     KEY_COUNTERS,
     SCHEMA_VERSION,
     Delta,
-    KeyDelta,
     PoolRecord,
     StateDoc,
 )
@@ -37,38 +33,12 @@ from kmi_rotor.store import StateStore
 ADDON_DIR = Path(__file__).resolve().parents[2] / "addon"
 
 
-def make_key(label: str, pool: str = "p") -> Key:
-    secret = f"sk-{label}-{'x' * 20}"
-    return Key(label, SecretStr(secret), fingerprint(secret), pool)
-
-
 KEY_A = make_key("a")
 KEY_B = make_key("b")
 
 
 def asides(folder: Path, tag: str) -> list[Path]:
     return sorted(folder.glob(f"state.json.{tag}-*"))
-
-
-def kd(label: str, pool: str, *, requests: int = 0, errors: int = 0, **kw: Any) -> KeyDelta:
-    """A key delta: counters by name (any of KEY_COUNTERS), the rest as KeyDelta fields."""
-    counts = {"requests": requests, "errors": errors}
-    counts |= {name: kw.pop(name) for name in KEY_COUNTERS if name in kw}
-    return KeyDelta(label, pool, counters={n: c for n, c in counts.items() if c}, **kw)
-
-
-def delta(*maps: Mapping[str, KeyDelta], **keys: KeyDelta) -> Delta:
-    out = Delta()
-    for m in (*maps, keys):
-        out.keys.update(m)
-    return out
-
-
-def with_pools(d: Delta, **pools: dict[str, int]) -> Delta:
-    for pool, counters in pools.items():
-        for name, n in counters.items():
-            d.pool_add(pool, name, n)
-    return d
 
 
 # -- StateStore ------------------------------------------------------------------------------
@@ -387,14 +357,6 @@ def test_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
 
 
 # -- StateKeeper -----------------------------------------------------------------------------
-
-
-class Clock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def keeper_for(folder: Path, clock: Clock | None = None) -> StateKeeper:
