@@ -24,6 +24,8 @@ from kmi_rotor.core.state import (
     KEY_COUNTERS,
     SCHEMA_VERSION,
     Delta,
+    KeyDelta,
+    Operator,
     PoolRecord,
     StateDoc,
 )
@@ -832,3 +834,41 @@ async def test_failed_commit_keeps_pool_counters_health_and_limiter(
     assert on_disk.pools == {"p": PoolRecord(local_429=2, rotations=1)}
     assert (on_disk.limiter, on_disk.limiter_at) == (LIMITER, 1001.0)
     assert keeper.view() == on_disk
+
+
+async def test_an_outside_write_is_adopted_at_the_next_poll(tmp_path: Path) -> None:
+    """What the CLI writes (an operator action) reaches a running proxy at the keeper's next
+    look at the file: counted in looks, not timed. A look happens every `poll` seconds, after
+    a `debounce` when the proxy has changes of its own: with the defaults, 1.5 s at most,
+    within the two seconds the CLI promises."""
+    defaults = StateKeeper(StateStore(tmp_path / "unused"))
+    assert defaults.poll + defaults.debounce <= 2.0
+    keeper = StateKeeper(StateStore(tmp_path), debounce=0.0, poll=0.05, clock=Clock())
+    looks: list[bool] = []
+    changed = keeper.store.changed
+
+    def counting() -> bool:
+        looks.append(result := changed())
+        return result
+
+    keeper.store.changed = counting  # type: ignore[method-assign]
+    seen: list[StateDoc] = []
+    keeper.on_change = seen.append
+    keeper.start()
+    try:
+        while len(looks) < 2:
+            await asyncio.sleep(0.01)
+        before = len(looks)
+        action = KeyDelta("a", "p", operator=Operator(action="disable", at=1000.0))
+        StateStore(tmp_path).commit(delta({KEY_A.fingerprint: action}))
+        for _ in range(2000):
+            if seen:
+                break
+            await asyncio.sleep(0.01)
+        # The look under way while the CLI wrote may have missed it; the next one did not.
+        assert len(looks) - before <= 2
+        operator = seen[0].keys[KEY_A.fingerprint].operator
+        assert operator is not None and operator.action == "disable"
+    finally:
+        keeper.close_blocking()
+        await asyncio.sleep(0)

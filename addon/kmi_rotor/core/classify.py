@@ -237,13 +237,16 @@ def _stated_status(body: object) -> int | None:
         return None
     err = body.get("error")
     places = (err, body) if isinstance(err, dict) else (body,)
-    for place in places:
-        for name in ("code", "status"):
-            value = place.get(name)
-            if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) == 3:
-                value = int(value)
-            if isinstance(value, int) and not isinstance(value, bool) and 400 <= value <= 599:
-                return value
+    stated = (_as_status(place.get(name)) for place in places for name in ("code", "status"))
+    return next((status for status in stated if status is not None), None)
+
+
+def _as_status(value: object) -> int | None:
+    """An error status (400-599) as a number or a three-digit string; None for anything else."""
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) == 3:
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 400 <= value <= 599:
+        return value
     return None
 
 
