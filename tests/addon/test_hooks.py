@@ -14,6 +14,7 @@ from mitmproxy import http
 from mitmproxy.test import taddons, tflow, tutils
 from rotor_toml import pool as pool_table
 from rotor_toml import rotor_config
+from testkit import Clock
 
 import kmi_rotor.flows
 from kmi_rotor.addon import META, Rotor
@@ -30,16 +31,6 @@ KEYS = {
 }
 CLIENT = "Bearer client-own-credential"
 T0 = 1_800_000_000.0
-
-
-class Clock:
-    """The addon's clock: time moves only when a test says so."""
-
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def write_config(
@@ -72,7 +63,7 @@ def make(tmp_path: Path) -> Iterator[Make]:
     with ExitStack() as stack:
 
         def build(**config: Any) -> tuple[Rotor, taddons.context, Clock]:
-            addon, clock = Rotor(), Clock()
+            addon, clock = Rotor(), Clock(T0)
             addon.clock = clock
             tctx = stack.enter_context(taddons.context(addon))
             stack.callback(addon.done)
