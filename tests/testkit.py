@@ -24,10 +24,6 @@ class Clock:
     def __call__(self) -> float:
         return self.now
 
-    def advance(self, seconds: float) -> float:
-        self.now += seconds
-        return self.now
-
 
 def make_key(label: str, pool: str = "p") -> Key:
     """A configured key with a distinct, realistic-looking secret derived from its label."""

@@ -15,6 +15,7 @@ import types
 from pathlib import Path
 
 import pytest
+from proctools import wait_until
 from testkit import Clock, delta, kd, make_key, with_pools
 
 from kmi_rotor import store as store_module
@@ -326,11 +327,12 @@ def test_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
         for name in ("w1", "w2")
     ]
     try:
-        deadline = time.monotonic() + 30
-        while not all((folder / f"ready-{n}").exists() for n in ("w1", "w2")):
-            assert time.monotonic() < deadline, "writers did not start"
+
+        def ready() -> bool:
             assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
-            time.sleep(0.005)
+            return all((folder / f"ready-{n}").exists() for n in ("w1", "w2"))
+
+        wait_until(ready, 30, "both writers ready", 0.005)
         (folder / "go").touch()
         for p in procs:
             _, err = p.communicate(timeout=60)
