@@ -185,13 +185,16 @@ class SSETap:
                 if obj is not None:
                     self._anthropic(etype, obj)
         elif etype == _ERROR:
-            obj = _parse(data)
-            if obj is None:  # an error event is a failure even when its payload is unreadable
-                self._set_error(classify_stream_error(data.decode("utf-8", "replace")))
-                return
-            if obj.get("type") == "error":
-                self._dialect = self._dialect or "anthropic"
-            self._anthropic(etype, obj)
+            self._inspect_error(data)
+
+    def _inspect_error(self, data: bytes) -> None:
+        obj = _parse(data)
+        if obj is None:  # an error event is a failure even when its payload is unreadable
+            self._set_error(classify_stream_error(data.decode("utf-8", "replace")))
+            return
+        if obj.get("type") == "error":
+            self._dialect = self._dialect or "anthropic"
+        self._anthropic(_ERROR, obj)
 
     def _inspect_unnamed(self, data: bytes) -> None:
         if len(data) < 16 and data.strip() == _DONE:
@@ -205,11 +208,8 @@ class SSETap:
         obj = _parse(data)
         if obj is None:
             return
-        kind = obj.get("type")
-        # Some Anthropic-compatible servers leave out the `event:` line; the payload's own
-        # `type` still names the event.
-        name = kind.encode("utf-8", "replace") if isinstance(kind, str) else b""
-        if name in _ANTHROPIC_EVENTS or (name == _ERROR and isinstance(obj.get("error"), dict)):
+        name = _anthropic_name(obj)
+        if name is not None:
             self._dialect = self._dialect or "anthropic"
             if name == _MESSAGE_STOP:
                 self._terminal = True
@@ -281,6 +281,18 @@ class SSETap:
     def _break(self, exc: BaseException) -> None:
         self._broken = self._broken or f"{type(exc).__name__}: {exc}"[:_MESSAGE_MAX]
         self._reader.clear()
+
+
+def _anthropic_name(obj: dict[str, Any]) -> bytes | None:
+    """The Anthropic event an unnamed payload is, by its own `type`; None when it is none.
+
+    Some Anthropic-compatible servers leave out the `event:` line; the payload still names it.
+    """
+    kind = obj.get("type")
+    name = kind.encode("utf-8", "replace") if isinstance(kind, str) else b""
+    if name in _ANTHROPIC_EVENTS or (name == _ERROR and isinstance(obj.get("error"), dict)):
+        return name
+    return None
 
 
 def _count(value: object) -> int | None:
