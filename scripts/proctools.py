@@ -8,7 +8,8 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,23 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 MITMDUMP = str(BIN / "mitmdump")
 LISTEN_RE = re.compile(r"listening at (?:http://)?\[?([0-9a-f.:]+)\]?:(\d+)")
+
+
+def wait_until[T](
+    probe: Callable[[], T], timeout: float = 10.0, what: str = "condition", interval: float = 0.02
+) -> T:
+    """The first truthy result of `probe`, polled every `interval` seconds; AssertionError
+    naming `what` (and the last result) once `timeout` seconds have passed without one.
+
+    The one way tests and scripts wait on a condition: poll it, never sleep a fixed time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = probe()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"not within {timeout}s: {what} (last: {result!r})")
+        time.sleep(interval)
 
 
 def clean_env(**extra: str) -> dict[str, str]:

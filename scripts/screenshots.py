@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,7 +30,7 @@ from typing import Any
 
 import httpx2 as httpx
 import trustme
-from proctools import BIN, ROOT, Mitmdump, clean_env, spawn, start_mitmdump
+from proctools import BIN, ROOT, Mitmdump, clean_env, spawn, start_mitmdump, wait_until
 
 import fake_provider
 from fake_provider import FakeProvider, KeyBehaviour
@@ -157,14 +157,6 @@ def drive(base: str, turns: int, client_kwargs: dict[str, Any] | None = None) ->
         return [send(client, base + CHAT, turn, turn % 3 == 1) for turn in range(turns)]
 
 
-def wait_for[T](probe: Callable[[], T], timeout: float, what: str) -> T:
-    """The first truthy result of `probe`, polled for up to `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not (result := probe()):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not within {timeout}s")
-        time.sleep(0.1)
-    return result
 
 
 def live_keys(m: Mitmdump) -> dict[str, dict[str, Any]]:
@@ -194,7 +186,7 @@ def status_page(folder: Path, provider: FakeProvider, ca: Path, out: Path) -> No
     )
     try:
         statuses = drive(m.url, 16)
-        states = wait_for(lambda: quota_polled(m), 15, "every working key's plan read")
+        states = wait_until(lambda: quota_polled(m), 15, "every working key's plan read", 0.1)
         print(f"status page: answers {statuses}")
         print("  " + ", ".join(f"{label} {k['status']}" for label, k in states.items()))
         chromium(m.url + "/_kmi-rotor/", out, "1280,1114")
@@ -240,7 +232,7 @@ def mitmweb_flows(folder: Path, provider: FakeProvider, ca: Path, out: Path) -> 
         statuses = drive(proxy, 7)
         print(f"mitmweb: answers {statuses}")
         auth = {"Authorization": f"Bearer {token}"}
-        flows = wait_for(
+        flows = wait_until(
             lambda: [
                 f
                 for f in httpx.get(web + "/flows", headers=auth, trust_env=False).json()
@@ -248,6 +240,7 @@ def mitmweb_flows(folder: Path, provider: FakeProvider, ca: Path, out: Path) -> 
             ],
             10,
             "flows with comments",
+            0.1,
         )
         for f in flows:
             print(f"  {f['response']['status_code'] if f.get('response') else '-'}  {f['comment']}")

@@ -23,7 +23,7 @@ from .core.credentials import placements
 from .core.refusal import Refusal
 from .core.scrub import only_own_words
 from .core.signals import FailureKind, Signal, parse_signal
-from .core.sse import SSETap
+from .core.stream_tap import SSETap
 from .engine import Chosen, Engine, Wait
 from .flows import META, Served
 from .gatekeeper import EXPOSURE_OPTIONS, Gatekeeper

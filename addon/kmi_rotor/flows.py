@@ -3,23 +3,17 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from mitmproxy import http
 
 from .config import Key, Pool
 from .core.signals import FailureKind, Signal
-from .core.sse import SSETap, StreamOutcome
+from .core.stream_tap import SSETap, StreamOutcome
 from .core.tokens import MAX_TOKENS
 
 META = "kmi_rotor"
-STREAM_KINDS = {
-    "overloaded": FailureKind.OVERLOADED,
-    "rate_limited": FailureKind.RATE_LIMITED,
-    "quota": FailureKind.QUOTA,
-    "auth": FailureKind.AUTH,
-}
 
 
 @dataclass
@@ -37,7 +31,6 @@ class Served:
     ttfb: float | None = None
     tap: SSETap | None = None
     tokens: tuple[int | None, int | None] = (None, None)
-    notes: list[str] = field(default_factory=list)
     flow: http.HTTPFlow | None = None
     """The flow the key went into, so that it can be masked at shutdown whatever its stage."""
 
@@ -109,16 +102,12 @@ def _capped(n: int | None) -> int | None:
 
 
 def stream_signal(sig: Signal, stream: StreamOutcome) -> tuple[Signal, str]:
-    """A stream that failed in the middle, or never finished, is a failure of its key."""
-    if stream.error is not None:
-        kind = STREAM_KINDS.get(stream.error.kind, FailureKind.OVERLOADED)
-        # The key's reason may reach other clients: kmi-rotor's words; the upstream's message
-        # stays with this flow (scrubbed by the caller).
-        reason = f"in-stream error: {kind.value} ({stream.error.status})"
-        failed = Signal(
-            stream.error.status, kind, None, sig.windows, reason, detail=stream.error.message
-        )
-        return failed, "stream_error"
+    """A stream that failed in the middle, or never finished, is a failure of its key: of the
+    kind its in-stream error would have had as an HTTP answer, or an overload when cut."""
+    err = stream.error
+    if err is not None:
+        status = sig.status if err.status is None else err.status
+        return Signal(status, err.kind, None, sig.windows, err.reason[:120]), "stream_error"
     if stream.truncated:
         failed = Signal(sig.status, FailureKind.OVERLOADED, None, sig.windows, "stream cut short")
         return failed, "truncated"

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from mitmproxy import http
 from mitmproxy.test import taddons, tflow, tutils
+from rotor_toml import pool, rotor_config
 
 import kmi_rotor.core.tokens
 from kmi_rotor.addon import META, Rotor
@@ -30,14 +31,12 @@ BODY = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]
 
 
 def write_config(tmp_path: Path) -> Path:
-    keys = "".join(f'[[pools.keys]]\nlabel = "{k}"\nkey = "{v}"\n' for k, v in KEYS.items())
-    path = tmp_path / "rotor.toml"
-    path.write_text(
-        f'state_dir = "{tmp_path / "state"}"\n'
-        "[limits]\nconcurrency = 1\nmax_wait_seconds = 0\n"
-        '[[pools]]\nname = "p"\nprovider = "generic"\nhosts = ["llm.test"]\n' + keys
+    return rotor_config(
+        tmp_path / "rotor.toml",
+        tmp_path / "state",
+        [pool("p", ["llm.test"], KEYS)],
+        limits={"concurrency": 1, "max_wait_seconds": 0},
     )
-    return path
 
 
 @pytest.fixture

@@ -12,13 +12,16 @@ from typing import Any, Protocol
 import pytest
 from mitmproxy import http
 from mitmproxy.test import taddons, tflow, tutils
+from rotor_toml import pool as pool_table
+from rotor_toml import rotor_config
+from testkit import Clock
 
 import kmi_rotor.flows
 from kmi_rotor.addon import META, Rotor
 from kmi_rotor.core import tokens as tk
 from kmi_rotor.core.secrets import mask_credential_value
-from kmi_rotor.core.sse import SSETap
 from kmi_rotor.core.state import KeyRecord
+from kmi_rotor.core.stream_tap import SSETap
 from kmi_rotor.trace import read_trace, trace_path
 
 KEYS = {
@@ -30,29 +33,6 @@ CLIENT = "Bearer client-own-credential"
 T0 = 1_800_000_000.0
 
 
-class Clock:
-    """The addon's clock: time moves only when a test says so."""
-
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    assert isinstance(v, dict)
-    return "{ " + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + " }"
-
-
 def write_config(
     path: Path,
     *,
@@ -62,22 +42,15 @@ def write_config(
     pool: dict[str, Any] | None = None,
 ) -> Path:
     """A config of one pool `p` (hosts llm.test) holding KEYS; failover off unless asked."""
-    lines = [f"state_dir = {toml_value(str(path.parent / 'state'))}"]
-    sections = {
-        "limits": {"guard": 0, **(limits or {})},
-        "failover": {"max_attempts": 1, **(failover or {})},
-        "streaming": streaming or {},
-    }
-    for name, values in sections.items():
-        lines.append(f"[{name}]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
-    pool_fields = {"name": "p", "provider": "generic", "hosts": ["llm.test"], **(pool or {})}
-    lines.append("[[pools]]")
-    lines += [f"{k} = {toml_value(v)}" for k, v in pool_fields.items()]
-    for label, key in KEYS.items():
-        lines += ["[[pools.keys]]", f"label = {toml_value(label)}", f"key = {toml_value(key)}"]
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    fields = {"provider": "generic", "hosts": ["llm.test"], **(pool or {})}
+    return rotor_config(
+        path,
+        path.parent / "state",
+        [pool_table("p", fields.pop("hosts"), KEYS, **fields)],
+        limits={"guard": 0, **(limits or {})},
+        failover={"max_attempts": 1, **(failover or {})},
+        streaming=streaming or {},
+    )
 
 
 class Make(Protocol):
@@ -90,7 +63,7 @@ def make(tmp_path: Path) -> Iterator[Make]:
     with ExitStack() as stack:
 
         def build(**config: Any) -> tuple[Rotor, taddons.context, Clock]:
-            addon, clock = Rotor(), Clock()
+            addon, clock = Rotor(), Clock(T0)
             addon.clock = clock
             tctx = stack.enter_context(taddons.context(addon))
             stack.callback(addon.done)

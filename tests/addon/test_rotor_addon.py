@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from mitmproxy import http
 from mitmproxy.test import taddons, tflow, tutils
+from rotor_toml import pool, rotor_config
 
 from kmi_rotor.addon import META, Rotor
 from kmi_rotor.store import StateStore
@@ -21,12 +22,11 @@ KEYS = {
 
 
 def write_config(tmp_path: Path, provider: str = "generic", hosts: str = '["llm.test"]') -> Path:
-    keys = "".join(f'[[pools.keys]]\nlabel = "{k}"\nkey = "{v}"\n' for k, v in KEYS.items())
-    hosts_line = f"hosts = {hosts}\n" if hosts else ""
-    path = tmp_path / "rotor.toml"
-    path.write_text(
-        f'state_dir = "{tmp_path / "state"}"\n[[pools]]\nname = "p"\nprovider = "{provider}"\n'
-        f"{hosts_line}{keys}"
+    """Pool `p` of KEYS; `hosts` is written as given (TOML), or left out when empty."""
+    path = rotor_config(
+        tmp_path / "rotor.toml",
+        tmp_path / "state",
+        [pool("p", json.loads(hosts) if hosts else None, KEYS, provider=provider)],
     )
     return path
 

@@ -9,11 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from rotor_toml import pool, rotor_config
+
 Limits = Mapping[str, int | float]
-
-
-def _inline(table: Limits) -> str:
-    return "{ " + ", ".join(f"{k} = {v!r}" for k, v in table.items()) + " }"
 
 
 def write_limits_config(
@@ -27,19 +25,14 @@ def write_limits_config(
 ) -> Path:
     """A rotor.toml with one round-robin pool `main` on `host`, the proxy-wide `[limits]`
     (max_wait_seconds included), the pool's default `key_limits` and per-key `limits`."""
-    lines = [f'state_dir = "{tmp_path / "state"}"', "[limits]"]
-    lines += [f"{k} = {v!r}" for k, v in (limits or {}).items()]
-    lines += ["[[pools]]", 'name = "main"', 'provider = "generic"', f'hosts = ["{host}"]']
-    if key_limits:
-        lines.append(f"key_limits = {_inline(key_limits)}")
-    for label, key in keys.items():
-        lines += ["[[pools.keys]]", f'label = "{label}"', f'key = "{key}"']
-        own = (own_limits or {}).get(label)
+    main = pool("main", [host], keys, key_limits=dict(key_limits) if key_limits else None)
+    for table in main["keys"]:
+        own = (own_limits or {}).get(table["label"])
         if own:
-            lines.append(f"limits = {_inline(own)}")
-    path = tmp_path / "rotor.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+            table["limits"] = dict(own)
+    return rotor_config(
+        tmp_path / "rotor.toml", tmp_path / "state", [main], limits=dict(limits or {})
+    )
 
 
 def max_in_window(times: Iterable[float], window: float = 1.0) -> int:

@@ -9,15 +9,15 @@ import json
 import random
 import subprocess
 import threading
-import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx2 as httpx
-from proctools import BIN, clean_env
+from proctools import BIN, clean_env, wait_until
+from rotor_toml import pool, rotor_config
 
 import fake_provider
 from fake_provider import KeyBehaviour
@@ -43,26 +43,8 @@ def write_config(
 ) -> Path:
     """A rotor.toml with one round-robin pool `main` on `host`, keys `secret(label)`, and the
     given `[limits]` and `[health]` tables."""
-    lines = [f'state_dir = "{state_dir}"', "[limits]"]
-    lines += [f"{k} = {v!r}" for k, v in (limits or {}).items()]
-    lines += ["[health]"] + [f"{k} = {v!r}" for k, v in (health or {}).items()]
-    lines += ["[[pools]]", 'name = "main"', 'provider = "generic"', f'hosts = ["{host}"]']
-    for label in labels:
-        lines += ["[[pools.keys]]", f'label = "{label}"', f'key = "{secret(label)}"']
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def wait_until[T](predicate: Callable[[], T], timeout: float = 10.0, what: str = "condition") -> T:
-    """Poll `predicate` until it returns something truthy (returned), or fail after `timeout`."""
-    end = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise TimeoutError(f"{what}: not met within {timeout}s")
-        time.sleep(0.02)
+    main = pool("main", [host], {label: secret(label) for label in labels})
+    return rotor_config(path, state_dir, [main], limits=limits or {}, health=health or {})
 
 
 # -- load --------------------------------------------------------------------------------------
@@ -328,6 +310,5 @@ __all__ = [
     "requests_by_label",
     "secret",
     "state_folder",
-    "wait_until",
     "write_config",
 ]

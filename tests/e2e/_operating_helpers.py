@@ -6,13 +6,14 @@ import json
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx2 as httpx
 from proctools import BIN, clean_env
+from rotor_toml import pool, rotor_config
 
 STATUS_PATH = "/_kmi-rotor/api/status"
 CHAT_BODY = {"model": "fake-model", "messages": [{"role": "user", "content": "hello"}]}
@@ -30,46 +31,13 @@ class PoolSpec:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
-def toml_value(value: Any) -> str:
-    """A TOML literal for the few types the configs use (JSON strings are TOML strings)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    return json.dumps(value)
-
-
 def write_config(tmp_path: Path, pools: Sequence[PoolSpec], **tables: Mapping[str, Any]) -> Path:
     """A rotor.toml: state in `tmp_path/state`, top-level tables such as `health={...}`, pools."""
-    lines = [f"state_dir = {toml_value(str(tmp_path / 'state'))}"]
-    for name, table in tables.items():
-        lines.append(f"[{name}]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in table.items()]
-    for p in pools:
-        lines += [
-            "[[pools]]",
-            f"name = {toml_value(p.name)}",
-            f"provider = {toml_value(p.provider)}",
-        ]
-        lines += [f"hosts = {toml_value(list(p.hosts))}", f"strategy = {toml_value(p.strategy)}"]
-        lines += [f"{k} = {toml_value(v)}" for k, v in p.extra.items()]
-        for label, key in p.keys.items():
-            lines += ["[[pools.keys]]", f"label = {toml_value(label)}", f"key = {toml_value(key)}"]
-    path = tmp_path / "rotor.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def wait_until[T](probe: Callable[[], T], timeout: float, what: str, interval: float = 0.05) -> T:
-    """The first truthy result of `probe`, polled until `timeout` seconds have passed."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = probe()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"not within {timeout}s: {what} (last: {result!r})")
-        time.sleep(interval)
+    specs = [
+        pool(p.name, p.hosts, p.keys, provider=p.provider, strategy=p.strategy, **p.extra)
+        for p in pools
+    ]
+    return rotor_config(tmp_path / "rotor.toml", tmp_path / "state", specs, **tables)
 
 
 class Traffic:
@@ -171,6 +139,5 @@ __all__ = [
     "served",
     "state_rows",
     "state_written_at",
-    "wait_until",
     "write_config",
 ]

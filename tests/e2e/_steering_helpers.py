@@ -8,7 +8,7 @@ import re
 import ssl
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -17,6 +17,7 @@ from typing import Any
 import httpx2 as httpx
 import trustme
 from proctools import BIN, clean_env
+from rotor_toml import pool, rotor_config
 
 import fake_provider
 from fake_provider import KeyBehaviour
@@ -68,23 +69,12 @@ def write_config(
 ) -> Path:
     """One generic pool on host:port with `keys`; `sections` adds top-level tables
     (`{"failover": {"max_attempts": 1}}`)."""
-    lines = [f'state_dir = "{path.parent / (path.stem + "-state")}"']
-    for name, values in (sections or {}).items():
-        lines.append(f"[{name}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
-    lines += [
-        "[[pools]]",
-        'name = "main"',
-        'provider = "generic"',
-        f'hosts = ["{host}:{port}"]',
-        f'strategy = "{strategy}"',
-    ]
-    for k in keys:
-        lines += ["[[pools.keys]]", f'label = "{k.label}"', f'key = "{k.key}"']
+    main = pool("main", [f"{host}:{port}"], {k.label: k.key for k in keys}, strategy=strategy)
+    for table, k in zip(main["keys"], keys, strict=True):
         if k.weight != 1.0:
-            lines.append(f"weight = {k.weight}")
-    path.write_text("\n".join(lines) + "\n")
-    return path
+            table["weight"] = k.weight
+    state = path.parent / (path.stem + "-state")
+    return rotor_config(path, state, [main], **(sections or {}))
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -131,14 +121,6 @@ def spend(client: httpx.Client, key: str, n: int) -> float:
 def served_by(provider: fake_provider.FakeProvider) -> list[tuple[str | None, int]]:
     """(key, status) of every request the provider saw, in arrival order."""
     return [(r.credential, r.status) for r in provider.requests]
-
-
-def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 # -- rate-limit headers as each dialect sends them (read independently of the product) -----------

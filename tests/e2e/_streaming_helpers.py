@@ -22,7 +22,8 @@ from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.events import DataReceived, ResponseReceived, StreamEnded, StreamReset
-from proctools import BIN, Mitmdump, clean_env
+from proctools import BIN, Mitmdump, clean_env, wait_until
+from rotor_toml import pool, rotor_config
 
 PROXY_ENV = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "SSL_CERT_DIR")
 
@@ -33,28 +34,19 @@ def write_rotor_config(
     keys: Mapping[str, str],
     *,
     provider: str = "generic",
-    key_limits: Mapping[str, str] | None = None,
-    preamble: str = "",
+    key_limits: Mapping[str, Mapping[str, Any]] | None = None,
+    tables: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Path:
     """A config with one pool holding `keys` (label -> key), in that order.
 
-    `key_limits` maps a label to an inline TOML table for its `limits`; `preamble` is TOML put
-    before the pool (top-level sections such as `[health]`).
+    `key_limits` maps a label to its `limits`; `tables` are top-level tables such as
+    `{"health": {...}}`.
     """
-    lines = [f'state_dir = "{tmp_path / "state"}"', preamble]
-    lines += [
-        "[[pools]]",
-        'name = "main"',
-        f'provider = "{provider}"',
-        f"hosts = {json.dumps(hosts)}",
-    ]
-    for label, key in keys.items():
-        lines += ["[[pools.keys]]", f'label = "{label}"', f'key = "{key}"']
-        if key_limits and label in key_limits:
-            lines.append(f"limits = {key_limits[label]}")
-    path = tmp_path / "rotor.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    main = pool("main", hosts, keys, provider=provider)
+    for table in main["keys"]:
+        if key_limits and table["label"] in key_limits:
+            table["limits"] = dict(key_limits[table["label"]])
+    return rotor_config(tmp_path / "rotor.toml", tmp_path / "state", [main], **(tables or {}))
 
 
 def ca_bundle(tmp_path: Path, confdir: Path) -> Path:
@@ -100,18 +92,6 @@ def trace(state_dir: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def wait_until(check: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    """Poll `check` until it returns something truthy (and return that), or fail."""
-    end = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f"{what} not reached within {timeout}s")
-        time.sleep(0.02)
 
 
 def wait_trace(state_dir: Path, n: int, timeout: float = 10.0) -> list[dict[str, Any]]:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
 from proctools import MITMDUMP, ROOT, Mitmdump, clean_env, spawn, start_mitmdump
+from rotor_toml import pool, rotor_config
 
 import fake_provider
 
@@ -51,20 +53,10 @@ def provider(upstream_ca) -> Iterator[fake_provider.FakeProvider]:
         yield running
 
 
-def write_config(tmp_path: Path, hosts: list[str], provider: str = "generic", **extra: str) -> Path:
-    lines = [
-        f'state_dir = "{tmp_path / "state"}"',
-        "[[pools]]",
-        'name = "main"',
-        f'provider = "{provider}"',
-        f"hosts = {hosts!r}".replace("'", '"'),
-    ]
-    lines += [f"{k} = {v}" for k, v in extra.items()]
-    for label, key in KEYS.items():
-        lines += ["[[pools.keys]]", f'label = "{label}"', f'key = "{key}"']
-    path = tmp_path / "rotor.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+def write_config(tmp_path: Path, hosts: list[str], provider: str = "generic", **extra: Any) -> Path:
+    """Pool `main` of KEYS on `hosts`; `extra` are further fields of the pool."""
+    main = pool("main", hosts, KEYS, provider=provider, **extra)
+    return rotor_config(tmp_path / "rotor.toml", tmp_path / "state", [main])
 
 
 @pytest.fixture

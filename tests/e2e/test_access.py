@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import certifi
 import pytest
 from proctools import Mitmdump
+from rotor_toml import pool, rotor_config
 
 import fake_provider
 
@@ -70,22 +72,16 @@ def bundle(tmp_path, mitm_confdir) -> Path:
 def write_config(tmp_path: Path, provider: fake_provider.FakeProvider, clients: bool = False):
     """Pool `main` on the fake provider with KEYS; with `clients`, two client tokens, one of
     them limited to a second pool `other` that this proxy never reaches."""
-    lines = [f'state_dir = "{tmp_path / "state"}"']
+    pools = [pool("main", [f"127.0.0.1:{provider.port}"], KEYS)]
+    tables: dict[str, Any] = {}
     if clients:
-        lines += ["[[clients]]", 'label = "laptop"', f'token = "{TOKENS["laptop"]}"']
-        lines += ["[[clients]]", 'label = "elsewhere"', f'token = "{TOKENS["elsewhere"]}"']
-        lines += ['pools = ["other"]']
-    lines += ["[[pools]]", 'name = "main"', 'provider = "generic"']
-    lines += [f'hosts = ["127.0.0.1:{provider.port}"]']
-    for label, key in KEYS.items():
-        lines += ["[[pools.keys]]", f'label = "{label}"', f'key = "{key}"']
-    if clients:
-        lines += ["[[pools]]", 'name = "other"', 'provider = "generic"']
-        lines += ['hosts = ["other.invalid"]', "[[pools.keys]]", 'label = "other-key"']
-        lines += ['key = "sk-other-pool-000000000000000000000099"']
-    path = tmp_path / "rotor.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+        tables["clients"] = [
+            {"label": "laptop", "token": TOKENS["laptop"]},
+            {"label": "elsewhere", "token": TOKENS["elsewhere"], "pools": ["other"]},
+        ]
+        other = {"other-key": "sk-other-pool-000000000000000000000099"}
+        pools.append(pool("other", ["other.invalid"], other))
+    return rotor_config(tmp_path / "rotor.toml", tmp_path / "state", pools, **tables)
 
 
 def via_proxy(

@@ -21,7 +21,7 @@ from typing import Any
 import httpx2
 import openai
 import pytest
-from proctools import BIN, Mitmdump, clean_env, start_mitmdump
+from proctools import BIN, Mitmdump, clean_env, start_mitmdump, wait_until
 
 import fake_provider
 
@@ -99,13 +99,6 @@ def api_status(m: Mitmdump) -> dict[str, Any]:
     return r.json()
 
 
-def wait_until(cond: Any, timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
 # -- 1. waiting: every request goes, never faster than the limits -------------------------------
 
 
@@ -175,7 +168,7 @@ GUARD = 0.015
 """kmi-rotor's default `[limits] guard`."""
 
 
-def _check_refusal(r: httpx2.Response, first_admitted: float) -> float:
+def _check_refusal(r: httpx2.Response, admitted: list[float]) -> float:
     """Headers and body of one local 429; returns when it says capacity frees."""
     assert r.headers["content-type"] == "application/json"
     retry_after, retry_ms = int(r.headers["retry-after"]), int(r.headers["retry-after-ms"])
@@ -192,10 +185,13 @@ def _check_refusal(r: httpx2.Response, first_admitted: float) -> float:
         retry_after,
     )
     frees_at = datetime.fromisoformat(err["frees_at"]).timestamp()
-    # The global window frees one second after its first admission, which the provider saw a
-    # moment later (its stamp is after the admission, never before).
+    # The full global window frees one second after the oldest admission in it, which the
+    # provider saw a moment later (its stamp is after the admission, never before).
     window = 1.0 * (1 + GUARD)
-    assert first_admitted + window - TRANSIT <= frees_at <= first_admitted + window + 0.002
+    assert any(t + window - TRANSIT <= frees_at <= t + window + 0.002 for t in admitted), (
+        frees_at,
+        admitted,
+    )
     return frees_at
 
 
@@ -210,14 +206,19 @@ def test_no_waiting_excess_gets_local_429_with_retry_headers(tmp_path, provider,
     answers = run_concurrently(lambda i: raw_chat(m, f"now-{i}"), BURST)
     ok = [r for r in answers if r.status_code == 200]
     refused = [r for r in answers if r.status_code == 429]
-    assert len(ok) == GLOBAL_RPS and len(refused) == BURST - GLOBAL_RPS
+    assert len(ok) + len(refused) == BURST and refused
     reqs = provider.requests
     assert len(reqs) == len(ok)  # nothing went upstream for the refusals
+    # Counted where it matters, at the provider, window by window (a loaded machine may spread
+    # the burst over more than one second): the limit is reached, and never exceeded.
+    admitted = sorted(r.time for r in reqs)
+    assert len(ok) >= GLOBAL_RPS
+    assert max_in_window(admitted) <= GLOBAL_RPS
     assert max(windows_by(reqs).values()) <= KEY_RPS
-    first = min(r.time for r in reqs)
-    frees = {round(_check_refusal(r, first), 3) for r in refused}
-    assert len(frees) == 1  # every refusal names the same moment
-    frees_at = frees.pop()
+    frees = {round(_check_refusal(r, admitted), 3) for r in refused}
+    if len(ok) == GLOBAL_RPS:
+        assert len(frees) == 1  # every refusal names the same moment
+    frees_at = max(frees)
 
     # Before that moment the proxy still refuses; from it on, it serves again.
     early = time.time() < frees_at - 0.2
@@ -319,8 +320,8 @@ def test_client_leaving_while_waiting_releases_its_place(tmp_path, provider, pro
     assert first_done.is_set()
 
     started = time.monotonic()
-    assert sdk_chat(sdk(m, timeout=5), "after") == 200
-    assert time.monotonic() - started < 3.0  # a leaked place would hold it for 30 s
+    assert sdk_chat(sdk(m, timeout=20), "after") == 200
+    assert time.monotonic() - started < 15.0  # a leaked place would hold it for 30 s
     wait_until(lambda: api_status(m)["totals"]["inflight"] == 0, 5, "inflight back to 0")
     assert markers(provider) == ["holder", "after"]
 
@@ -379,13 +380,13 @@ def test_token_limit_refusals_413_then_429(tmp_path, provider, proxy_factory):
     r = raw_chat(m, "x" * 6000)
     err = _check_token_refusal(r, 413)
     assert err["code"] == "request_too_large" and "retry-after" not in r.headers
-    assert time.monotonic() - started < 2.0
+    assert time.monotonic() - started < 5.0  # answered at once, not after the 10 s wait
     assert provider.requests == []
 
     holder, _ = _start_holder(sdk(m), max_tokens=900)
     started = time.monotonic()
     r = raw_chat(m, "refused")
-    assert time.monotonic() - started < 2.0
+    assert time.monotonic() - started < 5.0  # answered at once, not after the 10 s wait
     err = _check_token_refusal(r, 429)
     assert err["code"] == "local_rate_limit"
     frees_in = datetime.fromisoformat(err["frees_at"]).timestamp() - provider.requests[0].time
@@ -405,7 +406,8 @@ def test_tokens_left_too_few_wait_for_the_holder(tmp_path, provider, proxy_facto
     holder.join(10)
     assert "".join(text)
     held, waited = provider.requests
-    assert held.ended is not None and held.ended <= waited.time <= held.ended + 2.0
+    # As soon as the holder ended: its window would only have freed a minute later.
+    assert held.ended is not None and held.ended <= waited.time <= held.ended + 10.0
 
 
 def test_max_tokens_counts_at_admission(tmp_path, provider, proxy_factory):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx2 as httpx
 import pytest
-from proctools import Mitmdump, start_mitmdump
+from proctools import Mitmdump, start_mitmdump, wait_until
 
 import fake_provider
 from fake_provider import KeyBehaviour
@@ -34,7 +34,6 @@ from ._crash_helpers import (
     requests_by_label,
     secret,
     state_folder,
-    wait_until,
     write_config,
 )
 

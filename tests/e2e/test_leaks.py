@@ -27,6 +27,7 @@ import certifi
 import openai
 import pytest
 from proctools import BIN, Mitmdump, clean_env, start_mitmdump
+from rotor_toml import pool, rotor_config
 
 import fake_provider
 from fake_provider import KeyBehaviour
@@ -156,32 +157,29 @@ def _free_port() -> int:
 def write_config(tmp: Path, main_port: int, tight_port: int, dead_port: int) -> Path:
     (tmp / "key.txt").write_text(MAIN["limited"] + "\n")
     (tmp / "token.txt").write_text(TOKENS["file"] + "\n")
-    toml = [
-        f'state_dir = "{tmp / "state"}"',
-        "[health]\nauth_recheck_seconds = 3600",
-        "[failover]\nmax_attempts = 4",
-        f'[[clients]]\nlabel = "inline"\ntoken = "{TOKENS["inline"]}"',
-        '[[clients]]\nlabel = "env"\ntoken_env = "LEAK_TOKEN_FROM_ENV"',
-        f'[[clients]]\nlabel = "file"\ntoken_file = "{tmp / "token.txt"}"',
-        f'[[pools]]\nname = "main"\nprovider = "generic"\nhosts = ["127.0.0.1:{main_port}"]',
-    ]
+    main = pool("main", [f"127.0.0.1:{main_port}"], {})
     for label, key in MAIN.items():
         if label == "good3":
-            toml.append(f'[[pools.keys]]\nlabel = "{label}"\nkey_env = "LEAK_KEY_FROM_ENV"')
+            main["keys"].append({"label": label, "key_env": "LEAK_KEY_FROM_ENV"})
         elif label == "limited":
-            toml.append(f'[[pools.keys]]\nlabel = "{label}"\nkey_file = "{tmp / "key.txt"}"')
+            main["keys"].append({"label": label, "key_file": str(tmp / "key.txt")})
         else:
-            toml.append(f'[[pools.keys]]\nlabel = "{label}"\nkey = "{key}"')
-    toml += [
-        f'[[pools]]\nname = "tight"\nprovider = "generic"\nhosts = ["127.0.0.1:{tight_port}"]',
-        "key_limits = { requests_per_minute = 1 }",
-        f'[[pools.keys]]\nlabel = "tight"\nkey = "{TIGHT["tight"]}"',
-        f'[[pools]]\nname = "dead"\nprovider = "generic"\nhosts = ["127.0.0.1:{dead_port}"]',
-        f'[[pools.keys]]\nlabel = "dead"\nkey = "{DEAD["dead"]}"',
+            main["keys"].append({"label": label, "key": key})
+    tight = pool("tight", [f"127.0.0.1:{tight_port}"], TIGHT, key_limits={"requests_per_minute": 1})
+    dead = pool("dead", [f"127.0.0.1:{dead_port}"], DEAD)
+    clients = [
+        {"label": "inline", "token": TOKENS["inline"]},
+        {"label": "env", "token_env": "LEAK_TOKEN_FROM_ENV"},
+        {"label": "file", "token_file": str(tmp / "token.txt")},
     ]
-    path = tmp / "rotor.toml"
-    path.write_text("\n\n".join(toml) + "\n")
-    return path
+    return rotor_config(
+        tmp / "rotor.toml",
+        tmp / "state",
+        [main, tight, dead],
+        health={"auth_recheck_seconds": 3600},
+        failover={"max_attempts": 4},
+        clients=clients,
+    )
 
 
 def behaviours() -> dict[str, KeyBehaviour]:

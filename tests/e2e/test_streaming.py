@@ -86,7 +86,7 @@ class Rig:
 
 @pytest.fixture
 def rig(tmp_path, provider, proxy_factory, mitm_confdir, monkeypatch):
-    """`rig(keys, mode=..., http2=..., key_limits=..., preamble=...)` -> (Rig, openai, anthropic).
+    """`rig(keys, mode=..., http2=..., key_limits=..., tables=...)` -> (Rig, openai, anthropic).
 
     Reverse mode: clients use the proxy as their base URL. Regular mode: clients reach the
     provider's own URL through HTTPS_PROXY, trusting mitmproxy's CA from SSL_CERT_FILE.
@@ -97,11 +97,11 @@ def rig(tmp_path, provider, proxy_factory, mitm_confdir, monkeypatch):
         *,
         mode: str = "reverse",
         http2: bool = False,
-        key_limits: dict[str, str] | None = None,
-        preamble: str = "",
+        key_limits: dict[str, dict[str, Any]] | None = None,
+        tables: dict[str, dict[str, Any]] | None = None,
     ) -> tuple[Rig, openai.OpenAI, anthropic.Anthropic]:
         host = f"127.0.0.1:{provider.port}"
-        cfg = write_rotor_config(tmp_path, [host], keys, key_limits=key_limits, preamble=preamble)
+        cfg = write_rotor_config(tmp_path, [host], keys, key_limits=key_limits, tables=tables)
         reverse = mode == "reverse"
         # The fake speaks HTTP/1.1 only; with an eager upstream connection mitmproxy mirrors
         # that ALPN to the client, so HTTP/2 to the proxy needs the lazy strategy.
@@ -216,7 +216,7 @@ def test_cut_and_failed_streams_are_failures_of_their_key(rig, provider):
     )
     r, oa, an = rig(
         dict(MORE_KEYS),
-        preamble="[health]\noverload_backoff = 5\noverload_backoff_max = 10\n",
+        tables={"health": {"overload_backoff": 5, "overload_backoff_max": 10}},
     )
     cut = openai_stream(oa, "cut", fake_headers(10, 5))
     failed_oa = openai_stream(oa, "fail", fake_headers(10, 5))
@@ -339,8 +339,8 @@ def left(request, tmp_path_factory, upstream_ca, mitm_confdir) -> Iterator[Left]
             tmp,
             [f"127.0.0.1:{provider.port}"],
             {"alpha": KEYS["alpha"]},
-            key_limits={"alpha": "{ concurrency = 1 }"},
-            preamble="[limits]\nmax_wait_seconds = 5\n",
+            key_limits={"alpha": {"concurrency": 1}},
+            tables={"limits": {"max_wait_seconds": 5}},
         )
         extra = ["--set", f"ssl_verify_upstream_trusted_ca={ca_path}"]
         if not reverse:

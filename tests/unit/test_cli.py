@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
+from testkit import kd
 
 from kmi_rotor import cli, config
 from kmi_rotor import status as status_module
 from kmi_rotor.core.health import KeyHealth
 from kmi_rotor.core.secrets import fingerprint
-from kmi_rotor.core.state import KEY_COUNTERS, Delta, KeyDelta
+from kmi_rotor.core.state import Delta
 from kmi_rotor.store import StateStore
 
 S_WORK = "sk-workworkworkworkwork1111"
@@ -58,13 +58,6 @@ EXPECTED = {
     "spare": ("kimi", "sk-…3333", "disabled", 0, 0, None, None),
     "short": ("claude", "…", "ready", 0, 0, None, None),
 }
-
-
-def kd(label: str, pool: str, *, requests: int = 0, errors: int = 0, **kw: Any) -> KeyDelta:
-    """A key delta: counters by name (any of KEY_COUNTERS), the rest as KeyDelta fields."""
-    counts = {"requests": requests, "errors": errors}
-    counts |= {name: kw.pop(name) for name in KEY_COUNTERS if name in kw}
-    return KeyDelta(label, pool, counters={n: c for n, c in counts.items() if c}, **kw)
 
 
 @pytest.fixture

@@ -292,3 +292,59 @@ def test_round_robin_over_many_keys_takes_one_step_per_pick() -> None:
     for expected in itertools.islice(ks, 100):
         assert rr.pick(ks, counting) is expected
     assert counting.calls == 100
+
+
+# -- round-robin over plain labels -------------------------------------------------------
+
+
+def _picks(keys: list[str], unusable: set[str], n: int) -> list[str | None]:
+    rr = RoundRobin()
+    return [rr.pick(keys, lambda k: k not in unusable) for _ in range(n)]
+
+
+@pytest.mark.parametrize(
+    ("keys", "unusable", "expected"),
+    [
+        (["a"], set(), ["a", "a", "a", "a"]),
+        (["a", "b"], set(), ["a", "b", "a", "b", "a", "b"]),
+        (["a", "b", "c"], set(), ["a", "b", "c", "a", "b", "c", "a"]),
+        (["a", "b", "c"], {"b"}, ["a", "c", "a", "c", "a", "c"]),
+        (["a", "b", "c"], {"a"}, ["b", "c", "b", "c"]),
+        (["a", "b", "c"], {"c"}, ["a", "b", "a", "b"]),
+        (["a", "b", "c"], {"a", "c"}, ["b", "b", "b"]),
+        (["a", "b"], {"b"}, ["a", "a", "a"]),
+        (["a"], {"a"}, [None, None]),
+        (["a", "b", "c"], {"a", "b", "c"}, [None, None, None]),
+        ([], set(), [None, None]),
+    ],
+)
+def test_round_robin_order(keys: list[str], unusable: set[str], expected: list[str | None]) -> None:
+    assert _picks(keys, unusable, len(expected)) == expected
+
+
+def test_round_robin_follows_keys_becoming_unusable_and_usable_again() -> None:
+    rr = RoundRobin()
+    keys = ["a", "b", "c"]
+    down: set[str] = set()
+
+    def pick() -> str | None:
+        return rr.pick(keys, lambda k: k not in down)
+
+    assert [pick(), pick()] == ["a", "b"]
+    down.add("c")
+    assert [pick(), pick(), pick()] == ["a", "b", "a"]
+    down.clear()
+    assert [pick(), pick(), pick(), pick()] == ["b", "c", "a", "b"]
+    down.update(keys)
+    assert pick() is None
+    down.clear()
+    assert pick() == "c"  # an empty round does not move the cursor
+
+
+def test_round_robin_gives_each_usable_key_an_equal_share() -> None:
+    picks = _picks(["a", "b", "c", "d"], {"b"}, 300)
+    assert {k: picks.count(k) for k in "abcd"} == {"a": 100, "b": 0, "c": 100, "d": 100}
+
+
+def test_make_round_robin() -> None:
+    assert isinstance(make("round-robin"), RoundRobin)

@@ -12,22 +12,21 @@ import textwrap
 import threading
 import time
 import types
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import pytest
-from pydantic import SecretStr
+from proctools import wait_until
+from testkit import Clock, delta, kd, make_key, with_pools
 
 from kmi_rotor import store as store_module
 from kmi_rotor.config import Key
 from kmi_rotor.core.health import KeyHealth
-from kmi_rotor.core.secrets import fingerprint
 from kmi_rotor.core.state import (
     KEY_COUNTERS,
     SCHEMA_VERSION,
     Delta,
     KeyDelta,
+    Operator,
     PoolRecord,
     StateDoc,
 )
@@ -37,38 +36,12 @@ from kmi_rotor.store import StateStore
 ADDON_DIR = Path(__file__).resolve().parents[2] / "addon"
 
 
-def make_key(label: str, pool: str = "p") -> Key:
-    secret = f"sk-{label}-{'x' * 20}"
-    return Key(label, SecretStr(secret), fingerprint(secret), pool)
-
-
 KEY_A = make_key("a")
 KEY_B = make_key("b")
 
 
 def asides(folder: Path, tag: str) -> list[Path]:
     return sorted(folder.glob(f"state.json.{tag}-*"))
-
-
-def kd(label: str, pool: str, *, requests: int = 0, errors: int = 0, **kw: Any) -> KeyDelta:
-    """A key delta: counters by name (any of KEY_COUNTERS), the rest as KeyDelta fields."""
-    counts = {"requests": requests, "errors": errors}
-    counts |= {name: kw.pop(name) for name in KEY_COUNTERS if name in kw}
-    return KeyDelta(label, pool, counters={n: c for n, c in counts.items() if c}, **kw)
-
-
-def delta(*maps: Mapping[str, KeyDelta], **keys: KeyDelta) -> Delta:
-    out = Delta()
-    for m in (*maps, keys):
-        out.keys.update(m)
-    return out
-
-
-def with_pools(d: Delta, **pools: dict[str, int]) -> Delta:
-    for pool, counters in pools.items():
-        for name, n in counters.items():
-            d.pool_add(pool, name, n)
-    return d
 
 
 # -- StateStore ------------------------------------------------------------------------------
@@ -354,11 +327,12 @@ def test_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
         for name in ("w1", "w2")
     ]
     try:
-        deadline = time.monotonic() + 30
-        while not all((folder / f"ready-{n}").exists() for n in ("w1", "w2")):
-            assert time.monotonic() < deadline, "writers did not start"
+
+        def ready() -> bool:
             assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
-            time.sleep(0.005)
+            return all((folder / f"ready-{n}").exists() for n in ("w1", "w2"))
+
+        wait_until(ready, 30, "both writers ready", 0.005)
         (folder / "go").touch()
         for p in procs:
             _, err = p.communicate(timeout=60)
@@ -387,14 +361,6 @@ def test_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
 
 
 # -- StateKeeper -----------------------------------------------------------------------------
-
-
-class Clock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def keeper_for(folder: Path, clock: Clock | None = None) -> StateKeeper:
@@ -870,3 +836,41 @@ async def test_failed_commit_keeps_pool_counters_health_and_limiter(
     assert on_disk.pools == {"p": PoolRecord(local_429=2, rotations=1)}
     assert (on_disk.limiter, on_disk.limiter_at) == (LIMITER, 1001.0)
     assert keeper.view() == on_disk
+
+
+async def test_an_outside_write_is_adopted_at_the_next_poll(tmp_path: Path) -> None:
+    """What the CLI writes (an operator action) reaches a running proxy at the keeper's next
+    look at the file: counted in looks, not timed. A look happens every `poll` seconds, after
+    a `debounce` when the proxy has changes of its own: with the defaults, 1.5 s at most,
+    within the two seconds the CLI promises."""
+    defaults = StateKeeper(StateStore(tmp_path / "unused"))
+    assert defaults.poll + defaults.debounce <= 2.0
+    keeper = StateKeeper(StateStore(tmp_path), debounce=0.0, poll=0.05, clock=Clock())
+    looks: list[bool] = []
+    changed = keeper.store.changed
+
+    def counting() -> bool:
+        looks.append(result := changed())
+        return result
+
+    keeper.store.changed = counting  # type: ignore[method-assign]
+    seen: list[StateDoc] = []
+    keeper.on_change = seen.append
+    keeper.start()
+    try:
+        while len(looks) < 2:
+            await asyncio.sleep(0.01)
+        before = len(looks)
+        action = KeyDelta("a", "p", operator=Operator(action="disable", at=1000.0))
+        StateStore(tmp_path).commit(delta({KEY_A.fingerprint: action}))
+        for _ in range(2000):
+            if seen:
+                break
+            await asyncio.sleep(0.01)
+        # The look under way while the CLI wrote may have missed it; the next one did not.
+        assert len(looks) - before <= 2
+        operator = seen[0].keys[KEY_A.fingerprint].operator
+        assert operator is not None and operator.action == "disable"
+    finally:
+        keeper.close_blocking()
+        await asyncio.sleep(0)

@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from proctools import wait_until
 
 from kmi_rotor import trace
 from kmi_rotor.trace import TraceRecord, TraceWriter, read_trace
@@ -37,13 +38,6 @@ def record(i: int = 0, **changes: object) -> TraceRecord:
         stream=True,
     )
     return replace(base, **changes)  # type: ignore[arg-type]
-
-
-def wait_for(predicate: object, timeout: float = 2.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
 
 
 @pytest.fixture
@@ -215,7 +209,7 @@ def test_an_unwritable_folder_never_raises_and_logs_once(
     with caplog.at_level(logging.ERROR, logger="kmi_rotor"):
         for i in range(3):
             w.write(record(i))
-            wait_for(lambda i=i: w.dropped == i + 1)
+            wait_until(lambda i=i: w.dropped == i + 1, 10, "the write dropped", 0.005)
         w.close()
     assert w.dropped == 3
     assert len([r for r in caplog.records if "cannot write the trace" in r.message]) == 1
@@ -226,7 +220,7 @@ def test_the_writer_recovers_when_the_folder_comes_back(tmp_path: Path) -> None:
     folder.write_text("")  # a file where the folder should be
     w = TraceWriter(folder / "trace.jsonl")
     w.write(record(0))
-    wait_for(lambda: w.dropped == 1)
+    wait_until(lambda: w.dropped == 1, 10, "the write dropped", 0.005)
     folder.unlink()
     w.write(record(1))
     w.close()

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import base64
+import fnmatch
 import hashlib
 import json
 import math
 import re
+import tomllib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,6 +24,7 @@ from kmi_rotor.web import page as page_module
 
 from .sample import HOSTILE, hostile, realistic
 
+ROOT = Path(__file__).resolve().parents[2]
 NOW = 1_764_260_000.0
 PREFIX = "/_kmi-rotor"
 
@@ -201,6 +205,21 @@ def test_csp_allows_exactly_the_inline_script_and_style() -> None:
     assert f"style-src 'sha256-{digest(inline('style', resp.text))}'" in csp
     assert "default-src 'none'" in csp
     assert "unsafe-inline" not in csp
+
+
+def test_page_parts_are_package_data_that_an_install_ships() -> None:
+    """Every file the page reads is declared as package data, so a wheel carries it."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["kmi_rotor.web"]
+    web = ROOT / "addon" / "kmi_rotor" / "web"
+    parts = sorted(p.relative_to(web) for p in (web / "static").iterdir())
+    assert [p.name for p in parts] == ["status.css", "status.html", "status.js"]
+    for part in parts:
+        assert any(fnmatch.fnmatch(str(part), pattern) for pattern in patterns), part
+    body = client().get("/").text
+    assert inline("style", body).strip() == page_module.CSS.strip() != ""
+    assert inline("script", body).strip() == page_module.JS.strip() != ""
+    assert page_module.HTML_BODY.strip() in body
 
 
 def test_hostile_labels_only_travel_as_json_data() -> None:

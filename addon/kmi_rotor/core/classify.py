@@ -110,6 +110,21 @@ def classify(status: int, facts: BodyFacts) -> tuple[FailureKind, str]:
 
 
 def _classify_4xx(status: int, facts: BodyFacts) -> tuple[FailureKind, str]:
+    named = _named(facts, status)
+    if named is not None:
+        return named
+    if status == 429 and _OVERLOAD_WORDS.search(facts.text):
+        return FailureKind.OVERLOADED, "engine overloaded (429)"
+    if status == 403 and _AUTH_WORDS.search(facts.text):
+        return FailureKind.AUTH, "invalid key (403)"
+    if status == 429:
+        return FailureKind.RATE_LIMITED, "rate limited"
+    # A bare 403 is as often a WAF or a region block as a bad key: disabling on it is too costly.
+    return FailureKind.CLIENT_ERROR, f"client error ({status})"
+
+
+def _named(facts: BodyFacts, status: int | None) -> tuple[FailureKind, str] | None:
+    """What the body names itself: Gemini's quota details, structured codes, then quota words."""
     gemini = _gemini(facts)
     if gemini is not None:
         return gemini
@@ -124,14 +139,7 @@ def _classify_4xx(status: int, facts: BodyFacts) -> tuple[FailureKind, str]:
             return kind, _reason(kind, found, status)
     if (quota := _quota_words(facts.text)) is not None:
         return FailureKind.QUOTA, quota
-    if status == 429 and _OVERLOAD_WORDS.search(facts.text):
-        return FailureKind.OVERLOADED, "engine overloaded (429)"
-    if status == 403 and _AUTH_WORDS.search(facts.text):
-        return FailureKind.AUTH, "invalid key (403)"
-    if status == 429:
-        return FailureKind.RATE_LIMITED, "rate limited"
-    # A bare 403 is as often a WAF or a region block as a bad key: disabling on it is too costly.
-    return FailureKind.CLIENT_ERROR, f"client error ({status})"
+    return None
 
 
 def _gemini(facts: BodyFacts) -> tuple[FailureKind, str] | None:
@@ -147,18 +155,101 @@ def _gemini(facts: BodyFacts) -> tuple[FailureKind, str] | None:
     return FailureKind.RATE_LIMITED, (f"rate limited: {ids[0]}" if ids else "rate limited")[:120]
 
 
-def _reason(kind: FailureKind, code: str, status: int) -> str:
+def _reason(kind: FailureKind, code: str, status: int | None) -> str:
     if kind is FailureKind.QUOTA:
         return _SAFE.sub("", code)[:60] or "quota"
+    shown = _SAFE.sub("", code)[:60] if status is None else str(status)
     if kind is FailureKind.OVERLOADED:
-        return f"overloaded ({status})"
+        return f"overloaded ({shown})"
     if kind is FailureKind.RATE_LIMITED:
         return "rate limited"
-    return f"invalid key ({status})"
+    return f"invalid key ({shown})"
 
 
 def _quota_words(text: str) -> str | None:
     return next((reason for pattern, reason in _QUOTA_WORDS if pattern.search(text)), None)
+
+
+# -- an error sent inside a stream ---------------------------------------------------------------
+
+# The HTTP status each structured error type arrives with (Anthropic's documented table, and
+# the types OpenAI shares with it). An error sent inside a stream, after a 200, names only its
+# type: this is the status it stands for. It maps to a status, not to a kind: the kind is then
+# decided by `classify`, exactly as for the HTTP answer.
+_TYPE_STATUS = {
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "billing_error": 402,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "request_too_large": 413,
+    "rate_limit_error": 429,
+    "api_error": 500,
+    "server_error": 500,
+    "timeout_error": 504,
+    "overloaded_error": 529,
+}
+
+
+@dataclass(frozen=True)
+class StreamFailure:
+    """An error reported inside a stream, classified as its HTTP equivalent.
+
+    `status` is the HTTP status the error states (a numeric `code` or `status`) or its type
+    stands for; None when it gives neither and its words decided. `reason` never quotes it.
+    """
+
+    kind: FailureKind
+    status: int | None
+    reason: str
+
+
+def classify_stream_error(body: object, *, finish_error: bool = False) -> StreamFailure:
+    """Classify an error sent inside a stream by the rules of an HTTP answer (`classify`).
+
+    `body` is what an HTTP error body would hold: an object with an `error` member (a dict or a
+    string) or with `code`/`type`/`message` at the top, or the payload's text when it was no
+    JSON. `finish_error` says a choice ended with `finish_reason: "error"`. The status is the
+    one stated, else the one the error's type stands for, and `classify` decides; without
+    either, the body's structured codes and quota words decide as they do for a 4xx; what
+    they cannot name is a failure on the provider's side (a 502 after `finish_reason: "error"`,
+    a 500 otherwise), as a 5xx is. Never raises.
+    """
+    if isinstance(body, dict):
+        facts = _facts(body)
+    else:
+        facts = BodyFacts(text=str(body)[:BODY_LIMIT].lower())
+    status = _stated_status(body) or next(
+        (_TYPE_STATUS[c] for c in facts.codes if c in _TYPE_STATUS), None
+    )
+    if status is not None:
+        kind, reason = classify(status, facts)
+        return StreamFailure(kind, status, reason)
+    named = _named(facts, None)
+    if named is not None:
+        return StreamFailure(named[0], None, named[1])
+    status = 502 if finish_error else 500
+    kind, _ = classify(status, facts)
+    return StreamFailure(kind, status, "finish_reason error" if finish_error else "stream error")
+
+
+def _stated_status(body: object) -> int | None:
+    """An error status written in the object: `error.code`, `error.status`, `code`, `status`."""
+    if not isinstance(body, dict):
+        return None
+    err = body.get("error")
+    places = (err, body) if isinstance(err, dict) else (body,)
+    stated = (_as_status(place.get(name)) for place in places for name in ("code", "status"))
+    return next((status for status in stated if status is not None), None)
+
+
+def _as_status(value: object) -> int | None:
+    """An error status (400-599) as a number or a three-digit string; None for anything else."""
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) == 3:
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 400 <= value <= 599:
+        return value
+    return None
 
 
 # -- reading a body -----------------------------------------------------------------------------

@@ -8,8 +8,7 @@ every `now` with t <= now < t + W and no longer at t + W, so with a limit R no i
 
 Time is passed in as `now` (seconds) and must not go backwards. To carry a snapshot across a
 restart, `now` must be wall-clock time. The module does no I/O and never wakes anyone: callers
-that release or correct a reservation notify their own waiters; `version` grows on every change
-that can free capacity, so a waiter can tell whether a retry is worth it.
+that release or correct a reservation notify their own waiters.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from math import inf
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
 GLOBAL = "global"
 CONCURRENCY = "concurrency"
@@ -111,24 +110,6 @@ class Rejected:
     exhausted: tuple[Exhausted, ...]
     retry_at: float | None
     possible: bool = True
-
-
-class LimiterBackend(Protocol):
-    """What callers use, so that a shared store can replace the in-memory limiter."""
-
-    @property
-    def version(self) -> int: ...
-    def configure(self, global_limits: Limits, key_limits: Mapping[str, Limits]) -> None: ...
-    def try_admit(
-        self, candidates: Sequence[str], tokens: int, now: float
-    ) -> Admitted | Rejected: ...
-    def adjust(self, reservation: Reservation, actual_tokens: int) -> None: ...
-    def release(self, reservation: Reservation) -> None: ...
-    def headroom(self, key: str, now: float) -> float: ...
-    def usage(self, scope: str, now: float) -> dict[str, dict[str, float | None]]: ...
-    def snapshot(self, now: float) -> dict[str, Any]: ...
-    def capture(self, now: float) -> Callable[[], dict[str, Any]]: ...
-    def restore(self, data: Mapping[str, Any], now: float) -> None: ...
 
 
 class _Window:
@@ -326,7 +307,7 @@ def _held(reservation: Reservation) -> _Held:
 
 
 class Limiter:
-    """In-memory LimiterBackend. Not thread-safe: call it from one thread (the event loop)."""
+    """The in-memory limiter. Not thread-safe: call it from one thread (the event loop)."""
 
     def __init__(
         self, global_limits: Limits, key_limits: Mapping[str, Limits], *, guard: float = 0.0
@@ -335,13 +316,7 @@ class Limiter:
         self.guard = guard
         self._global = _Scope(GLOBAL, global_limits, guard)
         self._keys: dict[str, _Scope] = {}
-        self._version = 0
         self.configure(global_limits, key_limits)
-
-    @property
-    def version(self) -> int:
-        """Grows on every release, downward correction, configure and restore."""
-        return self._version
 
     def configure(self, global_limits: Limits, key_limits: Mapping[str, Limits]) -> None:
         """Replace the limits. Scopes and windows that remain keep their history; a window that
@@ -352,7 +327,6 @@ class Limiter:
         for key, limits in key_limits.items():
             scope = self._keys[key] = old.get(key) or _Scope(f"key:{key}", limits, self.guard)
             scope.configure(limits)
-        self._version += 1
 
     def _key(self, key: str) -> _Scope:
         scope = self._keys.get(key)
@@ -408,8 +382,6 @@ class Limiter:
             window.correct(index, delta)
         for scope in held.scopes:
             scope.block = None
-        if delta < 0:
-            self._version += 1
 
     def release(self, reservation: Reservation) -> None:
         """Free the reservation's concurrency slots. Idempotent."""
@@ -420,7 +392,6 @@ class Limiter:
         for scope in held.scopes:
             scope.in_flight -= 1
             scope.block = None
-        self._version += 1
 
     def headroom(self, key: str, now: float) -> float:
         """Remaining fraction (0..1) of the key's tightest limit; 1.0 when it has none."""
@@ -493,4 +464,3 @@ class Limiter:
                     if t + window.length > now:
                         window.add(t, amount)
             scope.bind(fresh)
-        self._version += 1

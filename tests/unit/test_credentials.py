@@ -1,0 +1,102 @@
+"""Where a key goes in a request: the client's own credential slots, else the preset's."""
+
+from __future__ import annotations
+
+import pytest
+
+from kmi_rotor.core.credentials import Placement, placements
+from kmi_rotor.core.presets import PRESETS
+
+OPENAI = PRESETS["openai"]
+
+H = "header"
+Q = "query"
+
+
+@pytest.mark.parametrize(
+    ("headers", "query", "expected"),
+    [
+        (["Authorization"], [], [(H, "authorization", True)]),
+        (["authorization"], [], [(H, "authorization", True)]),
+        (["AUTHORIZATION", "content-type"], ["model"], [(H, "authorization", True)]),
+        (["x-api-key"], [], [(H, "x-api-key", False)]),
+        (["X-Api-Key"], [], [(H, "x-api-key", False)]),
+        (["x-goog-api-key"], [], [(H, "x-goog-api-key", False)]),
+        ([], ["key"], [(Q, "key", False)]),
+        (["content-type"], ["alt", "key"], [(Q, "key", False)]),
+        (
+            ["x-goog-api-key", "Authorization"],
+            [],
+            [(H, "authorization", True), (H, "x-goog-api-key", False)],
+        ),
+        (
+            ["x-api-key", "authorization"],
+            ["key"],
+            [(H, "authorization", True), (H, "x-api-key", False), (Q, "key", False)],
+        ),
+        (
+            ["x-goog-api-key", "x-api-key", "authorization"],
+            ["key"],
+            [
+                (H, "authorization", True),
+                (H, "x-api-key", False),
+                (H, "x-goog-api-key", False),
+                (Q, "key", False),
+            ],
+        ),
+        (["Authorization", "authorization"], [], [(H, "authorization", True)]),
+        ([], ["Key", "api_key"], [(H, "authorization", True)]),  # query names are exact
+        (["api-key", "cookie"], [], [(H, "authorization", True)]),  # none: the preset's
+        ([], [], [(H, "authorization", True)]),
+    ],
+)
+def test_placements(
+    headers: list[str], query: list[str], expected: list[tuple[str, str, bool]]
+) -> None:
+    found = placements(headers, query, OPENAI)
+    assert [(p.kind, p.name, p.bearer) for p in found] == expected
+
+
+PRESET_DEFAULTS = {
+    "kimi-code": ("authorization", True),
+    "moonshot": ("authorization", True),
+    "openai": ("authorization", True),
+    "anthropic": ("x-api-key", False),
+    "openrouter": ("authorization", True),
+    "groq": ("authorization", True),
+    "deepseek": ("authorization", True),
+    "mistral": ("authorization", True),
+    "gemini": ("x-goog-api-key", False),
+    "generic": ("authorization", True),
+}
+
+
+def test_preset_table_covers_every_preset() -> None:
+    assert set(PRESET_DEFAULTS) == set(PRESETS)
+
+
+@pytest.mark.parametrize(("name", "default"), sorted(PRESET_DEFAULTS.items()))
+def test_placements_without_client_credential_use_the_preset(
+    name: str, default: tuple[str, bool]
+) -> None:
+    header, bearer = default
+    assert placements(["content-type"], ["alt"], PRESETS[name]) == [
+        Placement("header", header, bearer=bearer)
+    ]
+
+
+@pytest.mark.parametrize("name", sorted(PRESET_DEFAULTS))
+def test_client_credential_wins_over_the_preset(name: str) -> None:
+    assert placements(["X-Api-Key"], [], PRESETS[name]) == [Placement("header", "x-api-key")]
+
+
+@pytest.mark.parametrize(
+    ("placement", "expected"),
+    [
+        (Placement("header", "authorization", bearer=True), "Bearer sk-secret"),
+        (Placement("header", "x-api-key"), "sk-secret"),
+        (Placement("query", "key"), "sk-secret"),
+    ],
+)
+def test_placement_render(placement: Placement, expected: str) -> None:
+    assert placement.render("sk-secret") == expected
