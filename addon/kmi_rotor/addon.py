@@ -11,7 +11,7 @@ from typing import Any
 
 from mitmproxy import ctx, http
 
-from . import config, failover, flows
+from . import config, failover, flows, relay
 from .answers import answer_locally, mask_request, put
 from .commands import OperatorCommands
 from .config import ConfigError, Pool, Settings
@@ -65,6 +65,7 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
         self.page = StatusPage(lambda: on_loop(self._loop, self.snapshot))
         self.poller = UsagePoller(self, lambda: ctx.options.ssl_verify_upstream_trusted_ca)
         self.addons = [self.page]
+        relay.install()
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -370,9 +371,14 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
             return
         if ctype.startswith("text/event-stream"):
             served.tap = SSETap()
-            flow.response.stream = served.tap
-        elif any(ctype.startswith(t) for t in self.settings.streaming.content_types):
-            flow.response.stream = True
+        elif not any(ctype.startswith(t) for t in self.settings.streaming.content_types):
+            return
+        feeds = relay.FEEDS.get(flow.id)  # a failover attempt: its answer goes to another client
+        if feeds is not None:
+            flow.response.stream = feeds.tee(served.tap)
+            feeds.began.set()
+        else:
+            flow.response.stream = served.tap or True
 
     async def response(self, flow: http.HTTPFlow) -> None:
         if not self._mask(flow) or flow.response is None:
@@ -384,8 +390,11 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
             if flow.metadata[META].get("internal_error"):
                 raise RuntimeError("an earlier hook of this flow failed")
             sig = self._settle_response(flow, served)
-            if self._should_fail_over(flow, served, sig):
-                await failover.run(self, flow, served, sig)
+            feeds = relay.FEEDS.get(flow.id)
+            if feeds is not None and feeds.began.is_set():
+                feeds.end()
+            elif failover.wanted(self, flow, served, sig.kind.value):
+                await failover.run(self, flow, served, sig.kind.value, sig.reason)
         except Exception:
             log.exception("kmi-rotor: internal error while reading a response")
             if self.engine is not None:
@@ -398,15 +407,6 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
                 )
         finally:
             self._wake()
-
-    def _should_fail_over(self, flow: http.HTTPFlow, served: Served, sig: Signal) -> bool:
-        if (
-            self.settings is None
-            or served.tap is not None
-            or flow.metadata.get(META, {}).get("retry")
-        ):
-            return False
-        return sig.kind in flows.RETRIABLE and served.attempt < self.settings.failover.max_attempts
 
     def _settle_response(self, flow: http.HTTPFlow, served: Served) -> Signal:
         assert self.engine is not None and self.keeper is not None and flow.response is not None
@@ -433,7 +433,7 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
         self._trace(flow, served.pool, served, outcome, served.wall)
         return sig
 
-    def error(self, flow: http.HTTPFlow) -> None:
+    async def error(self, flow: http.HTTPFlow) -> None:
         self._deferred.pop(flow.id, None)
         if not self._mask(flow):
             return
@@ -441,7 +441,12 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
         if served is None:
             return
         try:
-            self._settle_error(flow, served)
+            outcome = self._settle_error(flow, served)
+            feeds = relay.FEEDS.get(flow.id)
+            if feeds is not None and feeds.began.is_set():
+                feeds.fail(flow.error.msg if flow.error else "the stream was cut")
+            elif failover.wanted(self, flow, served, outcome):
+                await failover.run(self, flow, served, outcome, "the connection failed")
         except Exception:
             log.exception("kmi-rotor: internal error while recording a failed request")
         finally:
@@ -449,11 +454,18 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
                 self.engine.settle(served.key, served.reservation, None)
             self._wake()
 
-    def _settle_error(self, flow: http.HTTPFlow, served: Served) -> None:
+    async def kmi_rotor_relay(self, feeds: relay.Relay) -> None:
+        """The next part of an answer relayed to the client of a failed-over request."""
+        await feeds.wait()
+
+    def _settle_error(self, flow: http.HTTPFlow, served: Served) -> str:
+        """Record a flow that ended in an error; its outcome (`error` before the answer's
+        headers, `truncated` mid-stream, `client_gone`)."""
         assert self.engine is not None and self.keeper is not None
         now = self.clock()
         reason = (flow.error.msg if flow.error else "unknown error")[:200]
-        client_left = flows.client_left(reason)
+        feeds = relay.FEEDS.get(flow.id)
+        client_left = flows.client_left(reason) or bool(feeds and feeds.cancelled)
         stream = served.tap.finish() if served.tap else None
         served.tokens = flows.stream_tokens(stream) if stream else (None, None)
         self.engine.settle(served.key, served.reservation, flows.total(served.tokens))
@@ -468,8 +480,11 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
             d.health = self.engine.network_error(served.key, now, reason)
             flow.marked = ":warning:"
         flow.comment = f"key {served.key.label} · {outcome}: {reason[:80]}"
+        if served.attempt > 1:
+            flow.comment += f" · attempt {served.attempt}"
         flow.metadata[META].update({"outcome": outcome, "error": reason})
         self._trace(flow, served.pool, served, outcome, served.wall)
+        return outcome
 
     # -- bookkeeping ------------------------------------------------------------------------
 

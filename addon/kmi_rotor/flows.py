@@ -40,9 +40,6 @@ class Served:
     notes: list[str] = field(default_factory=list)
 
 
-RETRIABLE = (FailureKind.RATE_LIMITED, FailureKind.QUOTA, FailureKind.AUTH, FailureKind.OVERLOADED)
-
-
 CLIENT_GONE = ("client disconnected", "stream reset by client", "client closed")
 
 
