@@ -21,11 +21,13 @@ KEYS = {
 
 
 def write_config(tmp_path: Path, provider: str = "generic", hosts: str = '["llm.test"]') -> Path:
+    """One pool `p` holding KEYS; failover off (a retry would leave the test process)."""
     keys = "".join(f'[[pools.keys]]\nlabel = "{k}"\nkey = "{v}"\n' for k, v in KEYS.items())
     hosts_line = f"hosts = {hosts}\n" if hosts else ""
     path = tmp_path / "rotor.toml"
     path.write_text(
-        f'state_dir = "{tmp_path / "state"}"\n[[pools]]\nname = "p"\nprovider = "{provider}"\n'
+        f'state_dir = "{tmp_path / "state"}"\n[failover]\nmax_attempts = 1\n'
+        f'[[pools]]\nname = "p"\nprovider = "{provider}"\n'
         f"{hosts_line}{keys}"
     )
     return path
@@ -133,7 +135,7 @@ async def test_error_masks_and_counts(rotor, tmp_path):
     f = tflow.tflow(req=req())
     await addon.requestheaders(f)
     f.error = tflow.terr("Server disconnected.")
-    addon.error(f)
+    await addon.error(f)
     assert KEYS["a"] not in str(f.request.headers)
     addon.done()
     rec = StateStore(tmp_path / "state").read().keys
