@@ -13,13 +13,14 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import httpx2 as httpx
 import pytest
 from proctools import Mitmdump
 
 import fake_provider
 from fake_provider import KeyBehaviour as KB
 
-from ._failover_helpers import Proxy, Seen, resetting_front, stream_with
+from ._failover_helpers import CHAT, Proxy, Seen, resetting_front, stream_headers, stream_with
 from ._steering_helpers import PoolKey, fake, served_by, write_config
 from ._streaming_helpers import (
     ca_bundle,
@@ -282,3 +283,39 @@ def test_a_failed_over_stream_starts_later_only_by_the_failed_attempt(rotor, cap
         )
     # The failed attempt's own time, plus little: the answer is not waited for.
     assert slow_fail <= added < slow_fail + 0.25, added
+
+
+# -- 5. a client that leaves while its failed-over stream is relayed ---------------------------------
+
+
+def test_a_client_leaving_a_relayed_stream_stops_the_attempt(rotor):
+    keys = [PoolKey("alpha", KB(fail_next=[429])), PoolKey("beta")]
+    p, provider = rotor(keys)
+    body = {**CHAT, "stream": True}
+    with (
+        httpx.Client(trust_env=False, timeout=10) as c,
+        c.stream(
+            "POST",
+            p.base + "/v1/chat/completions",
+            json=body,
+            headers=stream_headers(events=200, delay_ms=100),  # 20 s if nobody stops it
+        ) as resp,
+    ):
+        assert resp.status_code == 200
+        got = b""
+        for chunk in resp.iter_raw():
+            got += chunk
+            if got.count(b"\n\n") >= 2:
+                break
+    left = time.monotonic()
+    # The provider sees beta's stream end long before its 20 s, the slot is free, and
+    # leaving is not the key's fault.
+    wait_until(lambda: provider.requests[-1].ended is not None, 10, "beta's stream to stop")
+    assert time.monotonic() - left < 5
+    records = wait_trace(p.state, 2)
+    assert [(t["key"], t["outcome"]) for t in records] == [
+        ("alpha", "rate_limited"),
+        ("beta", "client_gone"),
+    ]
+    beta = p.keys()["beta"]
+    assert (beta["inflight"], beta["status"], beta["errors"]) == (0, "ready", 0), beta
