@@ -206,7 +206,10 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
         retry = flow.metadata.get(META, {}).get("retry") if flow.is_replay else None
         exclude = frozenset(retry["exclude"]) if retry else frozenset()
         arrived = self.clock()
-        deadline = arrived if retry else arrived + self.settings.limits.max_wait_seconds
+        # A failover attempt may wait as long as what is left of its request's own wait.
+        deadline = retry.get("deadline", arrived) if retry else arrived
+        if not retry:
+            deadline += self.settings.limits.max_wait_seconds
         if body is None:
             tokens = tk.estimate_from_length(flows.content_length(flow.request))
         else:
@@ -260,8 +263,9 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
     async def _wait(self, flow: http.HTTPFlow, until: float | None, deadline: float) -> bool:
         """Sleep until `until`, a freed slot, or the deadline; False if the client left."""
         end = min(until if until is not None else deadline, deadline)
+        client = failover.client_of(flow)
         while (left := end - self.clock()) > 0:
-            if not flow.client_conn.connected:
+            if not client.connected:
                 return False
             event = self._capacity
             try:
@@ -269,7 +273,7 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
                 return True
             except TimeoutError:
                 continue
-        return flow.client_conn.connected
+        return client.connected
 
     def _wake(self) -> None:
         """Let waiting requests look again (a slot was freed or a key came back)."""

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from mitmproxy import ctx, http
 from mitmproxy.addons.clientplayback import ReplayHandler
+from mitmproxy.connection import Client
 
 from .core import failover as fo
 from .core.refusal import Refusal, render
@@ -29,6 +30,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("kmi_rotor")
 
 META = "kmi_rotor"
+CLIENTS: dict[str, Client] = {}
+"""Attempt flow id -> the client its answer is for (an attempt's own client is a stand-in)."""
+
+
+def client_of(flow: http.HTTPFlow) -> Client:
+    """The client that waits for `flow`'s answer: its own, or for an attempt, the original's."""
+    return CLIENTS.get(flow.id, flow.client_conn)
 
 
 def wanted(rotor: Rotor, flow: http.HTTPFlow, served: Served, outcome: str) -> bool:
@@ -51,14 +59,17 @@ async def run(rotor: Rotor, flow: http.HTTPFlow, served: Served, outcome: str, w
     shown = outcome if flow.response is not None else None
     last, attempt, replaced = outcome, served.attempt, False
     handed: Delivery | None = None
+    deadline = served.wall + rotor.settings.limits.max_wait_seconds
     while True:
         now = rotor.clock()
-        ready = pool_available_at(rotor.engine, served.pool, now, frozenset(tried)) == now
+        avoid = frozenset(tried)
+        at = pool_available_at(rotor.engine, served.pool, now, avoid)
+        ready = at is not None and at <= max(now, deadline)
         if not fo.retry(last, attempt, rotor.settings.failover.max_attempts, ready):
             break
         attempt += 1
         relay = Relay() if served.stream_request else None
-        copy = await _attempt(flow, attempt, tried, relay)
+        copy = await _attempt(flow, attempt, avoid, relay, deadline)
         meta = copy.metadata.get(META, {})
         if meta.get("local") or "fingerprint" not in meta:  # no key could take it after all
             break
@@ -88,18 +99,28 @@ async def run(rotor: Rotor, flow: http.HTTPFlow, served: Served, outcome: str, w
 
 
 async def _attempt(
-    flow: http.HTTPFlow, attempt: int, tried: set[str], relay: Relay | None
+    flow: http.HTTPFlow, attempt: int, avoid: frozenset[str], relay: Relay | None, deadline: float
 ) -> http.HTTPFlow:
-    """Re-send a copy of `flow` (the addon picks a key outside `tried`). With a relay: return
-    as soon as its answer streams (it goes on, feeding the relay), or once it ended."""
+    """Re-send a copy of `flow` (the addon picks a key outside `avoid`, waiting for one until
+    `deadline`). With a relay: return as soon as its answer streams (it goes on, feeding the
+    relay), or once it ended."""
     copy = flow.copy()
     copy.response = None
     copy.error = None
     copy.is_replay = "request"
     copy.comment = ""
     copy.marked = ""
-    copy.metadata[META] = {"retry": {"attempt": attempt, "exclude": sorted(tried), "of": flow.id}}
+    retry = {"attempt": attempt, "exclude": sorted(avoid), "of": flow.id, "deadline": deadline}
+    copy.metadata[META] = {"retry": retry}
     handler = ReplayHandler(copy, ctx.options)
+    CLIENTS[copy.id] = flow.client_conn
+    try:
+        return await _run(handler, copy, relay)
+    finally:
+        CLIENTS.pop(copy.id, None)
+
+
+async def _run(handler: ReplayHandler, copy: http.HTTPFlow, relay: Relay | None) -> http.HTTPFlow:
     if relay is None:
         await handler.replay()
         return copy
