@@ -51,8 +51,11 @@ class Proxy:
             return [fl for fl in io.FlowReader(f).stream() if isinstance(fl, http.HTTPFlow)]
 
 
-def openai_client(p: Proxy) -> openai.OpenAI:
-    return openai.OpenAI(base_url=p.base + "/v1", api_key="client-own", max_retries=0)
+def openai_client(p: Proxy, http2: bool = False) -> openai.OpenAI:
+    transport = openai.DefaultHttpxClient(http2=True) if http2 else None
+    return openai.OpenAI(
+        base_url=p.base + "/v1", api_key="client-own", max_retries=0, http_client=transport
+    )
 
 
 def anthropic_client(p: Proxy) -> anthropic.Anthropic:
@@ -86,10 +89,12 @@ def _from_timed(t: Timed) -> Seen:
 
 
 def stream_with(client: str, p: Proxy, events: int = EVENTS, delay_ms: int = DELAY_MS) -> Seen:
-    """One streamed request by `client` (openai, anthropic or curl), as that client saw it."""
+    """One streamed request by `client` (openai, openai-h2: over HTTP/2, anthropic or curl),
+    as that client saw it."""
     h = stream_headers(events, delay_ms)
-    if client == "openai":
-        return _from_timed(openai_stream(openai_client(p), "hello", h))
+    if client in ("openai", "openai-h2"):
+        oa = openai_client(p, http2=client == "openai-h2")
+        return _from_timed(openai_stream(oa, "hello", h))
     if client == "anthropic":
         return _from_timed(anthropic_stream(anthropic_client(p), "hello", h))
     return curl_stream(p, h)

@@ -123,13 +123,17 @@ CASES = [
     ("529", "anthropic", "regular"),
     ("reset", "openai", "reverse"),
     ("reset", "curl", "regular"),
+    ("429", "openai-h2", "regular"),
+    ("reset", "openai-h2", "regular"),
 ]
 
 
 @pytest.mark.parametrize(("failure", "client", "mode"), CASES, ids=["-".join(c) for c in CASES])
 def test_a_stream_fails_over_before_its_first_byte(rotor, failure, client, mode):
     behaviour, status, outcome, state = FAILURES[failure]
-    p, provider = rotor(keys_failing_first(behaviour.copy()), mode=mode)
+    # The fake speaks HTTP/1.1: to offer HTTP/2 to the client, mitmproxy connects lazily.
+    lazy = ("--set", "connection_strategy=lazy") if client.endswith("h2") else ()
+    p, provider = rotor(keys_failing_first(behaviour.copy()), mode=mode, extra=lazy)
     seen = stream_with(client, p)
     assert_streamed_whole(seen, client)
     assert served_by(provider) == [(secret("alpha"), status), (secret("beta"), 200)]
@@ -155,6 +159,8 @@ def test_a_stream_fails_over_before_its_first_byte(rotor, failure, client, mode)
     assert first_flow.metadata["kmi_rotor"]["failover"] == ["retried on beta (200, streamed)"]
     assert second_flow.comment.startswith("key beta · 200 · attempt 2")
     assert second_flow.metadata["kmi_rotor"]["retry"]["of"] == first_flow.id
+    if client.endswith("h2"):
+        assert first_flow.request.http_version == "HTTP/2.0"
 
 
 def test_a_connection_reset_at_connect_fails_over(rotor):
