@@ -394,6 +394,7 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
             if flow.metadata[META].get("internal_error"):
                 raise RuntimeError("an earlier hook of this flow failed")
             sig = self._settle_response(flow, served)
+            self._wake()  # its slot is free: let waiting requests (and its next attempt) see it
             feeds = relay.FEEDS.get(flow.id)
             if feeds is not None and feeds.began.is_set():
                 feeds.end()
@@ -403,6 +404,9 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
             log.exception("kmi-rotor: internal error while reading a response")
             if self.engine is not None:
                 self.engine.settle(served.key, served.reservation, None)
+            handed = relay.DELIVERIES.pop(flow.id, None)
+            if handed is not None:
+                handed.cancel()
             if not served.tap:  # a streamed answer is already with the client
                 answer_locally(
                     flow,
@@ -446,6 +450,7 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
             return
         try:
             outcome = self._settle_error(flow, served)
+            self._wake()
             feeds = relay.FEEDS.get(flow.id)
             if feeds is not None and feeds.began.is_set():
                 feeds.fail(flow.error.msg if flow.error else "the stream was cut")
@@ -453,6 +458,9 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
                 await failover.run(self, flow, served, outcome, "the connection failed")
         except Exception:
             log.exception("kmi-rotor: internal error while recording a failed request")
+            handed = relay.DELIVERIES.pop(flow.id, None)
+            if handed is not None:
+                handed.cancel()
         finally:
             if self.engine is not None:  # idempotent: the slot is free whatever happened
                 self.engine.settle(served.key, served.reservation, None)

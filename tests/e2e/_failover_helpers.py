@@ -23,7 +23,7 @@ from proctools import Mitmdump
 from ._streaming_helpers import Timed, anthropic_stream, live_keys, openai_stream
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hello"}]}
-EVENTS, DELAY_MS = 6, 80
+EVENTS, DELAY_MS = 6, 120
 
 
 def stream_headers(events: int = EVENTS, delay_ms: int = DELAY_MS) -> dict[str, str]:

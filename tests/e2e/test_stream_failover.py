@@ -87,10 +87,10 @@ def secret(label: str) -> str:
 
 
 def assert_streamed_whole(seen: Seen, client: str) -> None:
-    """All events, arriving one by one (6 events 80 ms apart), and the usage."""
+    """All events, arriving one by one (6 events 120 ms apart), and the usage."""
     assert seen.status == 200, (seen.status, seen.body[:300])
     assert len(seen.texts) == 6, seen.texts
-    assert seen.spread >= 0.25, f"arrived within {seen.spread:.3f}s: buffered"
+    assert seen.spread >= 0.3, f"arrived within {seen.spread:.3f}s: buffered"
     assert seen.usage is not None and seen.usage[1] == 6, seen.usage
     if client == "curl":
         assert "data: [DONE]" in seen.body
@@ -199,14 +199,14 @@ def test_a_pool_where_every_key_fails_says_when_to_come_back(rotor, mode):
     p, provider = rotor(keys, mode=mode, sections={"health": {"rate_limit_backoff": 3.0}})
     asked = time.time()
     seen = stream_with("curl", p)
+    answered = time.time()
     assert [s for _, s in served_by(provider)] == [429, 429, 429]
     assert seen.status == 429, seen.body
-    wait = int(seen.headers["retry-after"])
-    assert wait >= 1
-    # Pool-accurate: the first key cools 3 s from its answer, the soonest to come back.
-    frees = min(r.ended or r.time for r in provider.requests) + 3.0
-    told = asked + int(seen.headers["retry-after-ms"]) / 1000
-    assert frees - 0.5 <= told <= frees + 1.0, (told - asked, frees - asked)
+    assert int(seen.headers["retry-after"]) >= 2  # the keys cool about 3 s
+    # Pool-accurate: when the first key to come back does, as the proxy's status says.
+    frees = min(k["until"] for k in p.keys().values())
+    wait = int(seen.headers["retry-after-ms"]) / 1000
+    assert asked + wait - 0.1 <= frees <= answered + wait + 0.1, (wait, frees - asked)
     error = fake_json(seen.body)["error"]
     assert error["code"] == "pool_exhausted"
     assert {k["label"]: k["status"] for k in error["keys"]} == dict.fromkeys(
@@ -288,7 +288,7 @@ def test_a_failed_over_stream_starts_later_only_by_the_failed_attempt(rotor, cap
             f">= {slow_fail * 1000:.0f} ms: +{added * 1000:.1f} ms"
         )
     # The failed attempt's own time, plus little: the answer is not waited for.
-    assert slow_fail <= added < slow_fail + 0.25, added
+    assert slow_fail * 0.75 <= added < slow_fail + 0.25, added
 
 
 # -- 5. a client that leaves while its failed-over stream is relayed ---------------------------------
