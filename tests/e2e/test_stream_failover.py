@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -150,6 +151,10 @@ def test_a_stream_fails_over_before_its_first_byte(rotor, failure, client, mode)
         1,
         0,
     )
+    if p.reverse:  # the metrics count the attempt as a retry of beta, one request each
+        text = httpx.get(p.m.url + "/_kmi-rotor/metrics", timeout=10).text
+        assert re.search(r'kmi_rotor_retries_total\{[^}]*key="beta"[^}]*\} 1\.0', text), text
+        assert re.search(r'kmi_rotor_requests_total\{[^}]*key="alpha"[^}]*\} 1\.0', text)
     assert p.m.stop() == 0
     # mitmweb: each attempt a flow of its own, annotated as a non-streamed failover is.
     chats = [f for f in p.saved_flows() if "key" in f.metadata.get("kmi_rotor", {})]
