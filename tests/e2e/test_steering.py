@@ -222,10 +222,11 @@ def test_key_reported_empty_rests_until_its_reset(fakes, proxy_factory, tmp_path
 
 FAILING = {429: KB(fail_next=[429]), 503: KB(fail_next=[503]), 401: KB(mode="invalid")}
 FAILING[529] = KB(fail_next=[529])
+FAILING[0] = KB(fail_next=[0])  # the connection reset before any answer
 
 
 @pytest.mark.parametrize(
-    "failures", [[429], [503, 401], [529]], ids=lambda f: "-".join(map(str, f))
+    "failures", [[429], [503, 401], [529], [0, 429]], ids=lambda f: "-".join(map(str, f))
 )
 def test_non_streamed_failure_is_retried_on_another_key(
     failures: list[int], fakes, proxy_factory, tmp_path
