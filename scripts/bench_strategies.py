@@ -18,6 +18,8 @@ the most requests sent to one key within one window, over its limit (above 1.00 
 
     .venv/bin/python scripts/bench_strategies.py            # under 2 minutes
     .venv/bin/python scripts/bench_strategies.py --quick    # under 20 seconds
+    .venv/bin/python scripts/bench_strategies.py --stream   # streams failing over (see
+                                                            # bench_failover.py)
 
 Everything runs on 127.0.0.1. Figures are ratios measured in the same run (the machine is
 shared and noisy); the script asserts nothing.
@@ -274,7 +276,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="two setups, short runs (< 20 s)")
     ap.add_argument("--seconds", type=float, help="length of each run (default 4, quick 2)")
     ap.add_argument("--only", action="append", help="run this setup (repeatable; naive always)")
+    ap.add_argument(
+        "--stream",
+        action="store_true",
+        help="streaming clients without retries, a revoked and a rate-limited key, 0.8 of "
+        "capacity (bench_failover.py; --seconds default 20)",
+    )
     args = ap.parse_args(argv)
+    if args.stream:
+        import bench_failover
+
+        return bench_failover.main(args.seconds or 20.0)
     duration = args.seconds or (2.0 if args.quick else 4.0)
     setups = QUICK if args.quick else SETUPS
     if args.only:

@@ -24,7 +24,9 @@ import dataclasses
 import json
 import math
 import signal
+import socket
 import ssl
+import struct
 import sys
 import threading
 import time
@@ -86,6 +88,7 @@ class KeyBehaviour:
     mode: Mode = "ok"
     quota_style: QuotaStyle = "openai"
     fail_next: list[int] = field(default_factory=list)
+    """Statuses for the next requests, in order; 0 drops the connection without an answer."""
     rpm: int | None = None
     rps: int | None = None
     tpm: int | None = None
@@ -427,6 +430,19 @@ def _cut_connection(request: web.Request) -> None:
         transport.close()
 
 
+def _drop_connection(request: web.Request) -> web.StreamResponse:
+    """Reset the connection before any answer (a provider that fails mid-request); the
+    request is recorded with status 0."""
+    transport = request.transport
+    if transport is not None:
+        sock = transport.get_extra_info("socket")
+        if sock is not None:  # SO_LINGER 0: the peer sees a reset, not an orderly close
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()
+    raise asyncio.CancelledError
+
+
 class FakeProvider:
     """The fake provider server; see the module docstring."""
 
@@ -695,6 +711,8 @@ class FakeProvider:
                 rejected = self._admit(behaviour, state, prompt_tokens + completion_tokens, mono)
             rl_headers = self._usage_headers(behaviour, state, mono, wall)
 
+        if forced == 0:
+            return _drop_connection(request)
         if forced is not None and forced >= 400:
             return await self._reply_json(
                 request, record, forced, _error_body(forced, dialect), rl_headers

@@ -13,7 +13,7 @@ from typing import Any
 
 from mitmproxy import ctx, http
 
-from . import config, failover, flows
+from . import config, failover, flows, relay
 from .answers import answer_locally, mask_request, put
 from .commands import OperatorCommands
 from .config import ConfigError, Pool, Settings, one_line
@@ -66,6 +66,7 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
         self.page = StatusPage(lambda: on_loop(self._loop, self.snapshot))
         self.poller = UsagePoller(self, lambda: ctx.options.ssl_verify_upstream_trusted_ca)
         self.addons = [self.page]
+        relay.install()
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -198,7 +199,10 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
         retry = flow.metadata.get(META, {}).get("retry") if flow.is_replay else None
         exclude = frozenset(retry["exclude"]) if retry else frozenset()
         arrived = self.clock()
-        deadline = arrived if retry else arrived + self.settings.limits.max_wait_seconds
+        # A failover attempt may wait as long as what is left of its request's own wait.
+        deadline = retry.get("deadline", arrived) if retry else arrived
+        if not retry:
+            deadline += self.settings.limits.max_wait_seconds
         if body is None:
             tokens = tk.estimate_from_length(flows.content_length(flow.request))
         else:
@@ -256,8 +260,9 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
     async def _wait(self, flow: http.HTTPFlow, until: float | None, deadline: float) -> bool:
         """Sleep until `until`, a freed slot, or the deadline; False if the client left."""
         end = min(until if until is not None else deadline, deadline)
+        client = failover.client_of(flow)
         while (left := end - self.clock()) > 0:
-            if not flow.client_conn.connected:
+            if not client.connected:
                 return False
             event = self._capacity
             try:
@@ -265,7 +270,7 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
                 return True
             except TimeoutError:
                 continue
-        return flow.client_conn.connected
+        return client.connected
 
     def _wake(self) -> None:
         """Let waiting requests look again (a slot was freed or a key came back)."""
@@ -357,9 +362,14 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
             return
         if ctype.startswith("text/event-stream"):
             served.tap = SSETap()
-            flow.response.stream = served.tap
-        elif any(ctype.startswith(t) for t in self.settings.streaming.content_types):
-            flow.response.stream = True
+        elif not any(ctype.startswith(t) for t in self.settings.streaming.content_types):
+            return
+        feeds = relay.FEEDS.get(flow.id)  # a failover attempt: its answer goes to another client
+        if feeds is not None:
+            flow.response.stream = feeds.tee(served.tap)
+            feeds.began.set()
+        else:
+            flow.response.stream = served.tap or True
 
     async def response(self, flow: http.HTTPFlow) -> None:
         if not self._mask(flow) or flow.response is None:
@@ -371,12 +381,19 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
             if flow.metadata[META].get("internal_error"):
                 raise RuntimeError("an earlier hook of this flow failed")
             sig = self._settle_response(flow, served)
-            if self._should_fail_over(flow, served, sig):
-                await failover.run(self, flow, served, sig)
+            self._wake()  # its slot is free: let waiting requests (and its next attempt) see it
+            feeds = relay.FEEDS.get(flow.id)
+            if feeds is not None and feeds.began.is_set():
+                feeds.end()
+            elif failover.wanted(self, flow, served, sig.kind.value):
+                await failover.run(self, flow, served, sig.kind.value, sig.reason)
         except Exception:
             log.exception("kmi-rotor: internal error while reading a response")
             if self.engine is not None:
                 self.engine.settle(served.key, served.reservation, None)
+            handed = relay.DELIVERIES.pop(flow.id, None)
+            if handed is not None:
+                handed.cancel()
             if not served.tap:  # a streamed answer is already with the client
                 answer_locally(
                     flow,
@@ -385,15 +402,6 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
                 )
         finally:
             self._wake()
-
-    def _should_fail_over(self, flow: http.HTTPFlow, served: Served, sig: Signal) -> bool:
-        if (
-            self.settings is None
-            or served.tap is not None
-            or flow.metadata.get(META, {}).get("retry")
-        ):
-            return False
-        return sig.kind in flows.RETRIABLE and served.attempt < self.settings.failover.max_attempts
 
     def _settle_response(self, flow: http.HTTPFlow, served: Served) -> Signal:
         assert self.engine is not None and self.keeper is not None and flow.response is not None
@@ -422,7 +430,7 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
         self._trace(flow, served.pool, served, outcome, served.wall)
         return sig
 
-    def error(self, flow: http.HTTPFlow) -> None:
+    async def error(self, flow: http.HTTPFlow) -> None:
         self._deferred.pop(flow.id, None)
         if not self._mask(flow):
             return
@@ -430,21 +438,37 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
         if served is None:
             return
         try:
-            self._settle_error(flow, served)
+            outcome = self._settle_error(flow, served)
+            self._wake()
+            feeds = relay.FEEDS.get(flow.id)
+            if feeds is not None and feeds.began.is_set():
+                feeds.fail(flow.error.msg if flow.error else "the stream was cut")
+            elif failover.wanted(self, flow, served, outcome):
+                await failover.run(self, flow, served, outcome, "the connection failed")
         except Exception:
             log.exception("kmi-rotor: internal error while recording a failed request")
+            handed = relay.DELIVERIES.pop(flow.id, None)
+            if handed is not None:
+                handed.cancel()
         finally:
             if self.engine is not None:  # idempotent: the slot is free whatever happened
                 self.engine.settle(served.key, served.reservation, None)
             self._wake()
 
-    def _settle_error(self, flow: http.HTTPFlow, served: Served) -> None:
+    async def kmi_rotor_relay(self, feeds: relay.Relay) -> None:
+        """The next part of an answer relayed to the client of a failed-over request."""
+        await feeds.wait()
+
+    def _settle_error(self, flow: http.HTTPFlow, served: Served) -> str:
+        """Record a flow that ended in an error; its outcome (`error` before the answer's
+        headers, `truncated` mid-stream, `client_gone`)."""
         assert self.engine is not None and self.keeper is not None
         now = self.clock()
         # mitmproxy's message may quote what the upstream sent: scrubbed for this flow and the
         # key's last error; the key's reason, which other clients may see, quotes nothing.
         reason = scrubber(self.settings)(flow.error.msg if flow.error else "unknown error")  # type: ignore[arg-type]
-        client_left = flows.client_left(reason)
+        feeds = relay.FEEDS.get(flow.id)
+        client_left = flows.client_left(reason) or bool(feeds and feeds.cancelled)
         stream = served.tap.finish() if served.tap else None
         served.tokens = flows.stream_tokens(stream) if stream else (None, None)
         self.engine.settle(served.key, served.reservation, flows.total(served.tokens))
@@ -459,8 +483,11 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
             d.health = self.engine.network_error(served.key, now, only_own_words(reason))
             flow.marked = ":warning:"
         flow.comment = f"key {served.key.label} · {outcome}: {reason[:80]}"
+        if served.attempt > 1:
+            flow.comment += f" · attempt {served.attempt}"
         flow.metadata[META].update({"outcome": outcome, "error": reason})
         self._trace(flow, served.pool, served, outcome, served.wall)
+        return outcome
 
     # -- bookkeeping ------------------------------------------------------------------------
 

@@ -1,24 +1,28 @@
-"""After a failure that another key would not have had: try that other key, or say when to.
+"""After a failure another key would not have had: the same request on another key, before the
+client has seen anything; or the pool's answer when no key can serve.
 
-A request that was not streamed is re-sent on another key before the client sees anything
-(through mitmproxy's replay machinery, so each attempt is a flow of its own, in mitmweb and in
-saved flows). A streamed request is not replayed (a replayed answer comes back buffered): its
-client gets a 429 saying when the pool can serve again, 0 s when another key is ready, so the
-SDK's own retry lands on a healthy key with streaming intact.
+Streamed or not, a request fails over alike. Every attempt after the first is a copy of the
+client's flow re-sent through mitmproxy's replay machinery, so that each attempt is a flow of
+its own (in mitmweb, saved flows, the trace and the metrics). The first answer that is not such
+a failure goes to the client: whole, or, when it streams, relayed as it is generated (see
+`relay`), so that its time to first byte grows only by the failed attempts' own time.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import TYPE_CHECKING
 
 from mitmproxy import ctx, http
 from mitmproxy.addons.clientplayback import ReplayHandler
+from mitmproxy.connection import Client
 
+from .core import failover as fo
 from .core.refusal import Refusal, render
-from .core.signals import FailureKind, Signal
 from .engine import pool_available_at
+from .relay import DELIVERIES, FEEDS, Delivery, Relay
 
 if TYPE_CHECKING:
     from .addon import Rotor, Served
@@ -26,65 +30,157 @@ if TYPE_CHECKING:
 log = logging.getLogger("kmi_rotor")
 
 META = "kmi_rotor"
-KEY_UNUSABLE = (FailureKind.RATE_LIMITED, FailureKind.QUOTA, FailureKind.AUTH)
+CLIENTS: dict[str, Client] = {}
+"""Attempt flow id -> the client its answer is for (an attempt's own client is a stand-in)."""
 
 
-async def run(rotor: Rotor, flow: http.HTTPFlow, served: Served, sig: Signal) -> None:
-    """Fail over, or answer with the pool's next availability."""
-    if served.stream_request:
-        _point_to_pool(rotor, flow, served, sig)
-        return
+def client_of(flow: http.HTTPFlow) -> Client:
+    """The client that waits for `flow`'s answer: its own, or for an attempt, the original's."""
+    return CLIENTS.get(flow.id, flow.client_conn)
+
+
+def wanted(rotor: Rotor, flow: http.HTTPFlow, served: Served, outcome: str) -> bool:
+    """Whether the client's own attempt, which ended in `outcome`, may be followed by others:
+    nothing of its answer reached the client, and its request body is there to send again."""
+    if rotor.settings is None or served.tap is not None or flow.request.raw_content is None:
+        return False
+    if flow.metadata.get(META, {}).get("retry"):  # an attempt of another flow
+        return False
+    return fo.retry(outcome, served.attempt, rotor.settings.failover.max_attempts, True)
+
+
+async def run(rotor: Rotor, flow: http.HTTPFlow, served: Served, outcome: str, why: str) -> None:
+    """Attempts on other keys while the last one failed as another key may not, up to
+    `[failover] max_attempts`; then the client gets the first answer that did not fail so
+    (whole or relayed), or the pool's answer (`why`: what failed first)."""
     assert rotor.settings is not None and rotor.engine is not None
     tried = {served.key.fingerprint}
     notes: list[str] = []
-    last = sig.kind.value
-    for attempt in range(served.attempt + 1, rotor.settings.failover.max_attempts + 1):
+    shown = outcome if flow.response is not None else None
+    last, attempt, replaced = outcome, served.attempt, False
+    handed: Delivery | None = None
+    deadline = served.wall + rotor.settings.limits.max_wait_seconds
+    while True:
         now = rotor.clock()
-        if pool_available_at(rotor.engine, served.pool, now, frozenset(tried)) != now:
+        avoid = frozenset(tried)
+        at = pool_available_at(rotor.engine, served.pool, now, avoid)
+        ready = at is not None and at <= max(now, deadline)
+        if not fo.retry(last, attempt, rotor.settings.failover.max_attempts, ready):
             break
-        copy = await _replay(flow, attempt, tried)
+        attempt += 1
+        relay = Relay() if served.stream_request else None
+        copy = await _attempt(flow, attempt, avoid, relay, deadline)
         meta = copy.metadata.get(META, {})
-        if copy.response is None or meta.get("local") or "fingerprint" not in meta:
+        if meta.get("local") or "fingerprint" not in meta:  # no key could take it after all
             break
         tried.add(meta["fingerprint"])
-        flow.response = copy.response
-        notes.append(f"retried on {meta['key']} ({copy.response.status_code})")
-        last = meta.get("outcome", "")
-        if last not in {k.value for k in (*KEY_UNUSABLE, FailureKind.OVERLOADED)}:
+        if relay is not None and relay.began.is_set():
+            flow.response = _head(copy.response)
+            handed, replaced = Delivery(relay), True
+            notes.append(f"retried on {meta['key']} ({flow.response.status_code}, streamed)")
             break
+        last = meta.get("outcome", "error")
+        if copy.response is None:
+            notes.append(f"retried on {meta['key']} ({last})")
+            continue
+        flow.response, shown, replaced = copy.response, last, True
+        notes.append(f"retried on {meta['key']} ({copy.response.status_code})")
     if notes:
         flow.comment += " · " + " · ".join(notes)
         flow.metadata[META]["failover"] = notes
-    if last in {k.value for k in KEY_UNUSABLE}:
-        # Out of attempts on a failure another key would not have: say when the pool can
-        # serve (0 s when a key is ready), rather than pass on, say, a 401 nobody retries.
-        _point_to_pool(rotor, flow, served, sig)
+    if handed is None and fo.closing(shown) == "pool":
+        point_to_pool(rotor, flow, served, why)
+        replaced = True
+    if flow.error is not None and replaced:  # in place of the connection error
+        flow.error = None
+        handed = handed or Delivery()
+    if handed is not None:
+        DELIVERIES[flow.id] = handed
 
 
-async def _replay(flow: http.HTTPFlow, attempt: int, tried: set[str]) -> http.HTTPFlow:
+async def _attempt(
+    flow: http.HTTPFlow, attempt: int, avoid: frozenset[str], relay: Relay | None, deadline: float
+) -> http.HTTPFlow:
+    """Re-send a copy of `flow` (the addon picks a key outside `avoid`, waiting for one until
+    `deadline`). With a relay: return as soon as its answer streams (it goes on, feeding the
+    relay), or once it ended."""
     copy = flow.copy()
     copy.response = None
     copy.error = None
     copy.is_replay = "request"
     copy.comment = ""
     copy.marked = ""
-    copy.metadata[META] = {"retry": {"attempt": attempt, "exclude": sorted(tried), "of": flow.id}}
-    await ReplayHandler(copy, ctx.options).replay()
+    retry = {"attempt": attempt, "exclude": sorted(avoid), "of": flow.id, "deadline": deadline}
+    copy.metadata[META] = {"retry": retry}
+    handler = ReplayHandler(copy, ctx.options)
+    CLIENTS[copy.id] = flow.client_conn
+    try:
+        return await _run(handler, copy, relay)
+    finally:
+        CLIENTS.pop(copy.id, None)
+
+
+async def _run(handler: ReplayHandler, copy: http.HTTPFlow, relay: Relay | None) -> http.HTTPFlow:
+    if relay is None:
+        await handler.replay()
+        return copy
+    FEEDS[copy.id] = relay
+    relay.on_cancel = lambda: _stop(handler)
+    task = asyncio.ensure_future(handler.replay())
+    began = asyncio.ensure_future(relay.began.wait())
+    try:
+        await asyncio.wait({task, began}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        began.cancel()
+    if relay.began.is_set():
+        relay.task = task
+        task.add_done_callback(lambda _: FEEDS.pop(copy.id, None))
+    else:
+        FEEDS.pop(copy.id, None)
+        await task
     return copy
 
 
-def _point_to_pool(rotor: Rotor, flow: http.HTTPFlow, served: Served, sig: Signal) -> None:
-    """Answer 429 with when the pool can serve again (0 s when another key is ready now)."""
-    assert rotor.engine is not None and flow.response is not None
+def _stop(handler: ReplayHandler) -> None:
+    """Close the attempt's upstream connection: its client left."""
+    for io in list(handler.transports.values()):
+        if io.handler is not None:
+            io.handler.cancel()
+
+
+def _head(response: http.Response | None) -> http.Response:
+    """The answer's status and headers for the client's flow; its body is relayed."""
+    assert response is not None
+    head = http.Response(
+        response.data.http_version,
+        response.status_code,
+        response.data.reason,
+        response.headers.copy(),
+        None,
+        None,
+        response.timestamp_start,
+        None,
+    )
+    return head
+
+
+def point_to_pool(rotor: Rotor, flow: http.HTTPFlow, served: Served, why: str) -> None:
+    """Answer 429 with when the pool can serve again (at least a second from now: SDKs ignore
+    0), or 503 when every key is disabled; each key's state in the body."""
+    assert rotor.engine is not None
     now = rotor.clock()
-    at = pool_available_at(rotor.engine, served.pool, now, frozenset())
+    pool_at = pool_available_at(rotor.engine, served.pool, now, frozenset())
+    at = fo.retry_at(pool_at, now)
     keys = tuple(rotor.engine.key_status(k, now) for k in served.pool.keys)
-    if at is None:
+    if at is None or pool_at is None:
         refusal = Refusal(503, "all_keys_disabled", "every key of the pool is disabled", keys=keys)
     else:
-        why = f"key {served.key.label}: {sig.reason}"
-        refusal = Refusal(429, "retry_on_another_key", why, at, keys=keys)
+        code = "retry_on_another_key" if pool_at <= now else "pool_exhausted"
+        refusal = Refusal(429, code, f"key {served.key.label}: {why}", at, keys=keys)
     status, headers, body = render(refusal, now)
-    body["error"]["upstream_status"] = flow.response.status_code
+    body["error"]["upstream_status"] = flow.response.status_code if flow.response else None
     flow.response = http.Response.make(status, json.dumps(body).encode(), headers)
-    flow.comment += f" · client told to retry in {headers.get('retry-after', '?')}s"
+    flow.metadata[META]["answered"] = refusal.code
+    flow.comment += f" · client told {status} {refusal.code}" + (
+        f", retry in {headers['retry-after']}s" if "retry-after" in headers else ""
+    )

@@ -35,9 +35,6 @@ class Served:
     """The flow the key went into, so that it can be masked at shutdown whatever its stage."""
 
 
-RETRIABLE = (FailureKind.RATE_LIMITED, FailureKind.QUOTA, FailureKind.AUTH, FailureKind.OVERLOADED)
-
-
 CLIENT_GONE = ("client disconnected", "stream reset by client", "client closed")
 
 

@@ -100,7 +100,7 @@ async def drive(addon: Rotor, *, stream: bool = False, error: str | None = None)
     sent = dict(f.request.headers.items())
     if error is not None:
         f.error = tflow.terr(error)
-        addon.error(f)
+        await addon.error(f)
         return Run(f, sent)
     f.response = upstream_answer(stream)
     addon.responseheaders(f)

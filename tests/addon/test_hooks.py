@@ -370,7 +370,7 @@ async def test_every_ending_releases_the_slot(make: Make, ending: str) -> None:
     assert busy.response is not None and error_body(busy)["limit"] == "concurrency"
     if ending == "error":
         first.error = tflow.terr("Connection killed.")
-        addon.error(first)
+        await addon.error(first)
     else:
         await answer(addon, first, 500 if ending == "upstream-500" else 200)
     later = await send(addon, flow())
@@ -386,7 +386,7 @@ async def test_a_waiting_request_is_admitted_when_an_error_frees_the_slot(make: 
         await asyncio.sleep(0)
     assert not task.done()
     first.error = tflow.terr("Client disconnected.")
-    addon.error(first)
+    await addon.error(first)
     await asyncio.wait_for(task, 5)
     assert waiting.response is None
     assert waiting.request.headers["authorization"] == f"Bearer {KEYS['b']}"
@@ -408,7 +408,7 @@ async def test_client_leaving_does_not_penalise_the_key_but_an_upstream_abort_do
     addon, _, _ = make()
     f = await send(addon, flow())
     f.error = tflow.terr(message)
-    addon.error(f)
+    await addon.error(f)
     a = row(addon, "a")
     assert a["status"] == ("cooling" if penalised else "ready")
     assert a["errors"] == (1 if penalised else 0)
@@ -612,7 +612,7 @@ async def test_snapshot_holds_no_secret(make: Make) -> None:
     await answer(addon, f, 429, b"{}", {"retry-after": "5"})
     f = await send(addon, flow())
     f.error = tflow.terr("Server disconnected.")
-    addon.error(f)
+    await addon.error(f)
     await send(addon, flow())  # in flight
     await send(addon, flow())  # refused locally
     clock.now += 1

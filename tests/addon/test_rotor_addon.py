@@ -22,11 +22,13 @@ KEYS = {
 
 
 def write_config(tmp_path: Path, provider: str = "generic", hosts: str = '["llm.test"]') -> Path:
-    """Pool `p` of KEYS; `hosts` is written as given (TOML), or left out when empty."""
+    """Pool `p` of KEYS, failover off (a retry would leave the test process); `hosts` is
+    written as given (TOML), or left out when empty."""
     path = rotor_config(
         tmp_path / "rotor.toml",
         tmp_path / "state",
         [pool("p", json.loads(hosts) if hosts else None, KEYS, provider=provider)],
+        failover={"max_attempts": 1},
     )
     return path
 
@@ -133,7 +135,7 @@ async def test_error_masks_and_counts(rotor, tmp_path):
     f = tflow.tflow(req=req())
     await addon.requestheaders(f)
     f.error = tflow.terr("Server disconnected.")
-    addon.error(f)
+    await addon.error(f)
     assert KEYS["a"] not in str(f.request.headers)
     addon.done()
     rec = StateStore(tmp_path / "state").read().keys

@@ -222,10 +222,11 @@ def test_key_reported_empty_rests_until_its_reset(fakes, proxy_factory, tmp_path
 
 FAILING = {429: KB(fail_next=[429]), 503: KB(fail_next=[503]), 401: KB(mode="invalid")}
 FAILING[529] = KB(fail_next=[529])
+FAILING[0] = KB(fail_next=[0])  # the connection reset before any answer
 
 
 @pytest.mark.parametrize(
-    "failures", [[429], [503, 401], [529]], ids=lambda f: "-".join(map(str, f))
+    "failures", [[429], [503, 401], [529], [0, 429]], ids=lambda f: "-".join(map(str, f))
 )
 def test_non_streamed_failure_is_retried_on_another_key(
     failures: list[int], fakes, proxy_factory, tmp_path
@@ -250,37 +251,7 @@ def test_non_streamed_failure_is_retried_on_another_key(
     assert rows["good1"]["retries"] == 1
 
 
-# -- 4. a streamed request is not replayed: its client is told when the pool can serve ------------
-
-
-def test_streamed_failure_points_the_client_to_the_pool(fakes, proxy_factory, tmp_path):
-    keys = [PoolKey("alpha"), PoolKey("beta"), PoolKey("gamma")]
-    provider = fakes(keys)
-    cfg = write_config(tmp_path / "rotor.toml", provider.port, keys)
-    m = proxy_factory(cfg, mode=f"reverse:{provider.url}")
-    provider.set_keys({secret("alpha"): KB(fail_next=[429])})
-    with httpx.Client(base_url=m.url, timeout=10) as c:
-        r = c.post("/v1/chat/completions", json={**CHAT, "stream": True})
-    assert r.status_code == 429
-    assert (r.headers["retry-after"], r.headers["retry-after-ms"]) == ("0", "0")
-    error = r.json()["error"]
-    assert (error["code"], error["upstream_status"]) == ("retry_on_another_key", 429)
-    assert served_by(provider) == [(secret("alpha"), 429)]  # told, not replayed
-
-    provider.set_keys({secret("beta"): KB(fail_next=[429])})
-    start, arrivals = time.monotonic(), []
-    stream = oa_client(m.url, retries=2).chat.completions.create(
-        **CHAT,
-        stream=True,
-        extra_headers={"x-fake-events": "8", "x-fake-delay-ms": "120"},
-    )
-    for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content:
-            arrivals.append(time.monotonic() - start)
-    log = served_by(provider)[1:]
-    assert log == [(secret("beta"), 429), (secret("gamma"), 200)]
-    assert len(arrivals) == 8
-    assert arrivals[-1] - arrivals[0] > 0.6  # 8 events 120 ms apart: not buffered
+# -- 4. streamed requests fail over alike: see test_stream_failover.py ----------------------------
 
 
 # -- 5. when no key can serve ---------------------------------------------------------------------

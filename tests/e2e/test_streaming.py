@@ -205,6 +205,8 @@ def test_streamed_usage_is_recorded_and_include_usage_asked_only_when_unset(rig,
 
 
 def test_cut_and_failed_streams_are_failures_of_their_key(rig, provider):
+    """Once a stream's first byte reached the client it cannot be retried: a failure after it
+    counts against its key and reaches the client. Before it, the same failure is retried."""
     provider.set_keys(
         {
             MORE_KEYS["alpha"]: KeyBehaviour(truncate_after=3),
@@ -224,18 +226,20 @@ def test_cut_and_failed_streams_are_failures_of_their_key(rig, provider):
     http_529 = anthropic_stream(an, "busy", fake_headers(10, 5))
 
     labels = ["alpha", "beta", "gamma", "delta"]
-    assert [q.credential for q in provider.requests] == [MORE_KEYS[k] for k in labels]
+    sent = [q.credential for q in provider.requests]
+    assert sent == [MORE_KEYS[k] for k in [*labels, "epsilon"]]  # only the 529 retried
     assert len(cut.texts) == 3 and cut.error is not None
     assert len(failed_oa.texts) == 2 and failed_oa.error is not None
     assert len(failed_an.texts) == 2 and failed_an.error is not None
-    assert http_529.error is not None and not http_529.texts
+    assert http_529.error is None and len(http_529.texts) == 10
 
-    records = wait_trace(r.state, 4)
+    records = wait_trace(r.state, 5)
     assert [(t["key"], t["outcome"]) for t in records] == [
         ("alpha", "truncated"),
         ("beta", "stream_error"),
         ("gamma", "stream_error"),
         ("delta", "overloaded"),
+        ("epsilon", "ok"),
     ]
     keys = r.keys()
     for label in labels:
@@ -244,7 +248,7 @@ def test_cut_and_failed_streams_are_failures_of_their_key(rig, provider):
         assert k["last_error"], label
         # Cooling briefly, exactly as long as after an HTTP 529 (the first overload backoff).
         assert k["until"] - k["last_used"] == pytest.approx(5.0, abs=0.05), (label, k)
-    assert (keys["epsilon"]["status"], keys["epsilon"]["requests"]) == ("ready", 0)
+    assert (keys["epsilon"]["status"], keys["epsilon"]["requests"]) == ("ready", 1)
 
 
 # -- 4. a client that leaves mid-stream -----------------------------------------------------------
@@ -386,7 +390,7 @@ def test_a_client_leaving_mid_stream_is_not_an_error_of_the_key(left: Left):
 
 def test_an_error_answer_to_a_streaming_request_is_not_streamed(rig, provider):
     provider.set_keys({KEYS["alpha"]: KeyBehaviour(fail_next=[429])})
-    r, oa, _ = rig(dict(KEYS))
+    r, oa, _ = rig(dict(KEYS), preamble="[failover]\nmax_attempts = 1\n")
     with pytest.raises(openai.RateLimitError) as caught:
         oa.chat.completions.create(**CHAT, stream=True)
     resp = caught.value.response
