@@ -12,11 +12,19 @@ from typing import Any
 from mitmproxy import ctx, http
 
 from . import config, failover, flows
-from .answers import answer_locally, mask_request, put
+from .answers import (
+    KEY_HEADER,
+    answer_locally,
+    drop_credentials,
+    label_answer,
+    mask_request,
+    put,
+)
 from .commands import OperatorCommands
 from .config import ConfigError, Pool, Settings
 from .core import access
 from .core import tokens as tk
+from .core.calls import is_api_call
 from .core.credentials import placements
 from .core.refusal import Refusal
 from .core.signals import FailureKind, Signal, parse_signal
@@ -82,6 +90,13 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
             False,
             "Give pool keys to clients that are not on loopback, once they authenticate (proxyauth "
             "in regular mode, or a [[clients]] token from the config). Off: only loopback clients.",
+        )
+        loader.add_option(
+            "rotor_key_header",
+            bool,
+            True,
+            f"Add {KEY_HEADER} (the label of the key that served, never the key) to every answer "
+            "kmi-rotor handled, and kmi-rotor-attempt after a failover.",
         )
 
     def configure(self, updated: set[str]) -> None:
@@ -189,6 +204,10 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
         if self.settings is None or self.engine is None:
             reason = f"not serving: {self.config_error}"
             answer_locally(flow, Refusal(503, "not_configured", reason), self.clock())
+            return None
+        if pool is not None and not is_api_call(flow.request.method, flow.request.path):
+            drop_credentials(flow)  # a probe needs no key, and the client's own never leaves
+            flow.comment = "kmi-rotor: not an API call, sent without a key"
             return None
         return pool
 
@@ -309,10 +328,10 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
             put(flow.request, p, p.render(secret))
         flow.comment = f"key {key.label}" + (f" · attempt {attempt}" if attempt > 1 else "")
         assert self.keeper is not None
-        d = self.keeper.key(key)
-        d.add("requests")
-        if attempt > 1:
-            d.add("retries")
+        self.keeper.key(key).add("requests")
+        failed = self.engine.keys.get(meta.get("retry", {}).get("after", "")) if self.engine else None
+        if attempt > 1 and failed is not None:  # counted on the key the request failed on
+            self.keeper.key(failed).add("retries")
 
     def _refused(self, flow: http.HTTPFlow, pool: Pool, r: Refusal, arrived: float) -> None:
         answer_locally(flow, r, self.clock())
@@ -356,6 +375,8 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
             return
         try:
             served.ttfb = time.monotonic() - served.started
+            if ctx.options.rotor_key_header:
+                label_answer(flow.response, served.key.label, served.attempt)
             self._stream_if_wanted(flow, served)
         except Exception:
             # The body is still to come: the local answer replaces it once it is read.
@@ -386,6 +407,8 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
             sig = self._settle_response(flow, served)
             if self._should_fail_over(flow, served, sig):
                 await failover.run(self, flow, served, sig)
+            if ctx.options.rotor_key_header and KEY_HEADER not in flow.response.headers:
+                label_answer(flow.response, served.key.label, served.attempt)  # a new answer
         except Exception:
             log.exception("kmi-rotor: internal error while reading a response")
             if self.engine is not None:

@@ -36,17 +36,19 @@ async def run(rotor: Rotor, flow: http.HTTPFlow, served: Served, sig: Signal) ->
         return
     assert rotor.settings is not None and rotor.engine is not None
     tried = {served.key.fingerprint}
+    failed = served.key.fingerprint  # the key the next attempt is a retry of
     notes: list[str] = []
     last = sig.kind.value
     for attempt in range(served.attempt + 1, rotor.settings.failover.max_attempts + 1):
         now = rotor.clock()
         if pool_available_at(rotor.engine, served.pool, now, frozenset(tried)) != now:
             break
-        copy = await _replay(flow, attempt, tried)
+        copy = await _replay(flow, attempt, tried, failed)
         meta = copy.metadata.get(META, {})
         if copy.response is None or meta.get("local") or "fingerprint" not in meta:
             break
         tried.add(meta["fingerprint"])
+        failed = meta["fingerprint"]
         flow.response = copy.response
         notes.append(f"retried on {meta['key']} ({copy.response.status_code})")
         last = meta.get("outcome", "")
@@ -61,14 +63,17 @@ async def run(rotor: Rotor, flow: http.HTTPFlow, served: Served, sig: Signal) ->
         _point_to_pool(rotor, flow, served, sig)
 
 
-async def _replay(flow: http.HTTPFlow, attempt: int, tried: set[str]) -> http.HTTPFlow:
+async def _replay(
+    flow: http.HTTPFlow, attempt: int, tried: set[str], after: str
+) -> http.HTTPFlow:
     copy = flow.copy()
     copy.response = None
     copy.error = None
     copy.is_replay = "request"
     copy.comment = ""
     copy.marked = ""
-    copy.metadata[META] = {"retry": {"attempt": attempt, "exclude": sorted(tried), "of": flow.id}}
+    retry = {"attempt": attempt, "exclude": sorted(tried), "of": flow.id, "after": after}
+    copy.metadata[META] = {"retry": retry}
     await ReplayHandler(copy, ctx.options).replay()
     return copy
 
