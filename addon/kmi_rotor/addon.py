@@ -35,6 +35,7 @@ from .gatekeeper import EXPOSURE_OPTIONS, Gatekeeper
 from .hosting import StatusPage, on_loop
 from .keeper import StateKeeper
 from .records import Bookkeeping
+from .reloader import ConfigWatcher
 from .store import StateStore
 from .trace import TraceWriter, trace_path
 from .usage_poller import UsagePoller
@@ -72,6 +73,7 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
         self.clock = time.time
         self.page = StatusPage(lambda: on_loop(self._loop, self.snapshot))
         self.poller = UsagePoller(self, lambda: ctx.options.ssl_verify_upstream_trusted_ca)
+        self.watcher = ConfigWatcher(self, lambda: ctx.options.rotor_config, _servers)
         self.addons = [self.page]
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -115,6 +117,7 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
             log.error("kmi-rotor: %s", message)
         else:  # a running proxy keeps serving with the last good configuration
             log.error("kmi-rotor: %s (keeping the previous configuration)", message)
+            self.watcher.reload_error = message
 
     def _apply(self, settings: Settings) -> None:
         old_dir = self.settings.state_dir if self.settings else None
@@ -156,9 +159,11 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
             self.keeper.start()
         if self.settings is not None:
             self.poller.start(self.settings.pools)
+        self.watcher.start()
 
     def done(self) -> None:
         self.poller.stop()
+        self.watcher.stop()
         for flow_id in list(self._served):
             self._served.pop(flow_id, None)
         if self.keeper is not None and self.engine is not None:
@@ -329,7 +334,9 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
         flow.comment = f"key {key.label}" + (f" · attempt {attempt}" if attempt > 1 else "")
         assert self.keeper is not None
         self.keeper.key(key).add("requests")
-        failed = self.engine.keys.get(meta.get("retry", {}).get("after", "")) if self.engine else None
+        failed = (
+            self.engine.keys.get(meta.get("retry", {}).get("after", "")) if self.engine else None
+        )
         if attempt > 1 and failed is not None:  # counted on the key the request failed on
             self.keeper.key(failed).add("retries")
 
@@ -518,6 +525,12 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
 
 
 # -- helpers -------------------------------------------------------------------------------------
+
+
+def _servers() -> Any:
+    """mitmproxy's running servers (their modes and addresses), for `<state_dir>/proxy.json`."""
+    server = ctx.master.addons.get("proxyserver") if hasattr(ctx, "master") else None
+    return getattr(server, "servers", ())
 
 
 __all__ = ["META", "Rotor", "Served"]

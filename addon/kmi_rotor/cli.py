@@ -1,17 +1,20 @@
 """`kmi-rotor`: look at the pool and act on it from the command line.
 
-Actions are written to the state file; a running proxy applies them within two seconds.
+Actions are written to the state file; a running proxy applies them within two seconds. No
+command needs a key's secret: keys are identified by label, and by the fingerprint the state
+holds; only the proxy reads the secrets.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
 
-from . import cli_env, cli_trace, config, status
+from . import cli_env, cli_init, cli_trace, config, presence, status
 from .config import ConfigError, Key, Settings
 from .core.state import Delta, Operator
 from .store import StateStore
@@ -20,7 +23,8 @@ ACTIONS = ("disable", "enable", "reset")
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    return config.load(config.find_config(args.config))
+    """The configuration without any secret: keys the CLI cannot read are noted, not fatal."""
+    return config.load(config.find_config(args.config), lenient=True)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -29,41 +33,55 @@ def cmd_status(args: argparse.Namespace) -> int:
     while True:
         now = time.time()
         doc = store.read()
-        rows = status.rows(settings, doc, now)
+        known = status.identify(settings, doc)
+        rows = status.rows(known, doc, now)
+        proxy = presence.read(settings.state_dir)
+        note = status.proxy_note(proxy)
         if args.json:
-            print(
-                json.dumps(
-                    {
-                        "state_dir": str(settings.state_dir),
-                        "keys": rows,
-                        "local_429": status.local_429(doc),
-                    },
-                    indent=2,
-                )
-            )
+            out = {
+                "state_dir": str(settings.state_dir),
+                "keys": rows,
+                "local_429": status.local_429(doc),
+                "problems": list(settings.problems),
+                "proxy": proxy,
+            }
+            print(json.dumps(out, indent=2))
         else:
             if args.watch:
                 print("\033[H\033[2J", end="")
             print(status.render_table(rows, now, status.local_429(doc)))
+            for line in [*_folder_problems(settings), *([note] if note else [])]:
+                print(line)
         if not args.watch:
             return 0
         sys.stdout.flush()
         time.sleep(args.interval)
 
 
+def _folder_problems(settings: Settings) -> list[str]:
+    return [p for p in settings.problems if not p.startswith("key ")]
+
+
 def _keys_named(settings: Settings, target: str, allow_all: bool) -> list[Key]:
     if allow_all and target == "all":
-        return list(settings.keys)
+        return [k for k in settings.keys if k.fingerprint]
     found = [k for k in settings.keys if k.label == target]
     if not found:
         labels = ", ".join(k.label for k in settings.keys)
         raise ConfigError(f"no key labelled {target!r} (known: {labels})")
+    for k in found:
+        if not k.fingerprint:
+            raise ConfigError(
+                f"key {k.label}: its secret is not available here ({k.problem}) and the state "
+                "has no record of it yet; run this where the secret is set"
+            )
     return found
 
 
 def cmd_action(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    keys = _keys_named(settings, args.label, allow_all=args.command == "reset")
+    doc = StateStore(settings.state_dir).read()
+    keys = _keys_named(status.identify(settings, doc), args.label, args.command == "reset")
     delta, now = Delta(), time.time()
     for key in keys:
         delta.key(key.fingerprint, key.label, key.pool).operator = Operator(
@@ -82,9 +100,16 @@ def cmd_rotate(args: argparse.Namespace) -> int:
     pools = [p for p in settings.pools if p.name == args.pool] if args.pool else sticky
     if args.pool and not pools:
         raise ConfigError(f"no pool named {args.pool!r}")
-    if not pools or any(p.strategy != "sticky" for p in pools):
+    if not pools:
+        strategies = ", ".join(f"{p.name} ({p.strategy})" for p in settings.pools)
         raise ConfigError(
-            'rotate moves the active key of pools with strategy = "sticky"; none given'
+            f'no pool has strategy = "sticky" (pools: {strategies}); only a sticky pool has '
+            "an active key to move on, the others already change keys on every request"
+        )
+    if pools[0].strategy != "sticky":
+        raise ConfigError(
+            f'pool {pools[0].name!r} uses strategy = "{pools[0].strategy}", which already '
+            "changes keys on every request; rotate moves the active key of sticky pools"
         )
     delta = Delta()
     for p in pools:
@@ -95,17 +120,26 @@ def cmd_rotate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kmi-rotor", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="kmi-rotor", description=__doc__, formatter_class=HELP_FORMAT
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--config", metavar="PATH", help="config file (default: as the addon)")
         return p
 
-    st = with_config(sub.add_parser("status", help="each key's status and counters"))
+    st = with_config(
+        sub.add_parser("status", help="each key's status and counters", formatter_class=HELP_FORMAT)
+    )
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.add_argument("--watch", action="store_true", help="refresh until interrupted")
-    st.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    st.add_argument(
+        "--interval",
+        type=float,
+        default=2.0,
+        help="seconds between refreshes (default: %(default)s)",
+    )
     st.set_defaults(func=cmd_status)
     for action in ACTIONS:
         what = {
@@ -121,11 +155,18 @@ def build_parser() -> argparse.ArgumentParser:
     rot.set_defaults(func=cmd_rotate)
     cli_trace.register(sub)
     cli_env.register(sub)
+    cli_init.register(sub)
     return parser
 
 
+HELP_FORMAT = argparse.RawDescriptionHelpFormatter
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    own, passed = cli_env.split_kimi(list(sys.argv[1:] if argv is None else argv))
+    args = build_parser().parse_args(own)
+    if passed is not None:
+        args.args = passed
     try:
         return int(args.func(args))
     except ConfigError as e:
@@ -133,6 +174,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `status --watch | head`: the reader left; so do we, quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

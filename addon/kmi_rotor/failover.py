@@ -63,9 +63,7 @@ async def run(rotor: Rotor, flow: http.HTTPFlow, served: Served, sig: Signal) ->
         _point_to_pool(rotor, flow, served, sig)
 
 
-async def _replay(
-    flow: http.HTTPFlow, attempt: int, tried: set[str], after: str
-) -> http.HTTPFlow:
+async def _replay(flow: http.HTTPFlow, attempt: int, tried: set[str], after: str) -> http.HTTPFlow:
     copy = flow.copy()
     copy.response = None
     copy.error = None

@@ -7,7 +7,6 @@ from __future__ import annotations
 import re
 import shlex
 import ssl
-from pathlib import Path
 
 import httpx2 as httpx
 from proctools import BIN, LISTEN_RE, ROOT, clean_env, spawn
