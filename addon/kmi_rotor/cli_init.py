@@ -54,69 +54,64 @@ key_env = "KIMI_API_KEY"          # exactly one of key, key_env, key_file
 
 @dataclass
 class Found:
-    """What init found: pools to write, and what it says about them."""
+    """What init found: where the keys are (references) or the keys themselves (inline)."""
 
-    pools: list[str] = field(default_factory=list)
+    references: list[tuple[str, str]] = field(default_factory=list)
+    keys: list[auths.FoundKey] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    inline: bool = False
 
 
 def _toml(value: str) -> str:
     return json.dumps(value)  # a JSON string is a TOML basic string
 
 
-def _pool(
-    name: str, source_field: str | None, source: str | None, keys: list[auths.FoundKey]
-) -> str:
-    lines = ["", "[[pools]]", f"name = {_toml(name)}", 'provider = "kimi-code"']
-    lines.append('strategy = "round-robin"')
-    if source_field and source:
-        lines.append(f"{source_field} = {_toml(source)}")
-    for k in keys:
-        lines += ["", "[[pools.keys]]", f"label = {_toml(k.label)}"]
-        lines.append(f"key = {_toml(k.secret.get_secret_value())}")
-        if k.disabled:
-            lines.append("disabled = true")
-    return "\n".join(lines) + "\n"
-
-
 def discover(kimi_config: str, auths_dirs: list[str], inline: bool) -> Found:
-    """Look for keys; each source becomes a pool (referenced, or its keys inline)."""
-    found = Found(inline=inline)
-    seen: set[str] = set()
-    names: set[str] = set()
-    sources = [("kimi-cli", "kimi_config", kimi_config, auths.read_kimi)]
-    sources += [("kmi", "auths_dir", d, auths.read_folder) for d in auths_dirs]
-    for name, source_field, where, read in sources:
+    """Look for keys: the Kimi CLI's config, then the first `_auths` folder that holds keys.
+    A source whose keys were all found already is not used twice (keys are unique)."""
+    found = Found()
+    secrets: set[str] = set()
+    sources = [("kimi_config", kimi_config, auths.read_kimi)]
+    sources += [("auths_dir", d, auths.read_folder) for d in auths_dirs]
+    for source_field, where, read in sources:
         path = Path(where).expanduser().resolve()
-        if not path.exists() or str(path) in seen:
+        if not path.exists() or any(f == source_field for f, _ in found.references):
             continue
-        seen.add(str(path))
         try:
             keys = read(path)
         except auths.AuthsError as e:
             found.notes.append(f"skipped {where}: {e}")
             continue
-        fresh = [k for k in keys if k.secret.get_secret_value() not in seen]
-        seen.update(k.secret.get_secret_value() for k in keys)
+        values = {k.secret.get_secret_value() for k in keys}
+        if values & secrets and not inline:
+            found.notes.append(f"skipped {where}: it holds keys found already")
+            continue
+        fresh = [k for k in keys if k.secret.get_secret_value() not in secrets]
+        secrets |= values
         if not fresh:
             continue
-        name = name if name not in names else f"{name}-{len(names) + 1}"
-        names.add(name)
         if inline:
-            found.pools.append(_pool(name, None, None, fresh))
+            found.keys += fresh
         else:
-            found.pools.append(_pool(name, source_field, str(path), []))
+            found.references.append((source_field, str(path)))
         how = "copied in" if inline else "by reference"
         labels = ", ".join(k.label for k in fresh)
-        found.notes.append(f"pool {name}: {len(fresh)} key(s) from {where} {how} ({labels})")
+        found.notes.append(f"{len(fresh)} key(s) from {where} {how} ({labels})")
     return found
 
 
 def render(found: Found, state_dir: str) -> str:
-    """The file's text: the commented header, then the pools found (or an example pool)."""
-    body = "".join(found.pools) if found.pools else EXAMPLE_POOL
-    return HEADER.format(state_dir=state_dir) + body
+    """The file's text: the commented header, then the pool of the keys found (or an example)."""
+    if not found.references and not found.keys:
+        return HEADER.format(state_dir=state_dir) + EXAMPLE_POOL
+    lines = ["", "[[pools]]", 'name = "kimi"', 'provider = "kimi-code"']
+    lines.append('strategy = "round-robin"          # or headroom, sticky, weighted')
+    lines += [f"{name} = {_toml(where)}" for name, where in found.references]
+    for k in found.keys:
+        lines += ["", "[[pools.keys]]", f"label = {_toml(k.label)}"]
+        lines.append(f"key = {_toml(k.secret.get_secret_value())}")
+        if k.disabled:
+            lines.append("disabled = true")
+    return HEADER.format(state_dir=state_dir) + "\n".join(lines) + "\n"
 
 
 def write_new(path: Path, text: str) -> None:
@@ -142,7 +137,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     print(f"kmi-rotor: wrote {path}" + (" (0600: it holds keys)" if args.inline else ""))
     for note in found.notes:
         print(f"  {note}")
-    if not found.pools:
+    if not found.references and not found.keys:
         print("  no key found: edit the example pool (KIMI_API_KEY) before starting the proxy")
     print(
         'next: scripts/serve, then in a client\'s shell: eval "$(kmi-rotor env)"', file=sys.stderr
