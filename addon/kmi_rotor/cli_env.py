@@ -121,7 +121,9 @@ def node_advice(version: tuple[int, int, int], proxy: dict[str, Any] | None) -> 
     if support == "all":
         return None
     v = "v" + ".".join(map(str, version))
-    what = "honours NODE_USE_ENV_PROXY for fetch() only" if support == "fetch" else "ignores it"
+    what = "ignores NODE_USE_ENV_PROXY"
+    if support == "fetch":
+        what = "honours NODE_USE_ENV_PROXY for fetch() only"
     reverse = [
         (s["spec"], a)
         for s in (proxy or {}).get("servers", [])

@@ -16,7 +16,7 @@ def cli_bin(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     exe = folder / "kmi-rotor"
     exe.write_text(
-        f"#!/bin/sh\nPYTHONPATH={ROOT / 'addon'} exec {sys.executable} -m kmi_rotor.cli \"$@\"\n"
+        f'#!/bin/sh\nPYTHONPATH={ROOT / "addon"} exec {sys.executable} -m kmi_rotor.cli "$@"\n'
     )
     exe.chmod(0o755)
     return folder

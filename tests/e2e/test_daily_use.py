@@ -4,16 +4,23 @@ Every check runs real processes (mitmdump, mitmweb, the CLI, bash) against the f
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
+import shutil
 import ssl
+import subprocess
+import sys
+from pathlib import Path
 
 import httpx2 as httpx
-from proctools import BIN, LISTEN_RE, ROOT, clean_env, spawn
+from proctools import BIN, LISTEN_RE, ROOT, clean_env, spawn, start_mitmdump
 
 import fake_provider
+from kmi_rotor import cli_env
 
-from ._operating_helpers import PoolSpec, write_config
+from ._daily_helpers import cli_bin, free_port, user_env
+from ._operating_helpers import PoolSpec, wait_until, write_config
 from .conftest import KEYS
 from .test_operating import metric_samples
 
@@ -58,8 +65,6 @@ def test_failover_names_the_serving_key_and_counts_the_retry_on_the_failed_one(
 def test_the_readme_mitmweb_command_shows_flows_with_their_key(
     tmp_path, provider, mitm_confdir, upstream_ca
 ):
-    from ._daily_helpers import free_port
-
     pool = PoolSpec("main", [f"127.0.0.1:{provider.port}"], KEYS)
     cfg = write_config(tmp_path, [pool])
     argv = readme_command("mitmweb")
@@ -93,3 +98,106 @@ def test_the_readme_mitmweb_command_shows_flows_with_their_key(
     assert set(columns) <= set(AVAILABLE_WEB_COLUMNS)
     assert [f["comment"] for f in flows] == ["key alpha · 200", "key beta · 200"]
     assert all(re.fullmatch(r"/v1/chat/completions", f["request"]["path"]) for f in flows)
+
+
+# -- a new user's shell: env in an empty HOME, curl, the status page, the Kimi CLI --------------
+
+STAND_IN_KIMI = """#!{python}
+import json, os, sys
+import httpx2 as httpx
+# A stand-in for the Kimi CLI: it reports its arguments and sends one request the way the real
+# one does, through HTTPS_PROXY and trusting SSL_CERT_FILE.
+url = os.environ["STAND_IN_URL"]
+with httpx.Client(trust_env=True, timeout=30) as c:
+    r = c.post(url, json={{"model": "m", "messages": [{{"role": "user", "content": "hi"}}]}})
+print(json.dumps({{"argv": sys.argv[1:], "status": r.status_code,
+                  "key": r.headers.get("kmi-rotor-key"),
+                  "proxy": os.environ.get("HTTPS_PROXY"), "no_proxy": os.environ.get("NO_PROXY")}}))
+"""
+
+
+def new_user_config(home: Path, provider) -> Path:
+    """What a new user writes into ~/.kmi-rotor/rotor.toml, for the fake provider."""
+    path = home / ".kmi-rotor" / "rotor.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = ['state_dir = "~/.kmi-rotor"', "[[pools]]", 'name = "main"', 'provider = "generic"']
+    lines.append(f'hosts = ["127.0.0.1:{provider.port}"]')
+    for label, key in KEYS.items():
+        lines += ["[[pools.keys]]", f'label = "{label}"', f'key = "{key}"']
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def shell(script: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["bash", "-c", script], capture_output=True, text=True, timeout=90, env=env
+    )
+
+
+def test_env_in_an_empty_home_then_curl_the_page_and_the_kimi_cli(tmp_path, provider, upstream_ca):
+    home = tmp_path / "home"
+    env = user_env(home, cli_bin(tmp_path / "bin"))
+    cfg = new_user_config(home, provider)
+    first = shell("kmi-rotor env", env)  # before any proxy ever ran: no CA yet
+    assert first.returncode == 0, first.stderr
+    ca = home / ".mitmproxy" / "mitmproxy-ca-cert.pem"
+    assert ca.is_file() and "created mitmproxy's CA" in first.stderr
+    assert "export HTTPS_PROXY=http://127.0.0.1:8080" in first.stdout  # no proxy runs yet
+    for name in ("CURL_CA_BUNDLE", "HTTP_PROXY", "SSL_CERT_FILE", "NODE_EXTRA_CA_CERTS"):
+        assert f"export {name}=" in first.stdout
+
+    m = start_mitmdump(
+        cfg,
+        home / ".mitmproxy",
+        tmp_path / "mitmdump.log",
+        extra=("--set", f"ssl_verify_upstream_trusted_ca={upstream_ca[1]}"),
+        env=env,
+    )
+    try:
+        wait_until(lambda: (home / ".kmi-rotor" / "proxy.json").exists(), 15, "proxy.json")
+        url = provider.url + "/v1/chat/completions"
+        body = '{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'
+        out = shell(
+            'eval "$(kmi-rotor env)" && echo "port=$HTTPS_PROXY" && '
+            f"curl -sS -D - -o /dev/null -H 'content-type: application/json' -d '{body}' {url} && "
+            "curl -sS http://kmi-rotor.local/api/status",
+            env,
+        )
+        assert out.returncode == 0, out.stderr
+        assert f"port=http://127.0.0.1:{m.port}" in out.stdout  # the running proxy's port
+        page = out.stdout.splitlines()[-1]
+        assert "HTTP/1.1 200 OK" in out.stdout and "kmi-rotor-key: alpha" in out.stdout
+        assert [k["label"] for k in json.loads(page)["pools"][0]["keys"]] == list(KEYS)
+
+        stand_in = tmp_path / "bin" / "kimi"
+        stand_in.write_text(STAND_IN_KIMI.format(python=sys.executable))
+        stand_in.chmod(0o755)
+        runs = {}
+        for args in (["-p", "hello"], ["--", "-p", "hello"], ["--host", "127.0.0.1", "chat"]):
+            r = shell(
+                "kmi-rotor kimi " + " ".join(args),
+                {**env, "STAND_IN_URL": url, "NO_PROXY": "127.0.0.1"},
+            )
+            assert r.returncode == 0, r.stderr
+            runs[" ".join(args)] = json.loads(r.stdout)
+    finally:
+        m.stop()
+    assert [r["argv"] for r in runs.values()] == [["-p", "hello"], ["-p", "hello"], ["chat"]]
+    for r in runs.values():
+        assert (r["status"], r["proxy"], r["no_proxy"]) == (200, m.url, None)
+    assert [r["key"] for r in runs.values()] == ["beta", "gamma", "alpha"]
+    assert [req.credential for req in provider.requests] == [
+        KEYS[x] for x in ("alpha", "beta", "gamma", "alpha")
+    ]
+    node = shutil.which("node", path=env["PATH"])
+    if node and cli_env.node_env_proxy(cli_env.node_version(node) or (0, 0, 0)) != "all":
+        assert "reverse mode" in first.stderr  # this machine's Node ignores the proxy settings
+
+
+def test_status_watch_piped_into_head_ends_quietly(tmp_path):
+    pool = PoolSpec("main", ["127.0.0.1:9"], KEYS)
+    cfg = write_config(tmp_path, [pool])
+    env = user_env(tmp_path / "home", cli_bin(tmp_path / "bin"))
+    r = shell(f"kmi-rotor status --watch --interval 0.05 --config {cfg} | head -n 2", env)
+    assert r.returncode == 0
+    assert r.stderr == "" and len(r.stdout.splitlines()) == 2
