@@ -105,6 +105,7 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
         if "rotor_config" in updated or self.settings is None:
             try:
                 self._apply(config.load(config.find_config(ctx.options.rotor_config)))
+                self.watcher.remember()
             except ConfigError as e:
                 self._config_failed(str(e))
         # After the config: its client tokens count as authentication.

@@ -12,7 +12,9 @@ import json
 import os
 import sys
 import time
+import tomllib
 from collections.abc import Sequence
+from pathlib import Path
 
 from . import cli_env, cli_init, cli_trace, config, presence, status
 from .config import ConfigError, Key, Settings
@@ -28,7 +30,13 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    try:
+        settings = _settings(args)
+    except ConfigError:
+        note = status.proxy_note(presence.read(_state_dir_anyway(args.config)))
+        if note:  # the file is broken, but a proxy runs with its last good configuration
+            print(f"kmi-rotor: {note}", file=sys.stderr)
+        raise
     store = StateStore(settings.state_dir)
     while True:
         now = time.time()
@@ -56,6 +64,19 @@ def cmd_status(args: argparse.Namespace) -> int:
             return 0
         sys.stdout.flush()
         time.sleep(args.interval)
+
+
+def _state_dir_anyway(explicit: str | None) -> Path:
+    """Where the state is, from a configuration that does not load: its `state_dir` if the
+    file is still TOML, else the default."""
+    try:
+        path = config.find_config(explicit)
+        raw = tomllib.loads(path.read_text(encoding="utf-8")).get("state_dir")
+        text = raw if isinstance(raw, str) else config.DEFAULT_STATE_DIR
+        folder = Path(text).expanduser()
+        return folder if folder.is_absolute() else (path.parent / folder).resolve()
+    except (ConfigError, OSError, ValueError, RuntimeError):
+        return Path(config.DEFAULT_STATE_DIR).expanduser()
 
 
 def _folder_problems(settings: Settings) -> list[str]:

@@ -96,8 +96,14 @@ class ConfigWatcher:
         """Reload now, whether or not the files changed."""
         self._wanted.set()
 
+    def remember(self) -> None:
+        """Note the files as they are now, right after a configuration was read from them at
+        start-up (where reading is blocking anyway), so that an edit from then on is seen."""
+        self._seen = signature(self._paths())
+
     async def _run(self) -> None:
-        self._seen = await asyncio.to_thread(signature, self._paths())
+        if self._seen is None:
+            self._seen = await asyncio.to_thread(signature, self._paths())
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wanted.wait(), INTERVAL)
