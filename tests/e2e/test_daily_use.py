@@ -283,3 +283,125 @@ def test_an_edited_config_applies_live_and_a_broken_one_is_reported(
     assert re.search(r"main\s+alpha\s+\?\s+ready", ok.stdout)
     print(f"config edit applied after {applied:.2f} s")
     assert applied < 5  # the promise is 2 s; the margin is for a loaded machine
+
+
+# -- clients as the README's "Clients" section sets them up --------------------------------------
+
+PY_CLIENTS = """
+import os, sys, anthropic, openai
+which = sys.argv[1]
+if which == "openai":  # OPENAI_BASE_URL / OPENAI_API_KEY (or HTTPS_PROXY) from the environment
+    c = openai.OpenAI(max_retries=0, **({"base_url": sys.argv[2]} if len(sys.argv) > 2 else {}))
+    parts = [ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "hi"}], stream=True) if ch.choices]
+else:  # ANTHROPIC_BASE_URL / ANTHROPIC_API_KEY (or HTTPS_PROXY) from the environment
+    c = anthropic.Anthropic(max_retries=0, **({"base_url": sys.argv[2]} if len(sys.argv) > 2 else {}))
+    with c.messages.stream(model="m", max_tokens=64,
+                           messages=[{"role": "user", "content": "hi"}]) as s:
+        parts = list(s.text_stream)
+print(len([p for p in parts if p]), "".join(parts))
+"""
+
+NODE_FETCH = """
+const r = await fetch(process.env.OPENAI_BASE_URL + "/chat/completions", {
+  method: "POST",
+  headers: {"content-type": "application/json",
+            "authorization": "Bearer " + process.env.OPENAI_API_KEY},
+  body: JSON.stringify({model: "m", stream: true,
+                        messages: [{role: "user", content: "hi"}]}),
+});
+let chunks = 0, text = "";
+for await (const piece of r.body) { chunks += 1; text += Buffer.from(piece).toString(); }
+console.log(r.status, r.headers.get("kmi-rotor-key"), chunks, text.includes("[DONE]"));
+"""
+
+
+def streamed(out: subprocess.CompletedProcess[str]) -> tuple[int, str]:
+    assert out.returncode == 0, out.stderr[-2000:]
+    count, _, text = out.stdout.strip().partition(" ")
+    return int(count), text
+
+
+def test_reverse_mode_clients_from_their_environment_variables(tmp_path, provider, proxy_factory):
+    pool = PoolSpec("main", [f"127.0.0.1:{provider.port}"], KEYS)
+    m = proxy_factory(write_config(tmp_path, [pool]), mode=f"reverse:{provider.url}")
+    script = tmp_path / "clients.py"
+    script.write_text(PY_CLIENTS)
+    env = user_env(tmp_path / "home", cli_bin(tmp_path / "bin"))
+    env |= {"OPENAI_BASE_URL": m.url + "/v1", "OPENAI_API_KEY": "client-placeholder"}
+    env |= {"ANTHROPIC_BASE_URL": m.url, "ANTHROPIC_API_KEY": "client-placeholder"}
+    for which in ("openai", "anthropic"):
+        run = subprocess.run(
+            [sys.executable, str(script), which],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        chunks, text = streamed(run)
+        assert chunks > 1 and text, which  # streamed, event by event
+    curl = shell(
+        'curl -sS -D - "$OPENAI_BASE_URL/chat/completions" -H "authorization: Bearer x" '
+        '-H \'content-type: application/json\' -d \'{"model": "m", "messages": []}\'',
+        env,
+    )
+    assert curl.returncode == 0 and "kmi-rotor-key: gamma" in curl.stdout
+    node = shutil.which("node")
+    if node:
+        (tmp_path / "client.mjs").write_text(NODE_FETCH)
+        run = subprocess.run(
+            [node, str(tmp_path / "client.mjs")],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        assert run.returncode == 0, run.stderr
+        status, key, chunks, done = run.stdout.split()
+        assert (status, key, done) == ("200", "alpha", "true") and int(chunks) > 1
+    served = [r.credential for r in provider.requests]
+    assert served[:3] == [KEYS["alpha"], KEYS["beta"], KEYS["gamma"]]
+    assert "client-placeholder" not in served
+
+
+def test_regular_mode_python_sdks_after_eval_env_and_node_20_goes_around(
+    tmp_path, provider, upstream_ca
+):
+    home = tmp_path / "home"
+    env = user_env(home, cli_bin(tmp_path / "bin"))
+    cfg = new_user_config(home, provider)
+    assert shell("kmi-rotor env > /dev/null", env).returncode == 0  # creates the CA
+    m = start_mitmdump(
+        cfg,
+        home / ".mitmproxy",
+        tmp_path / "mitmdump.log",
+        extra=("--set", f"ssl_verify_upstream_trusted_ca={upstream_ca[1]}"),
+        env=env,
+    )
+    script = tmp_path / "clients.py"
+    script.write_text(PY_CLIENTS)
+    try:
+        wait_until(lambda: (home / ".kmi-rotor" / "proxy.json").exists(), 15, "proxy.json")
+        env |= {"OPENAI_API_KEY": "client-placeholder", "ANTHROPIC_API_KEY": "client-placeholder"}
+        for which in ("openai", "anthropic"):
+            base = provider.url + ("/v1" if which == "openai" else "")
+            run = shell(f'eval "$(kmi-rotor env)" && python {script} {which} {base}', env)
+            chunks, text = streamed(run)
+            assert chunks > 1 and text, which
+        node = shutil.which("node")
+        version = cli_env.node_version(node) if node else None
+        if version and cli_env.node_env_proxy(version) == "none":
+            (tmp_path / "client.mjs").write_text(NODE_FETCH)
+            run = shell(
+                f'eval "$(kmi-rotor env 2>/dev/null)" && OPENAI_BASE_URL={provider.url}/v1 '
+                f"NODE_TLS_REJECT_UNAUTHORIZED=0 node {tmp_path / 'client.mjs'}",
+                env,
+            )
+            assert run.returncode == 0, run.stderr
+            # this Node ignores the proxy settings: the request reached the provider directly
+            assert run.stdout.split()[:2] == ["401", "null"]  # its placeholder, refused
+    finally:
+        m.stop()
+    served = [r.credential for r in provider.requests]
+    assert served[:2] == [KEYS["alpha"], KEYS["beta"]]
+    assert served[2:] == (["client-placeholder"] if len(served) == 3 else [])
