@@ -127,11 +127,12 @@ class ConfigWatcher:
         seen = await asyncio.to_thread(signature, self._paths())
         if force or seen != self._seen:
             self._seen = seen
-            await self.reload()
+            await self.reload(seen)
         await self._publish()
 
-    async def reload(self) -> bool:
-        """Read the configuration (in a thread) and apply it; False when it is broken."""
+    async def reload(self, seen: Signature = ()) -> bool:
+        """Read the configuration (in a thread) and apply it; False when it is broken. `seen`:
+        the files as they were before reading them, so an edit made meanwhile is not missed."""
         try:
             path = config.find_config(self.explicit())
             settings = await asyncio.to_thread(config.load, path)
@@ -147,7 +148,11 @@ class ConfigWatcher:
             settings = dataclasses.replace(settings, state_dir=old.state_dir)
         self.rotor._apply(settings)
         self.reload_error, self.loaded_at = None, time.time()
-        self._seen = await asyncio.to_thread(signature, self._paths())  # key files may differ
+        # The new configuration may read other files: watch them from now on, keeping what was
+        # seen before the load for the others.
+        before = dict(seen)
+        now = await asyncio.to_thread(signature, self._paths())
+        self._seen = tuple((path, before.get(path, ident)) for path, ident in now)
         return True
 
     def _broken(self, message: str) -> None:
