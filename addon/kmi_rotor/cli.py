@@ -55,7 +55,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             }
             print(json.dumps(out, indent=2))
         else:
-            if args.watch:
+            if args.watch and sys.stdout.isatty():  # a pipe gets the tables one after another
                 print("\033[H\033[2J", end="")
             print(status.render_table(rows, now, status.local_429(doc)))
             for line in [*_folder_problems(settings), *([note] if note else [])]:

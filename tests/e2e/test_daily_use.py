@@ -202,6 +202,7 @@ def test_status_watch_piped_into_head_ends_quietly(tmp_path):
     r = shell(f"kmi-rotor status --watch --interval 0.05 --config {cfg} | head -n 2", env)
     assert r.returncode == 0
     assert r.stderr == "" and len(r.stdout.splitlines()) == 2
+    assert r.stdout.startswith("POOL")  # no screen-clearing codes into a pipe
 
 
 # -- the configuration applies live -------------------------------------------------------------
