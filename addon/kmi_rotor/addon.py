@@ -132,6 +132,7 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
         if self._loop is not None:  # a reload while running: poll the new pools
             self.poller.start(settings.pools)
             self.keeper.start()
+            self._check_exposure()  # client tokens may have come or gone
         n = len(settings.keys)
         log.info(
             "kmi-rotor: %d pool%s, %d key%s from %s; state in %s",
