@@ -14,7 +14,13 @@ from typing import Any
 from mitmproxy import ctx, http
 
 from . import config, failover, flows, relay
-from .answers import answer_locally, mask_request, put
+from .answers import (
+    KEY_HEADER,
+    answer_locally,
+    label_answer,
+    mask_request,
+    put,
+)
 from .commands import OperatorCommands
 from .config import ConfigError, Pool, Settings, one_line
 from .core import access
@@ -30,6 +36,7 @@ from .gatekeeper import EXPOSURE_OPTIONS, Gatekeeper
 from .hosting import StatusPage, on_loop
 from .keeper import StateKeeper
 from .records import Bookkeeping
+from .reloader import ConfigWatcher
 from .status import scrubber
 from .store import StateError, StateStore
 from .trace import TraceWriter, trace_path
@@ -65,6 +72,7 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
         self.clock = time.time
         self.page = StatusPage(lambda: on_loop(self._loop, self.snapshot))
         self.poller = UsagePoller(self, lambda: ctx.options.ssl_verify_upstream_trusted_ca)
+        self.watcher = ConfigWatcher(self, lambda: ctx.options.rotor_config, _servers)
         self.addons = [self.page]
         relay.install()
 
@@ -85,11 +93,19 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
             "Give pool keys to clients that are not on loopback, once they authenticate (proxyauth "
             "in regular mode, or a [[clients]] token from the config). Off: only loopback clients.",
         )
+        loader.add_option(
+            "rotor_key_header",
+            bool,
+            True,
+            f"Add {KEY_HEADER} (the label of the key that served, never the key) to every answer "
+            "kmi-rotor handled, and kmi-rotor-attempt after a failover.",
+        )
 
     def configure(self, updated: set[str]) -> None:
         if "rotor_config" in updated or self.settings is None:
             try:
                 self._apply(config.load(config.find_config(ctx.options.rotor_config)))
+                self.watcher.remember()
             except ConfigError as e:
                 self._config_failed(str(e))
             except StateError as e:  # without its state it serves nothing (fail closed)
@@ -105,6 +121,7 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
             log.error("kmi-rotor: %s", message)
         else:  # a running proxy keeps serving with the last good configuration
             log.error("kmi-rotor: %s (keeping the previous configuration)", message)
+            self.watcher.reload_error = message
 
     def _apply(self, settings: Settings) -> None:
         old_dir = self.settings.state_dir if self.settings else None
@@ -118,6 +135,7 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
         if self._loop is not None:  # a reload while running: poll the new pools
             self.poller.start(settings.pools)
             self.keeper.start()
+            self._check_exposure()  # client tokens may have come or gone
         n = len(settings.keys)
         log.info(
             "kmi-rotor: %d pool%s, %d key%s from %s; state in %s",
@@ -152,11 +170,13 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
             self.keeper.start()
         if self.settings is not None:
             self.poller.start(self.settings.pools)
+        self.watcher.start()
 
     def done(self) -> None:
         """Every flow still holding a key is masked first: scripts run before mitmproxy's own
         `done` handlers, so a writer (`-w`) saving unfinished flows finds no key in them."""
         self.poller.stop()
+        self.watcher.stop()
         for flow_id in list(self._served):
             served = self._served.pop(flow_id, None)
             if served is not None and served.flow is not None:
@@ -301,10 +321,12 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
             put(flow.request, p, p.render(secret))
         flow.comment = f"key {key.label}" + (f" · attempt {attempt}" if attempt > 1 else "")
         assert self.keeper is not None
-        d = self.keeper.key(key)
-        d.add("requests")
-        if attempt > 1:
-            d.add("retries")
+        self.keeper.key(key).add("requests")
+        failed = (
+            self.engine.keys.get(meta.get("retry", {}).get("after", "")) if self.engine else None
+        )
+        if attempt > 1 and failed is not None:  # counted on the key the request failed on
+            self.keeper.key(failed).add("retries")
 
     def _refused(self, flow: http.HTTPFlow, pool: Pool, r: Refusal, arrived: float) -> None:
         answer_locally(flow, r, self.clock())
@@ -348,6 +370,8 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
             return
         try:
             served.ttfb = time.monotonic() - served.started
+            if ctx.options.rotor_key_header:
+                label_answer(flow.response, served.key.label, served.attempt)
             self._stream_if_wanted(flow, served)
         except Exception:
             # The body is still to come: the local answer replaces it once it is read.
@@ -387,6 +411,12 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
                 feeds.end()
             elif failover.wanted(self, flow, served, sig.kind.value):
                 await failover.run(self, flow, served, sig.kind.value, sig.reason)
+            if (
+                ctx.options.rotor_key_header
+                and flow.response is not None
+                and KEY_HEADER not in flow.response.headers
+            ):
+                label_answer(flow.response, served.key.label, served.attempt)  # a new answer
         except Exception:
             log.exception("kmi-rotor: internal error while reading a response")
             if self.engine is not None:
@@ -513,6 +543,12 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
 
 
 # -- helpers -------------------------------------------------------------------------------------
+
+
+def _servers() -> Any:
+    """mitmproxy's running servers (their modes and addresses), for `<state_dir>/proxy.json`."""
+    server = ctx.master.addons.get("proxyserver") if hasattr(ctx, "master") else None
+    return getattr(server, "servers", ())
 
 
 __all__ = ["META", "Rotor", "Served"]

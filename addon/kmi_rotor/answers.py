@@ -11,6 +11,11 @@ from .core.refusal import Refusal, render
 from .core.secrets import mask_credential_value
 from .flows import META
 
+KEY_HEADER = "kmi-rotor-key"
+"""The label of the key that served an answer (never the key itself)."""
+ATTEMPT_HEADER = "kmi-rotor-attempt"
+"""Which attempt served an answer, when a failover re-sent the request."""
+
 
 def mask_request(flow: http.HTTPFlow) -> None:
     """Replace the injected key by its masked form wherever it was put (once)."""
@@ -29,6 +34,14 @@ def mask_credentials(flow: http.HTTPFlow) -> None:
     for name in CREDENTIAL_QUERY:
         if name in flow.request.query:
             flow.request.query[name] = mask_credential_value(flow.request.query[name])
+
+
+def drop_credentials(flow: http.HTTPFlow) -> None:
+    """Remove every credential slot from a request that goes out without a key."""
+    for name in CREDENTIAL_HEADERS:
+        flow.request.headers.pop(name, None)
+    for name in CREDENTIAL_QUERY:
+        flow.request.query.pop(name, None)
 
 
 def put(request: http.Request, placement: Placement, value: str) -> None:
@@ -50,3 +63,13 @@ def answer_locally(flow: http.HTTPFlow, r: Refusal, now: float) -> None:
     flow.comment = f"kmi-rotor: {status} {r.code}" + (
         f" · retry in {body['error']['retry_after']}s" if "retry_after" in body["error"] else ""
     )
+
+
+def label_answer(response: http.Response, label: str, attempt: int) -> None:
+    """Name the serving key's label on the answer, and the attempt after a failover; a header
+    of the same name from upstream is replaced, never passed on."""
+    response.headers[KEY_HEADER] = label
+    if attempt > 1:
+        response.headers[ATTEMPT_HEADER] = str(attempt)
+    else:
+        response.headers.pop(ATTEMPT_HEADER, None)

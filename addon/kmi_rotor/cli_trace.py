@@ -47,7 +47,9 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     )
     p.add_argument("--config", metavar="PATH", help="config file (default: as the addon)")
     p.add_argument("--summary", action="store_true", help="per-key counts, latency, fairness")
-    p.add_argument("--json", action="store_true", help="the summary as JSON")
+    p.add_argument(
+        "--json", action="store_true", help="raw output: records as JSON lines, the summary as JSON"
+    )
     p.add_argument(
         "--since", metavar="DURATION", type=parse_duration, help="only records this recent (1h)"
     )
@@ -57,7 +59,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 
 def cmd_trace(args: argparse.Namespace) -> int:
     """Run `kmi-rotor trace`; a missing trace is reported and reads as empty (exit 0)."""
-    settings = config.load(config.find_config(args.config))
+    settings = config.load(config.find_config(args.config), lenient=True)
     path = trace_path(settings.state_dir)
     if not path.exists():
         print(f"kmi-rotor: no trace yet at {path}", file=sys.stderr)
@@ -72,8 +74,35 @@ def cmd_trace(args: argparse.Namespace) -> int:
             print(render_summary(summary))
         return 0
     for record in collections.deque(records, maxlen=args.n):
-        print(json.dumps(record, separators=(",", ":")))
+        print(json.dumps(record, separators=(",", ":")) if args.json else render_record(record))
     return 0
+
+
+def render_record(r: dict[str, Any]) -> str:
+    """One trace record for people: local time, pool/key, request, status, outcome, timings."""
+    ts = r.get("ts")
+    when = (
+        time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+        if isinstance(ts, int | float)
+        else "?"
+    )
+    parts = [
+        when,
+        f"{r.get('pool') or '-'}/{r.get('key') or '-'}",
+        f"{r.get('method') or '?'} {r.get('path') or ''}".strip(),
+        str(r.get("status") or "-"),
+        str(r.get("outcome") or "-"),
+    ]
+    for name, label in (("ttfb_ms", "first byte"), ("total_ms", "total")):
+        if isinstance(r.get(name), int | float):
+            parts.append(f"{label} {r[name]:.0f} ms")
+    if r.get("tokens_in") is not None or r.get("tokens_out") is not None:
+        parts.append(f"tokens {r.get('tokens_in') or 0} in, {r.get('tokens_out') or 0} out")
+    if isinstance(r.get("attempt"), int) and r["attempt"] > 1:
+        parts.append(f"attempt {r['attempt']}")
+    if r.get("stream"):
+        parts.append("streamed")
+    return "  ".join(parts)
 
 
 def usable_keys(settings: Settings) -> list[tuple[str, str]]:

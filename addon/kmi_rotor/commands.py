@@ -13,6 +13,7 @@ from .config import Key, Settings
 from .core.state import Operator
 from .engine import Engine
 from .keeper import StateKeeper
+from .reloader import ConfigWatcher
 
 log = logging.getLogger("kmi_rotor")
 
@@ -32,6 +33,8 @@ class OperatorCommands:
     _state_read: bool
     clock: Any
 
+    watcher: ConfigWatcher
+
     def _wake(self) -> None:
         raise NotImplementedError
 
@@ -44,7 +47,7 @@ class OperatorCommands:
         inflight: dict[str, int] = {}
         for served in self._served.values():
             inflight[served.key.fingerprint] = inflight.get(served.key.fingerprint, 0) + 1
-        return status.snapshot(
+        snap = status.snapshot(
             self.settings,
             self.keeper.view(),
             self.clock(),
@@ -53,6 +56,8 @@ class OperatorCommands:
             inflight=inflight,
             started=self._started,
         )
+        snap["config_error"] = self.watcher.reload_error
+        return snap
 
     def _key_named(self, label: str) -> Key:
         assert self.settings is not None
@@ -71,6 +76,12 @@ class OperatorCommands:
         table = status.render_table(rows, self.clock(), status.local_429(doc))
         log.info("kmi-rotor status\n%s", table)
         return table
+
+    @command.command("rotor.reload")
+    def cmd_reload(self) -> str:
+        """Read the configuration file again now (it is also reloaded within 2 s of a change)."""
+        self.watcher.request()
+        return "kmi-rotor: reloading the configuration (the log says the outcome)"
 
     @command.command("rotor.rotate")
     def cmd_rotate(self, pool: str = "") -> None:

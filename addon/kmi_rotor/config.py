@@ -6,6 +6,7 @@ and the problem; nothing half-read is ever returned.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tomllib
@@ -302,6 +303,9 @@ class Key:
     disabled: bool = False
     weight: float = 1.0
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    problem: str | None = None
+    """Why the secret could not be read (only in a lenient load: the CLI's); then the secret is
+    empty and the fingerprint is the state's, or empty when the state has no record yet."""
 
     def __repr__(self) -> str:  # never the secret, even in a traceback's locals
         return f"Key({self.label!r}, {self.fingerprint})"
@@ -347,6 +351,11 @@ class Settings:
     streaming: StreamingConfig = field(default_factory=StreamingConfig)
     clients: tuple[Client, ...] = ()
     allowed_hosts: tuple[HostPattern, ...] = ()
+    problems: tuple[str, ...] = ()
+    """What a lenient load could not read (secrets, key folders), one line each."""
+    watched: tuple[Path, ...] = ()
+    """The files it was read from (the config, key files, auths folders): a running proxy
+    reloads when one of them changes."""
 
     def pool_for(self, host: str, port: int) -> Pool | None:
         """The pool serving host:port: an exact host pattern wins over a wildcard."""
@@ -378,8 +387,12 @@ def find_config(explicit: str | None, env: Mapping[str, str] | None = None) -> P
     )
 
 
-def load(path: Path, env: Mapping[str, str] | None = None) -> Settings:
-    """Read, validate and resolve a config file; raise ConfigError (one line) on any problem."""
+def load(path: Path, env: Mapping[str, str] | None = None, *, lenient: bool = False) -> Settings:
+    """Read, validate and resolve a config file; raise ConfigError (one line) on any problem.
+
+    `lenient` (the CLI, which needs no secret): a key whose secret cannot be read is kept with
+    an empty secret and fingerprint and its `problem`; a key folder that cannot be read adds to
+    `problems`; client tokens are not read at all."""
     env = os.environ if env is None else env
     try:
         if path.exists() and not path.is_file():  # a FIFO or a device would block or never end
@@ -393,13 +406,15 @@ def load(path: Path, env: Mapping[str, str] | None = None) -> Settings:
         raise ConfigError(f"{path}: malformed TOML: {e}") from None
     except RecursionError:
         raise ConfigError(f"{path}: malformed TOML: nested too deeply") from None
-    return from_dict(raw, path, env)
+    return from_dict(raw, path, env, lenient=lenient)
 
 
-def from_dict(raw: dict[str, Any], source: Path, env: Mapping[str, str]) -> Settings:
+def from_dict(
+    raw: dict[str, Any], source: Path, env: Mapping[str, str], *, lenient: bool = False
+) -> Settings:
     """Validate and resolve a parsed config; any problem is one ConfigError line."""
     try:
-        return _from_dict(raw, source, env)
+        return _from_dict(raw, source, env, lenient)
     except ConfigError:
         raise
     except (ValueError, OSError, RuntimeError, RecursionError, TypeError) as e:
@@ -407,7 +422,9 @@ def from_dict(raw: dict[str, Any], source: Path, env: Mapping[str, str]) -> Sett
         raise ConfigError(f"{source}: {type(e).__name__}: {e}") from None
 
 
-def _from_dict(raw: dict[str, Any], source: Path, env: Mapping[str, str]) -> Settings:
+def _from_dict(
+    raw: dict[str, Any], source: Path, env: Mapping[str, str], lenient: bool = False
+) -> Settings:
     try:
         cfg = RotorConfig.model_validate(raw)
     except ValidationError as e:
@@ -415,14 +432,18 @@ def _from_dict(raw: dict[str, Any], source: Path, env: Mapping[str, str]) -> Set
     base_dir = source.parent.resolve()
     pools: list[Pool] = []
     seen: dict[str, str] = {}
+    problems: list[str] = []
     for i, pc in enumerate(cfg.pools):
-        keys = _listed_keys(i, pc, base_dir, env, source) + _imported_keys(
-            i, pc, base_dir, env, source
+        keys = _listed_keys(i, pc, base_dir, env, source, lenient) + _imported_keys(
+            i, pc, base_dir, env, source, problems if lenient else None
         )
-        if not keys:
+        problems += [f"key {k.label}: {k.problem}" for k in keys if k.problem]
+        if not keys and not lenient:
             raise ConfigError(f"{source}: pools[{i}].keys: pool {pc.name!r} has no keys")
         for k in keys:
             for what, value in (("label", k.label), ("key", k.fingerprint)):
+                if not value:  # a key whose secret a lenient load could not read
+                    continue
                 other = seen.get(f"{what}:{value}")
                 if other is not None:
                     name = f"key labelled {k.label!r}" if what == "key" else f"label {k.label!r}"
@@ -447,7 +468,7 @@ def _from_dict(raw: dict[str, Any], source: Path, env: Mapping[str, str]) -> Set
             )
         )
     _no_duplicate_hosts(pools, source)
-    clients = _clients(cfg, pools, base_dir, env, source)
+    clients = () if lenient else _clients(cfg, pools, base_dir, env, source)
     try:
         state_dir = _path(cfg.state_dir, base_dir, "state_dir")
     except ValueError as e:
@@ -462,7 +483,25 @@ def _from_dict(raw: dict[str, Any], source: Path, env: Mapping[str, str]) -> Set
         streaming=cfg.streaming,
         clients=clients,
         allowed_hosts=tuple(HostPattern.parse(h) for h in cfg.allowed_hosts),
+        problems=tuple(problems),
+        watched=_watched(cfg, base_dir, source),
     )
+
+
+def _watched(cfg: RotorConfig, base_dir: Path, source: Path) -> tuple[Path, ...]:
+    """The config file and every file or folder a key is read from."""
+    found = [source]
+    for pc in cfg.pools:
+        names = [kc.key_file for kc in pc.keys] + [pc.auths_dir, pc.kimi_config]
+        for name in names:
+            if name is not None:
+                with contextlib.suppress(ValueError):
+                    found.append(_path(name, base_dir, "path"))
+    for cc in cfg.clients:
+        if cc.token_file is not None:
+            with contextlib.suppress(ValueError):
+                found.append(_path(cc.token_file, base_dir, "path"))
+    return tuple(dict.fromkeys(found))
 
 
 def _clients(
@@ -497,24 +536,41 @@ def _clients(
 
 
 def _listed_keys(
-    i: int, pc: PoolConfig, base_dir: Path, env: Mapping[str, str], source: Path
+    i: int,
+    pc: PoolConfig,
+    base_dir: Path,
+    env: Mapping[str, str],
+    source: Path,
+    lenient: bool = False,
 ) -> list[Key]:
-    """The pool's `[[pools.keys]]`, resolved."""
+    """The pool's `[[pools.keys]]`, resolved (leniently: a missing secret noted, not fatal)."""
     keys: list[Key] = []
     for j, kc in enumerate(pc.keys):
+        limits = _merge_limits(pc.key_limits, kc.limits)
         try:
             secret = kc.resolve(base_dir, env)
         except ValueError as e:
-            raise ConfigError(f"{source}: {_join_loc(f'pools[{i}].keys[{j}]', str(e))}") from None
-        limits = _merge_limits(pc.key_limits, kc.limits)
+            if not lenient or kc.key is not None:  # only a secret kept elsewhere may be absent
+                where = _join_loc(f"pools[{i}].keys[{j}]", str(e))
+                raise ConfigError(f"{source}: {where}") from None
+            keys.append(
+                Key(kc.label, SecretStr(""), "", pc.name, kc.disabled, kc.weight, limits, str(e))
+            )
+            continue
         keys.append(_key(kc.label, secret, pc.name, kc.disabled, kc.weight, limits))
     return keys
 
 
 def _imported_keys(
-    i: int, pc: PoolConfig, base_dir: Path, env: Mapping[str, str], source: Path
+    i: int,
+    pc: PoolConfig,
+    base_dir: Path,
+    env: Mapping[str, str],
+    source: Path,
+    problems: list[str] | None = None,
 ) -> list[Key]:
-    """Keys from `auths_dir` and `kimi_config`, held to the same checks as listed ones."""
+    """Keys from `auths_dir` and `kimi_config`, held to the same checks as listed ones; with
+    `problems` (a lenient load), a source that cannot be read is noted there and skipped."""
     keys: list[Key] = []
     for field_name in ("auths_dir", "kimi_config"):
         where = getattr(pc, field_name)
@@ -525,6 +581,9 @@ def _imported_keys(
             found = auths.read_folder(path) if field_name == "auths_dir" else auths.read_kimi(path)
         except (auths.AuthsError, ValueError) as e:
             message = str(e).removeprefix(f"{field_name}: ")
+            if problems is not None:
+                problems.append(f"pool {pc.name}: {field_name}: {message}")
+                continue
             raise ConfigError(f"{source}: pools[{i}].{field_name}: {message}") from None
         for a in found:
             try:

@@ -55,6 +55,7 @@ async def run(rotor: Rotor, flow: http.HTTPFlow, served: Served, outcome: str, w
     (whole or relayed), or the pool's answer (`why`: what failed first)."""
     assert rotor.settings is not None and rotor.engine is not None
     tried = {served.key.fingerprint}
+    failed = served.key.fingerprint  # the key the next attempt is a retry of
     notes: list[str] = []
     shown = outcome if flow.response is not None else None
     last, attempt, replaced = outcome, served.attempt, False
@@ -69,11 +70,12 @@ async def run(rotor: Rotor, flow: http.HTTPFlow, served: Served, outcome: str, w
             break
         attempt += 1
         relay = Relay() if served.stream_request else None
-        copy = await _attempt(flow, attempt, avoid, relay, deadline)
+        copy = await _attempt(flow, attempt, avoid, relay, deadline, failed)
         meta = copy.metadata.get(META, {})
         if meta.get("local") or "fingerprint" not in meta:  # no key could take it after all
             break
         tried.add(meta["fingerprint"])
+        failed = meta["fingerprint"]
         if relay is not None and relay.began.is_set():
             flow.response = _head(copy.response)
             handed, replaced = Delivery(relay), True
@@ -99,18 +101,29 @@ async def run(rotor: Rotor, flow: http.HTTPFlow, served: Served, outcome: str, w
 
 
 async def _attempt(
-    flow: http.HTTPFlow, attempt: int, avoid: frozenset[str], relay: Relay | None, deadline: float
+    flow: http.HTTPFlow,
+    attempt: int,
+    avoid: frozenset[str],
+    relay: Relay | None,
+    deadline: float,
+    after: str,
 ) -> http.HTTPFlow:
     """Re-send a copy of `flow` (the addon picks a key outside `avoid`, waiting for one until
-    `deadline`). With a relay: return as soon as its answer streams (it goes on, feeding the
-    relay), or once it ended."""
+    `deadline`; `after`: the key it is a retry of). With a relay: return as soon as its answer
+    streams (it goes on, feeding the relay), or once it ended."""
     copy = flow.copy()
     copy.response = None
     copy.error = None
     copy.is_replay = "request"
     copy.comment = ""
     copy.marked = ""
-    retry = {"attempt": attempt, "exclude": sorted(avoid), "of": flow.id, "deadline": deadline}
+    retry = {
+        "attempt": attempt,
+        "exclude": sorted(avoid),
+        "of": flow.id,
+        "deadline": deadline,
+        "after": after,
+    }
     copy.metadata[META] = {"retry": retry}
     handler = ReplayHandler(copy, ctx.options)
     CLIENTS[copy.id] = flow.client_conn

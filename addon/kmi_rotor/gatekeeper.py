@@ -21,10 +21,11 @@ from mitmproxy import ctx, http
 from mitmproxy.net.http import url
 from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 
-from .answers import answer_locally
+from .answers import answer_locally, drop_credentials
 from .config import Client, Pool, Settings
 from .core import access, routing
 from .core.access import IP
+from .core.calls import is_api_call
 from .core.credentials import CREDENTIAL_HEADERS, CREDENTIAL_QUERY
 from .core.refusal import Refusal
 from .core.secrets import mask_credential_value
@@ -164,6 +165,10 @@ class Gatekeeper:
             refusal = self._route(flow, pool)
         if refusal is not None:
             answer_locally(flow, refusal, self.clock())
+            return None
+        if pool is not None and not page and not is_api_call(req.method, req.path):
+            drop_credentials(flow)  # a probe needs no key, and the client's own never leaves
+            flow.comment = "kmi-rotor: not an API call, sent without a key"
             return None
         return None if page else pool
 

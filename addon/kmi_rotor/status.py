@@ -5,6 +5,7 @@ Built from the configuration and a state document (the CLI) or the live engine (
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from typing import TYPE_CHECKING, Any
@@ -29,12 +30,28 @@ def scrubber(settings: Settings) -> Scrubber:
     cached = _SCRUBBERS.get(id(settings))
     if cached is not None and cached[0] is settings:
         return cached[1]
-    secrets = [k.secret.get_secret_value() for k in settings.keys]
+    secrets = [k.secret.get_secret_value() for k in settings.keys if not k.problem]
     secrets += [c.token.get_secret_value() for c in settings.clients]
     made = Scrubber(secrets)
     _SCRUBBERS.clear()  # one configuration is live at a time
     _SCRUBBERS[id(settings)] = (settings, made)
     return made
+
+
+def identify(settings: Settings, doc: StateDoc) -> Settings:
+    """Keys whose secret is not available here (the CLI, in another environment than the
+    proxy's) take the fingerprint of the state's record of the same pool and label."""
+    by_label = {(rec.pool, rec.label): fp for fp, rec in doc.keys.items()}
+    pools = []
+    for pool in settings.pools:
+        keys = tuple(
+            dataclasses.replace(k, fingerprint=by_label.get((k.pool, k.label), ""))
+            if k.problem
+            else k
+            for k in pool.keys
+        )
+        pools.append(dataclasses.replace(pool, keys=keys))
+    return dataclasses.replace(settings, pools=tuple(pools))
 
 
 def key_state(
@@ -47,7 +64,10 @@ def key_state(
     """`ready`, `cooling` (until, reason), `blocked` (until, reason) or `disabled` (reason).
 
     `spent_until`: when the key's provider budget (what it reported, less what was sent since)
-    lets it take a request again; a key held back by it is not ready."""
+    lets it take a request again; a key held back by it is not ready. `unknown` for a key
+    known neither by its secret nor by a record in the state."""
+    if key.problem and not key.fingerprint:
+        return {"status": "unknown", "until": None, "reason": "no secret here, no record yet"}
     if key.disabled:
         return {"status": "disabled", "until": None, "reason": "disabled in the configuration"}
     st = hl.status(h, now)
@@ -107,9 +127,10 @@ def key_row(
     row: dict[str, Any] = {
         "label": key.label,
         "pool": key.pool,
-        "key": mask(key.secret.get_secret_value()),
-        "masked": mask(key.secret.get_secret_value()),
-        "fingerprint": key.fingerprint,
+        "key": "?" if key.problem else mask(key.secret.get_secret_value()),
+        "masked": "?" if key.problem else mask(key.secret.get_secret_value()),
+        "fingerprint": key.fingerprint or None,
+        "secret_problem": key.problem,
         **key_state(key, h, now, policy, spent),
         "requests": rec.requests if rec else 0,
         "errors": rec.errors if rec else 0,
@@ -132,7 +153,7 @@ def rows(
     policy = hl.Policy(**settings.health.model_dump())
     scrub = scrubber(settings)
     for key in settings.keys:
-        rec = doc.keys.get(key.fingerprint)
+        rec = doc.keys.get(key.fingerprint) if key.fingerprint else None
         h = engine.health_of(key.fingerprint) if engine else (rec.health if rec else KeyHealth())
         row = key_row(key, rec, h, now, engine, policy)
         # What other processes or older versions wrote is shown scrubbed too.
@@ -249,4 +270,23 @@ def render_table(
     for pool, n in sorted((local or {}).items()):
         if n:
             lines.append(f"pool {pool}: {n} request{'s' if n != 1 else ''} refused locally (429)")
+    for r in key_rows:
+        if r.get("secret_problem"):
+            found = "shown from the state by its label" if r["fingerprint"] else "no record yet"
+            lines.append(
+                f"key {r['label']}: its secret is not available here ({r['secret_problem']}); "
+                f"{found}"
+            )
     return "\n".join(lines)
+
+
+def proxy_note(doc: dict[str, Any] | None) -> str | None:
+    """What the running proxy says about its configuration, when something is wrong."""
+    if not doc or not doc.get("config_error"):
+        return None
+    at = doc.get("config_loaded_at")
+    since = time.strftime("%H:%M:%S", time.localtime(at)) if isinstance(at, int | float) else "?"
+    return (
+        f"the running proxy (pid {doc.get('pid')}) could not apply its configuration: "
+        f"{doc['config_error']}; it keeps the configuration it loaded at {since}"
+    )

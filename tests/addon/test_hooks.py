@@ -623,3 +623,46 @@ async def test_snapshot_holds_no_secret(make: Make) -> None:
     assert {k["key"] for p in snap["pools"] for k in p["keys"]} == {
         f"sk-…{v[-4:]}" for v in KEYS.values()
     }
+
+
+# -- which key served; requests that are not API calls -----------------------------------------
+
+
+async def test_every_answer_names_the_serving_key_never_the_key(make: Make) -> None:
+    addon, _, _ = make()
+    labels = []
+    for upstream in ({}, {"kmi-rotor-key": "forged", "kmi-rotor-attempt": "9"}):
+        f = await answer(addon, await send(addon, flow()), headers=upstream)
+        assert f.response is not None
+        labels.append(f.response.headers["kmi-rotor-key"])
+        assert "kmi-rotor-attempt" not in f.response.headers
+        assert no_secret(str(f.response.headers))
+    assert labels == ["a", "b"]
+
+
+async def test_the_key_header_can_be_turned_off(make: Make) -> None:
+    addon, tctx, _ = make()
+    tctx.options.rotor_key_header = False
+    f = await answer(addon, await send(addon, flow()))
+    assert f.response is not None and "kmi-rotor-key" not in f.response.headers
+
+
+@pytest.mark.parametrize(
+    ("method", "path"), [("HEAD", "/"), ("OPTIONS", "/v1/messages"), ("GET", "/")]
+)
+async def test_a_probe_goes_out_without_a_key_and_counts_on_none(
+    make: Make, method: str, path: str
+) -> None:
+    addon, _, _ = make()
+    f = flow(path=path, headers=(("authorization", CLIENT), ("x-api-key", "client-own")))
+    f.request.method = method
+    await send(addon, f)
+    assert f.response is None  # it goes upstream as it is...
+    assert "authorization" not in f.request.headers and "x-api-key" not in f.request.headers
+    assert META not in f.metadata or "key" not in f.metadata[META]
+    f.response = tutils.tresp(status_code=404, content=b"")
+    addon.responseheaders(f)
+    await addon.response(f)
+    assert "kmi-rotor-key" not in f.response.headers
+    assert addon.keeper is not None and addon.keeper.view().keys == {}  # ...and counts on no key
+    assert await served_by(addon, 1) == "a"  # nor did it take a turn of the rotation

@@ -209,12 +209,6 @@ def test_status_without_state_file(tmp_path: Path, capsys: pytest.CaptureFixture
             id="unknown-field",
         ),
         pytest.param(
-            '[[pools]]\nname = "p"\nprovider = "openai"\n'
-            '[[pools.keys]]\nlabel = "a"\nkey_env = "KMI_ROTOR_UNIT_TEST_UNSET_VAR"\n',
-            "pools[0].keys[0].key_env",
-            id="missing-env-var",
-        ),
-        pytest.param(
             '[[pools]]\nname = "p"\nprovider = "nope"\n'
             f'[[pools.keys]]\nlabel = "a"\nkey = "{S_WORK}"\n',
             "unknown provider",
@@ -280,3 +274,72 @@ def test_config_from_the_environment_variable(
     code, out, _ = run(["status", "--json"], capsys)
     assert code == 0
     assert [r["label"] for r in json.loads(out)["keys"]] == list(EXPECTED)
+
+
+# -- the CLI needs no secret --------------------------------------------------------------------
+
+
+def test_status_and_actions_work_without_the_keys_secrets(
+    cfg: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The proxy has its own environment: a key variable unset in the operator's shell, or a
+    key file they cannot read, leaves the key known by its label and the state's fingerprint."""
+    monkeypatch.delenv("KMI_ROTOR_UNIT_TEST_UNSET_VAR", raising=False)
+    text = cfg.read_text().replace(
+        'key = "' + S_WORK + '"', 'key_env = "KMI_ROTOR_UNIT_TEST_UNSET_VAR"'
+    )
+    cfg.write_text(text)
+    (cfg.parent / "home.key").unlink()
+    code, out, err = run(["status", "--json", "--config", str(cfg)], capsys)
+    assert (code, err) == (0, "")
+    rows = {r["label"]: r for r in json.loads(out)["keys"]}
+    assert rows["work"]["fingerprint"] == fingerprint(S_WORK)  # from the state, by label
+    assert (rows["work"]["requests"], rows["work"]["last_status"]) == (3, 429)
+    assert "KMI_ROTOR_UNIT_TEST_UNSET_VAR is not set" in rows["work"]["secret_problem"]
+    assert rows["home"]["fingerprint"] == fingerprint(S_HOME)
+    assert "home.key" in rows["home"]["secret_problem"]
+    assert rows["work"]["key"] == "?" and rows["short"]["key"] == "…"
+
+    code, out, err = run(["status", "--config", str(cfg)], capsys)
+    assert code == 0
+    assert "key work: its secret is not available here" in out
+    assert "KMI_ROTOR_UNIT_TEST_UNSET_VAR is not set" in out
+
+    code, out, err = run(["disable", "work", "--config", str(cfg)], capsys)
+    assert (code, err) == (0, "")
+    doc = StateStore(cfg.parent / "state").read()
+    op = doc.keys[fingerprint(S_WORK)].operator
+    assert op is not None and op.action == "disable"
+
+
+def test_an_action_on_a_key_known_neither_by_secret_nor_by_state_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("KMI_ROTOR_UNIT_TEST_UNSET_VAR", raising=False)
+    path = tmp_path / "rotor.toml"
+    path.write_text(
+        'state_dir = "s"\n[[pools]]\nname = "p"\nprovider = "openai"\n'
+        '[[pools.keys]]\nlabel = "a"\nkey_env = "KMI_ROTOR_UNIT_TEST_UNSET_VAR"\n'
+    )
+    code, out, _ = run(["status", "--json", "--config", str(path)], capsys)
+    assert code == 0 and json.loads(out)["keys"][0]["status"] == "unknown"
+    code, out, err = run(["disable", "a", "--config", str(path)], capsys)
+    assert code == 2 and "state has no record of it yet" in err and out == ""
+
+
+def test_rotate_on_a_round_robin_pool_says_what_rotate_is_for(
+    cfg: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run(["rotate", "kimi", "--config", str(cfg)], capsys)
+    assert code == 2
+    assert "pool 'kimi' uses strategy = \"round-robin\"" in err and "sticky" in err
+    code, _, err = run(["rotate", "--config", str(cfg)], capsys)
+    assert code == 2 and "no pool has strategy" in err and "kimi (round-robin)" in err
+
+
+def test_help_shows_the_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    for command, expected in (("status", "default: 2.0"), ("env", "else 8080")):
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        out = " ".join(capsys.readouterr().out.split())
+        assert expected in out, command

@@ -238,12 +238,31 @@ def test_cli_prints_the_last_records_without_query(
     conf: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     write_trace(conf, [trace_record(i, "alpha", 100 - i) for i in range(30)])
-    code, out, _ = run(capsys, "-n", "3", "--config", str(conf))
+    code, out, _ = run(capsys, "-n", "3", "--json", "--config", str(conf))
     lines = [json.loads(line) for line in out.splitlines()]
     assert code == 0 and [r["id"] for r in lines] == ["flow-27", "flow-28", "flow-29"]
     assert "SECRET" not in out
     _, out, _ = run(capsys, "--config", str(conf))
     assert len(out.splitlines()) == 20
+
+
+def test_cli_prints_records_for_people_in_local_time(
+    conf: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    try:
+        record = trace_record(0, "alpha", 250, ts=1_800_000_000.0, attempt=2)
+        write_trace(conf, [record])
+        code, out, _ = run(capsys, "-n", "1", "--config", str(conf))
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+    assert code == 0
+    line = out.strip()
+    assert line.startswith("2027-01-15 17:00:00  ")  # 08:00 UTC, in Tokyo
+    assert "/alpha" in line and "attempt 2" in line and "{" not in line
+    assert "SECRET" not in out
 
 
 def test_cli_without_a_trace_says_so_and_succeeds(

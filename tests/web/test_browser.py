@@ -146,3 +146,12 @@ def test_screenshot(chromium: Path, tmp_path: Path) -> None:
     assert png_size(shot) == (1280, 900)
     # a blank or error page compresses to a few KB; the rendered tables are far larger
     assert shot.stat().st_size > 40_000
+
+
+def test_a_configuration_the_proxy_could_not_apply_is_shown(chromium: Path) -> None:
+    broken = "rotor.toml: pools[0].provider: unknown provider 'nope'"
+    page = render(lambda: {**realistic(), "config_error": broken})
+    banner = page.find(attrs={"id": "config-error"})
+    assert "hidden" not in banner.attrs
+    assert broken in banner.text() and "last good configuration" in banner.text()
+    assert "hidden" in render(realistic).find(attrs={"id": "config-error"}).attrs

@@ -34,7 +34,9 @@ class KeyRecord(Persisted):
     requests: int = Field(0, ge=0, description="Requests sent upstream with this key.")
     errors: int = Field(0, ge=0, description="Requests that failed (any failure kind).")
     upstream_429: int = Field(0, ge=0, description="429s the provider answered for this key.")
-    retries: int = Field(0, ge=0, description="Failover attempts this key served.")
+    retries: int = Field(
+        0, ge=0, description="Requests re-sent on another key after failing on this one."
+    )
     tokens_in: int = Field(0, ge=0)
     tokens_out: int = Field(0, ge=0)
     last_status: int | None = Field(None, description="HTTP status of the last upstream answer.")

@@ -83,6 +83,12 @@
     $("version").textContent = d.version ? "v" + str(d.version) : "";
     const up = num(d.uptime_s);
     $("uptime").textContent = up === null ? "" : "up " + fmtSpan(up);
+    const problem = str(d.config_error || d.error);
+    $("config-error").textContent = problem
+      ? "The configuration file could not be applied: " + problem +
+        (d.config_error ? " (the last good configuration is in use)" : "")
+      : "";
+    $("config-error").hidden = !problem;
     const kc = keyCounts(d);
     document.title = "kmi-rotor" + (kc.all ? " · " + kc.ready + "/" + kc.all + " ready" : "");
   }
