@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from . import cli_env, cli_trace, config, status
+from . import cli_check, cli_env, cli_trace, config, status
 from .config import ConfigError, Key, Settings
 from .core.state import Delta, Operator
 from .store import StateStore
@@ -120,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     rot.add_argument("pool", nargs="?", help="pool name (default: every sticky pool)")
     rot.set_defaults(func=cmd_rotate)
     cli_trace.register(sub)
+    cli_check.register(sub)
     cli_env.register(sub)
     return parser
 
