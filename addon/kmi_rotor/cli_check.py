@@ -166,9 +166,8 @@ async def check_key(
         return ck.unreachable(_why(e))
     finally:
         limiter.release(slot)
-    return ck.verdict(
-        code, headers, body, time.time(), provider=pool.preset.name, usages=probe.usages
-    )
+    v = ck.verdict(code, headers, body, time.time(), provider=pool.preset.name, usages=probe.usages)
+    return ck.against_state(v, health)
 
 
 def _why(e: BaseException) -> str:

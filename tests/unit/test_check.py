@@ -16,6 +16,7 @@ from kmi_rotor.core.check import (
     Probe,
     Verdict,
     action_for,
+    against_state,
     from_state,
     probe_for,
     signal_of,
@@ -409,3 +410,20 @@ def test_plain_operator_actions_are_not_signals(action: str) -> None:
 def test_operator_records_without_the_new_fields_still_load() -> None:
     op = Operator.model_validate({"action": "disable", "at": NOW})
     assert (op.reason, op.until) == (None, None)
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+def test_a_redirect_is_not_a_working_key(status: int) -> None:
+    v = verdict(status, {"location": "https://elsewhere.example/"}, b"", NOW, provider="openai")
+    assert (v.outcome, v.broken) == (Outcome.UNREACHABLE, True)
+    assert "not followed" in v.detail
+
+
+def test_a_working_key_disabled_in_the_state_says_so_and_stays_disabled() -> None:
+    v = Verdict(Outcome.WORKS, "ok (200)")
+    h = KeyHealth(disabled_reason="disabled by operator", disabled_at=NOW)
+    out = against_state(v, h)
+    assert out.outcome is Outcome.WORKS and "disabled by operator" in out.detail
+    assert action_for(out, NOW) is None
+    assert against_state(v, KeyHealth()) == v
+    assert against_state(Verdict(Outcome.BAD_CREDENTIAL, "x"), h).detail == "x"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from urllib.parse import urlsplit
 
@@ -197,6 +197,8 @@ def verdict(
     usages: bool = False,
 ) -> Verdict:
     """What the answer to a probe says about the key; never raises on what the upstream sent."""
+    if 300 <= status < 400:  # never followed: the key stays with the pool's host
+        return Verdict(Outcome.UNREACHABLE, f"redirected ({status}); not followed", status=status)
     sig = parse_signal(status, headers, body, now, provider=provider)
     windows = sig.windows
     if usages and sig.kind is FailureKind.OK:
@@ -233,6 +235,14 @@ def _works(status: int, windows: tuple[Window, ...], now: float) -> Verdict:
             Outcome.RATE_LIMITED, f"{spent[0].dimension} used up", until, windows, status
         )
     return Verdict(Outcome.WORKS, f"ok ({status})", None, windows, status)
+
+
+def against_state(v: Verdict, h: KeyHealth | None) -> Verdict:
+    """A working key that the state holds disabled says so: the check never enables a key."""
+    if v.outcome is not Outcome.WORKS or h is None or h.disabled_reason is None:
+        return v
+    detail = f"{v.detail}; disabled in the state ({h.disabled_reason}): enable it to use it"
+    return replace(v, detail=detail)
 
 
 def unreachable(why: str) -> Verdict:
