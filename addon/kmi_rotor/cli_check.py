@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import h11
+from filelock import Timeout
 
 from . import config, status
 from .config import ConfigError, Key, Pool, Settings
@@ -29,7 +30,7 @@ from .core.health import KeyHealth
 from .core.limiter import Admitted, Limiter, Limits, Reservation
 from .core.secrets import mask
 from .core.state import Delta, StateDoc
-from .store import StateStore
+from .store import StateError, StateStore
 
 DEFAULT_TIMEOUT = 10.0
 MAX_BODY = 256 * 1024
@@ -138,8 +139,11 @@ async def _admit(limiter: Limiter, key: Key, patience: float) -> Reservation | s
             return got.reservation
         free = got.retry_at if got.retry_at is not None else now + 0.05
         if not got.possible or free > deadline:
-            names = ", ".join(f"{e.scope}: {e.limit}" for e in got.exhausted) or "a limit"
-            return f"your limit is used up ({names}); not asked"
+            names = ", ".join(
+                f"{e.limit} ({'the key' if e.scope.startswith('key:') else 'the proxy'})"
+                for e in got.exhausted
+            )
+            return f"your limit is used up: {names or 'a limit'}; not asked"
         await asyncio.sleep(max(0.0, free - now))
 
 
@@ -282,9 +286,17 @@ def cmd_check(args: argparse.Namespace) -> int:
     if not args.timeout > 0:
         raise ConfigError("--timeout must be more than 0 seconds")
     store = StateStore(settings.state_dir)
-    results = asyncio.run(check_all(settings, pools, store.read(), args.timeout))
+    try:
+        doc = store.read()
+    except StateError as e:
+        raise ConfigError(f"state: {e}") from None
+    results = asyncio.run(check_all(settings, pools, doc, args.timeout))
     now = time.time()
-    shared = share(store, results, now)
+    try:
+        shared = share(store, results, now)
+    except (OSError, StateError, Timeout) as e:  # the verdicts are still worth printing
+        print(f"kmi-rotor: verdicts not written to the state: {e}", file=sys.stderr)
+        shared = []
     rows = [row(c) for c in results]
     broken = sum(1 for r in rows if r["broken"])
     if args.json:

@@ -235,3 +235,26 @@ def test_the_proxy_disables_and_blocks_what_check_found(
     assert statuses == [200] * 6
     # no traffic ever went to the revoked or the empty key: the check found them first
     assert served(provider, keys, since=finished) == ["valid"] * 6
+
+
+def test_keys_are_asked_within_the_configured_limits(tmp_path, provider, upstream_ca):
+    behave(provider)
+    two = {"valid": CHECKED["valid"], "busy": CHECKED["busy"]}
+    provider.set_keys({CHECKED["busy"]: fake_provider.KeyBehaviour()})
+    cfg = write_config(tmp_path, pools(provider, two)[:1], limits={"requests_per_second": 1})
+    started = time.monotonic()
+    paced = check(cfg, "--json", ca=upstream_ca[1])
+    assert time.monotonic() - started >= 1.0  # the second key waited for the proxy's limit
+    assert {r["result"] for r in by_label(paced.stdout).values()} == {"works"}
+
+    since = time.time()
+    hurried = check(cfg, "--json", "--timeout", "0.3", ca=upstream_ca[1])
+    rows = by_label(hurried.stdout)
+    asked = [label for label, r in rows.items() if r["asked"]]
+    assert len(asked) == 1 and rows[asked[0]]["result"] == "works"
+    (waiting,) = set(rows) - set(asked)
+    assert rows[waiting]["result"] == "rate-limited"
+    assert rows[waiting]["detail"].startswith("your limit is used up: requests_per_second")
+    assert "the proxy" in rows[waiting]["detail"]
+    assert api_requests(provider, two[waiting], since=since) == []
+    assert hurried.returncode == 0
