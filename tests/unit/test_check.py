@@ -149,6 +149,29 @@ VERDICT_CASES: list[tuple[str, str, int, dict[str, str], bytes, Outcome, float |
     ("garbage body on a 200", "openai", 200, {}, b"\xff\x00", Outcome.WORKS, None),
     ("revoked", "openai", 401, {}, b"{}", Outcome.BAD_CREDENTIAL, None),
     (
+        "Gemini's API_KEY_INVALID (a 400)",
+        "gemini",
+        400,
+        {},
+        body(
+            {
+                "error": {
+                    "code": 400,
+                    "status": "INVALID_ARGUMENT",
+                    "message": "API key not valid. Please pass a valid API key.",
+                    "details": [
+                        {
+                            "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                            "reason": "API_KEY_INVALID",
+                        }
+                    ],
+                }
+            }
+        ),
+        Outcome.BAD_CREDENTIAL,
+        None,
+    ),
+    (
         "Anthropic's 401",
         "anthropic",
         401,
