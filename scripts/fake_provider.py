@@ -6,7 +6,10 @@ SSE streams) for SDK clients and a proxy in front of it to behave as they would 
 the real thing, and it can be told per key to misbehave: reject the key, run out of
 quota, be overloaded, enforce rate limits with the various rate-limit header dialects,
 cut a stream short or fail in the middle of one.  ``GET .../usages`` answers each key's
-configured Kimi Code quota document (404 for keys without one).  Every API request is
+configured Kimi Code quota document (404 for keys without one).  A key may have separate
+request and token limits per model (``model_limits``), as OpenAI and Anthropic limit per model:
+the rate-limit headers of an answer then describe the limits of the model asked for.  Every
+API request is
 recorded so tests can check what a proxy actually sent, including how many requests were
 in flight per key.
 
@@ -98,6 +101,9 @@ class KeyBehaviour:
     latency: float = 0.0
     usages: dict[str, Any] | None = None
     """What ``GET .../usages`` answers for this key (Kimi Code's quota endpoint); 404 if None."""
+    model_limits: dict[str, dict[str, int]] | None = None
+    """Per model name, its own ``rpm`` / ``rps`` / ``tpm`` (in place of the key's): requests for
+    that model count against, and are told about, that model's windows only."""
 
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, Mode)
@@ -113,6 +119,7 @@ class KeyBehaviour:
             raise ValueError(f"latency must be >= 0, got {self.latency!r}")
         if self.usages is not None and not isinstance(self.usages, dict):
             raise ValueError(f"usages must be a JSON object or None, got {self.usages!r}")
+        self.model_limits = _check_model_limits(self.model_limits)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | str | None) -> KeyBehaviour:
@@ -129,8 +136,54 @@ class KeyBehaviour:
 
     def copy(self) -> KeyBehaviour:
         return dataclasses.replace(
-            self, fail_next=list(self.fail_next), usages=deepcopy(self.usages)
+            self,
+            fail_next=list(self.fail_next),
+            usages=deepcopy(self.usages),
+            model_limits=deepcopy(self.model_limits),
         )
+
+    def limits_for(self, model: str | None) -> _Limits:
+        """The limits a request for `model` counts against: the model's own, else the key's."""
+        own = (self.model_limits or {}).get(model or "")
+        if own is not None:
+            return _Limits(model, own.get("rpm"), own.get("rps"), own.get("tpm"))
+        return _Limits(None, self.rpm, self.rps, self.tpm)
+
+
+_MODEL_LIMIT_FIELDS = ("rpm", "rps", "tpm")
+
+
+def _check_model_limits(value: Any) -> dict[str, dict[str, int]] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError(f"model_limits must be an object of model -> limits, got {value!r}")
+    out: dict[str, dict[str, int]] = {}
+    for model, limits in value.items():
+        if not isinstance(model, str) or not model or not isinstance(limits, dict):
+            raise ValueError(f"model_limits: {model!r} must name a model and map to limits")
+        unknown = sorted(set(limits) - set(_MODEL_LIMIT_FIELDS))
+        if unknown:
+            raise ValueError(f"model_limits[{model!r}]: unknown field(s): {', '.join(unknown)}")
+        for name, n in limits.items():
+            if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+                raise ValueError(f"model_limits[{model!r}].{name} must be a non-negative integer")
+        out[model] = dict(limits)
+    return out
+
+
+@dataclass(frozen=True)
+class _Limits:
+    """The windows one request counts against: a model's own (`model` set) or the key's."""
+
+    model: str | None
+    rpm: int | None
+    rps: int | None
+    tpm: int | None
+
+    @property
+    def any(self) -> bool:
+        return self.rpm is not None or self.rps is not None or self.tpm is not None
 
 
 def _check_choice(name: str, value: object, choices: Any) -> None:
@@ -174,15 +227,30 @@ class RecordedRequest:
 
 
 @dataclass
-class _KeyState:
-    requests: int = 0
-    statuses: dict[int, int] = field(default_factory=dict)
-    inflight: int = 0
-    max_inflight: int = 0
+class _Windows:
     # Monotonic times of requests admitted by the limiter; rejected ones do not use up
     # capacity, as with real providers.
     admitted: deque[float] = field(default_factory=deque)
     tokens: deque[tuple[float, int]] = field(default_factory=deque)
+
+    def clear(self) -> None:
+        self.admitted.clear()
+        self.tokens.clear()
+
+
+@dataclass
+class _KeyState(_Windows):
+    requests: int = 0
+    statuses: dict[int, int] = field(default_factory=dict)
+    inflight: int = 0
+    max_inflight: int = 0
+    models: dict[str, _Windows] = field(default_factory=dict)
+    """The windows of models that have limits of their own."""
+
+    def windows(self, limits: _Limits) -> _Windows:
+        if limits.model is None:
+            return self
+        return self.models.setdefault(limits.model, _Windows())
 
 
 @dataclass(frozen=True)
@@ -584,8 +652,8 @@ class FakeProvider:
                 state.requests = 0
                 state.statuses.clear()
                 state.max_inflight = state.inflight
-                state.admitted.clear()
-                state.tokens.clear()
+                state.clear()
+                state.models.clear()
 
     # -- HTTP ------------------------------------------------------------------------
 
@@ -599,7 +667,9 @@ class FakeProvider:
         if trimmed.endswith("/messages"):
             return await self._api(request, "anthropic", "messages", "POST")
         if trimmed.endswith("/models"):
-            return await self._api(request, "openai", "models", "GET")
+            # Anthropic's SDK lists models too, and expects its own error shape.
+            dialect: Dialect = "anthropic" if "anthropic-version" in request.headers else "openai"
+            return await self._api(request, dialect, "models", "GET")
         if trimmed.endswith("/usages"):
             return await self._api(request, "openai", "usages", "GET")
         return await self._api(request, self.dialect_default, None, None)
@@ -702,14 +772,17 @@ class FakeProvider:
         events = self._events(request)
         prompt_tokens = _prompt_tokens(body)
         completion_tokens = events if record.stream else _NON_STREAM_TOKENS
+        asked = body.get("model") if isinstance(body, dict) else None
+        limits = behaviour.limits_for(asked if isinstance(asked, str) else None)
         mono, wall = time.monotonic(), time.time()
         with self._lock:
+            windows = state.windows(limits)
             forced = behaviour.fail_next.pop(0) if behaviour.fail_next else None
             if (forced is not None and forced >= 400) or behaviour.mode != "ok":
                 rejected: float | None = None
             else:
-                rejected = self._admit(behaviour, state, prompt_tokens + completion_tokens, mono)
-            rl_headers = self._usage_headers(behaviour, state, mono, wall)
+                rejected = self._admit(limits, windows, prompt_tokens + completion_tokens, mono)
+            rl_headers = self._usage_headers(behaviour.headers, limits, windows, mono, wall)
 
         if forced == 0:
             return _drop_connection(request)
@@ -722,8 +795,9 @@ class FakeProvider:
             return await self._reply_json(request, record, status, error, rl_headers)
         if rejected is not None:
             rl_headers["retry-after"] = str(max(1, math.ceil(rejected)))
+            message = f"Rate limit reached for {limits.model}" if limits.model else None
             return await self._reply_json(
-                request, record, 429, _error_body(429, dialect), rl_headers
+                request, record, 429, _error_body(429, dialect, message), rl_headers
             )
 
         model = body.get("model") if isinstance(body, dict) else None
@@ -798,10 +872,9 @@ class FakeProvider:
             return await self._reply_error(request, record, 404, dialect)
         return await self._reply_json(request, record, 200, deepcopy(behaviour.usages))
 
-    def _admit(
-        self, behaviour: KeyBehaviour, state: _KeyState, tokens: int, now: float
-    ) -> float | None:
-        """Admit the request into the key's windows, or return seconds until it would fit."""
+    def _admit(self, behaviour: _Limits, state: _Windows, tokens: int, now: float) -> float | None:
+        """Admit the request into its windows (the key's or its model's), or return seconds
+        until it would fit."""
         minute = 60.0 * self.time_scale
         waits: list[float] = []
         if behaviour.rps is not None:
@@ -832,9 +905,10 @@ class FakeProvider:
         return None
 
     def _usage_headers(
-        self, behaviour: KeyBehaviour, state: _KeyState, mono: float, wall: float
+        self, dialect: HeaderDialect, behaviour: _Limits, state: _Windows, mono: float, wall: float
     ) -> dict[str, str]:
-        if behaviour.headers == "none":
+        """The dialect's rate-limit headers, describing the windows the request counted against."""
+        if dialect == "none":
             return {}
         minute = 60.0 * self.time_scale
         requests = (
@@ -847,7 +921,7 @@ class FakeProvider:
             if behaviour.tpm is not None
             else None
         )
-        return _ratelimit_headers(behaviour.headers, requests, tokens, wall)
+        return _ratelimit_headers(dialect, requests, tokens, wall)
 
     @staticmethod
     def _mode_error(behaviour: KeyBehaviour, dialect: Dialect) -> tuple[int, dict[str, Any]]:

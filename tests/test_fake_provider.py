@@ -428,6 +428,116 @@ async def test_rps_and_tpm_enforced(provider: FakeProvider, session: aiohttp.Cli
     assert int(r.headers["retry-after"]) == 60
 
 
+# -- limits per model ---------------------------------------------------------------------
+
+MODEL_HEADERS = {
+    "openai": ("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests"),
+    "anthropic": ("anthropic-ratelimit-requests-limit", "anthropic-ratelimit-requests-remaining"),
+}
+
+
+def asking(model: str) -> dict[str, Any]:
+    return {**PROMPT, "model": model}
+
+
+@pytest.mark.parametrize(("dialect", "path"), [("openai", CHAT), ("anthropic", MESSAGES)])
+async def test_model_limits_are_separate_and_headers_describe_the_model_asked_for(
+    provider: FakeProvider, session: aiohttp.ClientSession, dialect: str, path: str
+) -> None:
+    provider.set_keys(
+        {
+            "k": {
+                "rpm": 100,
+                "headers": dialect,
+                "model_limits": {"small": {"rpm": 2}, "large": {"rpm": 5}},
+            }
+        }
+    )
+    limit_h, remaining_h = MODEL_HEADERS[dialect]
+    seen: list[tuple[str, int, str, str]] = []
+    for model in ("small", "small", "small", "large", "other", "large"):
+        async with session.post(provider.url + path, json=asking(model), headers=bearer("k")) as r:
+            seen.append(
+                (model, r.status, r.headers.get(limit_h, ""), r.headers.get(remaining_h, ""))
+            )
+            if r.status == 429:
+                error = (await r.json())["error"]
+                assert "small" in error["message"]
+                assert int(r.headers["retry-after"]) >= 1
+    assert seen == [
+        ("small", 200, "2", "1"),
+        ("small", 200, "2", "0"),
+        ("small", 429, "2", "0"),
+        # the 429 on "small" costs "large" nothing, and the key-wide limit is apart from both
+        ("large", 200, "5", "4"),
+        ("other", 200, "100", "99"),
+        ("large", 200, "5", "3"),
+    ]
+
+
+async def test_a_model_without_limits_of_its_own_shares_the_keys(
+    session: aiohttp.ClientSession,
+) -> None:
+    keys = {"k": KeyBehaviour(rpm=2, headers="openai", model_limits={"own": {"rpm": 1}})}
+    async with FakeProvider(keys) as fp:
+        statuses = []
+        for model in ("a", "b", "c", "own", "own"):
+            async with session.post(fp.url + CHAT, json=asking(model), headers=bearer("k")) as r:
+                statuses.append(r.status)
+    assert statuses == [200, 200, 429, 200, 429]
+
+
+async def test_model_token_limits_and_reset_forgets_model_windows(
+    provider: FakeProvider, session: aiohttp.ClientSession
+) -> None:
+    # Each request costs 10 prompt + 6 completion tokens.
+    provider.set_keys({"k": {"model_limits": {"m": {"tpm": 20}}}})
+    statuses = []
+    for _ in range(2):
+        async with session.post(provider.url + CHAT, json=asking("m"), headers=bearer("k")) as r:
+            statuses.append(r.status)
+    assert statuses == [200, 429]
+    provider.reset()
+    async with session.post(provider.url + CHAT, json=asking("m"), headers=bearer("k")) as r:
+        assert r.status == 200
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["m"],
+        {"m": 3},
+        {"": {"rpm": 1}},
+        {"m": {"rpd": 1}},
+        {"m": {"rpm": -1}},
+        {"m": {"rpm": "1"}},
+        {"m": {"rpm": True}},
+    ],
+)
+def test_model_limits_are_validated(bad: Any) -> None:
+    with pytest.raises(ValueError, match=r"model_limits.+"):
+        KeyBehaviour.from_dict({"model_limits": bad})
+
+
+def test_model_limits_are_copied() -> None:
+    limits = {"m": {"rpm": 1}}
+    behaviour = KeyBehaviour(model_limits=limits)
+    limits["m"]["rpm"] = 99
+    copy = behaviour.copy()
+    assert behaviour.model_limits == {"m": {"rpm": 1}}
+    assert copy.model_limits == behaviour.model_limits
+    assert copy.model_limits is not behaviour.model_limits
+
+
+async def test_models_listing_answers_in_the_anthropic_shape_to_anthropic_clients(
+    provider: FakeProvider, session: aiohttp.ClientSession
+) -> None:
+    headers = {"x-api-key": "nope", "anthropic-version": "2023-06-01"}
+    async with session.get(provider.url + "/v1/models", headers=headers) as r:
+        assert r.status == 401
+        assert (await r.json())["error"]["type"] == "authentication_error"
+
+
 # -- failure behaviours ----------------------------------------------------------------
 
 

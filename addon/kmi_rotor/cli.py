@@ -16,7 +16,7 @@ import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import cli_env, cli_init, cli_trace, config, presence, status
+from . import cli_check, cli_env, cli_init, cli_trace, config, presence, status
 from .config import ConfigError, Key, Settings, one_line
 from .core.state import Delta, Operator
 from .store import StateError, StateStore
@@ -175,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     rot.add_argument("pool", nargs="?", help="pool name (default: every sticky pool)")
     rot.set_defaults(func=cmd_rotate)
     cli_trace.register(sub)
+    cli_check.register(sub)
     cli_env.register(sub)
     cli_init.register(sub)
     return parser

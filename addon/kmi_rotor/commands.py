@@ -10,6 +10,7 @@ from mitmproxy import command
 
 from . import status
 from .config import Key, Settings
+from .core.check import signal_of
 from .core.state import Operator
 from .engine import Engine
 from .keeper import StateKeeper
@@ -125,6 +126,20 @@ class OperatorCommands:
             self._operator_seen[key.fingerprint] = now
         log.info("kmi-rotor: key %s: %s", key.label, action)
 
+    def _adopt_operator(self, key: Key, op: Operator) -> None:
+        """Apply an action another process wrote: a checked key's verdict as the answer that
+        gave it would be applied, an operator's action as the operator's."""
+        assert self.engine is not None and self.keeper is not None
+        sig = signal_of(op)
+        if sig is None:
+            try:
+                self._operate(key, op.action, record=False)
+            except ValueError:  # written by a newer kmi-rotor: not ours to guess
+                log.warning("kmi-rotor: key %s: unknown action %r ignored", key.label, op.action)
+            return
+        self.keeper.key(key).health = self.engine.observe(key, sig, self.clock())
+        log.info("kmi-rotor: key %s: %s", key.label, sig.reason)
+
     def _adopt_state(self, doc: Any) -> None:
         """Take in what other processes wrote: operators' actions and newer health."""
         assert self.engine is not None and self.keeper is not None
@@ -140,7 +155,7 @@ class OperatorCommands:
                 # On start-up, an action newer than the stored health was never applied (its
                 # writer wrote after the last proxy stopped, or the proxy died first).
                 if not first or rec.health.updated_at < op.at:
-                    self._operate(key, op.action, record=False)
+                    self._adopt_operator(key, op)
         if doc.limiter and first:
             try:
                 self.engine.limiter.restore(doc.limiter, self.clock())

@@ -18,10 +18,12 @@ from testkit import Clock
 
 import kmi_rotor.flows
 from kmi_rotor.addon import META, Rotor
+from kmi_rotor.config import load
 from kmi_rotor.core import tokens as tk
 from kmi_rotor.core.secrets import mask_credential_value
-from kmi_rotor.core.state import KeyRecord
+from kmi_rotor.core.state import Delta, KeyRecord, Operator
 from kmi_rotor.core.stream_tap import SSETap
+from kmi_rotor.store import StateStore
 from kmi_rotor.trace import read_trace, trace_path
 
 KEYS = {
@@ -666,3 +668,73 @@ async def test_a_probe_goes_out_without_a_key_and_counts_on_none(
     assert "kmi-rotor-key" not in f.response.headers
     assert addon.keeper is not None and addon.keeper.view().keys == {}  # ...and counts on no key
     assert await served_by(addon, 1) == "a"  # nor did it take a turn of the rotation
+
+
+# -- verdicts of `kmi-rotor check`, read from the state ----------------------------------------
+
+
+def write_actions(tmp_path: Path, actions: dict[str, Any]) -> None:
+    """Write operator actions into the state as another process (the CLI) does."""
+    settings = load(tmp_path / "rotor.toml")
+    delta = Delta()
+    for key in settings.keys:
+        if key.label in actions:
+            delta.key(key.fingerprint, key.label, key.pool).operator = actions[key.label]
+    StateStore(settings.state_dir).commit(delta, T0)
+
+
+async def test_check_verdicts_are_applied_as_traffic_would_apply_them(
+    make: Make, tmp_path: Path
+) -> None:
+    addon, _, clock = make()
+    clock.now = T0 + 10
+    write_actions(
+        tmp_path,
+        {
+            "b": Operator(action="disable", at=T0 + 5, reason="check: bad credential"),
+            "c": Operator(action="block", at=T0 + 5, reason="check: no quota", until=T0 + 600),
+        },
+    )
+    assert addon.keeper is not None
+    await addon.keeper.sync()
+    assert row(addon, "b")["status"] == "disabled"
+    assert row(addon, "b")["reason"] == "check: bad credential"
+    assert (row(addon, "c")["status"], row(addon, "c")["until"]) == ("blocked", T0 + 600)
+    assert row(addon, "c")["reason"] == "check: no quota"
+    assert await served_by(addon, 3) == "aaa"
+    # what the proxy made of it is written back, as health, for the CLI and other proxies
+    await addon.keeper.sync()
+    assert record(addon, "b").health.disabled_reason == "check: bad credential"
+    clock.now = T0 + 601
+    assert await served_by(addon, 2) == "ca"
+
+
+async def test_a_quota_verdict_without_a_reset_blocks_for_the_configured_time(
+    make: Make, tmp_path: Path
+) -> None:
+    addon, _, _ = make()
+    write_actions(tmp_path, {"a": Operator(action="block", at=T0 + 1, reason="check: no quota")})
+    assert addon.keeper is not None
+    await addon.keeper.sync()
+    assert row(addon, "a")["status"] == "blocked"
+    assert row(addon, "a")["until"] == T0 + 3600  # health.quota_block_seconds
+
+
+async def test_an_unknown_action_in_the_state_is_ignored_and_the_others_applied(
+    make: Make, tmp_path: Path
+) -> None:
+    addon, _, _ = make()
+    write_actions(
+        tmp_path,
+        {
+            "a": Operator(action="explode", at=T0 + 1),
+            "b": Operator(action="disable", at=T0 + 1, reason="check: bad credential"),
+        },
+    )
+    assert addon.keeper is not None
+    await addon.keeper.sync()
+    assert row(addon, "a")["status"] == "ready"
+    assert (row(addon, "b")["status"], row(addon, "b")["reason"]) == (
+        "disabled",
+        "check: bad credential",
+    )

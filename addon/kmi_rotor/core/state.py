@@ -23,8 +23,12 @@ POOL_COUNTERS = ("local_429", "rotations")
 class Operator(Persisted):
     """An operator's last action on a key; every process applies each action exactly once."""
 
-    action: str = Field(description="disable, enable or reset")
+    action: str = Field(description="disable, enable, reset, or block (a checked key)")
     at: float = Field(description="Epoch seconds; the newest action wins.")
+    reason: str | None = Field(
+        None, description="Set by `kmi-rotor check`: applied as the answer it got would be."
+    )
+    until: float | None = Field(None, description="block: when the quota resets, if known.")
 
 
 class KeyRecord(Persisted):

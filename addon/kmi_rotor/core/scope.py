@@ -1,0 +1,106 @@
+"""How a provider scopes its rate limits, and which scope a request falls in.
+
+Providers limit per key (Kimi Code, Moonshot), per model (OpenAI, Gemini, Groq, Mistral,
+DeepSeek) or per model class (Anthropic: Opus, Sonnet and Haiku have separate limits). A
+request's scope is read from its JSON body's `model`, or from its URL where the provider puts
+the model there (Gemini's `/v1beta/models/{model}:generateContent`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Literal
+from urllib.parse import unquote
+
+LimitScope = Literal["key", "model", "model_class"]
+
+KEY_SCOPE = ""
+"""The scope of everything held key-wide (and of requests whose model is not known)."""
+
+DEFAULT_SCOPES: dict[str, LimitScope] = {
+    "kimi-code": "key",
+    "moonshot": "key",
+    "openai": "model",
+    "gemini": "model",
+    "groq": "model",
+    "mistral": "model",
+    "deepseek": "model",
+    "anthropic": "model_class",
+}
+"""How each preset's provider scopes its limits, as its documentation says; others: `key`."""
+
+MAX_MODEL = 200
+"""Longer "model names" are garbage; they are cut so a scope name stays small."""
+MAX_BODY = 8 * 1024 * 1024
+
+_URL_MODEL = re.compile(r"/models/([^/:?]+):[A-Za-z]+$")
+_FAMILIES = ("opus", "sonnet", "haiku")
+_DATE = re.compile(r"[0-9]{8}")
+
+
+def default_scope(provider: str) -> LimitScope:
+    """The scope a preset's provider limits by; `key` for presets that do not say."""
+    return DEFAULT_SCOPES.get(provider, "key")
+
+
+def model_of_request(path: str, body: bytes | None) -> str | None:
+    """The model a request asks for: the JSON body's `model`, else the URL's
+    `/models/{model}:{method}`; None when neither names one. Never raises."""
+    model = _body_model(body)
+    if model is None:
+        m = _URL_MODEL.search(path.split("?", 1)[0])
+        model = unquote(m.group(1)) if m else None
+    if model is None:
+        return None
+    model = "".join(c for c in model.strip() if c.isprintable())[:MAX_MODEL]
+    return model or None
+
+
+def _body_model(body: bytes | None) -> str | None:
+    if not body or len(body) > MAX_BODY or body.lstrip()[:1] != b"{":
+        return None
+    try:
+        data: Any = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    model = data.get("model") if isinstance(data, dict) else None
+    return model if isinstance(model, str) and model.strip() else None
+
+
+def anthropic_class(model: str) -> str:
+    """The rate-limit class of an Anthropic model name: family and major version
+    (`claude-3-5-haiku-latest` -> `haiku-3`, `claude-sonnet-4-5-20250929` -> `sonnet-4`).
+
+    Anthropic limits each class separately and the 4.x models of one family together. Two 3.x
+    versions of a family share a class here although Anthropic limits them apart: sharing
+    can only cost capacity, never send a request past a limit. A name that is not a Claude
+    model of a known family is its own class.
+    """
+    name = model.strip().lower()
+    at = name.rfind("claude-")
+    if at < 0:
+        return model
+    parts = [p for p in re.split(r"[-.@:]", name[at + len("claude-") :]) if p]
+    family = next((p for p in parts if p in _FAMILIES), None)
+    if family is None:
+        return model
+    before = parts[: parts.index(family)]
+    after = parts[parts.index(family) + 1 :]
+    # Older names put the version first (claude-3-5-haiku), newer ones after (claude-sonnet-4-5).
+    versions = [p for p in (before or after) if p.isdigit() and not _DATE.fullmatch(p)]
+    return f"{family}-{versions[0]}" if versions else family
+
+
+def scope_of(limit_scope: LimitScope | None, provider: str, model: str | None) -> str:
+    """The scope a request's budgets and cooldowns are held in: KEY_SCOPE for key-wide
+    limits (or an unknown model), `model:<name>` or `class:<class>` otherwise.
+
+    `limit_scope` None means the provider's default (`default_scope`).
+    """
+    scope = limit_scope or default_scope(provider)
+    if scope == "key" or not model:
+        return KEY_SCOPE
+    if scope == "model_class":
+        return f"class:{anthropic_class(model)}"
+    return f"model:{model}"
