@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx2 as httpx
 import pytest
-from proctools import ROOT, clean_env
+from proctools import ROOT, clean_env, wait_until
 
 import fake_provider
 from kmi_rotor.config import load
@@ -27,7 +27,6 @@ from ._operating_helpers import (
     PoolSpec,
     live_status,
     served,
-    wait_until,
     write_config,
 )
 

@@ -15,13 +15,13 @@ import time
 from pathlib import Path
 
 import httpx2 as httpx
-from proctools import BIN, LISTEN_RE, ROOT, clean_env, spawn, start_mitmdump
+from proctools import BIN, LISTEN_RE, ROOT, clean_env, spawn, start_mitmdump, wait_until
 
 import fake_provider
 from kmi_rotor import cli_env
 
 from ._daily_helpers import cli_bin, free_port, user_env
-from ._operating_helpers import PoolSpec, wait_until, write_config
+from ._operating_helpers import PoolSpec, write_config
 from .conftest import KEYS
 from .test_operating import metric_samples
 
