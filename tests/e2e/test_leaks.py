@@ -69,6 +69,7 @@ ARTEFACTS = (
     "status",
     "status --json",
     "trace",
+    "trace --json",
     "trace --summary",
     "operator commands",
     "status page json",
@@ -352,6 +353,7 @@ def collect(r: Run) -> None:
     a["status"] = kmi_rotor(r.config, "status")
     a["status --json"] = kmi_rotor(r.config, "status", "--json")
     a["trace"] = kmi_rotor(r.config, "trace", "-n", "1000")
+    a["trace --json"] = kmi_rotor(r.config, "trace", "--json", "-n", "1000")
     a["trace --summary"] = kmi_rotor(r.config, "trace", "--summary")
 
 
@@ -359,7 +361,7 @@ def collect(r: Run) -> None:
 
 
 def trace_records(r: Run) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in r.artefacts["trace"].splitlines() if line.startswith(b"{")]
+    return [json.loads(line) for line in r.artefacts["trace --json"].splitlines() if line.startswith(b"{")]
 
 
 def test_the_run_had_traffic_of_every_kind(run: Run) -> None:

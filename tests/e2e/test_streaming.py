@@ -390,7 +390,7 @@ def test_a_client_leaving_mid_stream_is_not_an_error_of_the_key(left: Left):
 
 def test_an_error_answer_to_a_streaming_request_is_not_streamed(rig, provider):
     provider.set_keys({KEYS["alpha"]: KeyBehaviour(fail_next=[429])})
-    r, oa, _ = rig(dict(KEYS), preamble="[failover]\nmax_attempts = 1\n")
+    r, oa, _ = rig(dict(KEYS), tables={"failover": {"max_attempts": 1}})
     with pytest.raises(openai.RateLimitError) as caught:
         oa.chat.completions.create(**CHAT, stream=True)
     resp = caught.value.response
