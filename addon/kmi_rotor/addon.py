@@ -21,8 +21,10 @@ from .answers import (
     mask_request,
     put,
 )
+from .cluster import wiring as cluster
+from .cluster.state import EngineState, LocalState
 from .commands import OperatorCommands
-from .config import ConfigError, Pool, Settings, one_line
+from .config import ConfigError, Key, Pool, Settings, one_line
 from .core import access
 from .core import tokens as tk
 from .core.credentials import placements
@@ -57,6 +59,7 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
         self.config_error: str | None = "kmi-rotor is not configured yet"
         self.engine: Engine | None = None
         self.keeper: StateKeeper | None = None
+        self.state: EngineState = LocalState()
         self.trace: TraceWriter | None = None
         self._served: dict[str, Served] = {}
         self._deferred: dict[str, Pool] = {}
@@ -132,6 +135,7 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
             self.engine.reconfigure(settings)
         if self.keeper is None or old_dir != settings.state_dir:
             self._open_state(settings)
+        self._share_state(settings)
         if self._loop is not None:  # a reload while running: poll the new pools
             self.poller.start(settings.pools)
             self.keeper.start()
@@ -164,8 +168,18 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
         assert self.engine is not None
         return self.engine.limiter.capture(self.clock())
 
+    def _share_state(self, settings: Settings) -> None:
+        """Where the engine's state lives: in Redis with `[cluster]`, here without."""
+        assert self.engine is not None
+        self.state = cluster.share(
+            self.state, settings, self.engine, self._cluster_action, lambda: len(self._served)
+        )
+        if self._loop is not None:
+            cluster.start(self.state)
+
     def running(self) -> None:
         self._loop = asyncio.get_running_loop()
+        cluster.start(self.state)
         if self.keeper is not None:
             self.keeper.start()
         if self.settings is not None:
@@ -177,6 +191,7 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
         `done` handlers, so a writer (`-w`) saving unfinished flows finds no key in them."""
         self.poller.stop()
         self.watcher.stop()
+        cluster.stop(self.state)
         for flow_id in list(self._served):
             served = self._served.pop(flow_id, None)
             if served is not None and served.flow is not None:
@@ -235,8 +250,14 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
         await self._upstream_ready(flow)
         while True:
             now = self.clock()
-            d = self.engine.decide(
-                pool, tokens, now, deadline=deadline, exclude=exclude, affinity=affinity
+            d = await self.state.decide(
+                self.engine,
+                pool,
+                tokens,
+                now,
+                deadline=deadline,
+                exclude=exclude,
+                affinity=affinity,
             )
             if isinstance(d, Chosen):
                 self._inject(flow, pool, d, retry["attempt"] if retry else 1, arrived)
@@ -321,12 +342,12 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
             put(flow.request, p, p.render(secret))
         flow.comment = f"key {key.label}" + (f" · attempt {attempt}" if attempt > 1 else "")
         assert self.keeper is not None
-        self.keeper.key(key).add("requests")
+        self._counters(key).add("requests")
         failed = (
             self.engine.keys.get(meta.get("retry", {}).get("after", "")) if self.engine else None
         )
         if attempt > 1 and failed is not None:  # counted on the key the request failed on
-            self.keeper.key(failed).add("retries")
+            self._counters(failed).add("retries")
 
     def _refused(self, flow: http.HTTPFlow, pool: Pool, r: Refusal, arrived: float) -> None:
         answer_locally(flow, r, self.clock())
@@ -353,7 +374,7 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
             served.stream_request = flows.wants_stream(flow.request, body)
             assert self.engine is not None and self.settings is not None
             if served.estimated_from_size:  # admitted before the body: correct the estimate
-                self.engine.limiter.adjust(served.reservation, tk.estimate_from_body(body))
+                self.engine.adjust(served.reservation, tk.estimate_from_body(body))
             if served.stream_request and self.settings.streaming.include_usage:
                 flows.ask_for_usage(flow)
         except Exception:
@@ -452,7 +473,8 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
         sig = dataclasses.replace(sig, reason=scrub(sig.reason, 120), detail=scrub(sig.detail))
         h = self.engine.observe(served.key, sig, now, served.reservation)
         self.engine.settle(served.key, served.reservation, flows.total(served.tokens))
-        d = self.keeper.key(served.key)
+        self.state.observed(self.engine, served.key, now)
+        d = self._counters(served.key)
         d.health = h
         d.observe(now, resp.status_code, None if sig.kind is FailureKind.OK else sig.reason)
         flows.count_outcome(d, sig, served.tokens)
@@ -502,7 +524,7 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
         stream = served.tap.finish() if served.tap else None
         served.tokens = flows.stream_tokens(stream) if stream else (None, None)
         self.engine.settle(served.key, served.reservation, flows.total(served.tokens))
-        d = self.keeper.key(served.key)
+        d = self._counters(served.key)
         if client_left:  # a client that leaves is not the key's fault
             outcome = "client_gone"
             flows.count_tokens(d, served.tokens)
@@ -511,6 +533,7 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
             d.add("errors")
             d.observe(now, flow.response.status_code if flow.response else None, reason)
             d.health = self.engine.network_error(served.key, now, only_own_words(reason))
+            self.state.observed(self.engine, served.key, now)
             flow.marked = ":warning:"
         flow.comment = f"key {served.key.label} · {outcome}: {reason[:80]}"
         if served.attempt > 1:
@@ -532,6 +555,11 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
         if served is not None and self.engine is not None:
             self.engine.settle(served.key, served.reservation, None)
             self._wake()
+
+    def _counters(self, key: Key) -> flows.Counters:
+        """Where a key's counters go: the state file, and the shared state when there is one."""
+        assert self.keeper is not None
+        return flows.Counters(self.keeper.key(key), key.fingerprint, self.state.count)
 
     def _mask(self, flow: http.HTTPFlow) -> bool:
         """Hide the injected key in the stored request; True for a flow this addon manages."""

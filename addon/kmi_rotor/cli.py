@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import cli_check, cli_env, cli_init, cli_trace, config, presence, status
+from .cluster import view as cluster_view
 from .config import ConfigError, Key, Settings, one_line
 from .core.state import Delta, Operator
 from .store import StateError, StateStore
@@ -53,6 +54,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "problems": list(settings.problems),
                 "proxy": proxy,
             }
+            if settings.cluster:
+                out["cluster"] = cluster_view.read(settings)
             print(json.dumps(out, indent=2))
         else:
             if args.watch and sys.stdout.isatty():  # a pipe gets the tables one after another
@@ -60,6 +63,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(status.render_table(rows, now, status.local_429(doc)))
             for line in [*_folder_problems(settings), *([note] if note else [])]:
                 print(line)
+            if settings.cluster:
+                print(cluster_view.render(cluster_view.read(settings)))
         if not args.watch:
             return 0
         sys.stdout.flush()
@@ -112,6 +117,9 @@ def cmd_action(args: argparse.Namespace) -> int:
     print(
         f"{args.command}: {', '.join(k.label for k in keys)} (a running proxy applies it within 2 s)"
     )
+    if settings.cluster:
+        fps = [k.fingerprint for k in keys]
+        print(f"{args.command}: {cluster_view.announce(settings, args.command, fps)}")
     return 0
 
 
@@ -137,6 +145,8 @@ def cmd_rotate(args: argparse.Namespace) -> int:
         delta.pool_add(p.name, "rotations")
     StateStore(settings.state_dir).commit(delta)
     print(f"rotate: {', '.join(p.name for p in pools)} (a running proxy applies it within 2 s)")
+    for p in pools if settings.cluster else ():
+        print(f"rotate: {cluster_view.announce(settings, 'rotate', [p.name], len(p.keys))}")
     return 0
 
 

@@ -33,6 +33,7 @@ class OperatorCommands:
     _started: float
     _state_read: bool
     clock: Any
+    state: Any
 
     watcher: ConfigWatcher
 
@@ -58,6 +59,7 @@ class OperatorCommands:
             started=self._started,
         )
         snap["config_error"] = self.watcher.reload_error
+        snap["cluster"] = self.state.status()
         return snap
 
     def _key_named(self, label: str) -> Key:
@@ -94,6 +96,8 @@ class OperatorCommands:
                 raise ValueError(f"pool {name!r} does not exist or is not sticky")
             self.keeper.pool_add(name, "rotations")
             self._rotations_seen[name] = self._rotations_seen.get(name, 0) + 1
+            pool = next(p for p in self.settings.pools if p.name == name)
+            self.state.rotated(pool)
 
     @command.command("rotor.disable")
     def cmd_disable(self, label: str) -> None:
@@ -124,6 +128,7 @@ class OperatorCommands:
         if record:
             d.operator = Operator(action=action, at=now)
             self._operator_seen[key.fingerprint] = now
+            self.state.operated(key, action)
         log.info("kmi-rotor: key %s: %s", key.label, action)
 
     def _adopt_operator(self, key: Key, op: Operator) -> None:
@@ -139,6 +144,20 @@ class OperatorCommands:
             return
         self.keeper.key(key).health = self.engine.observe(key, sig, self.clock())
         log.info("kmi-rotor: key %s: %s", key.label, sig.reason)
+
+    def _cluster_action(self, msg: dict[str, Any]) -> None:
+        """An action another process or the CLI announced through the shared state."""
+        if self.engine is None:
+            return
+        action = msg["action"]
+        for target in msg["targets"]:
+            if action == "rotate":
+                self.engine.rotate(target)
+                continue
+            key = self.engine.keys.get(target)
+            if key is not None:
+                self._operate(key, action, record=False)
+        self._wake()
 
     def _adopt_state(self, doc: Any) -> None:
         """Take in what other processes wrote: operators' actions and newer health."""

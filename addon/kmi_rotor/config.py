@@ -26,6 +26,8 @@ from pydantic import (
 )
 
 from . import auths
+from .cluster.settings import Cluster, ClusterConfig
+from .cluster.settings import resolve as resolve_cluster
 from .core.hosts import HostPattern
 from .core.presets import PRESETS, Preset
 from .core.secrets import fingerprint
@@ -268,6 +270,7 @@ class RotorConfig(_Model):
         "own addresses (anything else is refused, against DNS rebinding).",
     )
     pools: list[PoolConfig] = Field(description="At least one pool of keys.", min_length=1)
+    cluster: ClusterConfig | None = Field(None, description="Share the pool through Redis.")
 
     @field_validator("allowed_hosts")
     @classmethod
@@ -356,6 +359,7 @@ class Settings:
     watched: tuple[Path, ...] = ()
     """The files it was read from (the config, key files, auths folders): a running proxy
     reloads when one of them changes."""
+    cluster: Cluster | None = None
 
     def pool_for(self, host: str, port: int) -> Pool | None:
         """The pool serving host:port: an exact host pattern wins over a wildcard."""
@@ -473,6 +477,13 @@ def _from_dict(
         state_dir = _path(cfg.state_dir, base_dir, "state_dir")
     except ValueError as e:
         raise ConfigError(f"{source}: {e}") from None
+    cluster = None
+    try:
+        cluster = resolve_cluster(cfg.cluster, env) if cfg.cluster else None
+    except ValueError as e:
+        if not lenient:
+            raise ConfigError(f"{source}: {e}") from None
+        problems.append(str(e))
     return Settings(
         source=source,
         state_dir=state_dir,
@@ -485,6 +496,7 @@ def _from_dict(
         allowed_hosts=tuple(HostPattern.parse(h) for h in cfg.allowed_hosts),
         problems=tuple(problems),
         watched=_watched(cfg, base_dir, source),
+        cluster=cluster,
     )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +18,15 @@ from .config import Key, LimitsConfig, Pool, Settings
 from .core import health as hl
 from .core.budget import Budgets
 from .core.health import KeyHealth, Policy
-from .core.limiter import GLOBAL, Admitted, Exhausted, Limiter, Limits, Reservation
+from .core.limiter import (
+    GLOBAL,
+    Admitted,
+    Exhausted,
+    Limiter,
+    Limits,
+    Rejected,
+    Reservation,
+)
 from .core.refusal import Refusal
 from .core.rotation import Sticky, Strategy, make
 from .core.signals import FailureKind, Signal
@@ -44,6 +52,18 @@ class Wait:
 
 
 Decision = Chosen | Wait | Refusal
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One admission's candidates, in order, and what chose them."""
+
+    pool: Pool
+    candidates: Sequence[str]
+    exclude: frozenset[str]
+    affinity: str | None
+    pinned: bool
+    """Whether the first candidate is the affinity's key (it stays first)."""
 
 
 class _Lazy:
@@ -82,6 +102,8 @@ class Engine:
         self._open: dict[int, tuple[str, float]] = {}  # in-flight reservations: key, admitted at
         self._strategy_names: dict[str, str] = {}
         self._now = 0.0  # the decision's clock, for strategies that ask for headroom
+        self.shared: Any = None
+        """The cluster's limiter when the state is shared: it settles its own reservations."""
         self.reconfigure(settings)
 
     def reconfigure(self, settings: Settings) -> None:
@@ -139,6 +161,20 @@ class Engine:
         affinity: str | None = None,
     ) -> Decision:
         """Admit the request on a key, say how long to wait, or refuse it (never blocks)."""
+        plan = self.plan(pool, now, exclude=exclude, affinity=affinity)
+        result = self.limiter.try_admit(plan.candidates, tokens, now)
+        return self.conclude(plan, result, now, deadline=deadline)
+
+    def plan(
+        self,
+        pool: Pool,
+        now: float,
+        *,
+        exclude: frozenset[str] = frozenset(),
+        affinity: str | None = None,
+    ) -> Plan:
+        """The usable keys in the strategy's order (affinity's key first): what admission,
+        in-process or shared, tries in turn."""
         self._now = now
         strategy = self.strategies[pool.name]
 
@@ -148,10 +184,21 @@ class Engine:
         order = (k.fingerprint for k in strategy.candidates(pool.keys, ok))
         sticky = self._affine(pool, affinity, ok)
         candidates = _Lazy(_unique(([sticky] if sticky else []), order))
-        result = self.limiter.try_admit(candidates, tokens, now)
+        return Plan(pool, candidates, exclude, affinity, sticky is not None)
+
+    def conclude(
+        self, plan: Plan, result: Admitted | Rejected, now: float, *, deadline: float
+    ) -> Decision:
+        """What an admission attempt on `plan`'s candidates means for the request."""
+        pool, candidates, exclude, affinity = (
+            plan.pool,
+            plan.candidates,
+            plan.exclude,
+            plan.affinity,
+        )
         if isinstance(result, Admitted):
             key = self.keys[result.key]
-            strategy.chose(pool.keys, key)
+            self.strategies[pool.name].chose(pool.keys, key)
             self.budgets.admitted(key.fingerprint, now)
             self._open[id(result.reservation)] = (key.fingerprint, now)
             if affinity:
@@ -262,8 +309,17 @@ class Engine:
             return
         self._open.pop(id(reservation), None)
         if tokens is not None:
-            self.limiter.adjust(reservation, min(max(0, tokens), MAX_TOKENS))
-        self.limiter.release(reservation)
+            self.adjust(reservation, tokens)
+        self.limiter_of(reservation).release(reservation)
+
+    def adjust(self, reservation: Reservation, tokens: int) -> None:
+        """Correct a reservation's tokens, at its original time."""
+        self.limiter_of(reservation).adjust(reservation, min(max(0, tokens), MAX_TOKENS))
+
+    def limiter_of(self, reservation: Reservation) -> Any:
+        """The limiter that made the reservation: the shared one (if any) or the local one."""
+        shared = self.shared
+        return shared if shared is not None and shared.owns(reservation) else self.limiter
 
     def observe(
         self, key: Key, sig: Signal, now: float, answered: Reservation | None = None

@@ -130,3 +130,23 @@ def count_tokens(d: Any, tokens: tuple[int | None, int | None]) -> None:
         d.add("tokens_in", tokens[0])
     if tokens[1]:
         d.add("tokens_out", tokens[1])
+
+
+class Counters:
+    """A key's pending changes whose counters also go to `also` (the shared state)."""
+
+    def __init__(self, delta: Any, fp: str, also: Any) -> None:
+        self.delta, self._fp, self._also = delta, fp, also
+
+    def add(self, name: str, n: int = 1) -> None:
+        self.delta.add(name, n)
+        self._also(self._fp, name, n)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.delta, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("delta", "_fp", "_also"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.delta, name, value)

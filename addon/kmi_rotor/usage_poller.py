@@ -89,6 +89,9 @@ class UsagePoller:
             for pool in pools:
                 if pool.name in self._unsupported or not pool.usages_url:
                     continue
+                state = getattr(self.rotor, "state", None)
+                if state is not None and not await state.may_poll(pool.name, interval * 2):
+                    continue  # another process of the cluster polls this pool
                 keys = [k for k in pool.keys if not k.disabled]
                 for key in keys:
                     try:
@@ -120,4 +123,7 @@ class UsagePoller:
         h = hl.observe_windows(engine.health_of(key.fingerprint), windows, now)
         engine.health[key.fingerprint] = h
         keeper.key(key).health = h
+        state = getattr(self.rotor, "state", None)
+        if state is not None:  # a spent quota keeps every process of the cluster off the key
+            state.observed(engine, key, now)
         return True

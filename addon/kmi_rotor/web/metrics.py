@@ -132,6 +132,13 @@ def _declare(fams: _Families) -> None:
         ("kmi_rotor_key_inflight", "Requests in flight on this key.", KEY_LABELS),
         ("kmi_rotor_inflight", "Requests in flight through the rotor.", None),
         ("kmi_rotor_uptime_seconds", "Seconds since the rotor started.", None),
+        (
+            "kmi_rotor_cluster_shared",
+            "1 while limits are shared through Redis, 0 when this "
+            "process enforces its own share (Redis unreachable).",
+            None,
+        ),
+        ("kmi_rotor_cluster_processes", "Processes of the cluster alive in the last minute.", None),
     )
     for name, doc, labels in gauges:
         fams.add(GaugeMetricFamily(name, doc, labels=labels or ()))
@@ -141,6 +148,10 @@ def _global_samples(fams: _Families, snap: Mapping[str, Any]) -> None:
     totals = mapping(snap.get("totals"))
     fams.sample("kmi_rotor_inflight", (), number(totals.get("inflight")))
     fams.sample("kmi_rotor_uptime_seconds", (), number(snap.get("uptime_s")))
+    cluster = mapping(snap.get("cluster"))
+    if cluster.get("mode") not in (None, "local"):
+        fams.sample("kmi_rotor_cluster_shared", (), float(cluster.get("mode") == "shared"))
+        fams.sample("kmi_rotor_cluster_processes", (), number(cluster.get("alive")))
 
 
 def _key_samples(fams: _Families, pool: str, key: Mapping[str, Any], now: float) -> None:

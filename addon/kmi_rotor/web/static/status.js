@@ -83,6 +83,14 @@
     $("version").textContent = d.version ? "v" + str(d.version) : "";
     const up = num(d.uptime_s);
     $("uptime").textContent = up === null ? "" : "up " + fmtSpan(up);
+    const c = obj(d.cluster), alive = num(c.alive);
+    const modes = {
+      shared: "cluster: shared through Redis" + (alive === null ? "" : " · " + alive + " alive"),
+      degraded: "cluster: Redis unreachable · local share of the limits",
+      refusing: "cluster: Redis unreachable · refusing requests",
+    };
+    const mode = str(c.mode);
+    $("cluster").textContent = Object.hasOwn(modes, mode) ? modes[mode] : "";
     const problem = str(d.config_error || d.error);
     $("config-error").textContent = problem
       ? "The configuration file could not be applied: " + problem +

@@ -1,0 +1,1 @@
+"""Several kmi-rotor processes sharing one pool through Redis (the `[cluster]` table)."""

@@ -1,0 +1,339 @@
+"""The engine's state shared through Redis (`EngineState`), with this process's fallback.
+
+Admission is one script call; cooldowns, counters and actions go out without holding up a
+request. A heartbeat (every `BEAT` s) registers the process, renews its slots' leases, flushes
+counters and notices when Redis comes back. Without Redis: `on_redis_down = "local"` admits
+against this process's share of every limit, "refuse" answers 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..config import Key, Pool, Settings
+from ..core.limiter import Rejected
+from ..core.refusal import Refusal
+from ..core.share import scaled
+from ..engine import Decision, Engine, Wait, limits_of
+from . import actions
+from .limits import Cursor, SharedDown, SharedLimits, _text
+from .registry import Registry, process_id
+from .settings import Cluster, connect
+
+log = logging.getLogger("kmi_rotor")
+
+BEAT = 0.5
+POLL = 0.05
+"""A request waiting for a slot another process holds looks again this often."""
+CURSORS = {"round-robin": "rr", "sticky": "sticky"}
+TURNS = 4
+"""Admissions one process has in flight to Redis at once."""
+SLOW_FOR = 1.0
+"""Seconds of answers later than the bound before the process falls back. A loaded machine
+stalls an event loop now and then, and a late answer is not an outage: the request that saw
+it looks again after POLL. Redis refusing the connection is one at once."""
+
+
+class RedisState:
+    """One process's handle on the shared state (implements `EngineState`)."""
+
+    def __init__(self, cluster: Cluster, *, listen: str = "", client: Any = None) -> None:
+        self.cluster = cluster
+        self.id = process_id()
+        self.listen = listen
+        self.client = client or connect(cluster.url.get_secret_value())
+        self.limits = SharedLimits(self.client, cluster.prefix, self.id, cluster.lease_seconds)
+        self.registry = Registry(self.client, cluster.prefix)
+        self.mode = "shared"
+        self.alive = 1
+        self.down_reason: str | None = None
+        self.processes: list[dict[str, Any]] = []
+        self.on_action: Callable[[dict[str, Any]], None] | None = None
+        self.in_flight: Callable[[], int] = lambda: 0
+        self._engine: Engine | None = None
+        self._settings: Settings | None = None
+        self._counts: dict[tuple[str, str], int] = {}
+        self._cooled: set[str] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[Any]] = set()
+        self._slow_since: float | None = None
+        self._turn = asyncio.Semaphore(TURNS)
+        """A few admissions at a time per process: requests woken together queue here, not
+        as a burst of calls to Redis where all but one would be refused."""
+
+    # -- set-up ------------------------------------------------------------------------------
+
+    def configure(self, settings: Settings, engine: Engine) -> None:
+        """The limits to share, and the engine whose local limiter is the fallback."""
+        self._settings, self._engine = settings, engine
+        engine.shared = self.limits
+        keys = {fp: limits_of(k.limits) for fp, k in engine.keys.items()}
+        self.limits.configure(limits_of(settings.limits), keys, settings.limits.guard)
+        self._rescale()
+
+    def _rescale(self) -> None:
+        """The local limiter holds this process's share: what it enforces without Redis."""
+        if self._engine is None or self._settings is None:
+            return
+        n = self.alive
+        keys = {fp: scaled(limits_of(k.limits), n) for fp, k in self._engine.keys.items()}
+        self._engine.limiter.configure(scaled(limits_of(self._settings.limits), n), keys)
+
+    def start(self) -> None:
+        if not self._tasks:
+            loop = asyncio.get_running_loop()
+            self._tasks = [
+                loop.create_task(self._heartbeat(), name="kmi-rotor-cluster-beat"),
+                loop.create_task(self._listen(), name="kmi-rotor-cluster-actions"),
+            ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks = []
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._flush(), 0.5)
+        with contextlib.suppress(Exception):
+            await self.client.aclose()
+
+    # -- admission ---------------------------------------------------------------------------
+
+    async def decide(
+        self,
+        engine: Engine,
+        pool: Pool,
+        tokens: int,
+        now: float,
+        *,
+        deadline: float,
+        exclude: frozenset[str],
+        affinity: str | None,
+    ) -> Decision:
+        if self.mode != "shared":
+            return self._without_redis(engine, pool, tokens, now, deadline, exclude, affinity)
+        plan = engine.plan(pool, now, exclude=exclude, affinity=affinity)
+        places = {k.fingerprint: i for i, k in enumerate(pool.keys)}
+        candidates = [(fp, places[fp]) for fp in plan.candidates]
+        mode = CURSORS.get(pool.strategy)
+        cursor = Cursor(pool.name, len(pool.keys), mode, plan.pinned) if mode else None
+        if not candidates:
+            return engine.conclude(plan, Rejected((), None), now, deadline=deadline)
+        try:
+            async with self._turn:
+                if self.mode != "shared":  # it went down while this request queued
+                    return self._without_redis(
+                        engine, pool, tokens, now, deadline, exclude, affinity
+                    )
+                result = await self.limits.admit(candidates, tokens, now, cursor=cursor)
+            self._slow_since = None
+        except SharedDown as e:
+            if not self._failed(e) and now + POLL <= deadline:
+                return Wait(now + POLL, "shared state slow to answer")
+            self._went_down(str(e))
+            return self._without_redis(engine, pool, tokens, now, deadline, exclude, affinity)
+        d = engine.conclude(plan, result, now, deadline=deadline)
+        if isinstance(d, Wait) and d.until is None:
+            # Another process's release wakes nobody here: look again soon. (A window frees
+            # at the time given, wherever the request that fills it came from.)
+            return Wait(min(deadline, now + POLL), d.reason)
+        return d
+
+    def _without_redis(
+        self,
+        engine: Engine,
+        pool: Pool,
+        tokens: int,
+        now: float,
+        deadline: float,
+        exclude: frozenset[str],
+        affinity: str | None,
+    ) -> Decision:
+        if self.cluster.on_redis_down == "refuse":
+            # The reason (host, port, error) stays in the log: it is the operator's, not the
+            # client's.
+            why = "the shared state (Redis) cannot be reached"
+            return Refusal(503, "shared_state_unavailable", why)
+        return engine.decide(
+            pool, tokens, now, deadline=deadline, exclude=exclude, affinity=affinity
+        )
+
+    def _went_down(self, reason: str) -> None:
+        if self.mode == "shared":
+            self.mode = "degraded" if self.cluster.on_redis_down == "local" else "refusing"
+            self.down_reason = reason or "no answer"
+            share = f"local limits, 1/{self.alive} of each"
+            what = share if self.mode == "degraded" else "refusing requests (503)"
+            log.warning(
+                "kmi-rotor: Redis at %s unreachable (%s): %s until it is back",
+                self.cluster.shown_url,
+                self.down_reason,
+                what,
+            )
+
+    def _failed(self, e: SharedDown) -> bool:
+        """Whether this failure means Redis is away (rather than one late answer)."""
+        if not e.slow:
+            return True
+        at = time.monotonic()
+        if self._slow_since is None:
+            self._slow_since = at
+        return at - self._slow_since >= SLOW_FOR
+
+    def _came_back(self) -> None:
+        self._slow_since = None
+        if self.mode != "shared":
+            self.mode, self.down_reason = "shared", None
+            log.warning(
+                "kmi-rotor: Redis at %s reachable again: limits are shared", self.cluster.shown_url
+            )
+
+    # -- what this process saw ----------------------------------------------------------------
+
+    def observed(self, engine: Engine, key: Key, now: float, scope: str = "") -> None:
+        fp = key.fingerprint
+        if not engine.usable(key, now):
+            at = engine._available_at(key, now)
+            self._cooled.add(fp)
+            self._later(self.limits.cool(fp, None if at is None else at - now, scope))
+        elif fp in self._cooled:
+            self._cooled.discard(fp)
+            self._later(self.limits.clear(fp, scope))
+
+    def operated(self, key: Key, action: str) -> None:
+        self._later(
+            self.limits.call(
+                actions.announce(
+                    self.client, self.cluster.prefix, action, [key.fingerprint], self.id
+                )
+            )
+        )
+
+    def rotated(self, pool: Pool) -> None:
+        announce = actions.announce(
+            self.client,
+            self.cluster.prefix,
+            "rotate",
+            [pool.name],
+            self.id,
+            pool_size=len(pool.keys),
+        )
+        self._later(self.limits.call(announce))
+
+    async def may_poll(self, pool: str, seconds: float) -> bool:
+        """Holding the pool's poll turn for `seconds` (taken, or renewed when it is ours).
+        Without Redis every process polls: a duplicate read beats none."""
+        name, ms = f"{self.cluster.prefix}:poll:{pool}", max(1000, int(seconds * 1000))
+        try:
+            if await self.limits.call(self.client.set(name, self.id, nx=True, px=ms)):
+                return True
+            holder = await self.limits.call(self.client.get(name))
+            if holder is not None and _text(holder) == self.id:
+                await self.limits.call(self.client.pexpire(name, ms))
+                return True
+            return False
+        except SharedDown:
+            return True
+
+    def count(self, fp: str, name: str, n: int = 1) -> None:
+        self._counts[(fp, name)] = self._counts.get((fp, name), 0) + n
+
+    def _later(self, aw: Any) -> None:
+        task = asyncio.get_running_loop().create_task(self._quietly(aw))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _quietly(self, aw: Any) -> None:
+        try:
+            await aw
+        except SharedDown as e:
+            log.debug("kmi-rotor: a shared update was lost (%s)", e)
+
+    # -- background ---------------------------------------------------------------------------
+
+    async def _heartbeat(self) -> None:
+        started = time.time()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.limits.warm(), 2.0)
+        while True:
+            if not self.listen:
+                from .wiring import listen_address
+
+                self.listen = listen_address()
+            record = {
+                "host": self.id.rsplit("-", 2)[0],
+                "listen": self.listen,
+                "in_flight": self.in_flight(),
+                "mode": self.mode,
+                "started": started,
+            }
+            try:
+                alive = await self.limits.call(self.registry.beat(self.id, record))
+                self._came_back()
+                if alive != self.alive:
+                    self.alive = alive
+                    self._rescale()
+                await self.limits.renew()
+                await self.limits.call(self._flush())
+                self.processes = await self.limits.call(self.registry.processes())
+            except SharedDown as e:
+                if self._failed(e):
+                    self._went_down(str(e))
+            except Exception:
+                log.exception("kmi-rotor: cluster heartbeat failed")
+            await asyncio.sleep(BEAT)
+
+    async def _flush(self) -> None:
+        counts, self._counts = self._counts, {}
+        if not counts:
+            return
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for (fp, name), n in counts.items():
+                    pipe.hincrby(f"{self.cluster.prefix}:n:{fp}", name, n)
+                await pipe.execute()
+        except BaseException:
+            for k, n in counts.items():  # kept for the next beat
+                self._counts[k] = self._counts.get(k, 0) + n
+            raise
+
+    async def _listen(self) -> None:
+        """Operators' actions from every process and the CLI (pub/sub; reconnects)."""
+        while True:
+            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(actions.channel(self.cluster.prefix))
+                while True:
+                    msg = await pubsub.get_message(timeout=1.0)
+                    if msg is None or msg.get("type") != "message":
+                        continue
+                    action = actions.parse(msg.get("data"))
+                    if action and action.get("origin") != self.id and self.on_action:
+                        self.on_action(action)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.debug("kmi-rotor: action channel interrupted (%s)", e)
+                await asyncio.sleep(0.5)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "redis": self.cluster.shown_url,
+            "prefix": self.cluster.prefix,
+            "on_redis_down": self.cluster.on_redis_down,
+            "down_reason": self.down_reason,
+            "process": self.id,
+            "alive": self.alive,
+            "processes": self.processes,
+        }

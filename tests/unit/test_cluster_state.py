@@ -1,0 +1,139 @@
+"""The engine's state shared through a real redis-server: two "processes" (two RedisStates,
+each with its own engine) in one test, and the fallback when Redis is away."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis_server import RedisServer, free_port
+
+from kmi_rotor.cluster.node import RedisState
+from kmi_rotor.cluster.state import LocalState
+from kmi_rotor.config import Settings, from_dict
+from kmi_rotor.core.refusal import Refusal
+from kmi_rotor.core.signals import FailureKind, Signal
+from kmi_rotor.engine import Chosen, Engine, Wait
+
+SOURCE = Path("/tmp/x/rotor.toml")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    srv = RedisServer(Path(tmp_path_factory.mktemp("redis")))
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def settings(url: str, *, policy: str = "local", rps: int | None = None) -> Settings:
+    keys: list[dict[str, Any]] = [
+        {"label": label, "key": f"sk-{label}-{i:024d}"} for i, label in enumerate("abc")
+    ]
+    if rps is not None:
+        for k in keys:
+            k["limits"] = {"requests_per_second": rps}
+    raw = {
+        "state_dir": "/tmp/x/state",
+        "limits": {"guard": 0},
+        "cluster": {"redis_url": url, "on_redis_down": policy, "prefix": f"t{time.time_ns()}"},
+        "pools": [{"name": "p", "provider": "generic", "hosts": ["llm.test"], "keys": keys}],
+    }
+    return from_dict(raw, SOURCE, env={})
+
+
+def process(s: Settings) -> tuple[RedisState, Engine]:
+    assert s.cluster is not None
+    engine = Engine(s)
+    state = RedisState(s.cluster)
+    state.configure(s, engine)
+    return state, engine
+
+
+async def decide(state: Any, engine: Engine, now: float | None = None) -> Any:
+    now = time.time() if now is None else now
+    pool = engine.settings.pools[0]
+    return await state.decide(
+        engine, pool, 10, now, deadline=now + 5, exclude=frozenset(), affinity=None
+    )
+
+
+async def test_round_robin_and_limits_span_processes(server):
+    s = settings(server.url, rps=1)
+    (one, e1), (two, e2) = process(s), process(s)
+    got = [await decide(one if i % 2 else two, e1 if i % 2 else e2) for i in range(3)]
+    assert [g.key.label for g in got if isinstance(g, Chosen)] == ["a", "b", "c"]
+    # Each key took its one request per second, whichever process sent it.
+    waiting = await decide(one, e1)
+    assert isinstance(waiting, Wait) and waiting.until is not None
+    for state in (one, two):
+        await state.stop()
+
+
+async def test_a_cooldown_seen_by_one_process_holds_for_the_other(server):
+    s = settings(server.url)
+    (one, e1), (two, e2) = process(s), process(s)
+    key = e1.keys[s.keys[0].fingerprint]
+    now = time.time()
+    sig = Signal(429, FailureKind.RATE_LIMITED, now + 30.0, (), "rate limited")
+    e1.observe(key, sig, now)
+    one.observed(e1, key, now)
+    await asyncio.gather(*one._background)
+    labels = set()
+    for _ in range(4):
+        d = await decide(two, e2)
+        assert isinstance(d, Chosen)
+        labels.add(d.key.label)
+        e2.settle(d.key, d.reservation, None)
+    assert labels == {"b", "c"}
+    for state in (one, two):
+        await state.stop()
+
+
+async def test_without_redis_local_shares_apply_and_it_is_said_once(caplog):
+    s = settings(f"redis://127.0.0.1:{free_port()}/0", rps=3)
+    state, engine = process(s)
+    state.alive = 3
+    state._rescale()
+    caplog.set_level(logging.WARNING, "kmi_rotor")
+    chosen = [await decide(state, engine) for _ in range(4)]  # connection refused: at once
+    assert state.status()["mode"] == "degraded"
+    # 3 keys x 1 request per second each: this process's third of 3 per key.
+    assert [type(d).__name__ for d in chosen] == ["Chosen", "Chosen", "Chosen", "Wait"]
+    assert sum("unreachable" in r.message for r in caplog.records) == 1
+    await state.stop()
+
+
+async def test_refuse_policy_answers_503():
+    s = settings(f"redis://127.0.0.1:{free_port()}/0", policy="refuse")
+    state, engine = process(s)
+    d = await decide(state, engine)
+    assert isinstance(d, Refusal) and d.status == 503 and d.code == "shared_state_unavailable"
+    await state.stop()
+
+
+async def test_the_in_process_state_is_the_engine_itself():
+    s = settings("redis://127.0.0.1:1/0")
+    engine = Engine(s)
+    d = await decide(LocalState(), engine)
+    assert isinstance(d, Chosen) and engine.shared is None
+
+
+async def test_one_process_polls_a_pool(server):
+    s = settings(server.url)
+    (one, _), (two, _) = process(s), process(s)
+    assert await one.may_poll("p", 1.0)
+    assert not await two.may_poll("p", 1.0)
+    assert await one.may_poll("p", 1.0)  # its turn, renewed
+    started = time.monotonic()
+    while not await two.may_poll("p", 1.0):  # the first one stopped renewing
+        assert time.monotonic() - started < 5.0
+        await asyncio.sleep(0.1)
+    assert not await one.may_poll("p", 1.0)
+    for state in (one, two):
+        await state.stop()
