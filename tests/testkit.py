@@ -5,9 +5,12 @@ Waiting on a condition is `proctools.wait_until`; writing a rotor.toml is `rotor
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Mapping
 from typing import Any
 
+import pytest
 from pydantic import SecretStr
 
 from kmi_rotor.config import Key
@@ -52,3 +55,14 @@ def with_pools(d: Delta, **pools: dict[str, int]) -> Delta:
         for name, n in counters.items():
             d.pool_add(pool, name, n)
     return d
+
+
+def need_redis() -> None:
+    """Tests of the shared state need Debian's redis-server: skipped where it is missing (with
+    the command that installs it), except in CI, which installs it and must run them."""
+    if shutil.which("redis-server"):
+        return
+    why = "redis-server is missing (apt-get install redis-server)"
+    if os.environ.get("CI"):
+        pytest.fail(f"{why}: CI must run the cluster tests")
+    pytest.skip(why)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 from redis_server import RedisServer, free_port
+from testkit import need_redis
 
 from kmi_rotor.cluster import limits
 from kmi_rotor.cluster.limits import Cursor, SharedDown, SharedLimits
@@ -19,6 +20,7 @@ from kmi_rotor.core.limiter import Admitted, Limits, Rejected
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    need_redis()
     srv = RedisServer(Path(tmp_path_factory.mktemp("redis")))
     srv.start()
     yield srv

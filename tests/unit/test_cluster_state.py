@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from redis_server import RedisServer, free_port
+from testkit import need_redis
 
 from kmi_rotor.cluster.node import RedisState
 from kmi_rotor.cluster.state import LocalState
@@ -25,6 +26,7 @@ SOURCE = Path("/tmp/x/rotor.toml")
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    need_redis()
     srv = RedisServer(Path(tmp_path_factory.mktemp("redis")))
     srv.start()
     yield srv
