@@ -13,7 +13,7 @@ from typing import Any
 
 from mitmproxy import ctx, http
 
-from . import config, failover, flows, relay
+from . import config, failover, flows, opening, relay
 from .answers import (
     KEY_HEADER,
     answer_locally,
@@ -78,6 +78,7 @@ class Rotor(Gatekeeper, Bookkeeping, OperatorCommands):
         self.watcher = ConfigWatcher(self, lambda: ctx.options.rotor_config, _servers)
         self.addons = [self.page]
         relay.install()
+        opening.install()
 
     # -- lifecycle --------------------------------------------------------------------------
 
