@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +12,8 @@ from proctools import MITMDUMP, ROOT, Mitmdump, clean_env, spawn, start_mitmdump
 from rotor_toml import pool, rotor_config
 
 import fake_provider
+
+from ._netns import start_proxy
 
 KEYS = {
     "alpha": "sk-alpha-e2e-0000000000000000000000a1",
@@ -82,3 +84,32 @@ def proxy_factory(tmp_path, mitm_confdir, upstream_ca) -> Iterator:
 
 
 __all__ = ["KEYS", "ROOT", "write_config"]
+
+
+Start = Callable[..., Mitmdump]
+"""Starts mitmdump with the addon on the listen host given (None: mitmproxy's default)."""
+
+
+@pytest.fixture
+def start(tmp_path, mitm_confdir, upstream_ca) -> Iterator[Start]:
+    """mitmdump with kmi-rotor on the listen host given (None: mitmproxy's default), trusting
+    the fake provider's CA; all stopped at teardown."""
+    started: list[Mitmdump] = []
+    _, ca_path = upstream_ca
+
+    def run(config: Path, *, listen_host: str | None, mode: str = "regular", extra=()) -> Mitmdump:
+        m = start_proxy(
+            config,
+            mitm_confdir,
+            ca_path,
+            tmp_path / f"mitmdump-{len(started)}.log",
+            listen_host=listen_host,
+            mode=mode,
+            extra=extra,
+        )
+        started.append(m)
+        return m
+
+    yield run
+    for m in started:
+        m.stop()

@@ -7,7 +7,7 @@ The fake provider listens on 127.0.0.1 only; mitmdump reaches it from this side.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from rotor_toml import pool, rotor_config
 
 import fake_provider
 
-from ._netns import Answer, Netns, curl, netns, start_proxy
+from ._netns import Answer, Netns, curl, netns
 from .conftest import KEYS
 
 TOKENS = {
@@ -27,7 +27,6 @@ TOKENS = {
 }
 CHAT = json.dumps({"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]})
 
-Start = Callable[..., Mitmdump]
 
 
 @pytest.fixture(scope="module")
@@ -36,28 +35,6 @@ def ns() -> Iterator[Netns]:
         yield created
 
 
-@pytest.fixture
-def start(tmp_path, mitm_confdir, upstream_ca) -> Iterator[Start]:
-    """Start mitmdump with the addon (listen host as given); all stopped at teardown."""
-    started: list[Mitmdump] = []
-    _, ca_path = upstream_ca
-
-    def run(config: Path, *, listen_host: str | None, mode: str = "regular", extra=()) -> Mitmdump:
-        m = start_proxy(
-            config,
-            mitm_confdir,
-            ca_path,
-            tmp_path / f"mitmdump-{len(started)}.log",
-            listen_host=listen_host,
-            mode=mode,
-            extra=extra,
-        )
-        started.append(m)
-        return m
-
-    yield run
-    for m in started:
-        m.stop()
 
 
 @pytest.fixture

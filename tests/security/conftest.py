@@ -6,23 +6,21 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e._netns import Netns, start_proxy
-from e2e.conftest import KEYS, mitm_confdir, upstream_ca
-from proctools import Mitmdump
+from e2e._netns import Netns
+from e2e.conftest import KEYS, mitm_confdir, start, upstream_ca
 
 import fake_provider
 
 from . import _probe
 
-__all__ = ["KEYS", "mitm_confdir", "upstream_ca"]
+__all__ = ["KEYS", "mitm_confdir", "start", "upstream_ca"]
 
 PROBE = Path(_probe.__file__)
-Start = Callable[..., Mitmdump]
 
 
 def behaviours() -> dict[str, fake_provider.KeyBehaviour]:
@@ -49,29 +47,6 @@ def plain() -> Iterator[fake_provider.FakeProvider]:
         yield running
 
 
-@pytest.fixture
-def start(tmp_path, mitm_confdir, upstream_ca) -> Iterator[Start]:
-    """mitmdump with kmi-rotor (listen host as given, None: mitmproxy's default); all stopped
-    at teardown."""
-    started: list[Mitmdump] = []
-    _, ca_path = upstream_ca
-
-    def run(config: Path, *, listen_host: str | None, mode: str = "regular", extra=()) -> Mitmdump:
-        m = start_proxy(
-            config,
-            mitm_confdir,
-            ca_path,
-            tmp_path / f"mitmdump-{len(started)}.log",
-            listen_host=listen_host,
-            mode=mode,
-            extra=extra,
-        )
-        started.append(m)
-        return m
-
-    yield run
-    for m in started:
-        m.stop()
 
 
 def write_config(tmp_path: Path, hosts: list[str], *lines: str) -> Path:
