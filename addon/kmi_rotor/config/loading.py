@@ -102,19 +102,8 @@ def _from_dict(
     except ValidationError as e:
         raise ConfigError(f"{source}: {_describe(e)}") from None
     base_dir = source.parent.resolve()
-    pools: list[Pool] = []
-    seen: dict[str, str] = {}
     problems: list[str] = []
-    for i, pc in enumerate(cfg.pools):
-        keys = _listed_keys(i, pc, base_dir, env, source, lenient) + _imported_keys(
-            i, pc, base_dir, env, source, problems if lenient else None
-        )
-        problems += [f"key {k.label}: {k.problem}" for k in keys if k.problem]
-        if not keys and not lenient:
-            raise ConfigError(f"{source}: pools[{i}].keys: pool {pc.name!r} has no keys")
-        _no_duplicate_keys(keys, f"pools[{i}]", f"pool {pc.name!r}", seen, source)
-        pools.append(build_pool(pc, keys))
-    _no_duplicate_hosts(pools, source)
+    pools = _pools(cfg, base_dir, env, source, problems if lenient else None)
     clients = () if lenient else _clients(cfg, pools, base_dir, env, source)
     try:
         state_dir = _path(cfg.state_dir, base_dir, "state_dir")
@@ -141,6 +130,32 @@ def _from_dict(
         watched=_watched(cfg, base_dir, source),
         cluster=cluster,
     )
+
+
+def _pools(
+    cfg: RotorConfig,
+    base_dir: Path,
+    env: Mapping[str, str],
+    source: Path,
+    problems: list[str] | None,
+) -> list[Pool]:
+    """Every pool with its keys read; with `problems` (a lenient load), what cannot be read is
+    noted there instead of raised, and a pool may be left without keys."""
+    lenient = problems is not None
+    pools: list[Pool] = []
+    seen: dict[str, str] = {}
+    for i, pc in enumerate(cfg.pools):
+        keys = _listed_keys(i, pc, base_dir, env, source, lenient) + _imported_keys(
+            i, pc, base_dir, env, source, problems
+        )
+        if problems is not None:
+            problems += [f"key {k.label}: {k.problem}" for k in keys if k.problem]
+        if not keys and not lenient:
+            raise ConfigError(f"{source}: pools[{i}].keys: pool {pc.name!r} has no keys")
+        _no_duplicate_keys(keys, f"pools[{i}]", f"pool {pc.name!r}", seen, source)
+        pools.append(build_pool(pc, keys))
+    _no_duplicate_hosts(pools, source)
+    return pools
 
 
 def _no_duplicate_keys(
