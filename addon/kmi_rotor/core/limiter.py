@@ -49,7 +49,10 @@ SNAPSHOT_FORMAT = 1
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """Limits of one scope; None means unlimited. Every set value must be a positive integer."""
+    """Limits of one scope; None means unlimited. Every set value must be a positive integer.
+
+    The one list of limits: the config file's limit tables (`config.schema.LimitsConfig`) are
+    generated from these fields, so a limit added here is at once a field of the file."""
 
     requests_per_second: int | None = None
     requests_per_minute: int | None = None
