@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +18,7 @@ from .config import Key, LimitsConfig, Pool, Settings
 from .core import health as hl
 from .core.budget import Budgets
 from .core.health import KeyHealth, Policy
+from .core.key_state import key_state
 from .core.limiter import (
     GLOBAL,
     Admitted,
@@ -29,9 +30,9 @@ from .core.limiter import (
 )
 from .core.refusal import Refusal
 from .core.rotation import Sticky, Strategy, make
-from .core.signals import FailureKind, Signal
+from .core.signals import FailureKind, Signal, Window
 from .core.tokens import MAX_TOKENS
-from .status import key_state, scrubber
+from .scrubbing import scrubber
 
 OUTAGE_WINDOW = 30.0
 """Overloads on every key of a pool within this many seconds are the provider's outage."""
@@ -414,6 +415,49 @@ class Engine:
         state = key_state(key, h, now, self.policy, spent)
         state["reason"] = scrubber(self.settings)(state["reason"], 120) or None
         return {"label": key.label, **state}
+
+    # -- what the shell reads and hands in ------------------------------------------------------
+
+    def observe_usage(self, key: Key, windows: tuple[Window, ...], now: float) -> KeyHealth:
+        """What the provider's usage endpoint said of the key's windows; its new health."""
+        h = hl.observe_windows(self.health_of(key.fingerprint), windows, now)
+        self.health[key.fingerprint] = h
+        return h
+
+    def available_at(self, key: Key, now: float) -> float | None:
+        """When the key can take a request: `now` when it can now, None while it is disabled."""
+        return now if self.usable(key, now) else self._available_at(key, now)
+
+    def pool_available_at(self, pool: Pool, now: float, exclude: frozenset[str]) -> float | None:
+        """When the pool can next serve a request on a key outside `exclude` (see the function
+        of the same name)."""
+        return pool_available_at(self, pool, now, exclude)
+
+    def spent_until(self, fp: str, now: float) -> float | None:
+        """Until when the provider's reported budget of the key is spent; None when it is not."""
+        return self.budgets.blocked_until(fp, now)
+
+    def usage(self, scope: str, now: float) -> dict[str, dict[str, float | None]]:
+        """The local limits' use of a scope (`global`, `key:<fingerprint>`): used, limit,
+        when it frees, per window."""
+        return self.limiter.usage(scope, now)
+
+    def limiter_windows(self, now: float) -> Callable[[], dict[str, Any]]:
+        """The limiter's windows as they are now, copied cheaply; call the result (in any
+        thread) for the document the state file keeps."""
+        return self.limiter.capture(now)
+
+    def limiter_snapshot(self, now: float) -> dict[str, Any]:
+        """The limiter's windows as the state file keeps them."""
+        return self.limiter.snapshot(now)
+
+    def restore_limiter(self, data: Mapping[str, Any], now: float) -> None:
+        """Take back windows from the state file (raises on a malformed document)."""
+        self.limiter.restore(data, now)
+
+    def limit_locally(self, global_limits: Limits, key_limits: Mapping[str, Limits]) -> None:
+        """Enforce these limits in this process (a cluster member's share of the shared ones)."""
+        self.limiter.configure(global_limits, key_limits)
 
 
 def _paced(key: Key) -> frozenset[str]:
