@@ -18,7 +18,7 @@ from .config import Key, LimitsConfig, Pool, Settings
 from .core import health as hl
 from .core.budget import Budgets
 from .core.health import KeyHealth, Policy
-from .core.key_state import key_state
+from .core.key_state import in_service, key_state, paced
 from .core.limiter import (
     GLOBAL,
     Admitted,
@@ -362,13 +362,7 @@ class Engine:
         )
 
     def _in_service(self, key: Key, now: float) -> bool:
-        if key.disabled:
-            return False
-        h = self.health_of(key.fingerprint)
-        state = hl.status(h, now).state
-        if state in ("disabled", "blocked"):
-            return False
-        return not (state == "cooling" and h.rate_limit_streak > 0)
+        return in_service(key, self.health_of(key.fingerprint), now)
 
     # -- operators and other processes ----------------------------------------------------------
 
@@ -461,17 +455,8 @@ class Engine:
 
 
 def _paced(key: Key) -> frozenset[str]:
-    """Dimensions the key's local limits pace exactly: for those, the provider's remaining and
-    reset (which must be read as the worst case of a sliding window) would only slow it."""
-    lim = key.limits
-    paced = set()
-    if any(
-        getattr(lim, f"requests_per_{u}") is not None for u in ("second", "minute", "hour", "day")
-    ):
-        paced.add("requests")
-    if lim.tokens_per_minute is not None or lim.tokens_per_day is not None:
-        paced.update(("tokens", "input_tokens", "output_tokens"))
-    return frozenset(paced)
+    """Dimensions the key's local limits pace exactly (see `core.key_state.paced`)."""
+    return paced(key.limits)
 
 
 def _unique(first: Iterable[str], rest: Iterable[str]) -> Iterator[str]:

@@ -1,5 +1,6 @@
-"""A key's state for people, from its health and the time: `ready`, `cooling`, `blocked`,
-`disabled` (or `unknown`), with until when and why; and the windows known of it."""
+"""A key's state from its health and the time: for people (`ready`, `cooling`, `blocked`,
+`disabled` or `unknown`, with until when and why; the windows known of it), and for steering
+(whether it is in service; which of its dimensions its own local limits pace)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,48 @@ class KeyFacts(Protocol):
     def disabled(self) -> bool: ...
     @property
     def problem(self) -> str | None: ...
+
+
+class RequestAndTokenLimits(Protocol):
+    """A key's own local limits, as far as pacing goes."""
+
+    @property
+    def requests_per_second(self) -> int | None: ...
+    @property
+    def requests_per_minute(self) -> int | None: ...
+    @property
+    def requests_per_hour(self) -> int | None: ...
+    @property
+    def requests_per_day(self) -> int | None: ...
+    @property
+    def tokens_per_minute(self) -> int | None: ...
+    @property
+    def tokens_per_day(self) -> int | None: ...
+
+
+def paced(limits: RequestAndTokenLimits) -> frozenset[str]:
+    """Dimensions a key's local limits pace exactly: for those, the provider's remaining and
+    reset (which must be read as the worst case of a sliding window) would only slow it."""
+    out = set()
+    if any(
+        getattr(limits, f"requests_per_{u}") is not None
+        for u in ("second", "minute", "hour", "day")
+    ):
+        out.add("requests")
+    if limits.tokens_per_minute is not None or limits.tokens_per_day is not None:
+        out.update(("tokens", "input_tokens", "output_tokens"))
+    return frozenset(out)
+
+
+def in_service(key: KeyFacts, h: KeyHealth, now: float) -> bool:
+    """Whether the key could have taken traffic just now: not disabled or blocked, and not
+    cooling down after a rate limit (a key cooling for a rate limit got no traffic to fail)."""
+    if key.disabled:
+        return False
+    state = hl.status(h, now).state
+    if state in ("disabled", "blocked"):
+        return False
+    return not (state == "cooling" and h.rate_limit_streak > 0)
 
 
 def key_state(
