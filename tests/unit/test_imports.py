@@ -105,6 +105,11 @@ def test_no_import_cycle() -> None:
     )
 
 
+def test_no_part_of_the_shell_imports_the_addon() -> None:
+    """The addon is assembled from parts that are given what they need: none reaches back."""
+    assert sorted(m for m, deps in graph().items() if "kmi_rotor.addon" in deps) == []
+
+
 def test_the_core_imports_nothing_of_the_shell() -> None:
     g = graph()
     reach = {
