@@ -169,7 +169,8 @@ class Gatekeeper:
     # -- the request path -----------------------------------------------------------------
 
     async def gate(self, flow: http.HTTPFlow) -> Pool | None:
-        """Access, Host, configuration and route checks; the pool when a key must be chosen."""
+        """Access, Host, configuration and route checks; the pool when a key must be chosen.
+        A request that fails one is answered locally; client tokens are masked in any case."""
         req = flow.request
         # A replay (a failover attempt, or the operator's in mitmweb) is made by the proxy from
         # a flow that passed these checks; its Host is the upstream's already.
@@ -177,27 +178,41 @@ class Gatekeeper:
         refusal = None if replay else self._reverse_host(flow)
         page = self.page.should_serve(flow)
         pool = self._pool_of(req.host, req.port)
-        if refusal is None and page and not self._page_host_ok(flow):
-            why = f"the status page is served on {WEB_HOST} and the proxy's own addresses only"
-            refusal = Refusal(403, "host_not_allowed", why)
-        kind: access.Kind = "page" if page else "pool" if pool is not None else "other"
-        if refusal is None and not replay:
-            refusal = self._who(flow, kind, pool)
+        if refusal is None:
+            refusal = await self._refusal(flow, page, pool, replay=replay)
         self._scrub_tokens(flow)
-        if refusal is None and not replay:
-            refusal = await self._where(flow, req.host, req.port, pool, everyone=False)
-        if refusal is None and not page and self.settings is None:
-            refusal = Refusal(503, "not_configured", f"not serving: {self._not_serving()}")
-        if refusal is None and pool is not None and not page:
-            refusal = self._route(flow, pool)
         if refusal is not None:
             answer_locally(flow, refusal, self.clock())
             return None
-        if pool is not None and not page and not is_api_call(req.method, req.path):
+        if page or pool is None:
+            return None
+        if not is_api_call(req.method, req.path):
             drop_credentials(flow)  # a probe needs no key, and the client's own never leaves
             flow.comment = "kmi-rotor: not an API call, sent without a key"
             return None
-        return None if page else pool
+        return pool
+
+    async def _refusal(
+        self, flow: http.HTTPFlow, page: bool, pool: Pool | None, *, replay: bool
+    ) -> Refusal | None:
+        """The first check (after the Host's) that the request fails, in order: the status
+        page's host, who the client is, where it goes, a configuration, the pool's route."""
+        if page and not self._page_host_ok(flow):
+            why = f"the status page is served on {WEB_HOST} and the proxy's own addresses only"
+            return Refusal(403, "host_not_allowed", why)
+        kind: access.Kind = "page" if page else "pool" if pool is not None else "other"
+        if not replay:
+            req = flow.request
+            refusal = self._who(flow, kind, pool) or await self._where(
+                flow, req.host, req.port, pool, everyone=False
+            )
+            if refusal is not None:
+                return refusal
+        if page:
+            return None
+        if self.settings is None:
+            return Refusal(503, "not_configured", f"not serving: {self._not_serving()}")
+        return None if pool is None else self._route(flow, pool)
 
     def _who(self, flow: http.HTTPFlow, kind: access.Kind, pool: Pool | None) -> Refusal | None:
         peer = flow.client_conn.peername[0] if flow.client_conn.peername else ""
