@@ -174,16 +174,21 @@ class Rotor:
         )
 
     def _open(self, settings: Settings, old: Running | None) -> Running:
-        """A `Running` on the state folder of `settings`, its state read (blocking: start-up).
-        The engine of `old`, if any, goes on with the new settings; its state folder closes."""
+        """Serve from the state folder of `settings`, its state read (blocking: start-up). With
+        `old`, the same `Running` goes on (its engine with the new settings, flows in flight
+        recorded in the new folder); its state folder closes first."""
         if old is not None:
             old.close()
-            old.engine.reconfigure(settings)
-        engine = old.engine if old is not None else Engine(settings)
         keeper = StateKeeper(StateStore(settings.state_dir))
         trace = TraceWriter(trace_path(settings.state_dir))
-        state = old.state if old is not None else LocalState()
-        self.serving = run = Running(settings, engine, keeper, trace, state)
+        if old is None:
+            run = Running(settings, Engine(settings), keeper, trace, LocalState())
+        else:
+            run = old
+            run.settings, run.keeper, run.trace = settings, keeper, trace
+            run.engine.reconfigure(settings)
+        self.serving = run
+        engine = run.engine
         keeper.on_change = self.adoption.state_read
         keeper.limiter_source = lambda: engine.limiter_windows(self.clock())
         self.adoption.first = True

@@ -1,7 +1,7 @@
 """What a configured proxy runs on: its settings, the engine, the state kept on disk, the trace
 and where the engine's state lives (this process, or Redis). Created when a configuration
 first applies; none of it optional. A reload replaces `settings` (and `state`, when
-`[cluster]` changed) in place; a new state folder, at start-up, a new `Running`."""
+`[cluster]` changed) in place; so does a new state folder (at start-up) its keeper and trace."""
 
 from __future__ import annotations
 
