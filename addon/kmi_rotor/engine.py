@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +18,7 @@ from .config import Key, LimitsConfig, Pool, Settings
 from .core import health as hl
 from .core.budget import Budgets
 from .core.health import KeyHealth, Policy
+from .core.key_state import in_service, key_state, paced
 from .core.limiter import (
     GLOBAL,
     Admitted,
@@ -29,9 +30,9 @@ from .core.limiter import (
 )
 from .core.refusal import Refusal
 from .core.rotation import Sticky, Strategy, make
-from .core.signals import FailureKind, Signal
+from .core.signals import FailureKind, Signal, Window
 from .core.tokens import MAX_TOKENS
-from .status import key_state, scrubber
+from .scrubbing import scrubber
 
 OUTAGE_WINDOW = 30.0
 """Overloads on every key of a pool within this many seconds are the provider's outage."""
@@ -361,13 +362,7 @@ class Engine:
         )
 
     def _in_service(self, key: Key, now: float) -> bool:
-        if key.disabled:
-            return False
-        h = self.health_of(key.fingerprint)
-        state = hl.status(h, now).state
-        if state in ("disabled", "blocked"):
-            return False
-        return not (state == "cooling" and h.rate_limit_streak > 0)
+        return in_service(key, self.health_of(key.fingerprint), now)
 
     # -- operators and other processes ----------------------------------------------------------
 
@@ -415,19 +410,53 @@ class Engine:
         state["reason"] = scrubber(self.settings)(state["reason"], 120) or None
         return {"label": key.label, **state}
 
+    # -- what the shell reads and hands in ------------------------------------------------------
+
+    def observe_usage(self, key: Key, windows: tuple[Window, ...], now: float) -> KeyHealth:
+        """What the provider's usage endpoint said of the key's windows; its new health."""
+        h = hl.observe_windows(self.health_of(key.fingerprint), windows, now)
+        self.health[key.fingerprint] = h
+        return h
+
+    def available_at(self, key: Key, now: float) -> float | None:
+        """When the key can take a request: `now` when it can now, None while it is disabled."""
+        return now if self.usable(key, now) else self._available_at(key, now)
+
+    def pool_available_at(self, pool: Pool, now: float, exclude: frozenset[str]) -> float | None:
+        """When the pool can next serve a request on a key outside `exclude` (see the function
+        of the same name)."""
+        return pool_available_at(self, pool, now, exclude)
+
+    def spent_until(self, fp: str, now: float) -> float | None:
+        """Until when the provider's reported budget of the key is spent; None when it is not."""
+        return self.budgets.blocked_until(fp, now)
+
+    def usage(self, scope: str, now: float) -> dict[str, dict[str, float | None]]:
+        """The local limits' use of a scope (`global`, `key:<fingerprint>`): used, limit,
+        when it frees, per window."""
+        return self.limiter.usage(scope, now)
+
+    def limiter_windows(self, now: float) -> Callable[[], dict[str, Any]]:
+        """The limiter's windows as they are now, copied cheaply; call the result (in any
+        thread) for the document the state file keeps."""
+        return self.limiter.capture(now)
+
+    def limiter_snapshot(self, now: float) -> dict[str, Any]:
+        """The limiter's windows as the state file keeps them."""
+        return self.limiter.snapshot(now)
+
+    def restore_limiter(self, data: Mapping[str, Any], now: float) -> None:
+        """Take back windows from the state file (raises on a malformed document)."""
+        self.limiter.restore(data, now)
+
+    def limit_locally(self, global_limits: Limits, key_limits: Mapping[str, Limits]) -> None:
+        """Enforce these limits in this process (a cluster member's share of the shared ones)."""
+        self.limiter.configure(global_limits, key_limits)
+
 
 def _paced(key: Key) -> frozenset[str]:
-    """Dimensions the key's local limits pace exactly: for those, the provider's remaining and
-    reset (which must be read as the worst case of a sliding window) would only slow it."""
-    lim = key.limits
-    paced = set()
-    if any(
-        getattr(lim, f"requests_per_{u}") is not None for u in ("second", "minute", "hour", "day")
-    ):
-        paced.add("requests")
-    if lim.tokens_per_minute is not None or lim.tokens_per_day is not None:
-        paced.update(("tokens", "input_tokens", "output_tokens"))
-    return frozenset(paced)
+    """Dimensions the key's local limits pace exactly (see `core.key_state.paced`)."""
+    return paced(key.limits)
 
 
 def _unique(first: Iterable[str], rest: Iterable[str]) -> Iterator[str]:

@@ -13,23 +13,22 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 from mitmproxy import ctx, http
 from mitmproxy.addons.clientplayback import ReplayHandler
 from mitmproxy.connection import Client
 
+from .config import Settings
 from .core import failover as fo
 from .core.refusal import Refusal, render
-from .engine import pool_available_at
+from .engine import Engine
+from .names import META
 from .relay import DELIVERIES, FEEDS, Delivery, Relay
-
-if TYPE_CHECKING:
-    from .addon import Rotor, Served
+from .served import Served
 
 log = logging.getLogger("kmi_rotor")
 
-META = "kmi_rotor"
 CLIENTS: dict[str, Client] = {}
 """Attempt flow id -> the client its answer is for (an attempt's own client is a stand-in)."""
 
@@ -39,34 +38,42 @@ def client_of(flow: http.HTTPFlow) -> Client:
     return CLIENTS.get(flow.id, flow.client_conn)
 
 
-def wanted(rotor: Rotor, flow: http.HTTPFlow, served: Served, outcome: str) -> bool:
+def wanted(settings: Settings, flow: http.HTTPFlow, served: Served, outcome: str) -> bool:
     """Whether the client's own attempt, which ended in `outcome`, may be followed by others:
     nothing of its answer reached the client, and its request body is there to send again."""
-    if rotor.settings is None or served.tap is not None or flow.request.raw_content is None:
+    if served.tap is not None or flow.request.raw_content is None:
         return False
     if flow.metadata.get(META, {}).get("retry"):  # an attempt of another flow
         return False
-    return fo.retry(outcome, served.attempt, rotor.settings.failover.max_attempts, True)
+    return fo.retry(outcome, served.attempt, settings.failover.max_attempts, True)
 
 
-async def run(rotor: Rotor, flow: http.HTTPFlow, served: Served, outcome: str, why: str) -> None:
+async def run(
+    engine: Engine,
+    settings: Settings,
+    flow: http.HTTPFlow,
+    served: Served,
+    outcome: str,
+    why: str,
+    clock: Callable[[], float],
+) -> None:
     """Attempts on other keys while the last one failed as another key may not, up to
     `[failover] max_attempts`; then the client gets the first answer that did not fail so
-    (whole or relayed), or the pool's answer (`why`: what failed first)."""
-    assert rotor.settings is not None and rotor.engine is not None
+    (whole or relayed), or the pool's answer (`why`: what failed first). The attempts are
+    admitted by the addon (each is a flow of its own); `engine` says when the pool can serve."""
     tried = {served.key.fingerprint}
     failed = served.key.fingerprint  # the key the next attempt is a retry of
     notes: list[str] = []
     shown = outcome if flow.response is not None else None
     last, attempt, replaced = outcome, served.attempt, False
     handed: Delivery | None = None
-    deadline = served.wall + rotor.settings.limits.max_wait_seconds
+    deadline = served.wall + settings.limits.max_wait_seconds
     while True:
-        now = rotor.clock()
+        now = clock()
         avoid = frozenset(tried)
-        at = pool_available_at(rotor.engine, served.pool, now, avoid)
+        at = engine.pool_available_at(served.pool, now, avoid)
         ready = at is not None and at <= max(now, deadline)
-        if not fo.retry(last, attempt, rotor.settings.failover.max_attempts, ready):
+        if not fo.retry(last, attempt, settings.failover.max_attempts, ready):
             break
         attempt += 1
         relay = Relay() if served.stream_request else None
@@ -76,7 +83,7 @@ async def run(rotor: Rotor, flow: http.HTTPFlow, served: Served, outcome: str, w
             break
         tried.add(meta["fingerprint"])
         failed = meta["fingerprint"]
-        if relay is not None and relay.began.is_set():
+        if relay is not None and relay.began.is_set() and copy.response is not None:
             flow.response = _head(copy.response)
             handed, replaced = Delivery(relay), True
             notes.append(f"retried on {meta['key']} ({flow.response.status_code}, streamed)")
@@ -91,7 +98,7 @@ async def run(rotor: Rotor, flow: http.HTTPFlow, served: Served, outcome: str, w
         flow.comment += " · " + " · ".join(notes)
         flow.metadata[META]["failover"] = notes
     if handed is None and fo.closing(shown) == "pool":
-        point_to_pool(rotor, flow, served, why)
+        point_to_pool(engine, flow, served, why, clock())
         replaced = True
     if flow.error is not None and replaced:  # in place of the connection error
         flow.error = None
@@ -161,9 +168,8 @@ def _stop(handler: ReplayHandler) -> None:
             io.handler.cancel()
 
 
-def _head(response: http.Response | None) -> http.Response:
+def _head(response: http.Response) -> http.Response:
     """The answer's status and headers for the client's flow; its body is relayed."""
-    assert response is not None
     head = http.Response(
         response.data.http_version,
         response.status_code,
@@ -177,14 +183,14 @@ def _head(response: http.Response | None) -> http.Response:
     return head
 
 
-def point_to_pool(rotor: Rotor, flow: http.HTTPFlow, served: Served, why: str) -> None:
+def point_to_pool(
+    engine: Engine, flow: http.HTTPFlow, served: Served, why: str, now: float
+) -> None:
     """Answer 429 with when the pool can serve again (at least a second from now: SDKs ignore
     0), or 503 when every key is disabled; each key's state in the body."""
-    assert rotor.engine is not None
-    now = rotor.clock()
-    pool_at = pool_available_at(rotor.engine, served.pool, now, frozenset())
+    pool_at = engine.pool_available_at(served.pool, now, frozenset())
     at = fo.retry_at(pool_at, now)
-    keys = tuple(rotor.engine.key_status(k, now) for k in served.pool.keys)
+    keys = tuple(engine.key_status(k, now) for k in served.pool.keys)
     if at is None or pool_at is None:
         refusal = Refusal(503, "all_keys_disabled", "every key of the pool is disabled", keys=keys)
     else:

@@ -1,11 +1,13 @@
 """Who may use the proxy, and where a key may go: the shell around `core/access.py` and
 `core/routing.py`.
 
-It reads mitmproxy's options and flows and applies the core's verdicts in four hooks:
-`http_connect` (who may open a tunnel, and to where), `requestheaders` through `_gate` (who
-may have what a request asks for, and whether its Host names the pool's host), `server_connect`
-(no connection to the proxy itself, whatever the spelling) and `tls_start_server` (the
-upstream server name of a pool host is the pool's host).
+A mitmproxy addon of its own (a part of kmi-rotor's): it reads mitmproxy's options and flows
+and applies the core's verdicts in its hooks `configure` (whom to serve, from the listening
+addresses and the authentication), `http_connect` (who may open a tunnel, and to where),
+`server_connect` (no connection to the proxy itself, whatever the spelling) and
+`tls_start_server` (the upstream server name of a pool host is the pool's host); and in
+`gate`, which kmi-rotor's `requestheaders` asks first (who may have what a request asks for,
+and whether its Host names the pool's host).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from mitmproxy import ctx, http
 from mitmproxy.net.http import url
 from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 
-from .answers import answer_locally, drop_credentials
+from . import listening
+from .answers import answer_locally
 from .config import Client, Pool, Settings
 from .core import access, routing
 from .core.access import IP
@@ -29,12 +32,13 @@ from .core.calls import is_api_call
 from .core.credentials import CREDENTIAL_HEADERS, CREDENTIAL_QUERY
 from .core.refusal import Refusal
 from .core.secrets import mask_credential_value
-from .flows import META
 from .hosting import WEB_HOST, StatusPage
+from .masking import drop_credentials
+from .names import ALLOW_REMOTE_OPTION, CONFIG_OPTION, META
 
 log = logging.getLogger("kmi_rotor")
 
-EXPOSURE_OPTIONS = {"listen_host", "mode", "proxyauth", "rotor_allow_remote", "rotor_config"}
+EXPOSURE_OPTIONS = {"listen_host", "mode", "proxyauth", ALLOW_REMOTE_OPTION, CONFIG_OPTION}
 RESOLVE_TIMEOUT = 10.0
 
 
@@ -42,20 +46,38 @@ class Gatekeeper:
     """Loopback clients, and remote ones once authenticated (proxyauth or a client token);
     keys only to their pool's host."""
 
-    settings: Settings | None
-    config_error: str | None
-    exposure: access.Exposure
-    page: StatusPage
-    _listen_hosts: tuple[str, ...] = ()
-    _owns_host_header = False
-    """True when kmi-rotor turned on keep_host_header to see reverse-mode clients' own Host
-    (mitmproxy would replace it before any hook), and so rewrites it itself afterwards."""
+    def __init__(
+        self,
+        page: StatusPage,
+        settings: Callable[[], Settings | None],
+        not_serving: Callable[[], str | None],
+        clock: Callable[[], float],
+    ) -> None:
+        """`settings`: the configuration in force (None: none applies, and `not_serving`
+        says why); `page`: the status page, which it lets through to whom may see it."""
+        self.page = page
+        self._settings = settings
+        self._not_serving = not_serving
+        self.clock = clock
+        self.exposure = access.Exposure("local")
+        self._listen_hosts: tuple[str, ...] = ()
+        self._owns_host_header = False
+        """True when kmi-rotor turned on keep_host_header to see reverse-mode clients' own Host
+        (mitmproxy would replace it before any hook), and so rewrites it itself afterwards."""
 
-    clock: Callable[[], float]
+    @property
+    def settings(self) -> Settings | None:
+        return self._settings()
 
     # -- start-up -------------------------------------------------------------------------
 
-    def _check_exposure(self) -> None:
+    def configure(self, updated: set[str]) -> None:
+        # After kmi-rotor's own `configure` (a part's hooks run after its parent's): the
+        # configuration's client tokens count as authentication.
+        if updated & EXPOSURE_OPTIONS:
+            self.check_exposure()
+
+    def check_exposure(self) -> None:
         """Decide from the listening addresses and the authentication whom to serve; say it once."""
         opts = ctx.options
         try:
@@ -65,8 +87,9 @@ class Gatekeeper:
             modes, hosts = [], [""]
         self._listen_hosts = tuple(hosts)
         proxyauth = opts.proxyauth if "proxyauth" in opts else None
-        authenticated = bool(proxyauth) or bool(self.settings and self.settings.clients)
-        exp = access.exposure(hosts, opts.rotor_allow_remote, authenticated)
+        settings = self.settings
+        authenticated = bool(proxyauth) or bool(settings and settings.clients)
+        exp = access.exposure(hosts, getattr(opts, ALLOW_REMOTE_OPTION), authenticated)
         if exp.message and exp != self.exposure:
             log.warning("%s", exp.message)
         self.exposure = exp
@@ -115,7 +138,7 @@ class Gatekeeper:
             port,
             client_loopback=loopback,
             pool_host=pool is not None,
-            listen_ports=self._listen_ports(),
+            listen_ports=self.listen_ports(),
             own=is_own_address,
         )
         if why is not None:
@@ -136,13 +159,18 @@ class Gatekeeper:
             conn.sni = routing.canonical_host(conn.address[0])
             return
         mode = data.context.client.proxy_mode
-        if self._owns_host_header and isinstance(mode, ReverseMode) and conn.address == mode.address:
+        if (
+            self._owns_host_header
+            and isinstance(mode, ReverseMode)
+            and conn.address == mode.address
+        ):
             conn.sni = mode.address[0]  # what mitmproxy does without keep_host_header
 
     # -- the request path -----------------------------------------------------------------
 
-    async def _gate(self, flow: http.HTTPFlow) -> Pool | None:
-        """Access, Host, configuration and route checks; the pool when a key must be chosen."""
+    async def gate(self, flow: http.HTTPFlow) -> Pool | None:
+        """Access, Host, configuration and route checks; the pool when a key must be chosen.
+        A request that fails one is answered locally; client tokens are masked in any case."""
         req = flow.request
         # A replay (a failover attempt, or the operator's in mitmweb) is made by the proxy from
         # a flow that passed these checks; its Host is the upstream's already.
@@ -150,27 +178,41 @@ class Gatekeeper:
         refusal = None if replay else self._reverse_host(flow)
         page = self.page.should_serve(flow)
         pool = self._pool_of(req.host, req.port)
-        if refusal is None and page and not self._page_host_ok(flow):
-            why = f"the status page is served on {WEB_HOST} and the proxy's own addresses only"
-            refusal = Refusal(403, "host_not_allowed", why)
-        kind: access.Kind = "page" if page else "pool" if pool is not None else "other"
-        if refusal is None and not replay:
-            refusal = self._who(flow, kind, pool)
+        if refusal is None:
+            refusal = await self._refusal(flow, page, pool, replay=replay)
         self._scrub_tokens(flow)
-        if refusal is None and not replay:
-            refusal = await self._where(flow, req.host, req.port, pool, everyone=False)
-        if refusal is None and not page and self.settings is None:
-            refusal = Refusal(503, "not_configured", f"not serving: {self.config_error}")
-        if refusal is None and pool is not None and not page:
-            refusal = self._route(flow, pool)
         if refusal is not None:
             answer_locally(flow, refusal, self.clock())
             return None
-        if pool is not None and not page and not is_api_call(req.method, req.path):
+        if page or pool is None:
+            return None
+        if not is_api_call(req.method, req.path):
             drop_credentials(flow)  # a probe needs no key, and the client's own never leaves
             flow.comment = "kmi-rotor: not an API call, sent without a key"
             return None
-        return None if page else pool
+        return pool
+
+    async def _refusal(
+        self, flow: http.HTTPFlow, page: bool, pool: Pool | None, *, replay: bool
+    ) -> Refusal | None:
+        """The first check (after the Host's) that the request fails, in order: the status
+        page's host, who the client is, where it goes, a configuration, the pool's route."""
+        if page and not self._page_host_ok(flow):
+            why = f"the status page is served on {WEB_HOST} and the proxy's own addresses only"
+            return Refusal(403, "host_not_allowed", why)
+        kind: access.Kind = "page" if page else "pool" if pool is not None else "other"
+        if not replay:
+            req = flow.request
+            refusal = self._who(flow, kind, pool) or await self._where(
+                flow, req.host, req.port, pool, everyone=False
+            )
+            if refusal is not None:
+                return refusal
+        if page:
+            return None
+        if self.settings is None:
+            return Refusal(503, "not_configured", f"not serving: {self._not_serving()}")
+        return None if pool is None else self._route(flow, pool)
 
     def _who(self, flow: http.HTTPFlow, kind: access.Kind, pool: Pool | None) -> Refusal | None:
         peer = flow.client_conn.peername[0] if flow.client_conn.peername else ""
@@ -178,12 +220,12 @@ class Gatekeeper:
         token = False
         clients = self.settings.clients if self.settings else ()
         if kind in ("pool", "page") and clients and not loopback:
-            client = self._token_client(flow)
-            token = client is not None and access.token_allows(
+            client = self._token_client(flow, clients)
+            if client is not None and access.token_allows(
                 client.pools, pool.name if pool else None
-            )
-            if token:
-                flow.metadata.setdefault(META, {})["client"] = client.label  # type: ignore[union-attr]
+            ):
+                token = True
+                flow.metadata.setdefault(META, {})["client"] = client.label
         why = access.client_verdict(
             self.exposure,
             kind,
@@ -215,7 +257,7 @@ class Gatekeeper:
             port,
             client_loopback=loopback,
             pool_host=pool is not None,
-            listen_ports=self._listen_ports(flow),
+            listen_ports=self.listen_ports(flow),
             own=is_own_address,
         )
         return None if why is None else Refusal(403, "destination_not_allowed", why)
@@ -295,22 +337,17 @@ class Gatekeeper:
     def _pool_of(self, host: str, port: int) -> Pool | None:
         return self.settings.pool_for(host, port) if self.settings else None
 
-    def _listen_ports(self, flow: http.HTTPFlow | None = None) -> set[int]:
+    def listen_ports(self, flow: http.HTTPFlow | None = None) -> set[int]:
         """Every port the proxy listens on (several modes may share one process)."""
-        ports: set[int] = set()
-        server = ctx.master.addons.get("proxyserver") if hasattr(ctx, "master") else None
-        for instance in getattr(server, "servers", ()) or ():
-            ports.update(int(a[1]) for a in instance.listen_addrs)
-        if flow is not None and flow.client_conn.sockname:
-            ports.add(int(flow.client_conn.sockname[1]))
-        return ports
+        return listening.ports(flow)
 
     def _scrub_tokens(self, flow: http.HTTPFlow) -> None:
         """Mask client tokens wherever the client put them: a flow answered locally (a
         refusal, the status page) keeps its request, and so would keep the token."""
-        if self.settings is None or not self.settings.clients:
+        settings = self.settings
+        if settings is None or not settings.clients:
             return
-        tokens = [(c.label, c.token.get_secret_value()) for c in self.settings.clients]
+        tokens = [(c.label, c.token.get_secret_value()) for c in settings.clients]
         for slot in (*CREDENTIAL_HEADERS, *(f"?{q}" for q in CREDENTIAL_QUERY)):
             where = flow.request.query if slot.startswith("?") else flow.request.headers
             value = where.get(slot.lstrip("?"))
@@ -320,13 +357,12 @@ class Gatekeeper:
             if access.match_token([bare], tokens) is not None:
                 where[slot.lstrip("?")] = mask_credential_value(value)
 
-    def _token_client(self, flow: http.HTTPFlow) -> Client | None:
-        assert self.settings is not None
+    def _token_client(self, flow: http.HTTPFlow, clients: tuple[Client, ...]) -> Client | None:
         headers = {k.lower(): v for k, v in flow.request.headers.items()}
         presented = access.presented_credentials(headers, dict(flow.request.query.items()))
-        tokens = [(c.label, c.token.get_secret_value()) for c in self.settings.clients]
+        tokens = [(c.label, c.token.get_secret_value()) for c in clients]
         label = access.match_token(presented, tokens)
-        return next((c for c in self.settings.clients if c.label == label), None)
+        return next((c for c in clients if c.label == label), None)
 
 
 async def _resolve(host: str, port: int) -> list[IP]:

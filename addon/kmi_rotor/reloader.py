@@ -31,10 +31,20 @@ Signature = tuple[tuple[str, Any], ...]
 
 
 class Reloadable(Protocol):
-    settings: Settings | None
-    config_error: str | None
+    """What the watcher reloads: kmi-rotor's addon, as far as the watcher needs it."""
 
-    def _apply(self, settings: Settings) -> None: ...
+    @property
+    def settings(self) -> Settings | None:
+        """The configuration in force; None while none applies."""
+        ...
+
+    def apply(self, settings: Settings) -> None:
+        """Apply a configuration read successfully (keys that stay keep their state)."""
+        ...
+
+    def not_configured(self, message: str) -> None:
+        """No configuration applies yet, and this one is broken (`message` says how)."""
+        ...
 
 
 def signature(paths: Iterable[Path]) -> Signature:
@@ -146,7 +156,7 @@ class ConfigWatcher:
                 old.state_dir,
             )
             settings = dataclasses.replace(settings, state_dir=old.state_dir)
-        self.rotor._apply(settings)
+        self.rotor.apply(settings)
         self.reload_error, self.loaded_at = None, time.time()
         # The new configuration may read other files: watch them from now on, keeping what was
         # seen before the load for the others.
@@ -160,8 +170,7 @@ class ConfigWatcher:
             return
         self.reload_error = message
         if self.rotor.settings is None:
-            self.rotor.config_error = message
-            log.error("kmi-rotor: %s", message)
+            self.rotor.not_configured(message)
         else:
             log.error("kmi-rotor: %s (keeping the previous configuration)", message)
 

@@ -6,36 +6,23 @@ Built from the configuration and a state document (the CLI) or the live engine (
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .config import Key, Settings
 from .core import health as hl
 from .core.health import KeyHealth
-from .core.scrub import Scrubber
+from .core.key_state import key_state, quota
 from .core.secrets import mask
 from .core.state import KeyRecord, StateDoc
+from .engine import Engine
+from .scrubbing import scrubber
 
 if TYPE_CHECKING:
-    from .engine import Engine
-
-
-_SCRUBBERS: dict[int, tuple[Settings, Scrubber]] = {}
-
-
-def scrubber(settings: Settings) -> Scrubber:
-    """The scrubber of every key and client token of `settings` (built once per settings)."""
-    cached = _SCRUBBERS.get(id(settings))
-    if cached is not None and cached[0] is settings:
-        return cached[1]
-    secrets = [k.secret.get_secret_value() for k in settings.keys if not k.problem]
-    secrets += [c.token.get_secret_value() for c in settings.clients]
-    made = Scrubber(secrets)
-    _SCRUBBERS.clear()  # one configuration is live at a time
-    _SCRUBBERS[id(settings)] = (settings, made)
-    return made
+    from .running import Running
+    from .served import Served
 
 
 def identify(settings: Settings, doc: StateDoc) -> Settings:
@@ -54,64 +41,6 @@ def identify(settings: Settings, doc: StateDoc) -> Settings:
     return dataclasses.replace(settings, pools=tuple(pools))
 
 
-def key_state(
-    key: Key,
-    h: KeyHealth,
-    now: float,
-    policy: hl.Policy | None = None,
-    spent_until: float | None = None,
-) -> dict[str, Any]:
-    """`ready`, `cooling` (until, reason), `blocked` (until, reason) or `disabled` (reason).
-
-    `spent_until`: when the key's provider budget (what it reported, less what was sent since)
-    lets it take a request again; a key held back by it is not ready. `unknown` for a key
-    known neither by its secret nor by a record in the state."""
-    if key.problem and not key.fingerprint:
-        return {"status": "unknown", "until": None, "reason": "no secret here, no record yet"}
-    if key.disabled:
-        return {"status": "disabled", "until": None, "reason": "disabled in the configuration"}
-    st = hl.status(h, now)
-    state, until, reason = st.state, st.until, st.reason
-    cap = policy.max_cooldown_seconds if policy else math.inf
-    if state == "ready" and not hl.usable(h, now, cap=cap):
-        state, until = "cooling", hl.next_usable_at(h, now, policy)
-        reason = "provider reports no remaining quota"
-    if state == "ready" and spent_until is not None and spent_until > now:
-        state, until = "cooling", spent_until
-        reason = "provider reports no remaining requests"
-    return {"status": state, "until": until, "reason": reason}
-
-
-def quota(
-    h: KeyHealth, now: float, local: dict[str, dict[str, Any]] | None
-) -> list[dict[str, Any]]:
-    """Known windows: the provider's (from its headers) and the local limits'."""
-    out = [
-        {
-            "name": name,
-            "source": "provider",
-            "limit": w.limit,
-            "remaining": w.remaining,
-            "resets_at": w.reset_at,
-        }
-        for name, w in sorted(h.windows.items())
-        if w.reset_at is None or w.reset_at > now
-    ]
-    for name, u in sorted((local or {}).items()):
-        limit, used = u.get("limit"), u.get("used")
-        remaining = None if limit is None or used is None else max(0.0, limit - used)
-        out.append(
-            {
-                "name": name,
-                "source": "local",
-                "limit": limit,
-                "remaining": remaining,
-                "resets_at": u.get("free_at"),
-            }
-        )
-    return out
-
-
 def key_row(
     key: Key,
     rec: KeyRecord | None,
@@ -120,10 +49,10 @@ def key_row(
     engine: Engine | None,
     policy: hl.Policy | None = None,
 ) -> dict[str, Any]:
-    local = engine.limiter.usage(f"key:{key.fingerprint}", now) if engine else None
+    local = engine.usage(f"key:{key.fingerprint}", now) if engine else None
     half_life = engine.policy.half_life_seconds if engine else 300.0
     policy = engine.policy if engine else policy
-    spent = engine.budgets.blocked_until(key.fingerprint, now) if engine else None
+    spent = engine.spent_until(key.fingerprint, now) if engine else None
     row: dict[str, Any] = {
         "label": key.label,
         "pool": key.pool,
@@ -205,6 +134,34 @@ def snapshot(
         "pools": pools,
         "recent": recent or [],
     }
+
+
+def live_snapshot(
+    run: Running,
+    served: Iterable[Served],
+    recent: Iterable[dict[str, Any]],
+    now: float,
+    *,
+    started: float,
+    reload_error: str | None,
+) -> dict[str, Any]:
+    """The running proxy's `snapshot`: with the requests in flight per key, the latest
+    requests first, a configuration it could not apply and the shared state's status."""
+    inflight: dict[str, int] = {}
+    for s in served:
+        inflight[s.key.fingerprint] = inflight.get(s.key.fingerprint, 0) + 1
+    snap = snapshot(
+        run.settings,
+        run.keeper.view(),
+        now,
+        engine=run.engine,
+        recent=list(reversed(list(recent))),
+        inflight=inflight,
+        started=started,
+    )
+    snap["config_error"] = reload_error
+    snap["cluster"] = run.state.status()
+    return snap
 
 
 def _ago(ts: float | None, now: float) -> str:

@@ -15,8 +15,8 @@ import urllib.request
 from collections.abc import Callable
 
 from .config import Key, Pool
-from .core import health as hl
 from .core.kimi import may_follow_redirect, parse_usages
+from .running import Running
 
 log = logging.getLogger("kmi_rotor")
 
@@ -64,18 +64,23 @@ def fetch(url: str, key: Key, cafile: str | None) -> tuple[int, bytes]:
 
 
 class UsagePoller:
-    def __init__(self, rotor: object, cafile: Callable[[], str | None]) -> None:
-        self.rotor = rotor
+    """Polls the quota of every key of the pools that have a usage endpoint; what it reads goes
+    to the engine (`Engine.observe_usage`), the state file and the shared state."""
+
+    def __init__(self, clock: Callable[[], float], cafile: Callable[[], str | None]) -> None:
+        """`cafile`: the CA bundle that verifies the endpoint (None: the system's)."""
+        self.clock = clock
         self.cafile = cafile
         self._task: asyncio.Task[None] | None = None
         self._unsupported: set[str] = set()
 
-    def start(self, pools: tuple[Pool, ...]) -> None:
+    def start(self, run: Running) -> None:
+        """Poll the pools of `run`'s settings (stops polling what it polled before)."""
         self.stop()
-        polled = [p for p in pools if p.usages_url and p.usage_poll_seconds > 0]
+        polled = [p for p in run.settings.pools if p.usages_url and p.usage_poll_seconds > 0]
         if polled:
             self._task = asyncio.get_running_loop().create_task(
-                self._run(polled), name="kmi-rotor-usages"
+                self._run(run, polled), name="kmi-rotor-usages"
             )
 
     def stop(self) -> None:
@@ -83,27 +88,27 @@ class UsagePoller:
             self._task.cancel()
             self._task = None
 
-    async def _run(self, pools: list[Pool]) -> None:
+    async def _run(self, run: Running, pools: list[Pool]) -> None:
         while True:
             interval = min(p.usage_poll_seconds for p in pools)
             for pool in pools:
                 if pool.name in self._unsupported or not pool.usages_url:
                     continue
-                state = getattr(self.rotor, "state", None)
-                if state is not None and not await state.may_poll(pool.name, interval * 2):
+                if not await run.state.may_poll(pool.name, interval * 2):
                     continue  # another process of the cluster polls this pool
                 keys = [k for k in pool.keys if not k.disabled]
                 for key in keys:
                     try:
-                        await self.poll_once(pool, key)
+                        await self.poll_once(run, pool, key)
                     except Exception:  # one odd answer must not end the polling for good
                         log.exception("kmi-rotor: reading the quota of key %s failed", key.label)
                     await asyncio.sleep(interval / max(1, len(keys)) / 2)
             await asyncio.sleep(interval / 2)
 
-    async def poll_once(self, pool: Pool, key: Key) -> bool:
+    async def poll_once(self, run: Running, pool: Pool, key: Key) -> bool:
         """Read one key's quota and record it; True when windows were learnt."""
-        assert pool.usages_url is not None
+        if pool.usages_url is None:
+            return False
         status, body = await asyncio.to_thread(fetch, pool.usages_url, key, self.cafile())
         if status == 404:
             self._unsupported.add(pool.name)
@@ -115,15 +120,11 @@ class UsagePoller:
             return False
         if status != 200:
             return False
-        engine, keeper, clock = self.rotor.engine, self.rotor.keeper, self.rotor.clock  # type: ignore[attr-defined]
-        now = clock()
+        now = self.clock()
         windows = parse_usages(body, now)
-        if not windows or engine is None or keeper is None or key.fingerprint not in engine.keys:
+        if not windows or key.fingerprint not in run.engine.keys:
             return False
-        h = hl.observe_windows(engine.health_of(key.fingerprint), windows, now)
-        engine.health[key.fingerprint] = h
-        keeper.key(key).health = h
-        state = getattr(self.rotor, "state", None)
-        if state is not None:  # a spent quota keeps every process of the cluster off the key
-            state.observed(engine, key, now)
+        run.keeper.key(key).health = run.engine.observe_usage(key, windows, now)
+        # A spent quota keeps every process of the cluster off the key.
+        run.state.observed(run.engine, key, now)
         return True

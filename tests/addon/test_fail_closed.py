@@ -149,8 +149,8 @@ def local_error(f: http.HTTPFlow, status: int) -> dict[str, Any]:
 
 
 async def test_requestheaders_failure_answers_locally(rotor, monkeypatch):
-    assert rotor.engine is not None
-    monkeypatch.setattr(rotor.engine, "decide", boom)
+    assert rotor.serving is not None
+    monkeypatch.setattr(rotor.serving.engine, "decide", boom)
     run = await drive(rotor)
     assert run.sent is None  # a local answer: the client's own credential never leaves
     local_error(run.flow, 500)
@@ -161,7 +161,7 @@ async def test_requestheaders_failure_answers_locally(rotor, monkeypatch):
 
 LATE_FAILURES: dict[str, Breaker] = {
     # The key is already in the request when these fail.
-    "requestheaders-after-inject": lambda r, mp: mp.setattr(r.keeper, "key", boom),
+    "requestheaders-after-inject": lambda r, mp: mp.setattr(r.serving.keeper, "key", boom),
     "request": lambda r, mp: mp.setattr(kmi_rotor.core.tokens, "estimate_from_body", boom),
 }
 
@@ -174,7 +174,7 @@ async def test_late_request_failure_answers_locally(rotor, monkeypatch, where):
     local_error(run.flow, 500)
     assert CLIENT_OWN not in repr(run.flow.get_state())
     assert_no_key_kept(run.flow)  # masked at once: the request will never go upstream
-    assert rotor._served == {}
+    assert rotor.served == {}
     monkeypatch.undo()
     await assert_slot_free(rotor)
 
@@ -194,7 +194,7 @@ async def test_responseheaders_failure_replaces_the_answer_with_502(rotor, monke
 
 
 async def test_response_failure_replaces_the_answer_with_502(rotor, monkeypatch):
-    monkeypatch.setattr(rotor, "_settle_response", boom)
+    monkeypatch.setattr(rotor.settling, "answered", boom)
     run = await drive(rotor)
     local_error(run.flow, 502)
     assert b"upstream says hi" not in (run.flow.response.content or b"")
@@ -205,7 +205,7 @@ async def test_response_failure_replaces_the_answer_with_502(rotor, monkeypatch)
 
 async def test_response_failure_on_a_streamed_answer_keeps_it(rotor, monkeypatch):
     """A streamed answer is already with the client: no 502 over it, but the slot is freed."""
-    monkeypatch.setattr(rotor, "_settle_response", boom)
+    monkeypatch.setattr(rotor.settling, "answered", boom)
     run = await drive(rotor, stream=True)
     assert run.flow.response is not None and run.flow.response.status_code == 200
     assert_no_key_kept(run.flow)
@@ -218,17 +218,17 @@ ERROR_REASONS = ["Client disconnected.", "Server disconnected."]
 
 @pytest.mark.parametrize("reason", ERROR_REASONS)
 async def test_error_failure_escapes_nothing(rotor, monkeypatch, reason):
-    monkeypatch.setattr(rotor, "_settle_error", boom)
+    monkeypatch.setattr(rotor.settling, "failed", boom)
     run = await drive(rotor, error=reason)  # an exception escaping `error` fails here
     assert run.sent is not None
     assert run.sent["authorization"].startswith("Bearer sk-failclosed-")
-    assert rotor._served == {}
+    assert rotor.served == {}
     assert_no_key_kept(run.flow)
 
 
 @pytest.mark.parametrize("reason", ERROR_REASONS)
 async def test_error_failure_frees_the_slot(rotor, monkeypatch, reason):
-    monkeypatch.setattr(rotor, "_settle_error", boom)
+    monkeypatch.setattr(rotor.settling, "failed", boom)
     await drive(rotor, error=reason)
     monkeypatch.undo()
     await assert_slot_free(rotor)
@@ -237,9 +237,9 @@ async def test_error_failure_frees_the_slot(rotor, monkeypatch, reason):
 # -- the same breakages, every hook in turn, each followed by a healthy request ----------------
 
 BREAKERS: dict[str, Breaker] = {
-    "decide": lambda r, mp: mp.setattr(r.engine, "decide", boom),
+    "decide": lambda r, mp: mp.setattr(r.serving.engine, "decide", boom),
     "stream_if_wanted": lambda r, mp: mp.setattr(r, "_stream_if_wanted", boom),
-    "settle_response": lambda r, mp: mp.setattr(r, "_settle_response", boom),
+    "settle_response": lambda r, mp: mp.setattr(r.settling, "answered", boom),
 }
 
 
@@ -252,4 +252,4 @@ async def test_broken_hooks_in_a_row_leave_the_proxy_serving(rotor, monkeypatch)
         assert_no_key_kept(run.flow)
         monkeypatch.undo()
     await assert_slot_free(rotor)
-    assert rotor._served == {}
+    assert rotor.served == {}

@@ -16,7 +16,7 @@ from rotor_toml import pool as pool_table
 from rotor_toml import rotor_config
 from testkit import Clock
 
-import kmi_rotor.flows
+import kmi_rotor.request_body
 from kmi_rotor.addon import META, Rotor
 from kmi_rotor.config import load
 from kmi_rotor.core import tokens as tk
@@ -138,8 +138,8 @@ async def served_by(addon: Rotor, n: int = 1) -> str:
 
 
 def record(addon: Rotor, label: str) -> KeyRecord:
-    assert addon.keeper is not None
-    for rec in addon.keeper.view().keys.values():
+    assert addon.serving is not None
+    for rec in addon.serving.keeper.view().keys.values():
         if rec.label == label:
             return rec
     raise AssertionError(f"no record for {label}")
@@ -257,8 +257,8 @@ async def test_request_corrects_the_token_reservation_to_the_body(
     addon, _, clock = make(limits={"tokens_per_minute": 1_000_000})
     f = flow(body)
     raw = f.request.content or b""
-    assert addon.engine is not None
-    usage = addon.engine.limiter.usage
+    assert addon.serving is not None
+    usage = addon.serving.engine.usage
     f.request.data.content = None  # as in mitmproxy: headers first, the body later
     await addon.requestheaders(f)
     assert usage("global", clock())["tokens_per_minute"]["used"] == 0  # admitted with the body
@@ -273,11 +273,11 @@ async def test_a_streamed_request_body_is_admitted_on_its_size_then_corrected(ma
     addon, _, clock = make(limits={"tokens_per_minute": 1_000_000})
     f = flow({"model": "m", "max_tokens": 5000, "messages": []})
     raw = f.request.content or b""
-    assert addon.engine is not None
+    assert addon.serving is not None
     f.request.data.content = None
     f.request.stream = True  # stream_large_bodies: the headers leave before `request`
     await addon.requestheaders(f)
-    used = addon.engine.limiter.usage("global", clock())["tokens_per_minute"]["used"]
+    used = addon.serving.engine.usage("global", clock())["tokens_per_minute"]["used"]
     assert used == tk.estimate_from_length(len(raw))
     assert f.request.headers["authorization"].startswith("Bearer sk-")
 
@@ -358,8 +358,8 @@ async def test_response_settles_tokens_reported_in_the_body(make: Make) -> None:
     f = await send(addon, flow({"model": "m", "messages": []}))
     usage = b'{"usage": {"prompt_tokens": 40, "completion_tokens": 2}}'
     await answer(addon, f, 200, usage)
-    assert addon.engine is not None
-    assert addon.engine.limiter.usage("global", clock())["tokens_per_minute"]["used"] == 42
+    assert addon.serving is not None
+    assert addon.serving.engine.usage("global", clock())["tokens_per_minute"]["used"] == 42
     rec = record(addon, "a")
     assert (rec.tokens_in, rec.tokens_out) == (40, 2)
 
@@ -455,8 +455,8 @@ async def test_streamed_answer_is_tapped_and_its_usage_reaches_the_key(
     assert (rec.tokens_in, rec.tokens_out) == (11, 7)
     assert row(addon, "a")["tokens"] == 18
     assert (f.metadata[META]["tokens_in"], f.metadata[META]["tokens_out"]) == (11, 7)
-    assert addon.engine is not None
-    assert addon.engine.limiter.usage("global", clock())["tokens_per_minute"]["used"] == 18
+    assert addon.serving is not None
+    assert addon.serving.engine.usage("global", clock())["tokens_per_minute"]["used"] == 18
     assert addon.snapshot()["recent"][0]["stream"] is True
 
 
@@ -491,11 +491,11 @@ async def test_only_successful_event_streams_are_tapped(
 
 async def test_disable_and_enable_change_what_the_next_request_gets(make: Make) -> None:
     addon, tctx, _ = make()
-    tctx.command(addon.cmd_disable, "a")
+    tctx.command(addon.commands.cmd_disable, "a")
     assert row(addon, "a")["status"] == "disabled"
     assert await served_by(addon, 4) == "bcbc"
-    assert "disabled" in tctx.command(addon.cmd_status)
-    tctx.command(addon.cmd_enable, "a")
+    assert "disabled" in tctx.command(addon.commands.cmd_status)
+    tctx.command(addon.commands.cmd_enable, "a")
     assert await served_by(addon, 3) == "abc"
 
 
@@ -505,7 +505,7 @@ async def test_reset_brings_a_cooling_key_back(make: Make, target: str) -> None:
     f = await send(addon, flow())
     await answer(addon, f, 429, b"{}", {"retry-after": "600"})
     assert await served_by(addon, 1) == "b"
-    tctx.command(addon.cmd_reset, target)
+    tctx.command(addon.commands.cmd_reset, target)
     assert row(addon, "a")["status"] == "ready"
     assert await served_by(addon, 3) == "cab"
 
@@ -513,17 +513,17 @@ async def test_reset_brings_a_cooling_key_back(make: Make, target: str) -> None:
 async def test_rotate_moves_a_sticky_pool_on(make: Make) -> None:
     addon, tctx, _ = make(pool={"strategy": "sticky"})
     assert await served_by(addon, 2) == "aa"
-    tctx.command(addon.cmd_rotate)
+    tctx.command(addon.commands.cmd_rotate)
     assert await served_by(addon, 2) == "bb"
-    tctx.command(addon.cmd_rotate, "p")
+    tctx.command(addon.commands.cmd_rotate, "p")
     assert await served_by(addon, 1) == "c"
-    assert addon.keeper is not None and addon.keeper.view().pools["p"].rotations == 2
+    assert addon.serving is not None and addon.serving.keeper.view().pools["p"].rotations == 2
 
 
 async def test_rotate_refuses_a_round_robin_pool(make: Make) -> None:
     addon, tctx, _ = make()
     with pytest.raises(ValueError, match="not sticky"):
-        tctx.command(addon.cmd_rotate, "p")
+        tctx.command(addon.commands.cmd_rotate, "p")
     assert await served_by(addon, 2) == "ab"
 
 
@@ -531,13 +531,13 @@ async def test_rotate_refuses_a_round_robin_pool(make: Make) -> None:
 async def test_commands_refuse_an_unknown_label(make: Make, command: str) -> None:
     addon, tctx, _ = make()
     with pytest.raises(ValueError, match="no key labelled"):
-        tctx.command(getattr(addon, command), "zz")
+        tctx.command(getattr(addon.commands, command), "zz")
 
 
 async def test_status_lists_every_key_without_secrets(make: Make) -> None:
     addon, tctx, _ = make()
     await served_by(addon, 2)
-    table = tctx.command(addon.cmd_status)
+    table = tctx.command(addon.commands.cmd_status)
     assert all(f"p     {x}" in table for x in "abc")
     assert no_secret(table)
 
@@ -549,8 +549,8 @@ async def test_an_internal_error_answers_500_and_never_sends_the_client_credenti
     make: Make, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     addon, _, _ = make(limits={"concurrency": 1})
-    assert addon.engine is not None
-    monkeypatch.setattr(addon.engine, "decide", boom)
+    assert addon.serving is not None
+    monkeypatch.setattr(addon.serving.engine, "decide", boom)
     f = await send(addon, flow())
     assert f.response is not None and f.response.status_code == 500
     assert f.response.headers["content-type"] == "application/json"
@@ -565,13 +565,13 @@ async def test_an_internal_error_answers_500_and_never_sends_the_client_credenti
 
 def break_inject(addon: Rotor, monkeypatch: pytest.MonkeyPatch) -> None:
     """Fail inside `_inject`, after the key was written into the request."""
-    assert addon.keeper is not None
-    monkeypatch.setattr(addon.keeper, "key", boom)
+    assert addon.serving is not None
+    monkeypatch.setattr(addon.serving.keeper, "key", boom)
 
 
 def break_request(addon: Rotor, monkeypatch: pytest.MonkeyPatch) -> None:
     """Fail in the `request` hook, while reading the body of an admitted request."""
-    monkeypatch.setattr(kmi_rotor.flows, "wants_stream", boom)
+    monkeypatch.setattr(kmi_rotor.request_body, "wants_stream", boom)
 
 
 BREAKS = {"inject": break_inject, "request": break_request}
@@ -666,7 +666,9 @@ async def test_a_probe_goes_out_without_a_key_and_counts_on_none(
     addon.responseheaders(f)
     await addon.response(f)
     assert "kmi-rotor-key" not in f.response.headers
-    assert addon.keeper is not None and addon.keeper.view().keys == {}  # ...and counts on no key
+    assert (
+        addon.serving is not None and addon.serving.keeper.view().keys == {}
+    )  # ...and counts on no key
     assert await served_by(addon, 1) == "a"  # nor did it take a turn of the rotation
 
 
@@ -695,15 +697,15 @@ async def test_check_verdicts_are_applied_as_traffic_would_apply_them(
             "c": Operator(action="block", at=T0 + 5, reason="check: no quota", until=T0 + 600),
         },
     )
-    assert addon.keeper is not None
-    await addon.keeper.sync()
+    assert addon.serving is not None
+    await addon.serving.keeper.sync()
     assert row(addon, "b")["status"] == "disabled"
     assert row(addon, "b")["reason"] == "check: bad credential"
     assert (row(addon, "c")["status"], row(addon, "c")["until"]) == ("blocked", T0 + 600)
     assert row(addon, "c")["reason"] == "check: no quota"
     assert await served_by(addon, 3) == "aaa"
     # what the proxy made of it is written back, as health, for the CLI and other proxies
-    await addon.keeper.sync()
+    await addon.serving.keeper.sync()
     assert record(addon, "b").health.disabled_reason == "check: bad credential"
     clock.now = T0 + 601
     assert await served_by(addon, 2) == "ca"
@@ -714,8 +716,8 @@ async def test_a_quota_verdict_without_a_reset_blocks_for_the_configured_time(
 ) -> None:
     addon, _, _ = make()
     write_actions(tmp_path, {"a": Operator(action="block", at=T0 + 1, reason="check: no quota")})
-    assert addon.keeper is not None
-    await addon.keeper.sync()
+    assert addon.serving is not None
+    await addon.serving.keeper.sync()
     assert row(addon, "a")["status"] == "blocked"
     assert row(addon, "a")["until"] == T0 + 3600  # health.quota_block_seconds
 
@@ -731,8 +733,8 @@ async def test_an_unknown_action_in_the_state_is_ignored_and_the_others_applied(
             "b": Operator(action="disable", at=T0 + 1, reason="check: bad credential"),
         },
     )
-    assert addon.keeper is not None
-    await addon.keeper.sync()
+    assert addon.serving is not None
+    await addon.serving.keeper.sync()
     assert row(addon, "a")["status"] == "ready"
     assert (row(addon, "b")["status"], row(addon, "b")["reason"]) == (
         "disabled",

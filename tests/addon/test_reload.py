@@ -60,7 +60,7 @@ async def test_a_changed_key_file_and_rotor_reload_apply_without_a_restart(tmp_p
             os.utime(cfg, ns=(st.st_atime_ns, st.st_mtime_ns))
             await asyncio.sleep(1.2)
             assert addon.settings.pools[0].strategy == "round-robin"
-            assert "reloading" in tctx.command(addon.cmd_reload)
+            assert "reloading" in tctx.command(addon.commands.cmd_reload)
             await eventually(lambda: addon.settings.pools[0].strategy == "headroom")
 
             write(cfg, "[[pools]\n")  # broken: the last good configuration stays

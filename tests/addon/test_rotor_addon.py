@@ -201,7 +201,7 @@ async def test_internal_error_fails_closed(rotor, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("bug")
 
-    monkeypatch.setattr(addon.engine.strategies["p"], "candidates", boom)
+    monkeypatch.setattr(addon.serving.engine.strategies["p"], "candidates", boom)
     f = tflow.tflow(req=req(headers=[("authorization", "Bearer client-own")]))
     await addon.requestheaders(f)
     assert f.response is not None and f.response.status_code == 500

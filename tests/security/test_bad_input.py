@@ -74,7 +74,7 @@ def test_a_refusal_with_an_absurd_time_is_a_429_not_an_overflow(until: float) ->
     engine = Engine(settings)
     key = settings.keys[0]
     # As a state file written by hand (or by a version without bounds) may hold it.
-    engine.health[key.fingerprint] = KeyHealth(blocked_until=until, blocked_reason="quota")
+    engine.adopt(key.fingerprint, KeyHealth(blocked_until=until, blocked_reason="quota"))
     d = engine.decide(settings.pools[0], 10, NOW, deadline=NOW)
     assert isinstance(d, Refusal) and d.status == 429
     status, headers, body = render(d, NOW)

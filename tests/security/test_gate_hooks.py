@@ -171,7 +171,7 @@ def test_upstream_server_name_of_a_pool_host_is_the_pool_host(
     rotor: Rotor, address, client_sni, pinned
 ) -> None:
     data = tls_data(address, client_sni)
-    rotor.tls_start_server(data)
+    rotor.gatekeeper.tls_start_server(data)
     assert data.conn.sni == pinned
 
 
@@ -197,8 +197,8 @@ def hook_data(peer: str, address: tuple[str, int]) -> server_hooks.ServerConnect
 )
 async def test_server_connect_is_the_last_word(rotor: Rotor, peer, address, refused) -> None:
     data = hook_data(peer, address)
-    rotor._listen_ports = lambda flow=None: {8080}  # type: ignore[method-assign]
-    await rotor.server_connect(data)
+    rotor.gatekeeper.listen_ports = lambda flow=None: {8080}  # type: ignore[method-assign]
+    await rotor.gatekeeper.server_connect(data)
     assert (data.server.error is not None) is refused, data.server.error
     if refused:
         assert data.server.error.startswith("kmi-rotor: the destination ")

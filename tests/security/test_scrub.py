@@ -110,7 +110,7 @@ def test_what_an_older_writer_kept_is_shown_scrubbed() -> None:
     doc = StateDoc(keys={fp: KeyRecord(label="a", fingerprint=fp, last_error=echo, health=health)})
     row = status.rows(settings, doc, 1.9e9)[0]
     engine = Engine(settings)
-    engine.health[fp] = health
+    engine.adopt(fp, health)
     told = engine.key_status(settings.keys[0], 1.9e9)
     for text in (row["reason"], row["last_error"], told["reason"]):
         assert text.startswith("bad key ") and leaks(text.encode(), [KEY, TOKEN]) == []

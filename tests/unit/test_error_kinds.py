@@ -3,7 +3,7 @@ an HTTP answer or inside a stream that had already begun (a 200).
 
 The HTTP path is `parse_signal` on the status and the body; the stream path is the body sent as
 an in-stream error in the provider's own framing, read by the tap and turned into the key's
-signal by `flows.stream_signal`, exactly as the addon does.
+signal by `core.outcome.stream_signal`, exactly as the addon does.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from kmi_rotor import flows
+from kmi_rotor.core import outcome as oc
 from kmi_rotor.core.classify import FailureKind, classify_stream_error
 from kmi_rotor.core.signals import parse_signal
 from kmi_rotor.core.stream_tap import SSETap
@@ -377,7 +377,7 @@ def stream_kind(body: dict[str, Any], framing: str) -> FailureKind:
     tap(in_stream(body, framing))
     outcome = tap.finish()
     assert outcome.error is not None, "the tap saw no error"
-    sig, what = flows.stream_signal(OK, outcome)
+    sig, what = oc.stream_signal(OK, outcome)
     assert what == "stream_error"
     return sig.kind
 
@@ -436,7 +436,7 @@ def test_the_reason_never_quotes_the_error() -> None:
 
 def test_a_stream_error_without_a_status_keeps_the_streams_own() -> None:
     """Nothing invents a status: an error naming none is recorded with the stream's 200."""
-    sig, _ = flows.stream_signal(OK, _finished(in_stream(CASES[1][2], "openai")))
+    sig, _ = oc.stream_signal(OK, _finished(in_stream(CASES[1][2], "openai")))
     assert (sig.status, sig.kind, sig.reason) == (200, QUOTA, "billing_not_active")
 
 

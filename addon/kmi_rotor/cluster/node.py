@@ -20,6 +20,7 @@ from ..core.limiter import Rejected
 from ..core.refusal import Refusal
 from ..core.share import scaled
 from ..engine import Decision, Engine, Wait, limits_of
+from ..listening import address as listen_address
 from . import actions
 from .limits import Cursor, SharedDown, SharedLimits, _text
 from .registry import Registry, process_id
@@ -82,7 +83,7 @@ class RedisState:
             return
         n = self.alive
         keys = {fp: scaled(limits_of(k.limits), n) for fp, k in self._engine.keys.items()}
-        self._engine.limiter.configure(scaled(limits_of(self._settings.limits), n), keys)
+        self._engine.limit_locally(scaled(limits_of(self._settings.limits), n), keys)
 
     def start(self) -> None:
         if not self._tasks:
@@ -200,7 +201,7 @@ class RedisState:
     def observed(self, engine: Engine, key: Key, now: float, scope: str = "") -> None:
         fp = key.fingerprint
         if not engine.usable(key, now):
-            at = engine._available_at(key, now)
+            at = engine.available_at(key, now)
             self._cooled.add(fp)
             self._later(self.limits.cool(fp, None if at is None else at - now, scope))
         elif fp in self._cooled:
@@ -264,8 +265,6 @@ class RedisState:
             await asyncio.wait_for(self.limits.warm(), 2.0)
         while True:
             if not self.listen:
-                from .wiring import listen_address
-
                 self.listen = listen_address()
             record = {
                 "host": self.id.rsplit("-", 2)[0],

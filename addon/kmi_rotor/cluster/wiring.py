@@ -9,6 +9,7 @@ from typing import Any
 
 from ..config import Settings
 from ..engine import Engine
+from ..listening import address as listen_address
 from .state import EngineState, LocalState
 
 
@@ -58,19 +59,3 @@ def stop(state: EngineState) -> None:
 
 
 _closing: set[asyncio.Task[Any]] = set()
-
-
-def listen_address() -> str:
-    """Where this proxy listens, as bound (a port 0 resolved); "" before it listens."""
-    try:
-        from mitmproxy import ctx
-
-        server = ctx.master.addons.get("proxyserver")
-        addrs = server.listen_addrs() if server is not None else []
-        if addrs:
-            host, port = addrs[0][0], addrs[0][1]
-            return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-        port = ctx.options.listen_port
-        return f"{ctx.options.listen_host or '*'}:{port}" if port else ""
-    except (AttributeError, KeyError, IndexError, TypeError):
-        return ""

@@ -1,0 +1,142 @@
+"""Admission of a request: its tokens estimated, its key chosen by the engine (waiting for
+capacity within its deadline) and put where the client put its own credential; or a local
+answer that says why not (and when to come back)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from mitmproxy import ctx, http
+
+from . import request_body
+from .answers import answer_locally
+from .bookkeeping import Bookkeeping
+from .config import Pool
+from .core import tokens as tk
+from .core.credentials import placements
+from .core.refusal import Refusal
+from .engine import Chosen, Wait
+from .masking import put
+from .names import META
+from .running import Running
+from .served import Served
+from .waiting import Waiting
+
+
+def before_body(flow: http.HTTPFlow) -> bool:
+    """Whether the key must be chosen before the body arrives: a request body that streams
+    (stream_large_bodies) leaves with its headers, before the `request` hook."""
+    if flow.request.stream:
+        return True
+    chunked = "content-length" not in flow.request.headers
+    return bool(getattr(ctx.options, "stream_large_bodies", None)) and chunked
+
+
+class Admission:
+    def __init__(
+        self,
+        served: dict[str, Served],
+        books: Bookkeeping,
+        waiting: Waiting,
+        clock: Callable[[], float],
+    ) -> None:
+        """`served`: the table of flows holding a key, where an admitted flow goes."""
+        self.served = served
+        self.books = books
+        self.waiting = waiting
+        self.clock = clock
+
+    async def admit(
+        self, run: Running, flow: http.HTTPFlow, pool: Pool, body: bytes | None
+    ) -> None:
+        """Choose the request's key (waiting for capacity within its deadline) and put it in,
+        or answer locally why not."""
+        retry = flow.metadata.get(META, {}).get("retry") if flow.is_replay else None
+        exclude = frozenset(retry["exclude"]) if retry else frozenset()
+        arrived = self.clock()
+        # A failover attempt may wait as long as what is left of its request's own wait.
+        deadline = retry.get("deadline", arrived) if retry else arrived
+        if not retry:
+            deadline += run.settings.limits.max_wait_seconds
+        if body is None:
+            tokens = tk.estimate_from_length(request_body.content_length(flow.request))
+        else:
+            try:
+                tokens = tk.estimate_from_body(body, strict=True)
+            except tk.Unreadable as e:  # refused before a key is chosen: nothing is spent
+                answer_locally(flow, Refusal(400, "unreadable_body", str(e)), arrived)
+                return
+        affinity = flow.request.headers.get(pool.affinity_header) if pool.affinity_header else None
+        await self.waiting.upstream_ready(flow)
+        while True:
+            now = self.clock()
+            d = await run.state.decide(
+                run.engine,
+                pool,
+                tokens,
+                now,
+                deadline=deadline,
+                exclude=exclude,
+                affinity=affinity,
+            )
+            if isinstance(d, Chosen):
+                served = self._inject(run, flow, pool, d, retry["attempt"] if retry else 1, arrived)
+                served.estimated_from_size = body is None
+                return
+            if isinstance(d, Wait):
+                if not await self.waiting.capacity(flow, d.until, deadline):
+                    answer_locally(
+                        flow, Refusal(499, "client_gone", "the client left while waiting"), now
+                    )
+                    return
+                continue
+            self._refused(run, flow, pool, d, arrived)
+            return
+
+    def _inject(
+        self,
+        run: Running,
+        flow: http.HTTPFlow,
+        pool: Pool,
+        chosen: Chosen,
+        attempt: int,
+        arrived: float,
+    ) -> Served:
+        key = chosen.key
+        # Held first: whatever fails below, the error path finds the reservation and frees it.
+        served = Served(
+            run, pool, key, chosen.reservation, attempt, time.monotonic(), arrived, flow=flow
+        )
+        self.served[flow.id] = served
+        where = placements(flow.request.headers.keys(), flow.request.query.keys(), pool.preset)
+        meta = flow.metadata.setdefault(META, {})
+        meta.update(
+            {
+                "pool": pool.name,
+                "key": key.label,
+                "fingerprint": key.fingerprint,
+                "attempt": attempt,
+                "placements": [[p.kind, p.name] for p in where],
+            }
+        )
+        secret = key.secret.get_secret_value()
+        for p in where:
+            put(flow.request, p, p.render(secret))
+        flow.comment = f"key {key.label}" + (f" · attempt {attempt}" if attempt > 1 else "")
+        self.books.counters(run, key).add("requests")
+        failed = run.engine.keys.get(meta.get("retry", {}).get("after", ""))
+        if attempt > 1 and failed is not None:  # counted on the key the request failed on
+            self.books.counters(run, failed).add("retries")
+        return served
+
+    def _refused(
+        self, run: Running, flow: http.HTTPFlow, pool: Pool, r: Refusal, arrived: float
+    ) -> None:
+        answer_locally(flow, r, self.clock())
+        flow.metadata[META]["pool"] = pool.name
+        flow.marked = ":no_entry:"
+        if r.status == 429:
+            run.keeper.pool_add(pool.name, "local_429")
+        outcome = "local_429" if r.status == 429 else "error"
+        self.books.trace(run, flow, pool, None, outcome, arrived)

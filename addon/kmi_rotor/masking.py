@@ -1,0 +1,45 @@
+"""A request's credential slots: the pool key put in, masked once it is no longer needed, or
+every client credential dropped or masked in a request that goes out without one."""
+
+from __future__ import annotations
+
+from mitmproxy import http
+
+from .core.credentials import CREDENTIAL_HEADERS, CREDENTIAL_QUERY, Placement
+from .core.secrets import mask_credential_value
+from .names import META
+
+
+def put(request: http.Request, placement: Placement, value: str) -> None:
+    """Write `value` into one credential slot (a header or a query parameter)."""
+    if placement.kind == "header":
+        request.headers[placement.name] = value
+    else:
+        request.query[placement.name] = value
+
+
+def mask_request(flow: http.HTTPFlow) -> None:
+    """Replace the injected key by its masked form wherever it was put (once)."""
+    meta = flow.metadata.get(META) or {}
+    for kind, name in meta.pop("placements", ()):
+        value = flow.request.headers.get(name) if kind == "header" else flow.request.query.get(name)
+        if value is not None:
+            put(flow.request, Placement(kind, name), mask_credential_value(value))
+
+
+def mask_credentials(flow: http.HTTPFlow) -> None:
+    """A request answered locally never leaves: no credential needs to stay in it."""
+    for name in CREDENTIAL_HEADERS:
+        if name in flow.request.headers:
+            flow.request.headers[name] = mask_credential_value(flow.request.headers[name])
+    for name in CREDENTIAL_QUERY:
+        if name in flow.request.query:
+            flow.request.query[name] = mask_credential_value(flow.request.query[name])
+
+
+def drop_credentials(flow: http.HTTPFlow) -> None:
+    """Remove every credential slot from a request that goes out without a key."""
+    for name in CREDENTIAL_HEADERS:
+        flow.request.headers.pop(name, None)
+    for name in CREDENTIAL_QUERY:
+        flow.request.query.pop(name, None)

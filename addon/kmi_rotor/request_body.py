@@ -1,0 +1,57 @@
+"""A request's body as kmi-rotor reads it (its declared size, whether it asks for a streamed
+answer) and the one edit it makes to it (asking a streamed chat completion for its usage)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from mitmproxy import http
+
+from .names import META
+
+
+def content_length(request: http.Request) -> int | None:
+    """The declared size of the body; None when absent or not a number."""
+    try:
+        return int(request.headers.get("content-length", ""))
+    except ValueError:
+        return None
+
+
+def wants_stream(request: http.Request, body: bytes) -> bool:
+    """Whether the client asked for a streamed answer: the body's `stream` decides when it has
+    one; otherwise Gemini's streaming method or an `Accept: text/event-stream`."""
+    if b'"stream"' in body:
+        stream = json_object(body).get("stream")
+        if isinstance(stream, bool):
+            return stream
+    return "streamGenerateContent" in request.path or "text/event-stream" in request.headers.get(
+        "accept", ""
+    )
+
+
+def json_object(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object; {} when it is not one."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def ask_for_usage(flow: http.HTTPFlow) -> None:
+    """OpenAI-style streams carry usage only when asked: ask, unless the client said otherwise.
+    Rewrites the request body (and notes it in the flow's metadata)."""
+    if not flow.request.path.split("?")[0].endswith("/chat/completions"):
+        return
+    data = json_object(flow.request.raw_content or b"")
+    options = data.get("stream_options")
+    if options is None:
+        data["stream_options"] = {"include_usage": True}
+    elif isinstance(options, dict) and "include_usage" not in options:
+        options["include_usage"] = True
+    else:
+        return
+    flow.request.content = json.dumps(data).encode()
+    flow.metadata[META]["usage_requested"] = True

@@ -1,0 +1,84 @@
+"""The end of a flow that held a key, recorded: what its answer (or its failure) says of the
+key goes to the engine, the state file and the shared state; its tokens correct the
+reservation and its slot is freed; the flow gets its notes and its trace line."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from mitmproxy import http
+
+from . import relay
+from .bookkeeping import Bookkeeping
+from .core import outcome as oc
+from .core import tokens as tk
+from .core.scrub import only_own_words
+from .core.signals import FailureKind, Signal, parse_signal
+from .scrubbing import scrubber
+from .served import Served
+
+
+class Settling:
+    def __init__(self, books: Bookkeeping, clock: Callable[[], float]) -> None:
+        self.books = books
+        self.clock = clock
+
+    def answered(self, flow: http.HTTPFlow, resp: http.Response, served: Served) -> Signal:
+        """Record an answer: what it says of the key (to the engine, the state, the shared
+        state), its tokens (correcting the reservation), the flow's notes and trace line."""
+        run, now = served.run, self.clock()
+        body = None if served.tap else resp.raw_content
+        sig = parse_signal(
+            resp.status_code, resp.headers.items(), body, now, provider=served.pool.preset.name
+        )
+        outcome = sig.kind.value
+        if served.tap is not None:
+            stream = served.tap.finish()
+            served.tokens = oc.stream_tokens(stream)
+            sig, outcome = oc.stream_signal(sig, stream)
+        else:
+            served.tokens = tk.reported_usage(body)
+        scrub = scrubber(run.settings)
+        sig = dataclasses.replace(sig, reason=scrub(sig.reason, 120), detail=scrub(sig.detail))
+        h = run.engine.observe(served.key, sig, now, served.reservation)
+        run.engine.settle(served.key, served.reservation, oc.total(served.tokens))
+        run.state.observed(run.engine, served.key, now)
+        counters = self.books.counters(run, served.key)
+        counters.delta.health = h
+        reason = None if sig.kind is FailureKind.OK else sig.reason
+        counters.delta.observe(now, resp.status_code, reason)
+        counters.answer(sig, served.tokens)
+        self.books.annotate(flow, served, sig, outcome)
+        self.books.trace(run, flow, served.pool, served, outcome, served.wall)
+        return sig
+
+    def failed(self, flow: http.HTTPFlow, served: Served) -> str:
+        """Record a flow that ended in an error; its outcome (`error` before the answer's
+        headers, `truncated` mid-stream, `client_gone`)."""
+        run, now = served.run, self.clock()
+        # mitmproxy's message may quote what the upstream sent: scrubbed for this flow and the
+        # key's last error; the key's reason, which other clients may see, quotes nothing.
+        reason = scrubber(run.settings)(flow.error.msg if flow.error else "unknown error")
+        feeds = relay.FEEDS.get(flow.id)
+        client_left = oc.client_left(reason) or bool(feeds and feeds.cancelled)
+        stream = served.tap.finish() if served.tap else None
+        served.tokens = oc.stream_tokens(stream) if stream else (None, None)
+        run.engine.settle(served.key, served.reservation, oc.total(served.tokens))
+        counters = self.books.counters(run, served.key)
+        if client_left:  # a client that leaves is not the key's fault
+            outcome = "client_gone"
+            counters.tokens(served.tokens)
+        else:
+            outcome = "truncated" if stream is not None else "error"
+            counters.add("errors")
+            status = flow.response.status_code if flow.response else None
+            counters.delta.observe(now, status, reason)
+            counters.delta.health = run.engine.network_error(
+                served.key, now, only_own_words(reason)
+            )
+            run.state.observed(run.engine, served.key, now)
+            flow.marked = ":warning:"
+        self.books.failed(flow, served, outcome, reason)
+        self.books.trace(run, flow, served.pool, served, outcome, served.wall)
+        return outcome

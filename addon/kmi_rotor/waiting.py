@@ -1,0 +1,76 @@
+"""Where a request waits before it is admitted: for its upstream connection to be set up, and
+for capacity (a slot freed, a key back in service) until its deadline; never blocking, and
+never for a client that has left.
+
+A mitmproxy addon of its own (a part of kmi-rotor's): its connection hooks wake the requests
+that wait for their upstream connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+from mitmproxy import http
+
+from .failover import client_of
+
+WAIT_SLICE = 0.5
+"""A waiting request looks at its client this often, so a client that left stops waiting."""
+UPSTREAM_SETUP_WAIT = 10.0
+
+
+class Waiting:
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self._upstream = asyncio.Event()
+        self._capacity = asyncio.Event()
+
+    async def upstream_ready(self, flow: http.HTTPFlow) -> None:
+        """Wait while the upstream connection is being set up (mitmproxy connects eagerly):
+        a key's limits count a request when it is admitted, so admitting it only once it can
+        leave at once keeps what the provider sees within the limits."""
+        server = flow.server_conn
+        end = self.clock() + UPSTREAM_SETUP_WAIT
+        while server.timestamp_start is not None and server.error is None and self.clock() < end:
+            if server.connected and (not server.tls or server.tls_established):
+                return
+            if server.timestamp_end is not None or not flow.client_conn.connected:
+                return
+            event = self._upstream
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), WAIT_SLICE)
+
+    async def capacity(self, flow: http.HTTPFlow, until: float | None, deadline: float) -> bool:
+        """Sleep until `until`, a freed slot, or the deadline; False if the client left."""
+        end = min(until if until is not None else deadline, deadline)
+        client = client_of(flow)
+        while (left := end - self.clock()) > 0:
+            if not client.connected:
+                return False
+            event = self._capacity
+            try:
+                await asyncio.wait_for(event.wait(), min(left, WAIT_SLICE))
+                return True
+            except TimeoutError:
+                continue
+        return client.connected
+
+    def wake(self) -> None:
+        """Let waiting requests look again (a slot was freed or a key came back)."""
+        self._capacity.set()
+        self._capacity = asyncio.Event()
+
+    # -- hooks --------------------------------------------------------------------------------
+
+    def server_connected(self, data: Any) -> None:
+        self._upstream.set()
+        self._upstream = asyncio.Event()
+
+    def tls_established_server(self, data: Any) -> None:
+        self.server_connected(data)
+
+    def server_connect_error(self, data: Any) -> None:
+        self.server_connected(data)
