@@ -11,7 +11,7 @@ from mitmproxy import command
 from . import status
 from .config import Key, Settings
 from .core.check import signal_of
-from .core.state import Operator
+from .core.state import Operator, pending_at_start
 from .engine import Engine
 from .keeper import StateKeeper
 from .reloader import ConfigWatcher
@@ -126,7 +126,7 @@ class OperatorCommands:
         d = self.keeper.key(key)
         d.health = self.engine.operate(key, action, now)
         if record:
-            d.operator = Operator(action=action, at=now)
+            d.operator = Operator(action=action, at=now, applied=True)
             self._operator_seen[key.fingerprint] = now
             self.state.operated(key, action)
         log.info("kmi-rotor: key %s: %s", key.label, action)
@@ -141,9 +141,12 @@ class OperatorCommands:
                 self._operate(key, op.action, record=False)
             except ValueError:  # written by a newer kmi-rotor: not ours to guess
                 log.warning("kmi-rotor: key %s: unknown action %r ignored", key.label, op.action)
-            return
-        self.keeper.key(key).health = self.engine.observe(key, sig, self.clock())
-        log.info("kmi-rotor: key %s: %s", key.label, sig.reason)
+                return
+        else:
+            self.keeper.key(key).health = self.engine.observe(key, sig, self.clock())
+            log.info("kmi-rotor: key %s: %s", key.label, sig.reason)
+        # Written with the health it gave, so a restart knows the action is in that health.
+        self.keeper.key(key).operator = op.model_copy(update={"applied": True})
 
     def _cluster_action(self, msg: dict[str, Any]) -> None:
         """An action another process or the CLI announced through the shared state."""
@@ -171,9 +174,9 @@ class OperatorCommands:
             op = rec.operator
             if op is not None and op.at > self._operator_seen.get(fp, 0.0):
                 self._operator_seen[fp] = op.at
-                # On start-up, an action newer than the stored health was never applied (its
-                # writer wrote after the last proxy stopped, or the proxy died first).
-                if not first or rec.health.updated_at < op.at:
+                # On start-up, only an action no proxy applied (its writer wrote after the last
+                # proxy stopped, or the proxy died first): the others are in the stored health.
+                if not first or pending_at_start(op, rec.health):
                     self._adopt_operator(key, op)
         if doc.limiter and first:
             try:
