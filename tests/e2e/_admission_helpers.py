@@ -14,6 +14,47 @@ from rotor_toml import pool, rotor_config
 Limits = Mapping[str, int | float]
 
 
+SENT_PROBE = """
+import json
+import time
+
+
+class SentAt:
+    \"\"\"When each request leaves the proxy: this `request` hook runs once kmi-rotor's has
+    admitted it, just before mitmproxy sends it on. Kept in memory (no I/O on the request
+    path), written to {out!r} at shutdown as [[time, first message], ...].\"\"\"
+
+    def __init__(self):
+        self.sent = []
+
+    def request(self, flow):
+        if flow.response is None:
+            self.sent.append((time.time(), flow.request.raw_content))
+
+    def done(self):
+        rows = [[t, json.loads(body)["messages"][0]["content"]] for t, body in self.sent]
+        with open({out!r}, "w") as f:
+            json.dump(rows, f)
+
+
+addons = [SentAt()]
+"""
+
+
+def sent_probe(folder: Path) -> tuple[Path, Path]:
+    """A mitmdump script (load it after kmi-rotor's) noting when each chat request left the
+    proxy, and the file it writes at shutdown; read it with `read_sent`."""
+    out = folder / "sent.json"
+    script = folder / "sent_probe.py"
+    script.write_text(SENT_PROBE.format(out=str(out)))
+    return script, out
+
+
+def read_sent(out: Path) -> dict[str, float]:
+    """By first message: when each request left the proxy (as `sent_probe` wrote it)."""
+    return {marker: t for t, marker in json.loads(out.read_text())}
+
+
 def write_limits_config(
     tmp_path: Path,
     host: str,
@@ -48,12 +89,14 @@ def max_in_window(times: Iterable[float], window: float = 1.0) -> int:
     return best
 
 
-def windows_by(records: Sequence[Any], attr: str = "credential") -> dict[Any, int]:
-    """Max count in any sliding one-second window, per value of `attr` of the records."""
+def windows_by(
+    records: Sequence[Any], attr: str = "credential", window: float = 1.0
+) -> dict[Any, int]:
+    """Max count in any sliding window (one second unless given), per value of `attr`."""
     groups: dict[Any, list[float]] = {}
     for r in records:
         groups.setdefault(getattr(r, attr), []).append(r.time)
-    return {k: max_in_window(v) for k, v in groups.items()}
+    return {k: max_in_window(v, window) for k, v in groups.items()}
 
 
 def run_concurrently[T](fn: Callable[[int], T], n: int, workers: int | None = None) -> list[T]:
@@ -71,7 +114,9 @@ def chat_body(marker: str = "hello", **extra: Any) -> bytes:
 __all__ = [
     "chat_body",
     "max_in_window",
+    "read_sent",
     "run_concurrently",
+    "sent_probe",
     "windows_by",
     "write_limits_config",
 ]
