@@ -14,44 +14,49 @@ from rotor_toml import pool, rotor_config
 Limits = Mapping[str, int | float]
 
 
-SENT_PROBE = """
+ADMITTED_PROBE = """
 import json
 import time
 
+from mitmproxy import ctx
 
-class SentAt:
-    \"\"\"When each request leaves the proxy: this `request` hook runs once kmi-rotor's has
-    admitted it, just before mitmproxy sends it on. Kept in memory (no I/O on the request
-    path), written to {out!r} at shutdown as [[time, first message], ...].\"\"\"
+
+class AdmittedAt:
+    \"\"\"When kmi-rotor admitted each request, as its own record of the flow holds it (the
+    monotonic moment it chose the key), turned into wall-clock time. This `request` hook runs
+    after kmi-rotor's. Kept in memory (no I/O on the request path), written to {out!r} at
+    shutdown as [[time, first message], ...].\"\"\"
 
     def __init__(self):
-        self.sent = []
+        self.admitted = []
 
     def request(self, flow):
-        if flow.response is None:
-            self.sent.append((time.time(), flow.request.raw_content))
+        served = ctx.master.addons.get("rotor")._served.get(flow.id)
+        if flow.response is None and served is not None:
+            wall, mono = time.time(), time.monotonic()
+            self.admitted.append((wall - (mono - served.started), flow.request.raw_content))
 
     def done(self):
-        rows = [[t, json.loads(body)["messages"][0]["content"]] for t, body in self.sent]
+        rows = [[t, json.loads(body)["messages"][0]["content"]] for t, body in self.admitted]
         with open({out!r}, "w") as f:
             json.dump(rows, f)
 
 
-addons = [SentAt()]
+addons = [AdmittedAt()]
 """
 
 
-def sent_probe(folder: Path) -> tuple[Path, Path]:
-    """A mitmdump script (load it after kmi-rotor's) noting when each chat request left the
-    proxy, and the file it writes at shutdown; read it with `read_sent`."""
-    out = folder / "sent.json"
-    script = folder / "sent_probe.py"
-    script.write_text(SENT_PROBE.format(out=str(out)))
+def admitted_probe(folder: Path) -> tuple[Path, Path]:
+    """A mitmdump script (load it after kmi-rotor's) noting when kmi-rotor admitted each chat
+    request, and the file it writes at shutdown; read it with `read_admitted`."""
+    out = folder / "admitted.json"
+    script = folder / "admitted_probe.py"
+    script.write_text(ADMITTED_PROBE.format(out=str(out)))
     return script, out
 
 
-def read_sent(out: Path) -> dict[str, float]:
-    """By first message: when each request left the proxy (as `sent_probe` wrote it)."""
+def read_admitted(out: Path) -> dict[str, float]:
+    """By first message: when kmi-rotor admitted each request (as `admitted_probe` wrote it)."""
     return {marker: t for t, marker in json.loads(out.read_text())}
 
 
@@ -112,11 +117,11 @@ def chat_body(marker: str = "hello", **extra: Any) -> bytes:
 
 
 __all__ = [
+    "admitted_probe",
     "chat_body",
     "max_in_window",
-    "read_sent",
+    "read_admitted",
     "run_concurrently",
-    "sent_probe",
     "windows_by",
     "write_limits_config",
 ]
