@@ -9,7 +9,7 @@ from typing import Any
 
 from .config import Key
 from .core.check import signal_of
-from .core.state import Operator, StateDoc
+from .core.state import Operator, StateDoc, pending_at_start
 from .operator_commands import Seen, operate
 from .running import Running
 
@@ -50,9 +50,9 @@ class StateAdoption:
             op = rec.operator
             if op is not None and op.at > self.seen.operators.get(fp, 0.0):
                 self.seen.operators[fp] = op.at
-                # On start-up, an action newer than the stored health was never applied (its
-                # writer wrote after the last proxy stopped, or the proxy died first).
-                if not first or rec.health.updated_at < op.at:
+                # On start-up, only an action no proxy applied (its writer wrote after the last
+                # proxy stopped, or the proxy died first): the others are in the stored health.
+                if not first or pending_at_start(op, rec.health):
                     self._operator(run, key, op)
         if doc.limiter and first:
             try:
@@ -81,9 +81,12 @@ class StateAdoption:
                 operate(run, key, op.action, self.clock(), None)
             except ValueError:  # written by a newer kmi-rotor: not ours to guess
                 log.warning("kmi-rotor: key %s: unknown action %r ignored", key.label, op.action)
-            return
-        run.keeper.key(key).health = run.engine.observe(key, sig, self.clock())
-        log.info("kmi-rotor: key %s: %s", key.label, sig.reason)
+                return
+        else:
+            run.keeper.key(key).health = run.engine.observe(key, sig, self.clock())
+            log.info("kmi-rotor: key %s: %s", key.label, sig.reason)
+        # Written with the health it gave, so a restart knows the action is in that health.
+        run.keeper.key(key).operator = op.model_copy(update={"applied": True})
 
     def announced(self, msg: dict[str, Any]) -> None:
         """An action another process or the CLI announced through the shared state."""

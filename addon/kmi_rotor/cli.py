@@ -111,7 +111,7 @@ def cmd_action(args: argparse.Namespace) -> int:
     delta, now = Delta(), time.time()
     for key in keys:
         delta.key(key.fingerprint, key.label, key.pool).operator = Operator(
-            action=args.command, at=now
+            action=args.command, at=now, applied=False
         )
     StateStore(settings.state_dir).commit(delta, now)
     print(

@@ -34,7 +34,7 @@ def operate(run: Running, key: Key, action: str, now: float, seen: Seen | None) 
     d = run.keeper.key(key)
     d.health = run.engine.operate(key, action, now)
     if seen is not None:
-        d.operator = Operator(action=action, at=now)
+        d.operator = Operator(action=action, at=now, applied=True)
         seen.operators[key.fingerprint] = now
         run.state.operated(key, action)
     log.info("kmi-rotor: key %s: %s", key.label, action)

@@ -14,6 +14,52 @@ from rotor_toml import pool, rotor_config
 Limits = Mapping[str, int | float]
 
 
+ADMITTED_PROBE = """
+import json
+import time
+
+from mitmproxy import ctx
+
+
+class AdmittedAt:
+    \"\"\"When kmi-rotor admitted each request, as its own record of the flow holds it (the
+    monotonic moment it chose the key), turned into wall-clock time. This `request` hook runs
+    after kmi-rotor's. Kept in memory (no I/O on the request path), written to {out!r} at
+    shutdown as [[time, first message], ...].\"\"\"
+
+    def __init__(self):
+        self.admitted = []
+
+    def request(self, flow):
+        served = ctx.master.addons.get("rotor")._served.get(flow.id)
+        if flow.response is None and served is not None:
+            wall, mono = time.time(), time.monotonic()
+            self.admitted.append((wall - (mono - served.started), flow.request.raw_content))
+
+    def done(self):
+        rows = [[t, json.loads(body)["messages"][0]["content"]] for t, body in self.admitted]
+        with open({out!r}, "w") as f:
+            json.dump(rows, f)
+
+
+addons = [AdmittedAt()]
+"""
+
+
+def admitted_probe(folder: Path) -> tuple[Path, Path]:
+    """A mitmdump script (load it after kmi-rotor's) noting when kmi-rotor admitted each chat
+    request, and the file it writes at shutdown; read it with `read_admitted`."""
+    out = folder / "admitted.json"
+    script = folder / "admitted_probe.py"
+    script.write_text(ADMITTED_PROBE.format(out=str(out)))
+    return script, out
+
+
+def read_admitted(out: Path) -> dict[str, float]:
+    """By first message: when kmi-rotor admitted each request (as `admitted_probe` wrote it)."""
+    return {marker: t for t, marker in json.loads(out.read_text())}
+
+
 def write_limits_config(
     tmp_path: Path,
     host: str,
@@ -48,12 +94,14 @@ def max_in_window(times: Iterable[float], window: float = 1.0) -> int:
     return best
 
 
-def windows_by(records: Sequence[Any], attr: str = "credential") -> dict[Any, int]:
-    """Max count in any sliding one-second window, per value of `attr` of the records."""
+def windows_by(
+    records: Sequence[Any], attr: str = "credential", window: float = 1.0
+) -> dict[Any, int]:
+    """Max count in any sliding window (one second unless given), per value of `attr`."""
     groups: dict[Any, list[float]] = {}
     for r in records:
         groups.setdefault(getattr(r, attr), []).append(r.time)
-    return {k: max_in_window(v) for k, v in groups.items()}
+    return {k: max_in_window(v, window) for k, v in groups.items()}
 
 
 def run_concurrently[T](fn: Callable[[int], T], n: int, workers: int | None = None) -> list[T]:
@@ -69,8 +117,10 @@ def chat_body(marker: str = "hello", **extra: Any) -> bytes:
 
 
 __all__ = [
+    "admitted_probe",
     "chat_body",
     "max_in_window",
+    "read_admitted",
     "run_concurrently",
     "windows_by",
     "write_limits_config",

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import random
 import subprocess
+import sys
 import threading
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx2 as httpx
-from proctools import BIN, clean_env, wait_until
+from proctools import ROOT, clean_env, wait_until
 from rotor_toml import pool, rotor_config
 
 import fake_provider
@@ -281,12 +282,13 @@ def key_status(url: str) -> dict[str, str]:
 
 
 def cli(config: Path, *args: str) -> str:
-    """Run `kmi-rotor ARGS --config CONFIG`; its stdout (fails on a non-zero exit)."""
+    """Run `kmi-rotor ARGS --config CONFIG` from this checkout (as the proxies it talks to);
+    its stdout (fails on a non-zero exit)."""
     out = subprocess.run(
-        [str(BIN / "kmi-rotor"), *args, "--config", str(config)],
+        [sys.executable, "-m", "kmi_rotor.cli", *args, "--config", str(config)],
         capture_output=True,
         text=True,
-        env=clean_env(),
+        env=clean_env(PYTHONPATH=str(ROOT / "addon")),
         timeout=30,
     )
     if out.returncode != 0:

@@ -134,7 +134,11 @@ def test_a_stream_fails_over_before_its_first_byte(rotor, failure, client, mode)
     behaviour, status, outcome, state = FAILURES[failure]
     # The fake speaks HTTP/1.1: to offer HTTP/2 to the client, mitmproxy connects lazily.
     lazy = ("--set", "connection_strategy=lazy") if client.endswith("h2") else ()
-    p, provider = rotor(keys_failing_first(behaviour.copy()), mode=mode, extra=lazy)
+    # Cooldowns long enough to still run when the status is read, on a machine however busy.
+    slow = {
+        "health": {"rate_limit_backoff": 600.0, "overload_backoff": 600.0, "overload_backoff_max": 600.0}
+    }
+    p, provider = rotor(keys_failing_first(behaviour.copy()), mode=mode, extra=lazy, sections=slow)
     seen = stream_with(client, p)
     assert_streamed_whole(seen, client)
     assert served_by(provider) == [(secret("alpha"), status), (secret("beta"), 200)]

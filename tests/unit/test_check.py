@@ -386,13 +386,18 @@ def test_from_state(
         (Verdict(Outcome.UNREACHABLE, "refused"), None),
         (
             Verdict(Outcome.BAD_CREDENTIAL, "x"),
-            Operator(action="disable", at=NOW, reason=CHECK_DISABLE),
+            Operator(action="disable", at=NOW, reason=CHECK_DISABLE, applied=False),
         ),
         (
             Verdict(Outcome.NO_QUOTA, "x", NOW + 60),
-            Operator(action="block", at=NOW, reason=CHECK_BLOCK, until=NOW + 60),
+            Operator(
+                action="block", at=NOW, reason=CHECK_BLOCK, until=NOW + 60, applied=False
+            ),
         ),
-        (Verdict(Outcome.NO_QUOTA, "x"), Operator(action="block", at=NOW, reason=CHECK_BLOCK)),
+        (
+            Verdict(Outcome.NO_QUOTA, "x"),
+            Operator(action="block", at=NOW, reason=CHECK_BLOCK, applied=False),
+        ),
         # what the state said already is not written back
         (Verdict(Outcome.NO_QUOTA, "x", NOW + 60, probed=False), None),
     ],

@@ -261,9 +261,11 @@ def action_for(v: Verdict, now: float) -> Operator | None:
     if not v.probed:
         return None
     if v.outcome is Outcome.BAD_CREDENTIAL:
-        return Operator(action="disable", at=now, reason=CHECK_DISABLE)
+        return Operator(action="disable", at=now, reason=CHECK_DISABLE, applied=False)
     if v.outcome is Outcome.NO_QUOTA:
-        return Operator(action="block", at=now, reason=CHECK_BLOCK, until=v.until)
+        return Operator(
+            action="block", at=now, reason=CHECK_BLOCK, until=v.until, applied=False
+        )
     return None
 
 

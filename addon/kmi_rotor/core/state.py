@@ -29,6 +29,24 @@ class Operator(Persisted):
         None, description="Set by `kmi-rotor check`: applied as the answer it got would be."
     )
     until: float | None = Field(None, description="block: when the quota resets, if known.")
+    applied: bool | None = Field(
+        None,
+        description="Whether a proxy has applied it and written the health it gave; None in "
+        "records written before this was kept.",
+    )
+
+
+def pending_at_start(op: Operator, health: KeyHealth) -> bool:
+    """Whether an action found in the state when a proxy starts still has to be applied.
+
+    It does unless a proxy applied it: the health it then wrote carries the action, and a later
+    action would have replaced this record. Newer health alone says nothing, since a proxy may
+    write an observation of the key after the action was written and before it read it. For a
+    record without the mark, newer health is the only sign there is that it was applied.
+    """
+    if op.applied is None:
+        return health.updated_at < op.at
+    return not op.applied
 
 
 class KeyRecord(Persisted):
