@@ -31,7 +31,7 @@ class AdmittedAt:
         self.admitted = []
 
     def request(self, flow):
-        served = ctx.master.addons.get("rotor")._served.get(flow.id)
+        served = ctx.master.addons.get("rotor").served.get(flow.id)
         if flow.response is None and served is not None:
             wall, mono = time.time(), time.monotonic()
             self.admitted.append((wall - (mono - served.started), flow.request.raw_content))
