@@ -23,6 +23,7 @@ from kmi_rotor.cluster.settings import connect
 from kmi_rotor.cluster.state import Admission
 from kmi_rotor.config import Settings, from_dict
 from kmi_rotor.core.limiter import Admitted, Limiter, Limits, Rejected
+from kmi_rotor.core.refusal import Refusal
 from kmi_rotor.core.signals import FailureKind, Signal, Window
 from kmi_rotor.engine import Chosen, Engine, Wait
 
@@ -161,7 +162,7 @@ def settings(url: str, prefix: str, rps: int | None) -> Settings:
     return from_dict(raw, Path("/tmp/x/rotor.toml"), env={})
 
 
-async def test_a_report_the_engine_reads_reaches_every_process(server):
+async def test_a_report_the_engine_reads_counts_every_processs_requests(server):
     s = settings(server.url, f"e{time.time_ns()}", None)  # only the provider tells the limit
     assert s.cluster is not None
     engines = []
@@ -172,18 +173,26 @@ async def test_a_report_the_engine_reads_reaches_every_process(server):
         engines.append((state, e))
     (one, e1), (two, e2) = engines
     pool = e1.settings.pools[0]
+    only_a = frozenset({s.keys[1].fingerprint})
+
+    async def on_a(state: RedisState, engine: Engine) -> Any:
+        now = time.time()
+        return await state.decide(engine, Admission(pool, 1, now, now + 5, only_a))
+
+    flying = await on_a(two, e2)  # still in flight when one's answer comes back
+    d = await on_a(one, e1)
+    assert isinstance(flying, Chosen) and isinstance(d, Chosen) and d.key.label == "a"
     now = time.time()
-    d = await one.decide(e1, Admission(pool, 1, now, now + 5))
-    assert isinstance(d, Chosen) and d.key.label == "a"
-    sig = Signal(200, FailureKind.OK, None, (requests(5, 0, 30.0, now),), "ok")
+    sig = Signal(200, FailureKind.OK, None, (requests(5, 1, 30.0, now),), "ok")
     e1.observe(d.key, sig, now, d.reservation)
     e1.settle(d.key, d.reservation, None)
     one.observed(e1, d.key, now)
     await asyncio.gather(*d.reservation.handle.tasks)
-    for _ in range(3):  # the round-robin cursor would come back to a: its budget is spent
-        now = time.time()
-        d2 = await two.decide(e2, Admission(pool, 1, now, now + 5))
-        assert isinstance(d2, Chosen) and d2.key.label == "b"
+    # 1 left as reported, spent by the other process's request in flight: neither process
+    # sends another (each alone would see 1 left).
+    for state, engine in engines:
+        got = await on_a(state, engine)
+        assert isinstance(got, Wait | Refusal), got
     for state, _ in engines:
         await state.stop()
 
