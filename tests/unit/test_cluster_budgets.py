@@ -115,6 +115,20 @@ async def test_a_newer_report_replaces_the_budget(client):
     assert (await admitted(one, B)).key == "a"
 
 
+async def test_an_older_requests_answer_read_late_does_not_bring_its_budget_back(client):
+    one, two = procs(client, 2)
+    early, late = await admitted(one, A), await admitted(two, A)
+    now = time.time()
+    two.report(late.reservation, [requests(5, 0, 30.0, now)], now, guard=0.0, cap=60.0)
+    two.release(late.reservation)
+    await settled(late)
+    # The earlier request's answer, read last (its process was slow), says 4 were left then.
+    one.report(early.reservation, [requests(5, 4, 30.0, now)], now, guard=0.0, cap=60.0)
+    one.release(early.reservation)
+    await settled(early)
+    assert (await admitted(two, B)).key == "b"
+
+
 async def test_after_its_reset_a_key_takes_its_limit_per_window(client):
     one, two = procs(client, 2)
     first = await admitted(one, A)

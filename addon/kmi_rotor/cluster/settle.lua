@@ -18,33 +18,44 @@ local P = a.p
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 
+-- A report replaces the budget only when its request was admitted no earlier than the one
+-- whose report the budget holds: answers read out of order must not bring back an older
+-- state. (Dropping an older report undercounts nothing: its request was in flight, so counted
+-- as sent, when the newer report was taken.)
 local function report(r)
   local h = P .. ':b:' .. r.fp .. ':' .. r.scope
   local f = P .. ':fl:' .. r.fp .. ':' .. r.scope
+  local at = string.find(r.except, '@', 1, true)
+  local adm = (at and tonumber(string.sub(r.except, at + 1))) or now
   redis.call('ZREMRANGEBYSCORE', f, '-inf', string.format('%.3f', now))
   local flying = redis.call('ZRANGE', f, 0, -1)
   local keep = 0
   for _, w in ipairs(r.windows) do
     local name, reset = w[1], now + math.max(0, w[4])
-    local longest = 0
+    local longest, newer = 0, true
     local old = redis.call('HGET', h, name)
     if old then
       local o = cjson.decode(old)
       longest = math.max(1000, o.longest, o.reset - o.seen)
+      newer = o.adm == nil or adm >= o.adm
     end
-    local period = math.max(1000, longest, reset - now)
-    local b = {l = w[2], r = w[3], reset = reset, seen = now, longest = longest,
-      guard = math.min(r.gf * period, 250), cap = r.cap}
-    redis.call('HSET', h, name, cjson.encode(b))
-    local s = P .. ':bs:' .. r.fp .. ':' .. r.scope .. ':' .. name
-    redis.call('DEL', s)
-    for _, m in ipairs(flying) do
-      local at = m ~= r.except and string.find(m, '@', 1, true)
-      if at then redis.call('ZADD', s, tonumber(string.sub(m, at + 1)), string.sub(m, 1, at - 1)) end
+    if newer then
+      local period = math.max(1000, longest, reset - now)
+      local b = {l = w[2], r = w[3], reset = reset, seen = now, longest = longest, adm = adm,
+        guard = math.min(r.gf * period, 250), cap = r.cap}
+      redis.call('HSET', h, name, cjson.encode(b))
+      local s = P .. ':bs:' .. r.fp .. ':' .. r.scope .. ':' .. name
+      redis.call('DEL', s)
+      for _, m in ipairs(flying) do
+        local sep = m ~= r.except and string.find(m, '@', 1, true)
+        if sep then
+          redis.call('ZADD', s, tonumber(string.sub(m, sep + 1)), string.sub(m, 1, sep - 1))
+        end
+      end
+      -- Kept while it can still bind: through its reset, then as long as its window slides.
+      keep = math.max(keep, math.ceil(reset - now + 10 * period) + 60000)
+      if #flying > 0 then redis.call('PEXPIRE', s, keep) end
     end
-    -- Kept while it can still bind: through its reset, then as long as its window slides.
-    keep = math.max(keep, math.ceil(reset - now + 10 * period) + 60000)
-    if #flying > 0 then redis.call('PEXPIRE', s, keep) end
   end
   -- Every window of the hash lives as long as the longest-lived one.
   if keep > redis.call('PTTL', h) then redis.call('PEXPIRE', h, keep) end
