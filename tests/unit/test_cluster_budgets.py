@@ -70,8 +70,19 @@ async def admitted(s: SharedLimits, keys: list[tuple[str, int]]) -> Admitted:
 A, B = [("a", 0)], [("a", 0), ("b", 1)]
 
 
+async def budgeted(s: SharedLimits, fp: str = "a") -> None:
+    """Give the key a budget (a report of plenty left): from then on its requests are counted
+    among its requests in flight, which a report takes as sent."""
+    first = await admitted(s, [(fp, 0)])
+    now = time.time()
+    s.report(first.reservation, [requests(100, 99, 30.0, now)], now, guard=0.0, cap=60.0)
+    s.release(first.reservation)
+    await settled(first)
+
+
 async def test_requests_in_flight_anywhere_count_against_a_report(client):
     one, two = procs(client, 2)
+    await budgeted(one)
     answered = await admitted(one, A)
     await admitted(two, A)  # sent by another process; the report may miss it
     now = time.time()
@@ -117,6 +128,7 @@ async def test_a_newer_report_replaces_the_budget(client):
 
 async def test_an_older_requests_answer_read_late_does_not_bring_its_budget_back(client):
     one, two = procs(client, 2)
+    await budgeted(one)
     early, late = await admitted(one, A), await admitted(two, A)
     now = time.time()
     two.report(late.reservation, [requests(5, 0, 30.0, now)], now, guard=0.0, cap=60.0)
@@ -193,15 +205,19 @@ async def test_a_report_the_engine_reads_counts_every_processs_requests(server):
         now = time.time()
         return await state.decide(engine, Admission(pool, 1, now, now + 5, only_a))
 
+    async def answered(d: Any, remaining: int) -> None:
+        now = time.time()
+        sig = Signal(200, FailureKind.OK, None, (requests(100, remaining, 30.0, now),), "ok")
+        e1.observe(d.key, sig, now, d.reservation)
+        e1.settle(d.key, d.reservation, None)
+        one.observed(e1, d.key, now)
+        await asyncio.gather(*d.reservation.handle.tasks)
+
+    await answered(await on_a(one, e1), 99)  # a has a budget: plenty left
     flying = await on_a(two, e2)  # still in flight when one's answer comes back
     d = await on_a(one, e1)
     assert isinstance(flying, Chosen) and isinstance(d, Chosen) and d.key.label == "a"
-    now = time.time()
-    sig = Signal(200, FailureKind.OK, None, (requests(5, 1, 30.0, now),), "ok")
-    e1.observe(d.key, sig, now, d.reservation)
-    e1.settle(d.key, d.reservation, None)
-    one.observed(e1, d.key, now)
-    await asyncio.gather(*d.reservation.handle.tasks)
+    await answered(d, 1)
     # 1 left as reported, spent by the other process's request in flight: neither process
     # sends another (each alone would see 1 left).
     for state, engine in engines:

@@ -185,19 +185,22 @@ local function fraction(fp, bs)
 end
 
 -- The request counts in every budget of the key (older entries drop once the report's
--- reset is past, as Budgets.admitted), and among the key's requests in flight.
+-- reset is past, as Budgets.admitted), and among the key's requests in flight, which the
+-- key's next report counts as sent; a key without a budget (none reported, or its limits
+-- paced here) skips both. Returns its place in flight ("" when none).
 local function spend(fp, bs)
+  if #bs == 0 then return '' end
+  local ttl = redis.call('PTTL', bhash(fp))
   for _, nb in ipairs(bs) do
     local k, b = bsent(fp, nb[1]), nb[2]
     local cut = now - period(b) - b.guard
     if now >= b.reset then redis.call('ZREMRANGEBYSCORE', k, '-inf', string.format('%.3f', cut)) end
     redis.call('ZADD', k, now, a.id)
-    local ttl = redis.call('PTTL', bhash(fp))
     if ttl > 0 then redis.call('PEXPIRE', k, ttl) end
   end
   local f = P .. ':fl:' .. fp .. ':' .. a.scope
   local member = a.id .. '@' .. string.format('%.3f', now)
-  redis.call('ZREMRANGEBYSCORE', f, '-inf', string.format('%.3f', now))
+  -- Places whose lease ended (a process that died) are dropped by the next report.
   redis.call('ZADD', f, now + a.lease, member)
   redis.call('PEXPIRE', f, math.ceil(a.lease) + 60000)
   return member
@@ -222,58 +225,73 @@ local found = {}
 local gat = block(a.global, a.tokens, found)
 local cooled_at = INF
 local live, spent_keys = {}, {}
-for _, k in ipairs(keys) do
+
+-- Whether the key may take a request: not cooling, no provider budget of it spent.
+local function examine(k)
   local cool = redis.call('GET', P .. ':cool:' .. k.fp .. ':' .. a.scope)
   if cool and (cool == 'inf' or tonumber(cool) > now) then
     if cool ~= 'inf' and tonumber(cool) < cooled_at then cooled_at = tonumber(cool) end
-  else
-    k.budgets = budgets(k.fp)
-    local until_ = spent(k.fp, k.budgets)
-    if until_ then
-      if until_ < cooled_at then cooled_at = until_ end
-      spent_keys[#spent_keys + 1] = {'key:' .. k.fp, 'provider_budget', until_}
-    else
-      live[#live + 1] = k
-    end
+    return false
   end
+  k.budgets = budgets(k.fp)
+  local until_ = spent(k.fp, k.budgets)
+  if until_ then
+    if until_ < cooled_at then cooled_at = until_ end
+    spent_keys[#spent_keys + 1] = {'key:' .. k.fp, 'provider_budget', until_}
+    return false
+  end
+  live[#live + 1] = k
+  return true
 end
 
--- The headroom strategy: most headroom first (ties keep the cursor's order), as the shared
--- windows and budgets have it; an affinity's key stays first.
-if a.order == 'headroom' and #live > 1 then
-  local first = 1
-  if a.cursor and a.cursor.pinned == 1 and live[1] == keys[1] then first = 2 end
-  local rest = {}
-  for i = first, #live do
-    local k = live[i]
-    local h = math.min(k.hh or 1.0, fraction(k.fp, k.budgets))
-    for _, w in ipairs(k.windows) do
-      prune(k.name, w)
-      h = math.min(h, (w[2] - used(k.name, w)) / w[2])
-    end
-    if k.conc > 0 then h = math.min(h, (k.conc - in_flight(k.name)) / k.conc) end
-    rest[#rest + 1] = {k = k, h = math.floor(math.max(0.0, h) * 1000 + 0.5), i = i}
+-- Reserve on the key if it has room; the answer to return, or nil.
+local function take(k)
+  if gat ~= now or block(k, a.tokens, {}) ~= now then return nil end
+  reserve(a.global, a.tokens)
+  reserve(k, a.tokens)
+  local member = spend(k.fp, k.budgets)
+  if a.cursor then
+    local nxt = k.idx
+    if a.cursor.mode == 'rr' then nxt = (k.idx + 1) % a.cursor.n end
+    redis.call('SET', P .. ':rr:' .. a.cursor.pool, nxt)
   end
-  table.sort(rest, function(x, y)
-    if x.h ~= y.h then return x.h > y.h end
-    return x.i < y.i
-  end)
-  for j, r in ipairs(rest) do live[first + j - 1] = r.k end
+  return {1, k.fp, tostring(now), member}
 end
 
-if gat == now then
-  for _, k in ipairs(live) do
-    local kfound = {}
-    if block(k, a.tokens, kfound) == now then
-      reserve(a.global, a.tokens)
-      reserve(k, a.tokens)
-      local member = spend(k.fp, k.budgets)
-      if a.cursor then
-        local nxt = k.idx
-        if a.cursor.mode == 'rr' then nxt = (k.idx + 1) % a.cursor.n end
-        redis.call('SET', P .. ':rr:' .. a.cursor.pool, nxt)
+if a.order == 'headroom' then
+  -- Most headroom first (ties keep the cursor's order), as the shared windows and budgets
+  -- have it; an affinity's key stays first.
+  for _, k in ipairs(keys) do examine(k) end
+  if #live > 1 then
+    local first = 1
+    if a.cursor and a.cursor.pinned == 1 and live[1] == keys[1] then first = 2 end
+    local rest = {}
+    for i = first, #live do
+      local k = live[i]
+      local h = math.min(k.hh or 1.0, fraction(k.fp, k.budgets))
+      for _, w in ipairs(k.windows) do
+        prune(k.name, w)
+        h = math.min(h, (w[2] - used(k.name, w)) / w[2])
       end
-      return {1, k.fp, tostring(now), member}
+      if k.conc > 0 then h = math.min(h, (k.conc - in_flight(k.name)) / k.conc) end
+      rest[#rest + 1] = {k = k, h = math.floor(math.max(0.0, h) * 1000 + 0.5), i = i}
+    end
+    table.sort(rest, function(x, y)
+      if x.h ~= y.h then return x.h > y.h end
+      return x.i < y.i
+    end)
+    for j, r in ipairs(rest) do live[first + j - 1] = r.k end
+  end
+  for _, k in ipairs(live) do
+    local got = take(k)
+    if got then return got end
+  end
+else
+  -- In order, looking no further than the first key that takes it.
+  for _, k in ipairs(keys) do
+    if examine(k) then
+      local got = take(k)
+      if got then return got end
     end
   end
 end

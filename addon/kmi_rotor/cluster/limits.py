@@ -76,7 +76,10 @@ class Lease:
     stamps: tuple[tuple[str, str], ...] = ()
     """(scope, window) of every window the reservation counts in."""
     flight: tuple[str, str, str] | tuple[()] = ()
-    """(key, scope, member): its place among the key's requests in flight."""
+    """(key, scope, member): its place among the key's requests in flight, if it has one
+    (only on a key with a provider budget)."""
+    key: str = ""
+    scope: str = ""
     released: bool = False
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     pending: dict[str, Any] | None = None
@@ -254,9 +257,11 @@ class SharedLimits:
                 for s in scopes
                 for w in s["windows"]
             )
-            flight = (fp, scope, _text(out[3]))
-            lease = Lease(rid, windows, slots, tokens, stamps, flight)
-            self.held[rid] = lease
+            member = _text(out[3])
+            flight = (fp, scope, member) if member else ()
+            lease = Lease(rid, windows, slots, tokens, stamps, flight, key=fp, scope=scope)
+            if slots or flight:
+                self.held[rid] = lease
             self.admitted.append((now, fp, tokens))
             return Admitted(Reservation(fp, now, tokens, lease), fp)
         possible, retry, redis_now = int(out[1]) == 1, float(_text(out[2])), float(_text(out[3]))
@@ -298,12 +303,11 @@ class SharedLimits:
         window (at most 0.25 s); `cap`: the longest a report may hold a key back (s)."""
         lease = _lease(reservation)
         counted = budget_reports(windows, now)
-        if counted and lease.flight:
-            fp, scope, member = lease.flight
+        if counted:
             self._later(lease)["report"] = {
-                "fp": fp,
-                "scope": scope,
-                "except": member,
+                "fp": lease.key,
+                "scope": lease.scope,
+                "except": lease.flight[2] if lease.flight else "",
                 "gf": guard,
                 "cap": min(NEVER_MS, cap * 1000.0),
                 "windows": counted,
@@ -323,13 +327,16 @@ class SharedLimits:
         # What the current step of the loop adds is sent along (the task may start eagerly).
         await asyncio.sleep(0)
         pending, lease.pending = lease.pending or {}, None
+        release = bool(pending.get("release")) and bool(lease.slots or lease.flight)
+        if not (pending.get("delta") or release or pending.get("report")):
+            return  # nothing held in Redis (no slot, no place in flight), nothing to tell
         arg = {
             "op": "settle",
             "p": self.prefix,
             "id": lease.id,
             "delta": pending.get("delta", 0),
             "windows": lease.windows,
-            "release": bool(pending.get("release")),
+            "release": release,
             "slots": lease.slots,
             "flight": lease.flight,
             "report": pending.get("report") or False,
