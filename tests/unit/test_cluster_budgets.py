@@ -285,3 +285,29 @@ async def test_the_share_read_is_one_nth_of_each_window(client):
     _, raw = await s.snapshot(1, cap=2)
     assert len(raw["global"]["requests_per_minute"]) == 2
     assert sum(n for _, n in raw["global"]["requests_per_minute"]) == 7
+
+
+def test_the_status_shows_each_keys_shared_budget(server):
+    from kmi_rotor.cluster import view
+
+    prefix = f"v{time.time_ns()}"
+    s = settings(server.url, prefix, None)
+    fp = s.keys[0].fingerprint
+
+    async def report() -> None:
+        c = connect(server.url)
+        limits = SharedLimits(c, prefix, "p0", 15.0)
+        limits.configure(Limits(), {}, 0.0)
+        await budgeted(limits, fp)
+        await admitted(limits, [(fp, 0)])  # still in flight: counted as sent
+        first = await admitted(limits, [(fp, 0)])
+        now = time.time()
+        limits.report(first.reservation, [requests(10, 4, 30.0, now)], now, guard=0.0, cap=60.0)
+        await settled(first)
+        await c.aclose()
+
+    asyncio.run(report())
+    shown = view.read(s)
+    (budget,) = next(k for k in shown["keys"] if k["fingerprint"] == fp)["budgets"].values()
+    assert budget["limit"] == 10 and budget["left"] == 3 and 29 < budget["reset_s"] <= 30
+    assert "provider budget requests 3/10 (reset in" in view.render(shown)

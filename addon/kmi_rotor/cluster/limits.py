@@ -287,7 +287,8 @@ class SharedLimits:
             return
         lease.released = True
         self.held.pop(lease.id, None)
-        self._later(lease)["release"] = True
+        if lease.slots or lease.flight or lease.pending is not None:
+            self._later(lease)["release"] = True
 
     def report(
         self,
