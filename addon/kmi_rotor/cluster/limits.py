@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, TypeVar
 
-from ..core.budget import COUNTED
 from ..core.limiter import (
     CONCURRENCY,
     GLOBAL,
@@ -33,6 +32,7 @@ from ..core.limiter import (
     enforced_length,
 )
 from ..core.signals import Window
+from .budgets import NEVER_MS, budget_reports
 
 log = logging.getLogger("kmi_rotor")
 
@@ -57,10 +57,6 @@ class SharedDown(Exception):
     def __init__(self, reason: str, *, slow: bool = False) -> None:
         super().__init__(reason)
         self.slow = slow
-
-
-NEVER_MS = 1e15
-"""A time span that does not end, in milliseconds (JSON has no infinity)."""
 
 
 @dataclass(eq=False)
@@ -385,20 +381,6 @@ def _lease(reservation: Reservation) -> Lease:
     if not isinstance(handle, Lease):
         raise TypeError("reservation was not made by the shared limiter")
     return handle
-
-
-def budget_reports(windows: Sequence[Window], now: float) -> list[list[Any]]:
-    """The windows of a provider's report that budgets count (requests), as the settle
-    script takes them: [name, limit (-1: unknown), remaining, ms to the reset]; named as
-    `Budgets.observe` names them."""
-    out: list[list[Any]] = []
-    for w in windows:
-        if w.dimension not in COUNTED or w.remaining is None or w.reset_at is None:
-            continue
-        name = w.dimension if w.period is None else f"{w.dimension}:{w.period}"
-        limit = -1.0 if w.limit is None else w.limit
-        out.append([name, limit, w.remaining, max(0.0, (w.reset_at - now) * 1000.0)])
-    return out
 
 
 def _spec(name: str, limits: Limits, guard: float) -> dict[str, Any]:
