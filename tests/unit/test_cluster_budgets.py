@@ -20,7 +20,7 @@ from kmi_rotor.cluster import seeds
 from kmi_rotor.cluster.limits import SharedLimits
 from kmi_rotor.cluster.node import RedisState
 from kmi_rotor.cluster.settings import connect
-from kmi_rotor.cluster.state import Admission
+from kmi_rotor.cluster.state import Ask
 from kmi_rotor.config import Settings, from_dict
 from kmi_rotor.core.limiter import Admitted, Limiter, Limits, Rejected
 from kmi_rotor.core.refusal import Refusal
@@ -203,7 +203,7 @@ async def test_a_report_the_engine_reads_counts_every_processs_requests(server):
 
     async def on_a(state: RedisState, engine: Engine) -> Any:
         now = time.time()
-        return await state.decide(engine, Admission(pool, 1, now, now + 5, only_a))
+        return await state.decide(engine, Ask(pool, 1, now, now + 5, only_a))
 
     async def answered(d: Any, remaining: int) -> None:
         now = time.time()
@@ -239,12 +239,12 @@ async def test_degraded_mode_starts_from_the_clusters_windows(tmp_path):
         state.configure(s, engine)
         pool = engine.settings.pools[0]
         now = time.time()
-        got = [await state.decide(engine, Admission(pool, 1, now, now + 5)) for _ in range(4)]
+        got = [await state.decide(engine, Ask(pool, 1, now, now + 5)) for _ in range(4)]
         assert all(isinstance(d, Chosen) for d in got)
         await state._read_windows()
         srv.stop()
         now = time.time()
-        d = await state.decide(engine, Admission(pool, 1, now, now + 5))
+        d = await state.decide(engine, Ask(pool, 1, now, now + 5))
         assert state.mode == "degraded"
         # Both keys took their 2 this second through Redis: locally too, nothing is left.
         assert isinstance(d, Wait) and d.until is not None and d.until > now
