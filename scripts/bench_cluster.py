@@ -5,10 +5,14 @@ The fake provider holds 3 keys to 2 requests per sliding second each; every kmi-
 those limits configured. Clients (the openai SDK, 2 retries) arrive as a Poisson process at
 0.8 and 1.5 times the pool's capacity, spread evenly over the processes. Printed: client
 success, upstream 429s per 100 requests, goodput (served per second over capacity) and the
-most any key got in one second over its limit; then the median time one admission spends in
-Redis and the throughput of one process with and without [cluster] (unlimited keys).
+most any key got in one second over its limit. The same again ("budgets only") with no
+limit configured, against keys that tell their limit in every answer's rate-limit headers
+(remaining, limit, reset: as a per-minute limit on a clock sped up 60 times, the same 2
+requests per sliding second): only the provider's report paces them. Then the median time
+one admission spends in Redis and the throughput of one process with and without [cluster]
+(unlimited keys); not with --only, which runs only the setups it names.
 
-    .venv/bin/python scripts/bench_cluster.py [--seconds 20]
+    .venv/bin/python scripts/bench_cluster.py [--seconds 20] [--only "budgets"]
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "addon"))
 
 import httpx2 as httpx
-from cluster_load import KEYS, run, start_provider, start_proxies, write_config
+from cluster_load import KEYS, run, secret, start_provider, start_proxies, write_config
 from proctools import MITMDUMP, clean_env, spawn
 from redis_server import RedisServer
 
@@ -44,7 +48,15 @@ def confdir(work: Path) -> Path:
     return d
 
 
-def setup_rows(work: Path, conf: Path, upstream: str, redis: RedisServer, seconds: float) -> list:
+def setup_rows(
+    work: Path,
+    conf: Path,
+    upstreams: tuple[str, str],
+    redis: RedisServer,
+    seconds: float,
+    only: str,
+) -> list:
+    upstream, told = upstreams
     setups = {
         "one kmi-rotor": [write_config(work / "one.toml", upstream, work / "s-one")],
         "three sharing a state folder": [
@@ -56,14 +68,31 @@ def setup_rows(work: Path, conf: Path, upstream: str, redis: RedisServer, second
             )
             for i in range(3)
         ],
+        # Budgets only: no limit configured; the provider's rate-limit headers tell it.
+        "one, budgets only": [
+            write_config(work / "b-one.toml", told, work / "s-b-one", limits=False)
+        ],
+        "three Redis, budgets only": [
+            write_config(
+                work / f"b-redis{i}.toml",
+                told,
+                work / f"s-b-redis{i}",
+                redis_url=redis.url,
+                limits=False,
+            )
+            for i in range(3)
+        ],
     }
     rows = []
     for name, cfgs in setups.items():
-        proxies = start_proxies(work, conf, cfgs, upstream, clean_env())
+        if only not in name:
+            continue
+        target = told if "budgets" in name else upstream
+        proxies = start_proxies(work, conf, cfgs, target, clean_env())
         try:
             time.sleep(1.0)  # let the heartbeats register every process
             for demand in DEMANDS:
-                o = run(upstream, [m.url for m in proxies], demand, seconds)
+                o = run(target, [m.url for m in proxies], demand, seconds)
                 rows.append((name, demand, o))
                 print(f"  {name} at {demand}: done", file=sys.stderr, flush=True)
         finally:
@@ -132,24 +161,26 @@ async def _blast(url: str, n: int) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=20.0, help="length of each run")
+    ap.add_argument("--only", default="", help="run only the setups whose name has this")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-cluster-") as tmp:
         work = Path(tmp)
         conf = confdir(work)
         provider, upstream = start_provider(work)
+        teller, told = start_provider(work, told=True)
         redis = RedisServer(work / "redis")
         redis.start()
         try:
-            rows = setup_rows(work, conf, upstream, redis, args.seconds)
-            # Unlimited keys at the provider for the throughput runs.
-            with httpx.Client(base_url=upstream, timeout=10) as admin:
-                from cluster_load import secret
-
-                admin.post("/_fake/keys", json={secret(k): {} for k in KEYS}).raise_for_status()
-            tp = throughput(work, conf, upstream, redis)
-            remote, local = asyncio.run(admission_latency(redis))
+            rows = setup_rows(work, conf, (upstream, told), redis, args.seconds, args.only)
+            if not args.only:
+                # Unlimited keys at the provider for the throughput runs.
+                with httpx.Client(base_url=upstream, timeout=10) as admin:
+                    admin.post("/_fake/keys", json={secret(k): {} for k in KEYS}).raise_for_status()
+                tp = throughput(work, conf, upstream, redis)
+                remote, local = asyncio.run(admission_latency(redis))
         finally:
             redis.stop()
+            teller.stop()
             provider.stop()
     print(
         f"3 keys x 2 req/s (sliding 1 s), Poisson arrivals, openai SDK 2 retries, "
@@ -164,15 +195,16 @@ def main() -> int:
             f"{name:30} {demand:>6} {o.sent:>5} {o.success:>8.1%} "
             f"{o.upstream_429_per_100:>9.1f} {o.goodput():>7.2f} {o.peak():>10.2f}"
         )
-    print(
-        f"admission, median: {remote * 1000:.3f} ms in Redis, {local * 1000:.3f} ms in process"
-        f" (Redis adds {(remote - local) * 1000:.3f} ms)"
-    )
-    print(
-        "throughput of one process, unlimited keys: "
-        + ", ".join(f"{k} {v:.0f} req/s" for k, v in tp.items())
-        + f" (with/without {tp['with Redis'] / tp['without Redis']:.2f})"
-    )
+    if not args.only:
+        print(
+            f"admission, median: {remote * 1000:.3f} ms in Redis, {local * 1000:.3f} ms in process"
+            f" (Redis adds {(remote - local) * 1000:.3f} ms)"
+        )
+        print(
+            "throughput of one process, unlimited keys: "
+            + ", ".join(f"{k} {v:.0f} req/s" for k, v in tp.items())
+            + f" (with/without {tp['with Redis'] / tp['without Redis']:.2f})"
+        )
     return 0
 
 

@@ -34,10 +34,17 @@ def secret(label: str) -> str:
     return f"sk-cluster-{label}-" + "0" * 24
 
 
-def start_provider(work: Path) -> tuple[Process, str]:
-    keys = {secret(k): {"rps": n, "headers": "openai"} for k, n in KEYS.items()}
+def start_provider(work: Path, *, told: bool = False) -> tuple[Process, str]:
+    """The fake provider holding KEYS. `told`: the same limits, but told in every answer's
+    rate-limit headers (limit, remaining, reset: OpenAI's), as a per-minute limit on a clock
+    sped up 60 times, so that the headers are all a proxy has to go by."""
+    field = "rpm" if told else "rps"
+    keys = {secret(k): {field: n, "headers": "openai"} for k, n in KEYS.items()}
     argv = [sys.executable, str(ROOT / "scripts" / "fake_provider.py"), "--keys", json.dumps(keys)]
-    p = spawn(argv, clean_env(), work / "provider.log")
+    if told:
+        argv += ["--time-scale", repr(1 / 60)]
+    log = work / ("provider-told.log" if told else "provider.log")
+    p = spawn(argv, clean_env(), log)
     return p, p.wait_for(r"fake-provider listening on (\S+)").group(1)
 
 

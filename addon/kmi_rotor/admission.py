@@ -12,6 +12,7 @@ from mitmproxy import ctx, http
 from . import request_body
 from .answers import answer_locally
 from .bookkeeping import Bookkeeping
+from .cluster.state import Ask
 from .config import Pool
 from .core import tokens as tk
 from .core.credentials import placements
@@ -71,15 +72,8 @@ class Admission:
         await self.waiting.upstream_ready(flow)
         while True:
             now = self.clock()
-            d = await run.state.decide(
-                run.engine,
-                pool,
-                tokens,
-                now,
-                deadline=deadline,
-                exclude=exclude,
-                affinity=affinity,
-            )
+            ask = Ask(pool, tokens, now, deadline, exclude, affinity)
+            d = await run.state.decide(run.engine, ask)
             if isinstance(d, Chosen):
                 served = self._inject(run, flow, pool, d, retry["attempt"] if retry else 1, arrived)
                 served.estimated_from_size = body is None

@@ -258,6 +258,17 @@ class Engine:
             429, "pool_exhausted", f"no key of pool {pool.name!r} can serve now", wake, keys=reasons
         )
 
+    def health_hold(self, key: Key, now: float) -> tuple[bool, float | None]:
+        """Whether the key's health (what providers said of it, not its budgets) keeps it
+        out now, and until when (None: until an operator or a recheck)."""
+        if key.disabled:
+            return True, None
+        h = self.health_of(key.fingerprint)
+        paced, cap = _paced(key), self.policy.max_cooldown_seconds
+        if hl.usable(h, now, paced, cap) or self._recheck_due(h, now):
+            return False, None
+        return True, hl.next_usable_at(h, now, self.policy, paced)
+
     def _available_at(self, key: Key, now: float) -> float | None:
         if key.disabled:
             return None
@@ -336,6 +347,11 @@ class Engine:
                 if fp == key.fingerprint and (answered is None or rid != id(answered))
             ]
             self.budgets.observe(key.fingerprint, sig.windows, after, now)
+            if answered is not None and self.shared is not None and self.shared.owns(answered):
+                # Every process counts its requests against the same report.
+                self.shared.report(
+                    answered, sig.windows, now, guard=self.budgets.guard, cap=self.budgets.cap
+                )
         outage = sig.kind is FailureKind.OVERLOADED and self._is_outage(key, now)
         h = hl.apply_signal(self.health_of(key.fingerprint), sig, now, self.policy, outage=outage)
         self.health[key.fingerprint] = h

@@ -127,6 +127,46 @@ def test_three_processes_hold_the_pool_to_its_limits_as_one_does(
     assert over.peak(slack=0.1) <= max(1.0, base_over.peak(slack=0.1)), over.refusals()
 
 
+@pytest.mark.timeout(300)
+def test_three_processes_pace_by_the_providers_report_as_one_does(
+    tmp_path, mitm_confdir, redis_srv
+):
+    """No limit configured: each key's limit is known only from its answers' rate-limit
+    headers. Three processes that shared it only as cooldowns got hundreds of 429s per 100
+    at 1.5 times capacity; sharing the budget request by request, they get what one gets."""
+    provider, told = start_provider(tmp_path, told=True)
+    try:
+        one_cfg = write_config(tmp_path / "one.toml", told, tmp_path / "s-one", limits=False)
+        (one,) = start_proxies(tmp_path, mitm_confdir, [one_cfg], told, clean_env())
+        try:
+            base = run(told, [one.url], 1.5, RUN)
+        finally:
+            one.stop()
+        cfgs = [
+            write_config(
+                tmp_path / f"b{i}.toml",
+                told,
+                tmp_path / f"s-b{i}",
+                redis_url=redis_srv.url,
+                limits=False,
+            )
+            for i in range(3)
+        ]
+        proxies = start_proxies(tmp_path, mitm_confdir, cfgs, told, clean_env())
+        try:
+            for m in proxies:
+                wait_until(lambda m=m: status(m.url)["cluster"].get("alive", 0) >= 3, 20, "beat")
+            over = run(told, [m.url for m in proxies], 1.5, RUN)
+        finally:
+            for m in proxies:
+                m.stop()
+    finally:
+        provider.stop()
+    assert over.upstream_429_per_100 <= base.upstream_429_per_100 + 5.0, over.refusals()
+    assert over.peak(slack=0.1) <= max(2.0, base.peak(slack=0.1)), over.refusals()
+    assert over.goodput() >= min(0.85, base.goodput() - 0.05), over.goodput()
+
+
 def test_redis_going_away_degrades_to_local_shares_and_comes_back(cluster, upstream, redis_srv):
     proxies = cluster(3)
     urls = [m.url for m in proxies]

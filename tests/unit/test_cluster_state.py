@@ -15,7 +15,7 @@ from redis_server import RedisServer, free_port
 from testkit import need_redis
 
 from kmi_rotor.cluster.node import RedisState
-from kmi_rotor.cluster.state import LocalState
+from kmi_rotor.cluster.state import Ask, LocalState
 from kmi_rotor.config import Settings, from_dict
 from kmi_rotor.core.refusal import Refusal
 from kmi_rotor.core.signals import FailureKind, Signal
@@ -60,9 +60,7 @@ def process(s: Settings) -> tuple[RedisState, Engine]:
 async def decide(state: Any, engine: Engine, now: float | None = None) -> Any:
     now = time.time() if now is None else now
     pool = engine.settings.pools[0]
-    return await state.decide(
-        engine, pool, 10, now, deadline=now + 5, exclude=frozenset(), affinity=None
-    )
+    return await state.decide(engine, Ask(pool, 10, now, now + 5))
 
 
 async def test_round_robin_and_limits_span_processes(server):

@@ -3,11 +3,16 @@
 -- while t <= now < t + length), concurrency slots; plus leases and shared cooldowns and cursors.
 -- Time is Redis's own (TIME), in milliseconds, so the callers' clocks do not matter.
 --
--- ARGV[1]: JSON {p, id, tokens, lease, scope, global, keys, cursor}; a scope spec is
+-- Provider budgets (core/budget.py's Budget, per key and scope): what the provider last
+-- reported of each window, and the requests sent since that it may not have counted; a key
+-- whose budget is spent is skipped until the budget frees, as a cooldown is.
+--
+-- ARGV[1]: JSON {p, id, tokens, lease, scope, global, keys, cursor, order}; a scope spec is
 --   {name, windows = [[limit_name, limit, length_ms, is_token], ...], conc (0: none)}; each
---   key also has fp and idx (its place in the pool). cursor: {pool, n, mode, pinned} or absent.
--- Returns {1, fp, now} when admitted, or {0, possible, retry_ms, now, exhausted_json}
--- (retry_ms: "-1" when only a release can help).
+--   key also has fp, idx (its place in the pool) and hh (its headroom in what is not shared).
+--   cursor: {pool, n, mode, pinned} or absent. order: "headroom" sorts the keys by headroom.
+-- Returns {1, fp, now, member (its place among the key's requests in flight)} when admitted,
+-- or {0, possible, retry_ms, now, exhausted_json} (retry_ms: "-1" when only a release helps).
 
 local a = cjson.decode(ARGV[1])
 local t = redis.call('TIME')
@@ -109,6 +114,98 @@ local function reserve(spec, tokens)
   end
 end
 
+-- Budgets: a hash of window name -> {l (limit, -1 unknown), r (remaining), reset, seen,
+-- longest, guard, cap} in ms of Redis's clock; the requests sent since, a sorted set each.
+local function bhash(fp) return P .. ':b:' .. fp .. ':' .. a.scope end
+local function bsent(fp, name) return P .. ':bs:' .. fp .. ':' .. a.scope .. ':' .. name end
+local function period(b) return math.max(1000, b.longest, b.reset - b.seen) end
+local function free_at(b) return math.min(b.reset, b.seen + b.cap) + b.guard end
+local function after(t) return string.format('(%.3f', t) end
+
+local function budgets(fp)
+  local raw = redis.call('HGETALL', bhash(fp))
+  local out = {}
+  for i = 1, #raw, 2 do out[#out + 1] = {raw[i], cjson.decode(raw[i + 1])} end
+  return out
+end
+
+-- Requests sent to probe a report that no longer binds, within the probe interval.
+local function probes(k, b)
+  local lo, cut = free_at(b), now - math.min(period(b), b.cap) - b.guard
+  if lo > cut then return redis.call('ZCOUNT', k, string.format('%.3f', lo), '+inf') end
+  return redis.call('ZCOUNT', k, after(cut), '+inf')
+end
+
+local function sliding(b) return b.l >= 1 and now >= b.reset + b.guard end
+
+-- Requests the key can still take (Budget.left).
+local function left(k, b)
+  if now < free_at(b) then return b.r - redis.call('ZCARD', k) end
+  if sliding(b) then
+    return math.floor(b.l) - redis.call('ZCOUNT', k, after(now - period(b) - b.guard), '+inf')
+  end
+  if b.l < 0 and now >= b.reset + b.guard then return INF end
+  return 1 - probes(k, b)
+end
+
+-- When a spent budget frees (Budget.blocked_until); nil when it is not spent.
+local function spent_until(k, b)
+  if left(k, b) > 0 then return nil end
+  if now < free_at(b) then return free_at(b) end
+  if sliding(b) then
+    local cut = after(now - period(b) - b.guard)
+    local n = redis.call('ZCOUNT', k, cut, '+inf')
+    local e = redis.call('ZRANGEBYSCORE', k, cut, '+inf', 'WITHSCORES', 'LIMIT',
+      n - math.floor(b.l), 1)
+    return tonumber(e[2]) + period(b) + b.guard
+  end
+  local e = redis.call('ZRANGE', k, -1, -1, 'WITHSCORES')
+  return tonumber(e[2]) + math.min(period(b), b.cap) + b.guard
+end
+
+-- The latest time any spent budget of the key frees; nil when none is spent.
+local function spent(fp, bs)
+  local latest = nil
+  for _, nb in ipairs(bs) do
+    local at = spent_until(bsent(fp, nb[1]), nb[2])
+    if at and (latest == nil or at > latest) then latest = at end
+  end
+  return latest
+end
+
+local function fraction(fp, bs)
+  local f = 1.0
+  for _, nb in ipairs(bs) do
+    local b = nb[2]
+    if b.l > 0 then
+      f = math.min(f, math.max(0.0, math.min(1.0, left(bsent(fp, nb[1]), b) / b.l)))
+    end
+  end
+  return f
+end
+
+-- The request counts in every budget of the key (older entries drop once the report's
+-- reset is past, as Budgets.admitted), and among the key's requests in flight, which the
+-- key's next report counts as sent; a key without a budget (none reported, or its limits
+-- paced here) skips both. Returns its place in flight ("" when none).
+local function spend(fp, bs)
+  if #bs == 0 then return '' end
+  local ttl = redis.call('PTTL', bhash(fp))
+  for _, nb in ipairs(bs) do
+    local k, b = bsent(fp, nb[1]), nb[2]
+    local cut = now - period(b) - b.guard
+    if now >= b.reset then redis.call('ZREMRANGEBYSCORE', k, '-inf', string.format('%.3f', cut)) end
+    redis.call('ZADD', k, now, a.id)
+    if ttl > 0 then redis.call('PEXPIRE', k, ttl) end
+  end
+  local f = P .. ':fl:' .. fp .. ':' .. a.scope
+  local member = a.id .. '@' .. string.format('%.3f', now)
+  -- Places whose lease ended (a process that died) are dropped by the next report.
+  redis.call('ZADD', f, now + a.lease, member)
+  redis.call('PEXPIRE', f, math.ceil(a.lease) + 60000)
+  return member
+end
+
 -- Candidates in the shared cursor's order (the first stays first when pinned by affinity).
 local keys = a.keys
 if a.cursor and #keys > 1 then
@@ -127,28 +224,74 @@ end
 local found = {}
 local gat = block(a.global, a.tokens, found)
 local cooled_at = INF
-local live = {}
-for _, k in ipairs(keys) do
+local live, spent_keys = {}, {}
+
+-- Whether the key may take a request: not cooling, no provider budget of it spent.
+local function examine(k)
   local cool = redis.call('GET', P .. ':cool:' .. k.fp .. ':' .. a.scope)
   if cool and (cool == 'inf' or tonumber(cool) > now) then
     if cool ~= 'inf' and tonumber(cool) < cooled_at then cooled_at = tonumber(cool) end
-  else
-    live[#live + 1] = k
+    return false
   end
+  k.budgets = budgets(k.fp)
+  local until_ = spent(k.fp, k.budgets)
+  if until_ then
+    if until_ < cooled_at then cooled_at = until_ end
+    spent_keys[#spent_keys + 1] = {'key:' .. k.fp, 'provider_budget', until_}
+    return false
+  end
+  live[#live + 1] = k
+  return true
 end
 
-if gat == now then
-  for _, k in ipairs(live) do
-    local kfound = {}
-    if block(k, a.tokens, kfound) == now then
-      reserve(a.global, a.tokens)
-      reserve(k, a.tokens)
-      if a.cursor then
-        local nxt = k.idx
-        if a.cursor.mode == 'rr' then nxt = (k.idx + 1) % a.cursor.n end
-        redis.call('SET', P .. ':rr:' .. a.cursor.pool, nxt)
+-- Reserve on the key if it has room; the answer to return, or nil.
+local function take(k)
+  if gat ~= now or block(k, a.tokens, {}) ~= now then return nil end
+  reserve(a.global, a.tokens)
+  reserve(k, a.tokens)
+  local member = spend(k.fp, k.budgets)
+  if a.cursor then
+    local nxt = k.idx
+    if a.cursor.mode == 'rr' then nxt = (k.idx + 1) % a.cursor.n end
+    redis.call('SET', P .. ':rr:' .. a.cursor.pool, nxt)
+  end
+  return {1, k.fp, tostring(now), member}
+end
+
+if a.order == 'headroom' then
+  -- Most headroom first (ties keep the cursor's order), as the shared windows and budgets
+  -- have it; an affinity's key stays first.
+  for _, k in ipairs(keys) do examine(k) end
+  if #live > 1 then
+    local first = 1
+    if a.cursor and a.cursor.pinned == 1 and live[1] == keys[1] then first = 2 end
+    local rest = {}
+    for i = first, #live do
+      local k = live[i]
+      local h = math.min(k.hh or 1.0, fraction(k.fp, k.budgets))
+      for _, w in ipairs(k.windows) do
+        prune(k.name, w)
+        h = math.min(h, (w[2] - used(k.name, w)) / w[2])
       end
-      return {1, k.fp, tostring(now)}
+      if k.conc > 0 then h = math.min(h, (k.conc - in_flight(k.name)) / k.conc) end
+      rest[#rest + 1] = {k = k, h = math.floor(math.max(0.0, h) * 1000 + 0.5), i = i}
+    end
+    table.sort(rest, function(x, y)
+      if x.h ~= y.h then return x.h > y.h end
+      return x.i < y.i
+    end)
+    for j, r in ipairs(rest) do live[first + j - 1] = r.k end
+  end
+  for _, k in ipairs(live) do
+    local got = take(k)
+    if got then return got end
+  end
+else
+  -- In order, looking no further than the first key that takes it.
+  for _, k in ipairs(keys) do
+    if examine(k) then
+      local got = take(k)
+      if got then return got end
     end
   end
 end
@@ -161,6 +304,7 @@ for _, k in ipairs(live) do
   local at = block(k, a.tokens, found)
   if at == false then release_helps = true elseif at < key_at then key_at = at end
 end
+for _, e in ipairs(spent_keys) do found[#found + 1] = e end
 local out = cjson.encode(found)
 if #live == 0 then
   local r = '-1'

@@ -13,6 +13,7 @@ import itertools
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -30,6 +31,8 @@ from ..core.limiter import (
     Reservation,
     enforced_length,
 )
+from ..core.signals import Window
+from .budgets import NEVER_MS, budget_reports
 
 log = logging.getLogger("kmi_rotor")
 
@@ -37,6 +40,8 @@ TIMEOUT = 0.1
 """No request waits longer than this on one Redis call."""
 RESTAMP_AFTER = 0.005
 """An admission answered later than this is stamped again when the request leaves."""
+ADMITTED = 10_000
+"""Admissions remembered between two reads of the shared windows, at most."""
 T = TypeVar("T")
 COOL = """
 local t = redis.call('TIME')
@@ -56,7 +61,7 @@ class SharedDown(Exception):
 
 @dataclass(eq=False)
 class Lease:
-    """The handle of a shared reservation: what to correct and what to free."""
+    """The handle of a shared reservation: what to correct, report on and free."""
 
     id: str
     windows: tuple[tuple[str, str], ...]
@@ -66,8 +71,15 @@ class Lease:
     tokens: int
     stamps: tuple[tuple[str, str], ...] = ()
     """(scope, window) of every window the reservation counts in."""
+    flight: tuple[str, str, str] | tuple[()] = ()
+    """(key, scope, member): its place among the key's requests in flight, if it has one
+    (only on a key with a provider budget)."""
+    key: str = ""
+    scope: str = ""
     released: bool = False
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    pending: dict[str, Any] | None = None
+    """What is to be sent of it at the next turn of the event loop (one call for all)."""
 
 
 @dataclass(frozen=True)
@@ -95,11 +107,15 @@ class SharedLimits:
         self._admit = client.register_script(_script("admit.lua"))
         self._settle = client.register_script(_script("settle.lua"))
         self._cool = client.register_script(COOL)
+        self._snapshot = client.register_script(_script("snapshot.lua"))
         self._ids = itertools.count(1)
         self._global: dict[str, Any] = {"name": GLOBAL, "windows": [], "conc": 0}
         self._keys: dict[str, dict[str, Any]] = {}
         self.held: dict[str, Lease] = {}
         """Leases not yet released, renewed while their requests run."""
+        self.admitted: deque[tuple[float, str, int]] = deque(maxlen=ADMITTED)
+        """(local time, key, tokens) of this process's recent admissions: what the windows it
+        last read from Redis may miss (`Seeds`)."""
 
     def configure(
         self, global_limits: Limits, key_limits: Mapping[str, Limits], guard: float
@@ -111,9 +127,28 @@ class SharedLimits:
     async def warm(self, connections: int = 8) -> None:
         """Load the scripts and open connections ahead of the first burst of requests (a cold
         connection with a script to load takes longer than the bound on a loaded machine)."""
-        for script in (self._admit, self._settle, self._cool):
+        for script in (self._admit, self._settle, self._cool, self._snapshot):
             script.sha = await self.client.script_load(script.script)
         await asyncio.gather(*(self.client.ping() for _ in range(connections)))
+
+    def windows(self) -> dict[str, list[str]]:
+        """The configured window names, by scope ("global", "key:<fp>")."""
+        return {
+            spec["name"]: [w[0] for w in spec["windows"]]
+            for spec in (self._global, *self._keys.values())
+        }
+
+    async def snapshot(self, processes: int, cap: int = 256) -> tuple[float, dict[str, Any]]:
+        """Every configured window as one of `processes` processes' share of it (see
+        snapshot.lua): Redis's time (ms) and scope -> window -> [[time_ms, amount]...]."""
+        arg = {
+            "p": self.prefix,
+            "n": max(1, processes),
+            "cap": cap,
+            "scopes": [self._global, *self._keys.values()],
+        }
+        out = await self.call(self._snapshot(args=[json.dumps(arg)]))
+        return float(_text(out[0])), json.loads(_text(out[1])) or {}
 
     def owns(self, reservation: Reservation) -> bool:
         return isinstance(reservation.handle, Lease)
@@ -140,14 +175,20 @@ class SharedLimits:
         *,
         cursor: Cursor | None = None,
         scope: str = "",
+        headroom: Mapping[str, float] | None = None,
     ) -> Admitted | Rejected:
         """Reserve on the first candidate (fingerprint, place in the pool) that fits, the
-        shared cursor deciding the order; or say when something could fit (local clock)."""
+        shared cursor deciding the order; or say when something could fit (local clock).
+        A key whose provider budget (in `scope`) is spent is skipped until it frees.
+        `headroom`: order the candidates by headroom (the headroom strategy), the shared
+        windows and budgets with each key's headroom in what is not shared (given)."""
         rid = f"{self.process}:{next(self._ids)}"
         keys = []
         for fp, idx in candidates:
             spec = self._keys.get(fp) or {"name": f"key:{fp}", "windows": [], "conc": 0}
             keys.append({**spec, "fp": fp, "idx": idx})
+            if headroom is not None:
+                keys[-1]["hh"] = headroom.get(fp, 1.0)
         arg: dict[str, Any] = {
             "p": self.prefix,
             "id": rid,
@@ -157,6 +198,8 @@ class SharedLimits:
             "global": self._global,
             "keys": keys,
         }
+        if headroom is not None:
+            arg["order"] = "headroom"
         if cursor is not None:
             arg["cursor"] = {
                 "pool": cursor.pool,
@@ -166,7 +209,7 @@ class SharedLimits:
             }
         sent = time.monotonic()
         out = await self.call(self._admit(args=[json.dumps(arg)]))
-        result = self._answer(out, rid, tokens, now)
+        result = self._answer(out, rid, tokens, now, scope)
         late = time.monotonic() - sent > RESTAMP_AFTER
         if isinstance(result, Admitted) and late and _lease(result.reservation).stamps:
             await self._restamp(result.reservation)
@@ -187,7 +230,9 @@ class SharedLimits:
         with contextlib.suppress(SharedDown):
             await self.call(self._settle(args=[json.dumps(arg)]))
 
-    def _answer(self, out: list[Any], rid: str, tokens: int, now: float) -> Admitted | Rejected:
+    def _answer(
+        self, out: list[Any], rid: str, tokens: int, now: float, scope: str = ""
+    ) -> Admitted | Rejected:
         def local(ms: float) -> float:
             return now + (ms - redis_now) / 1000.0
 
@@ -208,9 +253,12 @@ class SharedLimits:
                 for s in scopes
                 for w in s["windows"]
             )
-            lease = Lease(rid, windows, slots, tokens, stamps)
-            if slots:
+            member = _text(out[3])
+            flight = (fp, scope, member) if member else ()
+            lease = Lease(rid, windows, slots, tokens, stamps, flight, key=fp, scope=scope)
+            if slots or flight:
                 self.held[rid] = lease
+            self.admitted.append((now, fp, tokens))
             return Admitted(Reservation(fp, now, tokens, lease), fp)
         possible, retry, redis_now = int(out[1]) == 1, float(_text(out[2])), float(_text(out[3]))
         found = json.loads(_text(out[4])) or []
@@ -227,24 +275,69 @@ class SharedLimits:
         lease = _lease(reservation)
         delta, lease.tokens = actual_tokens - lease.tokens, actual_tokens
         if delta and lease.windows:
-            self._later(lease, {"op": "correct", "windows": lease.windows, "delta": delta})
+            self._later(lease).update(delta=self._later(lease).get("delta", 0) + delta)
 
     def release(self, reservation: Reservation) -> None:
         lease = _lease(reservation)
         if lease.released:
             return
         lease.released = True
-        if self.held.pop(lease.id, None) is not None:
-            self._later(lease, {"op": "release", "slots": lease.slots})
+        self.held.pop(lease.id, None)
+        if lease.slots or lease.flight or lease.pending is not None:
+            self._later(lease)["release"] = True
 
-    def _later(self, lease: Lease, arg: dict[str, Any]) -> None:
-        arg.update({"p": self.prefix, "id": lease.id, "windows": arg.get("windows", ())})
-        arg.setdefault("slots", ())
-        task = asyncio.get_running_loop().create_task(self._settle_quietly(arg))
-        lease.tasks.add(task)
-        task.add_done_callback(lease.tasks.discard)
+    def report(
+        self,
+        reservation: Reservation,
+        windows: Sequence[Window],
+        now: float,
+        *,
+        guard: float,
+        cap: float,
+    ) -> None:
+        """The provider's answer to this request reported `windows`: they become the key's
+        budgets (in the request's scope) for every process. `guard`: the fraction added to a
+        window (at most 0.25 s); `cap`: the longest a report may hold a key back (s)."""
+        lease = _lease(reservation)
+        counted = budget_reports(windows, now)
+        if counted:
+            self._later(lease)["report"] = {
+                "fp": lease.key,
+                "scope": lease.scope,
+                "except": lease.flight[2] if lease.flight else "",
+                "gf": guard,
+                "cap": min(NEVER_MS, cap * 1000.0),
+                "windows": counted,
+            }
 
-    async def _settle_quietly(self, arg: dict[str, Any]) -> None:
+    def _later(self, lease: Lease) -> dict[str, Any]:
+        """The lease's pending settle call, sent at the next turn of the loop: a correction,
+        a report and a release made together (as a finished request makes them) go as one."""
+        if lease.pending is None:
+            lease.pending = {}
+            task = asyncio.get_running_loop().create_task(self._settle_quietly(lease))
+            lease.tasks.add(task)
+            task.add_done_callback(lease.tasks.discard)
+        return lease.pending
+
+    async def _settle_quietly(self, lease: Lease) -> None:
+        # What the current step of the loop adds is sent along (the task may start eagerly).
+        await asyncio.sleep(0)
+        pending, lease.pending = lease.pending or {}, None
+        release = bool(pending.get("release")) and bool(lease.slots or lease.flight)
+        if not (pending.get("delta") or release or pending.get("report")):
+            return  # nothing held in Redis (no slot, no place in flight), nothing to tell
+        arg = {
+            "op": "settle",
+            "p": self.prefix,
+            "id": lease.id,
+            "delta": pending.get("delta", 0),
+            "windows": lease.windows,
+            "release": release,
+            "slots": lease.slots,
+            "flight": lease.flight,
+            "report": pending.get("report") or False,
+        }
         try:
             await self.call(self._settle(args=[json.dumps(arg)]))
         except SharedDown as e:
@@ -253,7 +346,7 @@ class SharedLimits:
     async def renew(self) -> None:
         """Extend the slots of every running request (called well within the lease): one
         call for all of them."""
-        held = [[lease.id, lease.slots] for lease in self.held.values()]
+        held = [[lease.id, lease.slots, lease.flight] for lease in self.held.values()]
         if held:
             arg = {"op": "renew", "p": self.prefix, "held": held, "lease": self.lease_ms}
             await self.call(self._settle(args=[json.dumps(arg)]))

@@ -1,9 +1,12 @@
 """The engine's state shared through Redis (`EngineState`), with this process's fallback.
 
 Admission is one script call; cooldowns, counters and actions go out without holding up a
-request. A heartbeat (every `BEAT` s) registers the process, renews its slots' leases, flushes
-counters and notices when Redis comes back. Without Redis: `on_redis_down = "local"` admits
-against this process's share of every limit, "refuse" answers 503.
+request, and so does the provider's report of a request's key (its budget, shared). A
+heartbeat (every `BEAT` s) registers the process, renews its requests' leases, flushes
+counters, reads the shared windows as this process's share (`seeds`) and notices when Redis
+comes back. Without Redis: `on_redis_down = "local"` admits against this process's share of
+every limit, its windows starting from that share of what the cluster sent; "refuse" answers
+503.
 """
 
 from __future__ import annotations
@@ -16,22 +19,26 @@ from collections.abc import Callable
 from typing import Any
 
 from ..config import Key, Pool, Settings
+from ..core import health as hl
+from ..core.budget import COUNTED
 from ..core.limiter import Rejected
 from ..core.refusal import Refusal
 from ..core.share import scaled
 from ..engine import Decision, Engine, Wait, limits_of
 from ..listening import address as listen_address
-from . import actions
+from . import actions, seeds
 from .limits import Cursor, SharedDown, SharedLimits, _text
 from .registry import Registry, process_id
 from .settings import Cluster, connect
+from .state import Ask
 
 log = logging.getLogger("kmi_rotor")
 
 BEAT = 0.5
 POLL = 0.05
 """A request waiting for a slot another process holds looks again this often."""
-CURSORS = {"round-robin": "rr", "sticky": "sticky"}
+CURSORS = {"round-robin": "rr", "sticky": "sticky", "headroom": "rr"}
+"""The shared cursor of each strategy (headroom's breaks ties in round-robin order)."""
 TURNS = 4
 """Admissions one process has in flight to Redis at once."""
 SLOW_FOR = 1.0
@@ -63,6 +70,8 @@ class RedisState:
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[Any]] = set()
         self._slow_since: float | None = None
+        self._read: seeds.Read | None = None
+        """The shared windows as last read, this process's share of them."""
         self._turn = asyncio.Semaphore(TURNS)
         """A few admissions at a time per process: requests woken together queue here, not
         as a burst of calls to Redis where all but one would be refused."""
@@ -107,39 +116,38 @@ class RedisState:
 
     # -- admission ---------------------------------------------------------------------------
 
-    async def decide(
-        self,
-        engine: Engine,
-        pool: Pool,
-        tokens: int,
-        now: float,
-        *,
-        deadline: float,
-        exclude: frozenset[str],
-        affinity: str | None,
-    ) -> Decision:
+    async def decide(self, engine: Engine, ask: Ask) -> Decision:
         if self.mode != "shared":
-            return self._without_redis(engine, pool, tokens, now, deadline, exclude, affinity)
-        plan = engine.plan(pool, now, exclude=exclude, affinity=affinity)
+            return self._without_redis(engine, ask)
+        pool, now, deadline = ask.pool, ask.now, ask.deadline
+        plan = engine.plan(pool, now, exclude=ask.exclude, affinity=ask.affinity)
         places = {k.fingerprint: i for i, k in enumerate(pool.keys)}
         candidates = [(fp, places[fp]) for fp in plan.candidates]
         mode = CURSORS.get(pool.strategy)
         cursor = Cursor(pool.name, len(pool.keys), mode, plan.pinned) if mode else None
         if not candidates:
             return engine.conclude(plan, Rejected((), None), now, deadline=deadline)
+        headroom = None
+        if pool.strategy == "headroom":
+            headroom = {fp: _unshared_headroom(engine, fp, now) for fp, _ in candidates}
         try:
             async with self._turn:
                 if self.mode != "shared":  # it went down while this request queued
-                    return self._without_redis(
-                        engine, pool, tokens, now, deadline, exclude, affinity
-                    )
-                result = await self.limits.admit(candidates, tokens, now, cursor=cursor)
+                    return self._without_redis(engine, ask)
+                result = await self.limits.admit(
+                    candidates,
+                    ask.tokens,
+                    now,
+                    cursor=cursor,
+                    scope=ask.scope,
+                    headroom=headroom,
+                )
             self._slow_since = None
         except SharedDown as e:
             if not self._failed(e) and now + POLL <= deadline:
                 return Wait(now + POLL, "shared state slow to answer")
             self._went_down(str(e))
-            return self._without_redis(engine, pool, tokens, now, deadline, exclude, affinity)
+            return self._without_redis(engine, ask)
         d = engine.conclude(plan, result, now, deadline=deadline)
         if isinstance(d, Wait) and d.until is None:
             # Another process's release wakes nobody here: look again soon. (A window frees
@@ -147,29 +155,20 @@ class RedisState:
             return Wait(min(deadline, now + POLL), d.reason)
         return d
 
-    def _without_redis(
-        self,
-        engine: Engine,
-        pool: Pool,
-        tokens: int,
-        now: float,
-        deadline: float,
-        exclude: frozenset[str],
-        affinity: str | None,
-    ) -> Decision:
+    def _without_redis(self, engine: Engine, ask: Ask) -> Decision:
         if self.cluster.on_redis_down == "refuse":
             # The reason (host, port, error) stays in the log: it is the operator's, not the
             # client's.
             why = "the shared state (Redis) cannot be reached"
             return Refusal(503, "shared_state_unavailable", why)
-        return engine.decide(
-            pool, tokens, now, deadline=deadline, exclude=exclude, affinity=affinity
-        )
+        return ask.locally(engine)
 
     def _went_down(self, reason: str) -> None:
         if self.mode == "shared":
             self.mode = "degraded" if self.cluster.on_redis_down == "local" else "refusing"
             self.down_reason = reason or "no answer"
+            if self.mode == "degraded":
+                self._seed()
             share = f"local limits, 1/{self.alive} of each"
             what = share if self.mode == "degraded" else "refusing requests (503)"
             log.warning(
@@ -188,6 +187,24 @@ class RedisState:
             self._slow_since = at
         return at - self._slow_since >= SLOW_FOR
 
+    def _seed(self) -> None:
+        """Start the local windows from this process's share of what the cluster last sent
+        in them, plus what it admitted since (see `seeds`)."""
+        if self._engine is None:
+            return
+        now = time.time()
+        data = seeds.seed(self._read, self.limits.admitted, self.limits.windows(), now)
+        self._engine.limiter.restore(data, now)
+
+    async def _read_windows(self) -> None:
+        """Read the shared windows as this process's share (on every beat)."""
+        redis_now, raw = await self.limits.call(self.limits.snapshot(self.alive))
+        now = time.time()
+        self._read = seeds.read_from(raw, redis_now, now)
+        admitted = self.limits.admitted
+        while admitted and admitted[0][0] <= now - seeds.OVERLAP:
+            admitted.popleft()
+
     def _came_back(self) -> None:
         self._slow_since = None
         if self.mode != "shared":
@@ -199,9 +216,11 @@ class RedisState:
     # -- what this process saw ----------------------------------------------------------------
 
     def observed(self, engine: Engine, key: Key, now: float, scope: str = "") -> None:
+        """Share the key's cooldown (or its end). Its budgets travel with its requests'
+        settlement (`SharedLimits.report`), counted request by request in Redis."""
         fp = key.fingerprint
-        if not engine.usable(key, now):
-            at = engine.available_at(key, now)
+        held, at = engine.health_hold(key, now)
+        if held:
             self._cooled.add(fp)
             self._later(self.limits.cool(fp, None if at is None else at - now, scope))
         elif fp in self._cooled:
@@ -281,6 +300,7 @@ class RedisState:
                     self._rescale()
                 await self.limits.renew()
                 await self.limits.call(self._flush())
+                await self._read_windows()
                 self.processes = await self.limits.call(self.registry.processes())
             except SharedDown as e:
                 if self._failed(e):
@@ -336,3 +356,13 @@ class RedisState:
             "alive": self.alive,
             "processes": self.processes,
         }
+
+
+def _unshared_headroom(engine: Engine, fp: str, now: float) -> float:
+    """The key's headroom in the provider windows Redis does not count (tokens; its request
+    budgets it does), as this process last saw them."""
+    h = engine.health_of(fp)
+    rest = {n: w for n, w in h.windows.items() if n.split(":")[0] not in COUNTED}
+    if len(rest) == len(h.windows):
+        return hl.headroom(h, now)
+    return hl.headroom(h.model_copy(update={"windows": rest}), now)

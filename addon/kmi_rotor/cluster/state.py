@@ -8,10 +8,40 @@ talks to the state only through these methods.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..config import Key, Pool
 from ..engine import Decision, Engine
+
+
+@dataclass(frozen=True)
+class Ask:
+    """One request asking to be admitted: what every `EngineState.decide` is given."""
+
+    pool: Pool
+    tokens: int
+    """The request's token estimate."""
+    now: float
+    deadline: float
+    """The latest it may be told to wait until."""
+    exclude: frozenset[str] = frozenset()
+    """Fingerprints of keys it already failed on (a failover attempt)."""
+    affinity: str | None = None
+    """Its conversation's affinity value, if the pool has one."""
+    scope: str = ""
+    """Which of a key's scopes it counts in ("" is the whole key)."""
+
+    def locally(self, engine: Engine) -> Decision:
+        """The in-process admission of this request (the engine's own limiter)."""
+        return engine.decide(
+            self.pool,
+            self.tokens,
+            self.now,
+            deadline=self.deadline,
+            exclude=self.exclude,
+            affinity=self.affinity,
+        )
 
 
 class EngineState(Protocol):
@@ -19,17 +49,7 @@ class EngineState(Protocol):
     """"local" (one process), "shared" (Redis), "degraded" (Redis away: local shares of the
     limits) or "refusing" (Redis away, policy refuse)."""
 
-    async def decide(
-        self,
-        engine: Engine,
-        pool: Pool,
-        tokens: int,
-        now: float,
-        *,
-        deadline: float,
-        exclude: frozenset[str],
-        affinity: str | None,
-    ) -> Decision:
+    async def decide(self, engine: Engine, ask: Ask) -> Decision:
         """Admission of one request (see Engine.decide); waits on nothing but bounded I/O."""
         ...
 
@@ -65,20 +85,8 @@ class LocalState:
 
     mode = "local"
 
-    async def decide(
-        self,
-        engine: Engine,
-        pool: Pool,
-        tokens: int,
-        now: float,
-        *,
-        deadline: float,
-        exclude: frozenset[str],
-        affinity: str | None,
-    ) -> Decision:
-        return engine.decide(
-            pool, tokens, now, deadline=deadline, exclude=exclude, affinity=affinity
-        )
+    async def decide(self, engine: Engine, ask: Ask) -> Decision:
+        return ask.locally(engine)
 
     def observed(self, engine: Engine, key: Key, now: float, scope: str = "") -> None:
         return None

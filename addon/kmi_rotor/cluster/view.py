@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -91,6 +92,7 @@ async def _key(client: Any, prefix: str, key: Key, now: float, guard: float) -> 
     in_flight = int(await client.zcount(f"{prefix}:c:{scope}", f"({now}", "+inf"))
     raw = await client.hgetall(f"{prefix}:n:{key.fingerprint}")
     counters = {_s(k): int(v) for k, v in raw.items()}
+    budgets = await _budgets(client, prefix, key.fingerprint, now)
     return {
         "label": key.label,
         "pool": key.pool,
@@ -100,7 +102,29 @@ async def _key(client: Any, prefix: str, key: Key, now: float, guard: float) -> 
         "used": used,
         "in_flight": in_flight,
         "counters": counters,
+        "budgets": budgets,
     }
+
+
+async def _budgets(client: Any, prefix: str, fp: str, now: float) -> dict[str, dict[str, Any]]:
+    """The key's provider budgets (whole key) as the last report had them: limit, what is
+    left of it counting every request sent since (until its reset), seconds to the reset."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, raw in (await client.hgetall(f"{prefix}:b:{fp}:")).items():
+        try:
+            b = json.loads(raw)
+            reset = float(b["reset"])
+            sent = int(await client.zcard(f"{prefix}:bs:{fp}::{_s(name)}"))
+            left = float(b["r"]) - sent if now < reset else None
+            limit = float(b["l"])
+        except (ValueError, KeyError, TypeError):
+            continue  # not written by kmi-rotor: nothing to show
+        out[_s(name)] = {
+            "limit": None if limit < 0 else limit,
+            "left": left,
+            "reset_s": round(max(0.0, reset - now) / 1000, 3),
+        }
+    return out
 
 
 def render(view: dict[str, Any]) -> str:
@@ -121,12 +145,21 @@ def render(view: dict[str, Any]) -> str:
             else (f"cooling {k['cooling_s']}s" if k["cooling_s"] else "ready")
         )
         used = ", ".join(f"{n} {v}" for n, v in k["used"].items())
+        budgets = ", ".join(
+            f"{n} {_n(b['left'])}/{_n(b['limit'])} (reset in {b['reset_s']}s)"
+            for n, b in k.get("budgets", {}).items()
+        )
         lines.append(
             f"  key {k['label']}: {what}; in flight {k['in_flight']}"
             + (f"; {used}" if used else "")
+            + (f"; provider budget {budgets}" if budgets else "")
             + f"; requests {k['counters'].get('requests', 0)}"
         )
     return "\n".join(lines)
+
+
+def _n(v: float | None) -> str:
+    return "?" if v is None else f"{v:g}"
 
 
 def _s(v: Any) -> str:
