@@ -20,6 +20,8 @@ the most requests sent to one key within one window, over its limit (above 1.00 
     .venv/bin/python scripts/bench_strategies.py --quick    # under 20 seconds
     .venv/bin/python scripts/bench_strategies.py --stream   # streams failing over (see
                                                             # bench_failover.py)
+    .venv/bin/python scripts/bench_strategies.py --models   # mixed models, limits per model
+                                                            # (see bench_models.py)
 
 Everything runs on 127.0.0.1. Figures are ratios measured in the same run (the machine is
 shared and noisy); the script asserts nothing.
@@ -282,7 +284,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="streaming clients without retries, a revoked and a rate-limited key, 0.8 of "
         "capacity (bench_failover.py; --seconds default 20)",
     )
+    ap.add_argument(
+        "--models",
+        action="store_true",
+        help="two models limited apart on every key, 80%% of requests on one: goodput per "
+        "model with limits held per model against key-wide (bench_models.py; --seconds "
+        "default 10)",
+    )
     args = ap.parse_args(argv)
+    if args.models:
+        import bench_models
+
+        return bench_models.main(args.seconds or 10.0)
     if args.stream:
         import bench_failover
 

@@ -17,6 +17,7 @@ from .config import Pool
 from .core import tokens as tk
 from .core.credentials import placements
 from .core.refusal import Refusal
+from .core.scope import model_of_request, scope_of
 from .engine import Chosen, Wait
 from .masking import put
 from .names import META
@@ -69,14 +70,20 @@ class Admission:
                 answer_locally(flow, Refusal(400, "unreadable_body", str(e)), arrived)
                 return
         affinity = flow.request.headers.get(pool.affinity_header) if pool.affinity_header else None
+        # Read once: the budgets and cooldowns this request is admitted against and reports to.
+        model = model_of_request(flow.request.path, body)
+        scope = scope_of(pool.limit_scope, pool.preset.name, model)
         await self.waiting.upstream_ready(flow)
         while True:
             now = self.clock()
-            ask = Ask(pool, tokens, now, deadline, exclude, affinity)
+            ask = Ask(pool, tokens, now, deadline, exclude, affinity, scope, model)
             d = await run.state.decide(run.engine, ask)
             if isinstance(d, Chosen):
                 served = self._inject(run, flow, pool, d, retry["attempt"] if retry else 1, arrived)
                 served.estimated_from_size = body is None
+                served.scope = scope
+                if scope:
+                    flow.metadata[META]["scope"] = scope
                 return
             if isinstance(d, Wait):
                 if not await self.waiting.capacity(flow, d.until, deadline):

@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import Key, LimitsConfig, Pool, Settings
+from .core import admission
 from .core import health as hl
+from .core.admission import Wait
 from .core.budget import Budgets
-from .core.health import KeyHealth, Policy
+from .core.health import SCOPE_TTL, KeyHealth, Policy
 from .core.key_state import in_service, key_state, paced
 from .core.limiter import (
     GLOBAL,
@@ -45,13 +47,6 @@ class Chosen:
     reservation: Reservation
 
 
-@dataclass(frozen=True)
-class Wait:
-    until: float | None
-    """When capacity may free; None when only a finishing request can free it."""
-    reason: str
-
-
 Decision = Chosen | Wait | Refusal
 
 
@@ -65,6 +60,10 @@ class Plan:
     affinity: str | None
     pinned: bool
     """Whether the first candidate is the affinity's key (it stays first)."""
+    scope: str = ""
+    """The request's limit scope (`core/scope.py`): whose budgets and cooldowns apply."""
+    model: str | None = None
+    """The model the request asks for: its local `model_limits` apply."""
 
 
 class _Lazy:
@@ -100,9 +99,11 @@ class Engine:
         self._affinity: dict[str, OrderedDict[str, str]] = {}
         self._overloads: dict[str, float] = {}
         self.budgets = Budgets(settings.limits.guard)
-        self._open: dict[int, tuple[str, float]] = {}  # in-flight reservations: key, admitted at
+        # In-flight reservations: key, scope, admitted at.
+        self._open: dict[int, tuple[str, str, float]] = {}
         self._strategy_names: dict[str, str] = {}
-        self._now = 0.0  # the decision's clock, for strategies that ask for headroom
+        self._now = 0.0  # the decision's clock and scope, for strategies that ask for headroom
+        self._scope = ""
         self.shared: Any = None
         """The cluster's limiter when the state is shared: it settles its own reservations."""
         self.reconfigure(settings)
@@ -115,7 +116,9 @@ class Engine:
         self.budgets.cap = self.policy.max_cooldown_seconds
         self.keys = {k.fingerprint: k for k in settings.keys}
         self.limiter.configure(
-            limits_of(settings.limits), {fp: limits_of(k.limits) for fp, k in self.keys.items()}
+            limits_of(settings.limits),
+            {fp: limits_of(k.limits) for fp, k in self.keys.items()},
+            _model_limits(settings),
         )
         old, self.strategies = self.strategies, {}
         for p in settings.pools:
@@ -127,7 +130,9 @@ class Engine:
                 self.strategies[p.name] = make(
                     p.strategy,
                     weight=lambda k: getattr(k, "weight", 1.0),
-                    headroom=lambda k: self.headroom(getattr(k, "fingerprint", ""), self._now),
+                    headroom=lambda k: self.headroom(
+                        getattr(k, "fingerprint", ""), self._now, self._scope
+                    ),
                 )
         self._strategy_names = {p.name: p.strategy for p in settings.pools}
 
@@ -136,19 +141,25 @@ class Engine:
     def health_of(self, fp: str) -> KeyHealth:
         return self.health.get(fp) or KeyHealth()
 
-    def usable(self, key: Key, now: float) -> bool:
-        if key.disabled or self.budgets.blocked_until(key.fingerprint, now) is not None:
+    def usable(self, key: Key, now: float, scope: str = "") -> bool:
+        """Whether the key may take a request of `scope` now (its and the scope's cooldowns,
+        reports and budgets)."""
+        if key.disabled or self.budgets.blocked_until(key.fingerprint, now, scope) is not None:
             return False
         h = self.health.get(key.fingerprint)
         cap = self.policy.max_cooldown_seconds
-        return h is None or hl.usable(h, now, _paced(key), cap) or self._recheck_due(h, now)
+        if h is None or hl.usable(h, now, _paced(key), cap, scope):
+            return True
+        return self._recheck_due(h, now)
 
     def _recheck_due(self, h: KeyHealth, now: float) -> bool:
         at = hl.next_usable_at(h, now, self.policy) if h.disabled_reason else None
         return at is not None and at <= now
 
-    def headroom(self, fp: str, now: float) -> float:
-        own = min(hl.headroom(self.health_of(fp), now), self.budgets.fraction(fp, now))
+    def headroom(self, fp: str, now: float, scope: str = "") -> float:
+        """The key's remaining fraction for a request of `scope` (reports, budgets, limits)."""
+        reported = hl.headroom(self.health_of(fp), now, scope)
+        own = min(reported, self.budgets.fraction(fp, now, scope))
         return min(own, self.limiter.headroom(fp, now))
 
     def decide(
@@ -160,10 +171,13 @@ class Engine:
         deadline: float,
         exclude: frozenset[str] = frozenset(),
         affinity: str | None = None,
+        scope: str = "",
+        model: str | None = None,
     ) -> Decision:
-        """Admit the request on a key, say how long to wait, or refuse it (never blocks)."""
-        plan = self.plan(pool, now, exclude=exclude, affinity=affinity)
-        result = self.limiter.try_admit(plan.candidates, tokens, now)
+        """Admit a request of `scope` (asking for `model`) on a key, say how long to wait, or
+        refuse it (never blocks)."""
+        plan = self.plan(pool, now, exclude=exclude, affinity=affinity, scope=scope, model=model)
+        result = self.limiter.try_admit(plan.candidates, tokens, now, plan.model)
         return self.conclude(plan, result, now, deadline=deadline)
 
     def plan(
@@ -173,114 +187,86 @@ class Engine:
         *,
         exclude: frozenset[str] = frozenset(),
         affinity: str | None = None,
+        scope: str = "",
+        model: str | None = None,
     ) -> Plan:
-        """The usable keys in the strategy's order (affinity's key first): what admission,
-        in-process or shared, tries in turn."""
-        self._now = now
+        """The keys usable for `scope` in the strategy's order (affinity's key first): what
+        admission, in-process or shared, tries in turn."""
+        self._now, self._scope = now, scope
         strategy = self.strategies[pool.name]
 
         def ok(k: Any) -> bool:
-            return k.fingerprint not in exclude and self.usable(k, now)
+            return k.fingerprint not in exclude and self.usable(k, now, scope)
 
         order = (k.fingerprint for k in strategy.candidates(pool.keys, ok))
         sticky = self._affine(pool, affinity, ok)
         candidates = _Lazy(_unique(([sticky] if sticky else []), order))
-        return Plan(pool, candidates, exclude, affinity, sticky is not None)
+        return Plan(pool, candidates, exclude, affinity, sticky is not None, scope, model)
 
     def conclude(
         self, plan: Plan, result: Admitted | Rejected, now: float, *, deadline: float
     ) -> Decision:
         """What an admission attempt on `plan`'s candidates means for the request."""
-        pool, candidates, exclude, affinity = (
-            plan.pool,
-            plan.candidates,
-            plan.exclude,
-            plan.affinity,
-        )
         if isinstance(result, Admitted):
-            key = self.keys[result.key]
-            self.strategies[pool.name].chose(pool.keys, key)
-            self.budgets.admitted(key.fingerprint, now)
-            self._open[id(result.reservation)] = (key.fingerprint, now)
-            if affinity:
-                self._remember(pool, affinity, key.fingerprint)
-            return Chosen(key, result.reservation)
-        if not len(candidates):
-            return self._no_usable_key(pool, now, deadline, exclude)
-        if not result.possible:
-            first = result.exhausted[0] if result.exhausted else None
-            return Refusal(
-                413,
-                "request_too_large",
-                "the request's token estimate exceeds a token limit",
-                limit=first.limit if first else None,
-                scope=_scope_name(first.scope, self.keys) if first else None,
-            )
-        wake = _min(result.retry_at, self._next_health_change(pool, now, exclude))
-        # A key coming back cannot free the proxy's own limits: those bound the wait from below.
-        glob = [e.free_at for e in result.exhausted if e.scope == GLOBAL and e.free_at is not None]
-        if wake is not None and glob:
-            wake = max(wake, *glob)
-        binding = _binding(result.exhausted, result.retry_at, now)
-        if (wake is None and deadline > now) or (wake is not None and wake <= deadline):
-            return Wait(wake, binding.limit if binding else "capacity")
-        retry_at = wake if wake is not None else now + 1.0
-        what = (
-            f"{binding.limit} of {_scope_name(binding.scope, self.keys)}" if binding else "capacity"
-        )
-        return Refusal(
-            429,
-            "local_rate_limit",
-            f"{what} is exhausted",
-            retry_at,
-            limit=binding.limit if binding else None,
-            limit_value=self._limit_value(binding),
-            scope=_scope_name(binding.scope, self.keys) if binding else None,
+            return self._chosen(plan, result, now)
+        if not len(plan.candidates):
+            return self._no_usable_key(plan, now, deadline)
+        return admission.after_rejection(
+            result,
+            self._next_health_change(plan.pool, now, plan.exclude, plan.scope),
+            now,
+            deadline,
+            name=lambda scope: _scope_name(scope, self.keys),
+            limit_value=self._limit_value,
         )
 
-    def _no_usable_key(
-        self, pool: Pool, now: float, deadline: float, exclude: frozenset[str]
-    ) -> Decision:
-        times = [self._available_at(k, now) for k in pool.keys if k.fingerprint not in exclude]
-        known = [t for t in times if t is not None]
-        reasons = tuple(self.key_status(k, now) for k in pool.keys)
-        if not known:
-            return Refusal(
-                503,
-                "all_keys_disabled",
-                f"every key of pool {pool.name!r} is disabled",
-                keys=reasons,
-            )
-        wake = min(known)
-        if wake <= deadline:
-            return Wait(wake, "no usable key")
-        return Refusal(
-            429, "pool_exhausted", f"no key of pool {pool.name!r} can serve now", wake, keys=reasons
-        )
+    def _chosen(self, plan: Plan, result: Admitted, now: float) -> Chosen:
+        """The limiter admitted the request on a key: the strategy, budgets and affinity learn."""
+        key = self.keys[result.key]
+        self.strategies[plan.pool.name].chose(plan.pool.keys, key)
+        self.budgets.admitted(key.fingerprint, now, plan.scope)
+        self._open[id(result.reservation)] = (key.fingerprint, plan.scope, now)
+        if plan.affinity:
+            self._remember(plan.pool, plan.affinity, key.fingerprint)
+        return Chosen(key, result.reservation)
 
-    def health_hold(self, key: Key, now: float) -> tuple[bool, float | None]:
+    def health_hold(self, key: Key, now: float, scope: str = "") -> tuple[bool, float | None]:
         """Whether the key's health (what providers said of it, not its budgets) keeps it
-        out now, and until when (None: until an operator or a recheck)."""
+        out of `scope` now, and until when (None: until an operator or a recheck)."""
         if key.disabled:
             return True, None
         h = self.health_of(key.fingerprint)
         paced, cap = _paced(key), self.policy.max_cooldown_seconds
-        if hl.usable(h, now, paced, cap) or self._recheck_due(h, now):
+        if hl.usable(h, now, paced, cap, scope) or self._recheck_due(h, now):
             return False, None
-        return True, hl.next_usable_at(h, now, self.policy, paced)
+        return True, hl.next_usable_at(h, now, self.policy, paced, scope)
 
-    def _available_at(self, key: Key, now: float) -> float | None:
+    def _no_usable_key(self, plan: Plan, now: float, deadline: float) -> Decision:
+        pool, scope = plan.pool, plan.scope
+        times = [
+            self._available_at(k, now, scope)
+            for k in pool.keys
+            if k.fingerprint not in plan.exclude
+        ]
+        reasons = tuple(self.key_status(k, now, scope) for k in pool.keys)
+        return admission.no_usable_key(pool.name, times, reasons, deadline)
+
+    def _available_at(self, key: Key, now: float, scope: str = "") -> float | None:
+        """When the key can take a request of `scope` (None: disabled, no recheck due)."""
         if key.disabled:
             return None
-        at = hl.next_usable_at(self.health_of(key.fingerprint), now, self.policy, _paced(key))
-        spent = self.budgets.blocked_until(key.fingerprint, now)
+        h = self.health_of(key.fingerprint)
+        at = hl.next_usable_at(h, now, self.policy, _paced(key), scope)
+        spent = self.budgets.blocked_until(key.fingerprint, now, scope)
         return at if at is None or spent is None else max(at, spent)
 
-    def _next_health_change(self, pool: Pool, now: float, exclude: frozenset[str]) -> float | None:
+    def _next_health_change(
+        self, pool: Pool, now: float, exclude: frozenset[str], scope: str = ""
+    ) -> float | None:
         times = [
-            self._available_at(k, now)
+            self._available_at(k, now, scope)
             for k in pool.keys
-            if k.fingerprint not in exclude and not self.usable(k, now)
+            if k.fingerprint not in exclude and not self.usable(k, now, scope)
         ]
         return min((t for t in times if t is not None and t > now), default=None)
 
@@ -290,12 +276,18 @@ class Engine:
         if binding.scope == GLOBAL:
             cfg: LimitsConfig = self.settings.limits
         else:
-            key = self.keys.get(binding.scope.removeprefix("key:"))
-            if key is None:
+            fp, _, model = binding.scope.removeprefix("key:").partition("/model:")
+            key = self.keys.get(fp)
+            found = None if key is None else self._model_limits(key, model) if model else key.limits
+            if found is None:
                 return None
-            cfg = key.limits
+            cfg = found
         value = getattr(cfg, binding.limit, None)
         return value if isinstance(value, int) else None
+
+    def _model_limits(self, key: Key, model: str) -> LimitsConfig | None:
+        pool = next((p for p in self.settings.pools if p.name == key.pool), None)
+        return dict(pool.model_limits).get(model) if pool else None
 
     # -- affinity ---------------------------------------------------------------------------
 
@@ -334,26 +326,37 @@ class Engine:
         return shared if shared is not None and shared.owns(reservation) else self.limiter
 
     def observe(
-        self, key: Key, sig: Signal, now: float, answered: Reservation | None = None
+        self,
+        key: Key,
+        sig: Signal,
+        now: float,
+        answered: Reservation | None = None,
+        scope: str = "",
     ) -> KeyHealth:
-        """What an answer (or an in-stream error) says about the key; returns its new health.
-        `answered`: the answered request's reservation. Every other request in flight on the
-        key may be missing from what the provider reported, whenever it was admitted: transit
-        times differ, so an earlier one can arrive later."""
+        """What an answer (or an in-stream error) to a request of `scope` says about the key;
+        returns its new health. `answered`: the answered request's reservation. Every other
+        request of the scope in flight on the key may be missing from what the provider
+        reported, whenever it was admitted: transit times differ, so an earlier one can arrive
+        later."""
         if sig.windows and "requests" not in _paced(key):
             after = [
                 at
-                for rid, (fp, at) in self._open.items()
-                if fp == key.fingerprint and (answered is None or rid != id(answered))
+                for rid, (fp, sc, at) in self._open.items()
+                if fp == key.fingerprint
+                and (not scope or sc == scope)
+                and (answered is None or rid != id(answered))
             ]
-            self.budgets.observe(key.fingerprint, sig.windows, after, now)
+            self.budgets.observe(key.fingerprint, sig.windows, after, now, scope)
+            self.budgets.prune(key.fingerprint, now, SCOPE_TTL)
             if answered is not None and self.shared is not None and self.shared.owns(answered):
                 # Every process counts its requests against the same report.
                 self.shared.report(
                     answered, sig.windows, now, guard=self.budgets.guard, cap=self.budgets.cap
                 )
         outage = sig.kind is FailureKind.OVERLOADED and self._is_outage(key, now)
-        h = hl.apply_signal(self.health_of(key.fingerprint), sig, now, self.policy, outage=outage)
+        h = hl.apply_signal(
+            self.health_of(key.fingerprint), sig, now, self.policy, outage=outage, scope=scope
+        )
         self.health[key.fingerprint] = h
         return h
 
@@ -419,10 +422,11 @@ class Engine:
         self.health[fp] = h
         return True
 
-    def key_status(self, key: Key, now: float) -> dict[str, Any]:
+    def key_status(self, key: Key, now: float, scope: str = "") -> dict[str, Any]:
+        """The key's state for a request of `scope` (the whole key by default)."""
         h = self.health_of(key.fingerprint)
-        spent = self.budgets.blocked_until(key.fingerprint, now)
-        state = key_state(key, h, now, self.policy, spent)
+        spent = self.budgets.blocked_until(key.fingerprint, now, scope)
+        state = key_state(key, h, now, self.policy, spent, scope)
         state["reason"] = scrubber(self.settings)(state["reason"], 120) or None
         return {"label": key.label, **state}
 
@@ -434,18 +438,26 @@ class Engine:
         self.health[key.fingerprint] = h
         return h
 
-    def available_at(self, key: Key, now: float) -> float | None:
-        """When the key can take a request: `now` when it can now, None while it is disabled."""
-        return now if self.usable(key, now) else self._available_at(key, now)
+    def available_at(self, key: Key, now: float, scope: str = "") -> float | None:
+        """When the key can take a request of `scope`: `now` when it can now, None while it is
+        disabled."""
+        return now if self.usable(key, now, scope) else self._available_at(key, now, scope)
 
-    def pool_available_at(self, pool: Pool, now: float, exclude: frozenset[str]) -> float | None:
-        """When the pool can next serve a request on a key outside `exclude` (see the function
-        of the same name)."""
-        return pool_available_at(self, pool, now, exclude)
+    def pool_available_at(
+        self, pool: Pool, now: float, exclude: frozenset[str], scope: str = ""
+    ) -> float | None:
+        """When the pool can next serve a request of `scope` on a key outside `exclude` (see
+        the function of the same name)."""
+        return pool_available_at(self, pool, now, exclude, scope)
 
-    def spent_until(self, fp: str, now: float) -> float | None:
-        """Until when the provider's reported budget of the key is spent; None when it is not."""
-        return self.budgets.blocked_until(fp, now)
+    def spent_until(self, fp: str, now: float, scope: str = "") -> float | None:
+        """Until when the provider's reported budget of the key (for `scope`) is spent; None
+        when it is not."""
+        return self.budgets.blocked_until(fp, now, scope)
+
+    def budget_scopes(self, fp: str, now: float) -> list[str]:
+        """The limit scopes the key holds a provider budget for ("" the key-wide one)."""
+        return list(self.budgets.scopes(fp, now))
 
     def usage(self, scope: str, now: float) -> dict[str, dict[str, float | None]]:
         """The local limits' use of a scope (`global`, `key:<fingerprint>`): used, limit,
@@ -483,41 +495,32 @@ def _unique(first: Iterable[str], rest: Iterable[str]) -> Iterator[str]:
             yield x
 
 
-def _min(a: float | None, b: float | None) -> float | None:
-    known = [x for x in (a, b) if x is not None]
-    return min(known) if known else None
-
-
-def _binding(
-    exhausted: tuple[Exhausted, ...], retry_at: float | None, now: float
-) -> Exhausted | None:
-    """The limit the client waits for: the exhausted one that frees when the request can go
-    (`retry_at`), or a concurrency limit when only a finishing request can help."""
-    if not exhausted:
-        return None
-    if retry_at is None:
-        return next((e for e in exhausted if e.free_at is None), exhausted[0])
-    timed = [e for e in exhausted if e.free_at is not None]
-    if not timed:
-        return exhausted[0]
-    # Equal distance: the global limit binds every key, so it is the one to name.
-    return min(timed, key=lambda e: (abs((e.free_at or now) - retry_at), e.scope != GLOBAL))
-
-
 def _scope_name(scope: str, keys: dict[str, Key]) -> str:
     if scope == GLOBAL:
         return "the proxy"
-    key = keys.get(scope.removeprefix("key:"))
-    return f"key {key.label!r}" if key else "a key"
+    fp, _, model = scope.removeprefix("key:").partition("/model:")
+    key = keys.get(fp)
+    name = f"key {key.label!r}" if key else "a key"
+    return f"{name} for model {model!r}" if model else name
+
+
+def _model_limits(settings: Settings) -> dict[str, dict[str, Limits]]:
+    """Each key's local limits per model, from its pool's `model_limits`."""
+    return {
+        k.fingerprint: {model: limits_of(cfg) for model, cfg in p.model_limits}
+        for p in settings.pools
+        if p.model_limits
+        for k in p.keys
+    }
 
 
 def pool_available_at(
-    engine: Engine, pool: Pool, now: float, exclude: frozenset[str]
+    engine: Engine, pool: Pool, now: float, exclude: frozenset[str], scope: str = ""
 ) -> float | None:
-    """When the pool can next serve a request on a key outside `exclude`: `now` when a key is
-    ready now, None when every such key is disabled."""
+    """When the pool can next serve a request of `scope` on a key outside `exclude`: `now`
+    when a key is ready now, None when every such key is disabled."""
     times = [
-        now if engine.usable(k, now) else engine._available_at(k, now)
+        now if engine.usable(k, now, scope) else engine._available_at(k, now, scope)
         for k in pool.keys
         if k.fingerprint not in exclude
     ]

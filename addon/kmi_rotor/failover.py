@@ -71,7 +71,7 @@ async def run(
     while True:
         now = clock()
         avoid = frozenset(tried)
-        at = engine.pool_available_at(served.pool, now, avoid)
+        at = engine.pool_available_at(served.pool, now, avoid, served.scope)
         ready = at is not None and at <= max(now, deadline)
         if not fo.retry(last, attempt, settings.failover.max_attempts, ready):
             break
@@ -188,9 +188,9 @@ def point_to_pool(
 ) -> None:
     """Answer 429 with when the pool can serve again (at least a second from now: SDKs ignore
     0), or 503 when every key is disabled; each key's state in the body."""
-    pool_at = engine.pool_available_at(served.pool, now, frozenset())
+    pool_at = engine.pool_available_at(served.pool, now, frozenset(), served.scope)
     at = fo.retry_at(pool_at, now)
-    keys = tuple(engine.key_status(k, now) for k in served.pool.keys)
+    keys = tuple(engine.key_status(k, now, served.scope) for k in served.pool.keys)
     if at is None or pool_at is None:
         refusal = Refusal(503, "all_keys_disabled", "every key of the pool is disabled", keys=keys)
     else:

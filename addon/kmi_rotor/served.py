@@ -34,3 +34,5 @@ class Served:
     tokens: Tokens = (None, None)
     flow: http.HTTPFlow | None = None
     """The flow the key went into, so that it can be masked at shutdown whatever its stage."""
+    scope: str = ""
+    """The request's limit scope (`core/scope.py`): where its answer's windows and 429 go."""

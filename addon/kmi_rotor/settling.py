@@ -41,9 +41,9 @@ class Settling:
             served.tokens = tk.reported_usage(body)
         scrub = scrubber(run.settings)
         sig = dataclasses.replace(sig, reason=scrub(sig.reason, 120), detail=scrub(sig.detail))
-        h = run.engine.observe(served.key, sig, now, served.reservation)
+        h = run.engine.observe(served.key, sig, now, served.reservation, served.scope)
         run.engine.settle(served.key, served.reservation, oc.total(served.tokens))
-        run.state.observed(run.engine, served.key, now)
+        run.state.observed(run.engine, served.key, now, served.scope)
         counters = self.books.counters(run, served.key)
         counters.delta.health = h
         reason = None if sig.kind is FailureKind.OK else sig.reason

@@ -15,6 +15,7 @@ from .config import Key, Settings
 from .core import health as hl
 from .core.health import KeyHealth
 from .core.key_state import key_state, quota
+from .core.limiter import model_scope
 from .core.secrets import mask
 from .core.state import KeyRecord, StateDoc
 from .engine import Engine
@@ -49,7 +50,7 @@ def key_row(
     engine: Engine | None,
     policy: hl.Policy | None = None,
 ) -> dict[str, Any]:
-    local = engine.usage(f"key:{key.fingerprint}", now) if engine else None
+    local = _local_usage(key, now, engine) if engine else None
     half_life = engine.policy.half_life_seconds if engine else 300.0
     policy = engine.policy if engine else policy
     spent = engine.spent_until(key.fingerprint, now) if engine else None
@@ -71,8 +72,44 @@ def key_row(
         "last_used": rec.last_used if rec else None,
         "error_score": round(hl.decayed_score(h, now, half_life), 3),
         "quota": quota(h, now, local),
+        "scopes": scope_rows(key, h, now, engine, policy),
     }
     return row
+
+
+def _local_usage(key: Key, now: float, engine: Engine) -> dict[str, dict[str, Any]]:
+    """The key's local limits as used now, its per-model ones named `<limit> <model>`."""
+    out = engine.usage(f"key:{key.fingerprint}", now)
+    pool = next((p for p in engine.settings.pools if p.name == key.pool), None)
+    for model, _ in pool.model_limits if pool else ():
+        used = engine.usage(model_scope(key.fingerprint, model), now)
+        out |= {f"{name} {model}": u for name, u in used.items()}
+    return out
+
+
+def scope_rows(
+    key: Key, h: KeyHealth, now: float, engine: Engine | None, policy: hl.Policy | None
+) -> list[dict[str, Any]]:
+    """The key's state per limit scope (a model, a model class) it holds anything for, by
+    scope name: status, until, reason and the provider's windows for that scope. Empty for a
+    key whose limits are key-wide."""
+    names = set(h.scopes)
+    if engine is not None:
+        names.update(s for s in engine.budget_scopes(key.fingerprint, now) if s)
+    out = []
+    for scope in sorted(names):
+        spent = engine.spent_until(key.fingerprint, now, scope) if engine else None
+        s = h.scopes.get(scope)
+        windows = s.windows if s is not None else {}
+        out.append(
+            {
+                "scope": scope,
+                **key_state(key, h, now, policy, spent, scope),
+                "seen_at": s.seen_at if s is not None else None,
+                "quota": quota(h, now, None, windows),
+            }
+        )
+    return out
 
 
 def rows(
@@ -203,7 +240,9 @@ def render_table(
     """The human table of `kmi-rotor status`."""
     head = TABLE_HEAD
     body = [
-        (
+        line
+        if line is not None
+        else (
             r["pool"],
             r["label"],
             r["key"],
@@ -218,6 +257,7 @@ def render_table(
             _ago(r["last_used"], now),
         )
         for r in key_rows
+        for line in _with_scopes(r, now)
     ]
     widths = [max(len(x) for x in col) for col in zip(head, *body, strict=False)]
     lines = [
@@ -235,6 +275,25 @@ def render_table(
                 f"{found}"
             )
     return "\n".join(lines)
+
+
+def _with_scopes(r: dict[str, Any], now: float) -> list[tuple[str, ...] | None]:
+    """The key's own line (None: built by the caller), then one indented line per scope."""
+    lines: list[tuple[str, ...] | None] = [None]
+    for s in r.get("scopes") or ():
+        lines.append(
+            (
+                "",
+                f"  {s['scope']}",
+                "",
+                s["status"],
+                _span(s["until"] - now) if s.get("until") else "-",
+                (s.get("reason") or "-")[:40],
+                _remaining(s),
+                *("", "", "", "", ""),
+            )
+        )
+    return lines
 
 
 def proxy_note(doc: dict[str, Any] | None) -> str | None:

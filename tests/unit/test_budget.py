@@ -31,7 +31,7 @@ def test_left_counts_what_the_report_cannot_include(remaining, in_flight, sent, 
     b.observe("k", report(remaining, 30), [T0 - 0.1] * in_flight, T0)
     for i in range(sent):
         b.admitted("k", T0 + 1 + i)
-    (budget,) = b._by_key["k"].values()
+    (budget,) = b._by_key["k"][""].values()
     assert budget.left(T0 + 10) == left
     assert (b.blocked_until("k", T0 + 10) is None) == (left > 0)
 

@@ -184,3 +184,30 @@ if __name__ == "__main__":
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "status-page.png")
     screenshot_to(realistic, out)
     print(f"wrote {out} ({out.stat().st_size} bytes)")
+
+
+def scoped(now: float | None = None) -> dict[str, Any]:
+    """The realistic snapshot plus a pool of a provider that limits per model: its key is
+    ready, cooling for one model and low on the other."""
+    now = time.time() if now is None else now
+    snap = realistic(now)
+    omega = _key("omega", "sk-…0mg4", "sha256:00ff00ff00ff00ff", status="ready", requests=9)
+    omega["scopes"] = [
+        {
+            "scope": "model:gpt-4o",
+            "status": "ready",
+            "until": None,
+            "reason": None,
+            "quota": [_quota("requests", "provider", 100, 40, now + 50)],
+        },
+        {
+            "scope": "model:gpt-4o-mini",
+            "status": "cooling",
+            "until": now + 25,
+            "reason": "429 rate limited",
+            "quota": [_quota("requests", "provider", 30, 0, now + 25)],
+        },
+    ]
+    pool = {"name": "oai", "provider": "openai", "strategy": "headroom", "keys": [omega]}
+    snap["pools"].append(pool)
+    return snap

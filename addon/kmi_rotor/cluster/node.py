@@ -66,7 +66,7 @@ class RedisState:
         self._engine: Engine | None = None
         self._settings: Settings | None = None
         self._counts: dict[tuple[str, str], int] = {}
-        self._cooled: set[str] = set()
+        self._cooled: set[tuple[str, str]] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[Any]] = set()
         self._slow_since: float | None = None
@@ -120,7 +120,7 @@ class RedisState:
         if self.mode != "shared":
             return self._without_redis(engine, ask)
         pool, now, deadline = ask.pool, ask.now, ask.deadline
-        plan = engine.plan(pool, now, exclude=ask.exclude, affinity=ask.affinity)
+        plan = engine.plan(pool, now, exclude=ask.exclude, affinity=ask.affinity, scope=ask.scope)
         places = {k.fingerprint: i for i, k in enumerate(pool.keys)}
         candidates = [(fp, places[fp]) for fp in plan.candidates]
         mode = CURSORS.get(pool.strategy)
@@ -219,12 +219,12 @@ class RedisState:
         """Share the key's cooldown (or its end). Its budgets travel with its requests'
         settlement (`SharedLimits.report`), counted request by request in Redis."""
         fp = key.fingerprint
-        held, at = engine.health_hold(key, now)
+        held, at = engine.health_hold(key, now, scope)
         if held:
-            self._cooled.add(fp)
+            self._cooled.add((fp, scope))
             self._later(self.limits.cool(fp, None if at is None else at - now, scope))
-        elif fp in self._cooled:
-            self._cooled.discard(fp)
+        elif (fp, scope) in self._cooled:
+            self._cooled.discard((fp, scope))
             self._later(self.limits.clear(fp, scope))
 
     def operated(self, key: Key, action: str) -> None:

@@ -31,6 +31,8 @@ class Ask:
     """Its conversation's affinity value, if the pool has one."""
     scope: str = ""
     """Which of a key's scopes it counts in ("" is the whole key)."""
+    model: str | None = None
+    """The model it asks for (selects the pool's local per-model limits)."""
 
     def locally(self, engine: Engine) -> Decision:
         """The in-process admission of this request (the engine's own limiter)."""
@@ -41,6 +43,8 @@ class Ask:
             deadline=self.deadline,
             exclude=self.exclude,
             affinity=self.affinity,
+            scope=self.scope,
+            model=self.model,
         )
 
 

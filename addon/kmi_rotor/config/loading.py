@@ -110,6 +110,9 @@ def _from_dict(
     except ValueError as e:
         raise ConfigError(f"{source}: {e}") from None
     cluster = None
+    if cfg.cluster and any(p.model_limits for p in pools):
+        why = "model_limits are enforced per process: they cannot be shared through [cluster] yet"
+        raise ConfigError(f"{source}: pools: {why}")
     try:
         cluster = resolve_cluster(cfg.cluster, env) if cfg.cluster else None
     except ValueError as e:

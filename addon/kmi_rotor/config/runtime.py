@@ -12,7 +12,7 @@ from pydantic import SecretStr
 
 from ..cluster.settings import Cluster
 from ..core.hosts import HostPattern
-from ..core.presets import PRESETS, Preset
+from ..core.presets import PRESETS, LimitScope, Preset
 from ..core.secrets import fingerprint
 from .schema import (
     FailoverConfig,
@@ -53,6 +53,10 @@ class Pool:
     affinity_header: str | None = None
     usages_url: str | None = None
     usage_poll_seconds: float = 0.0
+    limit_scope: LimitScope = "key"
+    """How the provider scopes its rate limits (the pool's setting, else the preset's)."""
+    model_limits: tuple[tuple[str, LimitsConfig], ...] = ()
+    """Local limits of each key of the pool for one model: (model name, limits)."""
 
     def matches(self, host: str, port: int) -> bool:
         return any(p.matches(host, port) for p in self.hosts)
@@ -118,6 +122,8 @@ def build_pool(pc: PoolConfig, keys: list[Key]) -> Pool:
         affinity_header=pc.affinity_header,
         usages_url=usages,
         usage_poll_seconds=pc.usage_poll_seconds if usages else 0.0,
+        limit_scope=pc.limit_scope or preset.limit_scope,
+        model_limits=tuple((pc.model_limits or {}).items()),
     )
 
 

@@ -24,7 +24,8 @@ from pydantic import (
 from ..cluster.settings import ClusterConfig
 from ..core.hosts import HostPattern
 from ..core.limiter import Limits
-from ..core.presets import PRESETS
+from ..core.presets import PRESETS, LimitScope
+from ..core.scope import MAX_MODEL
 
 DEFAULT_STATE_DIR = "~/.kmi-rotor"
 LABEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
@@ -155,6 +156,24 @@ class PoolConfig(_Model):
     usage_poll_seconds: float = Field(
         300.0, ge=0, description="kimi-code only: how often each key's quota is read; 0 = never."
     )
+    limit_scope: LimitScope | None = Field(
+        None,
+        description='How the provider scopes rate limits: "key", "model" or "model_class" '
+        "(default: the preset's).",
+    )
+    model_limits: dict[str, LimitsConfig] | None = Field(
+        None,
+        description="Local limits of each key for requests of one model, by model name "
+        "(as the request names it); over the key's own limits.",
+    )
+
+    @field_validator("model_limits")
+    @classmethod
+    def _model_names(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        for name in v or {}:
+            if not name.strip() or len(name) > MAX_MODEL or not name.isprintable():
+                raise ValueError(f"{name!r} is not a model name")
+        return v
 
     @model_validator(mode="after")
     def _usages_only_for_kimi_code(self) -> PoolConfig:

@@ -9,6 +9,9 @@ No report benches a key for good: a report binds until its reset and at most `ca
 after it was made. Past that, a window that holds nothing (`limit` 0), or one whose report was
 cut short by the cap, lets one request through at a time to probe it; the probe's answer brings
 a fresh report.
+
+Budgets are held per key and scope (see `core/scope.py`): scope "" is the whole key and binds
+every request on it; a scope's own budget ("model:gpt-4o") binds only requests of that scope.
 """
 
 from __future__ import annotations
@@ -96,22 +99,33 @@ class Budget:
         return max(0.0, min(1.0, self.left(now) / self.limit))
 
 
+MAX_SCOPES = 64
+"""Scoped budgets kept per key at most; the least recently reported go first."""
+
+
 class Budgets:
-    """The budgets of every key, by fingerprint and window name."""
+    """The budgets of every key, by fingerprint, scope and window name."""
 
     def __init__(self, guard: float = 0.0, cap: float = math.inf) -> None:
         """`guard`: the fraction added to windows (as the limiter's, at most 0.25 s); `cap`:
         the longest a report may hold a key back."""
         self.guard = guard
         self.cap = cap
-        self._by_key: dict[str, dict[str, Budget]] = {}
+        self._by_key: dict[str, dict[str, dict[str, Budget]]] = {}
 
     def observe(
-        self, fp: str, windows: tuple[Window, ...], in_flight_after: list[float], now: float
+        self,
+        fp: str,
+        windows: tuple[Window, ...],
+        in_flight_after: list[float],
+        now: float,
+        scope: str = "",
     ) -> None:
-        """A response reported these windows; `in_flight_after` are the admission times of the
-        key's requests still in flight that were admitted after the answered one."""
-        budgets = self._by_key.setdefault(fp, {})
+        """A response to a request of `scope` reported these windows; `in_flight_after` are
+        the admission times of the key's requests of that scope still in flight that were
+        admitted after the answered one."""
+        scopes = self._by_key.setdefault(fp, {})
+        budgets = scopes.setdefault(scope, {})
         for w in windows:
             if w.dimension not in COUNTED or w.remaining is None or w.reset_at is None:
                 continue
@@ -122,24 +136,59 @@ class Budgets:
             b.guard = min(self.guard * b.period, 0.25)
             b.cap = self.cap
             budgets[name] = b
+        if len(scopes) > MAX_SCOPES:
+            oldest = min((s for s in scopes if s), key=lambda s: _last_report(scopes[s]))
+            del scopes[oldest]
 
     def forget(self, fp: str) -> None:
         """An operator reset: what the provider said before no longer holds."""
         self._by_key.pop(fp, None)
 
-    def blocked_until(self, fp: str, now: float) -> float | None:
-        """None when every window has room; else when the last spent one ends."""
-        ends = [b.blocked_until(now) for b in self._by_key.get(fp, {}).values()]
+    def prune(self, fp: str, now: float, ttl: float) -> None:
+        """The key's scoped budgets with no report for `ttl` seconds dropped."""
+        scopes = self._by_key.get(fp, {})
+        for scope in [s for s, b in scopes.items() if s and _last_report(b) < now - ttl]:
+            del scopes[scope]
+
+    def _binding(self, fp: str, scope: str) -> list[Budget]:
+        """The budgets a request of `scope` spends from: the key's, and the scope's own."""
+        scopes = self._by_key.get(fp, {})
+        found = list(scopes.get("", {}).values())
+        if scope:
+            found.extend(scopes.get(scope, {}).values())
+        return found
+
+    def blocked_until(self, fp: str, now: float, scope: str = "") -> float | None:
+        """None when every window binding `scope` has room; else when the last spent one ends."""
+        ends = [b.blocked_until(now) for b in self._binding(fp, scope)]
         known = [e for e in ends if e is not None]
         return max(known) if known else None
 
-    def fraction(self, fp: str, now: float) -> float:
-        """Remaining fraction of the tightest window (1.0 when nothing is known)."""
-        known = [b.fraction(now) for b in self._by_key.get(fp, {}).values()]
+    def fraction(self, fp: str, now: float, scope: str = "") -> float:
+        """Remaining fraction of the tightest window binding `scope` (1.0 when none known)."""
+        known = [b.fraction(now) for b in self._binding(fp, scope)]
         return min((f for f in known if f is not None), default=1.0)
 
-    def admitted(self, fp: str, at: float) -> None:
-        for b in self._by_key.get(fp, {}).values():
+    def admitted(self, fp: str, at: float, scope: str = "") -> None:
+        """A request of `scope` went to the key at `at`: it spends from every budget binding
+        that scope."""
+        for b in self._binding(fp, scope):
             if at >= b.reset_at and b.sent and b.sent[0] <= at - b.period - b.guard:
                 b.sent = b._recent(at)  # older ones no longer count, whatever the window
             b.sent.append(at)
+
+    def scopes(self, fp: str, now: float) -> dict[str, dict[str, dict[str, float | None]]]:
+        """What the status shows of a key's budgets, by scope and window: `left`, `limit`,
+        and `until` when spent."""
+        return {
+            scope: {
+                name: {"left": b.left(now), "limit": b.limit, "until": b.blocked_until(now)}
+                for name, b in budgets.items()
+            }
+            for scope, budgets in self._by_key.get(fp, {}).items()
+            if budgets
+        }
+
+
+def _last_report(budgets: dict[str, Budget]) -> float:
+    return max((b.observed_at for b in budgets.values()), default=-math.inf)

@@ -3,16 +3,26 @@
 Each kind of failure has its own remedy: a rate limit cools the key down, an exhausted quota blocks
 it until the reset, a bad key disables it, an overload backs off briefly (it is not the key's
 fault), and a bad request costs nothing. A new penalty never shortens one already running.
+
+Providers that limit per model (or model class) report the windows of the model asked for, and
+their 429s cool only that model: those windows and rate-limit cooldowns are held per scope
+(`KeyHealth.scopes`). Scope "" is the whole key: what is held there binds every scope.
+Quotas, bad credentials, overloads and operators' actions are always key-wide.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
+# The records live apart (the state file's shapes); importers find them here too.
+from .health_records import MAX_SCOPES as MAX_SCOPES
+from .health_records import SCOPE_TTL as SCOPE_TTL
+from .health_records import KeyHealth as KeyHealth
+from .health_records import Persisted as Persisted
+from .health_records import ScopedHealth as ScopedHealth
+from .health_records import WindowState as WindowState
 from .signals import FailureKind, Signal, Window
 
 _MAX_DOUBLINGS = 30
@@ -34,48 +44,6 @@ class Policy:
     """When set, a disabled key may be tried once this long after it was disabled."""
 
 
-class Persisted(BaseModel):
-    """A model read back from the state file: a non-finite number in it (NaN, infinity) is
-    dropped, so the field takes its default, rather than making the whole file unreadable."""
-
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _finite_only(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            return {
-                k: v for k, v in data.items() if not (isinstance(v, float) and not math.isfinite(v))
-            }
-        return data
-
-
-class WindowState(Persisted):
-    limit: float | None = None
-    remaining: float | None = None
-    reset_at: float | None = None
-    seen_at: float = 0.0
-
-
-class KeyHealth(Persisted):
-    """A key's health as persisted; every field has a default so old files keep loading."""
-
-    cooling_until: float | None = None
-    cooling_reason: str | None = None
-    blocked_until: float | None = None
-    blocked_reason: str | None = None
-    disabled_reason: str | None = None
-    disabled_at: float | None = None
-    error_score: float = 0.0
-    score_at: float | None = Field(None, description="When error_score had its stored value.")
-    rate_limit_streak: int = 0
-    overload_streak: int = 0
-    windows: dict[str, WindowState] = Field(
-        default_factory=dict, description='By "dimension" or "dimension:period".'
-    )
-    updated_at: float = 0.0
-
-
 @dataclass(frozen=True)
 class KeyStatus:
     state: Literal["ready", "cooling", "blocked", "disabled"]
@@ -87,15 +55,30 @@ class KeyStatus:
 
 
 def apply_signal(
-    h: KeyHealth, sig: Signal, now: float, policy: Policy, *, outage: bool = False
+    h: KeyHealth,
+    sig: Signal,
+    now: float,
+    policy: Policy,
+    *,
+    outage: bool = False,
+    scope: str = "",
 ) -> KeyHealth:
-    """The key's health after `sig`; `outage` means every key of the pool failed the same way."""
-    h = h.model_copy(update={"windows": _merge_windows(h.windows, sig.windows, now)})
+    """The key's health after `sig` on a request of `scope`; `outage` means every key of the
+    pool failed the same way. The windows and a rate limit go to `scope` ("" the whole key);
+    everything else is key-wide."""
+    if scope:
+        h = _touch_scope(h, scope, now, windows=sig.windows)
+    else:
+        h = h.model_copy(update={"windows": _merge_windows(h.windows, sig.windows, now)})
     match sig.kind:
         case FailureKind.OK:
-            h = _succeeded(h, now, policy)
+            h = _succeeded(h, now, policy, scope)
         case FailureKind.RATE_LIMITED:
-            h = _rate_limited(h, sig, now, policy)
+            h = (
+                _scoped_rate_limit(h, sig, now, policy, scope)
+                if scope
+                else _rate_limited(h, sig, now, policy)
+            )
         case FailureKind.QUOTA:
             h = _quota(h, sig, now, policy)
         case FailureKind.AUTH:
@@ -134,13 +117,17 @@ def operator_reset(h: KeyHealth, now: float) -> KeyHealth:
             "rate_limit_streak": 0,
             "overload_streak": 0,
             "windows": {},
+            "scopes": {},
             "updated_at": now,
         }
     )
 
 
-def _succeeded(h: KeyHealth, now: float, policy: Policy) -> KeyHealth:
+def _succeeded(h: KeyHealth, now: float, policy: Policy, scope: str = "") -> KeyHealth:
     update: dict[str, object] = {"rate_limit_streak": 0, "overload_streak": 0}
+    if scope and h.scopes[scope].rate_limit_streak:
+        s = h.scopes[scope].model_copy(update={"rate_limit_streak": 0})
+        update["scopes"] = {**h.scopes, scope: s}
     # Only the planned recheck re-enables a key: a request that was already in flight when the
     # key was disabled may still succeed, and must not undo the disable.
     recheck = _recheck_at(h, policy.auth_recheck_seconds)
@@ -157,6 +144,49 @@ def _rate_limited(h: KeyHealth, sig: Signal, now: float, policy: Policy) -> KeyH
     return _failed(
         h, now, policy, rate_limit_streak=h.rate_limit_streak + 1, **_cooling(h, until, sig.reason)
     )
+
+
+def _scoped_rate_limit(
+    h: KeyHealth, sig: Signal, now: float, policy: Policy, scope: str
+) -> KeyHealth:
+    """A 429 for one scope: that scope cools (as `_rate_limited` does a key); the key stays
+    usable for every other scope."""
+    s = h.scopes[scope]
+    hint = sig.retry_at if sig.retry_at is not None else _first_reset(s.windows, now)
+    if hint is None:
+        hint = now + policy.rate_limit_backoff * 2 ** min(s.rate_limit_streak, _MAX_DOUBLINGS)
+    until = min(hint, now + policy.max_cooldown_seconds)
+    update: dict[str, object] = {"rate_limit_streak": s.rate_limit_streak + 1}
+    if s.cooling_until is None or s.cooling_until < until:
+        update |= {"cooling_until": until, "cooling_reason": sig.reason}
+    scopes = {**h.scopes, scope: s.model_copy(update=update)}
+    return _failed(h, now, policy, scopes=scopes)
+
+
+def _touch_scope(
+    h: KeyHealth, scope: str, now: float, windows: tuple[Window, ...] = ()
+) -> KeyHealth:
+    """`scope` seen now (created when new), its windows merged; old scopes pruned."""
+    old = h.scopes.get(scope) or ScopedHealth()
+    s = old.model_copy(
+        update={"windows": _merge_windows(old.windows, windows, now), "seen_at": now}
+    )
+    return prune_scopes(h.model_copy(update={"scopes": {**h.scopes, scope: s}}), now)
+
+
+def prune_scopes(h: KeyHealth, now: float, ttl: float = SCOPE_TTL) -> KeyHealth:
+    """Scopes not seen for `ttl` dropped, and at most MAX_SCOPES kept (most recently seen)."""
+    live = {k: s for k, s in h.scopes.items() if s.seen_at > now - ttl or _still_cooling(s, now)}
+    if len(live) > MAX_SCOPES:
+        newest = sorted(live, key=lambda k: live[k].seen_at, reverse=True)[:MAX_SCOPES]
+        live = {k: live[k] for k in newest}
+    if len(live) == len(h.scopes):
+        return h
+    return h.model_copy(update={"scopes": live})
+
+
+def _still_cooling(s: ScopedHealth, now: float) -> bool:
+    return s.cooling_until is not None and s.cooling_until > now
 
 
 def _quota(h: KeyHealth, sig: Signal, now: float, policy: Policy) -> KeyHealth:
@@ -221,48 +251,80 @@ def decayed_score(h: KeyHealth, now: float, half_life: float) -> float:
     return h.error_score * 0.5 ** (elapsed / half_life)
 
 
-def status(h: KeyHealth, now: float) -> KeyStatus:
-    """Disabled, else whichever of block and cooldown lasts longer, else ready."""
+def status(h: KeyHealth, now: float, scope: str = "") -> KeyStatus:
+    """Disabled, else whichever of block and cooldown (the key's, or `scope`'s) lasts longer,
+    else ready."""
     if h.disabled_reason is not None:
         return KeyStatus("disabled", None, h.disabled_reason)
     blocked = _running(h.blocked_until, now)
-    cooling = _running(h.cooling_until, now)
+    cooling, reason = _cooling_for(h, now, scope)
     if blocked is not None and (cooling is None or blocked >= cooling):
         return KeyStatus("blocked", blocked, h.blocked_reason)
     if cooling is not None:
-        return KeyStatus("cooling", cooling, h.cooling_reason)
+        return KeyStatus("cooling", cooling, reason)
     return KeyStatus("ready", None, None)
 
 
+def _cooling_for(h: KeyHealth, now: float, scope: str) -> tuple[float | None, str | None]:
+    """The cooldown still running for `scope` (the key's or the scope's, whichever lasts
+    longer) and its reason."""
+    cooling, reason = _running(h.cooling_until, now), h.cooling_reason
+    s = h.scopes.get(scope) if scope else None
+    if s is None:
+        return cooling, reason
+    mine = _running(s.cooling_until, now)
+    if mine is not None and (cooling is None or mine > cooling):
+        return mine, s.cooling_reason
+    return cooling, reason
+
+
 def usable(
-    h: KeyHealth, now: float, paced: frozenset[str] = frozenset(), cap: float = math.inf
+    h: KeyHealth,
+    now: float,
+    paced: frozenset[str] = frozenset(),
+    cap: float = math.inf,
+    scope: str = "",
 ) -> bool:
-    """Ready, and no known window is exhausted until a reset still to come (a report holds
-    the key back at most `cap` seconds after it was seen)."""
-    return status(h, now).state == "ready" and not _exhausted(h, now, paced, cap)
+    """Ready for a request of `scope`, and no known window (the key's or the scope's) is
+    exhausted until a reset still to come (a report holds the key back at most `cap` seconds
+    after it was seen)."""
+    return status(h, now, scope).state == "ready" and not _exhausted(h, now, paced, cap, scope)
 
 
 def next_usable_at(
-    h: KeyHealth, now: float, policy: Policy | None = None, paced: frozenset[str] = frozenset()
+    h: KeyHealth,
+    now: float,
+    policy: Policy | None = None,
+    paced: frozenset[str] = frozenset(),
+    scope: str = "",
 ) -> float | None:
-    """When the key becomes usable (`now` if it is); None when disabled with no recheck due.
+    """When the key becomes usable for `scope` (`now` if it is); None when disabled with no
+    recheck due.
 
     With `policy.auth_recheck_seconds`, a disabled key is due for one try that long after.
     """
     if h.disabled_reason is not None:
         recheck = _recheck_at(h, policy.auth_recheck_seconds if policy else None)
         return None if recheck is None else max(now, recheck)
-    times = [now, h.cooling_until or now, h.blocked_until or now]
+    cooling, _ = _cooling_for(h, now, scope)
+    times = [now, cooling or now, h.blocked_until or now]
     cap = policy.max_cooldown_seconds if policy else math.inf
-    return max(times + [_frees_at(w, cap) for w in _exhausted(h, now, paced, cap)])
+    return max(times + [_frees_at(w, cap) for w in _exhausted(h, now, paced, cap, scope)])
 
 
-def headroom(h: KeyHealth, now: float) -> float:
-    """Remaining fraction (0..1) of the tightest window still running; 1.0 when none is known."""
+def headroom(h: KeyHealth, now: float, scope: str = "") -> float:
+    """Remaining fraction (0..1) of the tightest window still running (the key's or the
+    scope's); 1.0 when none is known."""
     fractions = [
-        _fraction(w) for w in h.windows.values() if w.reset_at is not None and w.reset_at > now
+        _fraction(w) for w in _windows(h, scope) if w.reset_at is not None and w.reset_at > now
     ]
     return min((f for f in fractions if f is not None), default=1.0)
+
+
+def _windows(h: KeyHealth, scope: str) -> list[WindowState]:
+    """The windows that bind a request of `scope`: the key's, and the scope's own."""
+    s = h.scopes.get(scope) if scope else None
+    return [*h.windows.values(), *(s.windows.values() if s is not None else ())]
 
 
 def _fraction(w: WindowState) -> float | None:
@@ -276,14 +338,21 @@ def _fraction(w: WindowState) -> float | None:
 
 
 def _exhausted(
-    h: KeyHealth, now: float, paced: frozenset[str] = frozenset(), cap: float = math.inf
+    h: KeyHealth,
+    now: float,
+    paced: frozenset[str] = frozenset(),
+    cap: float = math.inf,
+    scope: str = "",
 ) -> list[WindowState]:
-    """Windows with nothing left until a reset still to come; `paced` dimensions are left out
-    (local limits pace them exactly, which a provider's coarse reset time cannot). A report
-    binds at most `cap` seconds after it was seen: then a request may look again."""
+    """Windows (the key's and `scope`'s) with nothing left until a reset still to come;
+    `paced` dimensions are left out (local limits pace them exactly, which a provider's coarse
+    reset time cannot). A report binds at most `cap` seconds after it was seen: then a request
+    may look again."""
+    s = h.scopes.get(scope) if scope else None
+    named = [*h.windows.items(), *(s.windows.items() if s is not None else ())]
     return [
         w
-        for name, w in h.windows.items()
+        for name, w in named
         if name.split(":", 1)[0] not in paced
         if w.remaining is not None and w.remaining <= 0 and _frees_at(w, cap) > now
     ]
@@ -296,7 +365,13 @@ def _frees_at(w: WindowState, cap: float) -> float:
 
 
 def _first_exhausted_reset(h: KeyHealth, now: float) -> float | None:
-    return min((w.reset_at for w in _exhausted(h, now) if w.reset_at is not None), default=None)
+    return _first_reset(h.windows, now)
+
+
+def _first_reset(windows: dict[str, WindowState], now: float) -> float | None:
+    """The earliest reset still to come of an exhausted window."""
+    spent = [w.reset_at for w in windows.values() if w.remaining is not None and w.remaining <= 0]
+    return min((r for r in spent if r is not None and r > now), default=None)
 
 
 def _running(until: float | None, now: float) -> float | None:

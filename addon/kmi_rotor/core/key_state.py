@@ -70,8 +70,10 @@ def key_state(
     now: float,
     policy: hl.Policy | None = None,
     spent_until: float | None = None,
+    scope: str = "",
 ) -> dict[str, Any]:
-    """`ready`, `cooling` (until, reason), `blocked` (until, reason) or `disabled` (reason).
+    """`ready`, `cooling` (until, reason), `blocked` (until, reason) or `disabled` (reason),
+    for requests of `scope` ("" the whole key).
 
     `spent_until`: when the key's provider budget (what it reported, less what was sent since)
     lets it take a request again; a key held back by it is not ready. `unknown` for a key
@@ -80,11 +82,11 @@ def key_state(
         return {"status": "unknown", "until": None, "reason": "no secret here, no record yet"}
     if key.disabled:
         return {"status": "disabled", "until": None, "reason": "disabled in the configuration"}
-    st = hl.status(h, now)
+    st = hl.status(h, now, scope)
     state, until, reason = st.state, st.until, st.reason
     cap = policy.max_cooldown_seconds if policy else math.inf
-    if state == "ready" and not hl.usable(h, now, cap=cap):
-        state, until = "cooling", hl.next_usable_at(h, now, policy)
+    if state == "ready" and not hl.usable(h, now, cap=cap, scope=scope):
+        state, until = "cooling", hl.next_usable_at(h, now, policy, scope=scope)
         reason = "provider reports no remaining quota"
     if state == "ready" and spent_until is not None and spent_until > now:
         state, until = "cooling", spent_until
@@ -93,10 +95,14 @@ def key_state(
 
 
 def quota(
-    h: KeyHealth, now: float, local: dict[str, dict[str, Any]] | None
+    h: KeyHealth,
+    now: float,
+    local: dict[str, dict[str, Any]] | None,
+    windows: dict[str, hl.WindowState] | None = None,
 ) -> list[dict[str, Any]]:
-    """Known windows: the provider's (from its headers, those not reset yet) and the local
-    limits' (`local`: the limiter's usage of the key's scope)."""
+    """Known windows: the provider's (from its headers, those not reset yet; the key's, or
+    `windows` of one limit scope) and the local limits' (`local`: the limiter's usage of the
+    key's scope)."""
     out = [
         {
             "name": name,
@@ -105,7 +111,7 @@ def quota(
             "remaining": w.remaining,
             "resets_at": w.reset_at,
         }
-        for name, w in sorted(h.windows.items())
+        for name, w in sorted((h.windows if windows is None else windows).items())
         if w.reset_at is None or w.reset_at > now
     ]
     for name, u in sorted((local or {}).items()):

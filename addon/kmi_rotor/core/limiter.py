@@ -292,6 +292,11 @@ class _Scope:
             marks.append((w, w.add(now, tokens)))
 
 
+def model_scope(key: str, model: str) -> str:
+    """The name of a key's scope for one model's local limits."""
+    return f"key:{key}/model:{model}"
+
+
 @dataclass(eq=False, slots=True)
 class _Held:
     """Mutable side of a reservation: its scopes, tokens as last corrected, token entries."""
@@ -313,23 +318,42 @@ class Limiter:
     """The in-memory limiter. Not thread-safe: call it from one thread (the event loop)."""
 
     def __init__(
-        self, global_limits: Limits, key_limits: Mapping[str, Limits], *, guard: float = 0.0
+        self,
+        global_limits: Limits,
+        key_limits: Mapping[str, Limits],
+        *,
+        guard: float = 0.0,
+        model_limits: Mapping[str, Mapping[str, Limits]] | None = None,
     ) -> None:
         """`guard`: the fraction added to every window's length (see `enforced_length`)."""
         self.guard = guard
         self._global = _Scope(GLOBAL, global_limits, guard)
         self._keys: dict[str, _Scope] = {}
-        self.configure(global_limits, key_limits)
+        self._models: dict[tuple[str, str], _Scope] = {}
+        self.configure(global_limits, key_limits, model_limits)
 
-    def configure(self, global_limits: Limits, key_limits: Mapping[str, Limits]) -> None:
+    def configure(
+        self,
+        global_limits: Limits,
+        key_limits: Mapping[str, Limits],
+        model_limits: Mapping[str, Mapping[str, Limits]] | None = None,
+    ) -> None:
         """Replace the limits. Scopes and windows that remain keep their history; a window that
         is newly configured starts empty. Keys absent from `key_limits` are forgotten (a key
-        first seen as a candidate later counts as unlimited)."""
+        first seen as a candidate later counts as unlimited). `model_limits`: by key, then
+        model name, the limits of that key's requests of that model (over the key's own)."""
         self._global.configure(global_limits)
         old, self._keys = self._keys, {}
         for key, limits in key_limits.items():
             scope = self._keys[key] = old.get(key) or _Scope(f"key:{key}", limits, self.guard)
             scope.configure(limits)
+        old_models, self._models = self._models, {}
+        for key, models in (model_limits or {}).items():
+            for model, limits in models.items():
+                name = model_scope(key, model)
+                scope = old_models.get((key, model)) or _Scope(name, limits, self.guard)
+                scope.configure(limits)
+                self._models[(key, model)] = scope
 
     def _key(self, key: str) -> _Scope:
         scope = self._keys.get(key)
@@ -337,32 +361,40 @@ class Limiter:
             scope = self._keys[key] = _Scope(f"key:{key}", Limits(), self.guard)
         return scope
 
-    def try_admit(self, candidates: Sequence[str], tokens: int, now: float) -> Admitted | Rejected:
+    def try_admit(
+        self, candidates: Sequence[str], tokens: int, now: float, model: str | None = None
+    ) -> Admitted | Rejected:
         """Admit on the first candidate (in the caller's order of preference) that has room
-        while the global scope has room too, reserving one request and `tokens` in every
-        window of both scopes and a concurrency slot in each. Cost: the candidates tried up
-        to the first that fits, times the windows; all of them only when nothing fits."""
+        while the global scope has room too (and the candidate's scope for `model`, when it
+        has limits for that model), reserving one request and `tokens` in every window of
+        those scopes and a concurrency slot in each. Cost: the candidates tried up to the
+        first that fits, times the windows; all of them only when nothing fits."""
         if tokens < 0:
             raise ValueError("tokens must be >= 0")
         glob = self._global
         if glob.fits(tokens, now):
             for key in candidates:
-                scope = self._key(key)
-                if scope.fits(tokens, now):
-                    held = _Held((glob, scope), tokens)
-                    glob.reserve(tokens, now, held.marks)
-                    scope.reserve(tokens, now, held.marks)
+                scopes = self._scopes_of(key, model)
+                if all(s.fits(tokens, now) for s in scopes):
+                    held = _Held((glob, *scopes), tokens)
+                    for s in held.scopes:
+                        s.reserve(tokens, now, held.marks)
                     return Admitted(Reservation(key, now, tokens, held), key)
-        return self._reject(candidates, tokens, now)
+        return self._reject(candidates, tokens, now, model)
 
-    def _reject(self, candidates: Sequence[str], tokens: int, now: float) -> Rejected:
+    def _scopes_of(self, key: str, model: str | None) -> tuple[_Scope, ...]:
+        """The key's scope, and its scope for `model` when it has limits for that model."""
+        own = self._models.get((key, model)) if model is not None else None
+        return (self._key(key),) if own is None else (self._key(key), own)
+
+    def _reject(
+        self, candidates: Sequence[str], tokens: int, now: float, model: str | None = None
+    ) -> Rejected:
         glob = self._global.blocked(tokens, now)
         exhausted, global_at = list(glob.exhausted), glob.at
         key_at, release_helps = inf, False
         for key in candidates:
-            block = self._key(key).blocked(tokens, now)
-            exhausted.extend(block.exhausted)
-            at = block.at
+            at = self._key_block(key, tokens, now, model, exhausted)
             if at is None:
                 release_helps = True
             else:
@@ -372,6 +404,22 @@ class Limiter:
         if global_at is None or key_at == inf:
             return Rejected(tuple(exhausted), None)
         return Rejected(tuple(exhausted), max(global_at, key_at))
+
+    def _key_block(
+        self, key: str, tokens: int, now: float, model: str | None, found: list[Exhausted]
+    ) -> float | None:
+        """When the key fits a request of `tokens` (of `model`): once all its scopes do, so
+        never (inf) if one never will, on a release (None) if one waits for a release, else
+        when the last of them frees. What stops it is added to `found`."""
+        ats = []
+        for scope in self._scopes_of(key, model):
+            block = scope.blocked(tokens, now)
+            found.extend(block.exhausted)
+            ats.append(block.at)
+        if inf in ats:
+            return inf
+        timed = [at for at in ats if at is not None]
+        return max(timed) if len(timed) == len(ats) else None
 
     def adjust(self, reservation: Reservation, actual_tokens: int) -> None:
         """Correct the reserved tokens to `actual_tokens`, at the reservation's original time.
@@ -410,12 +458,13 @@ class Limiter:
         return max(0.0, left)
 
     def usage(self, scope: str, now: float) -> dict[str, dict[str, float | None]]:
-        """Per configured limit of `scope` ("global" or "key:<fp>"): its `limit`, what is
-        `used`, and `free_at`, when it next has room for one more unit (None if it has room
-        now, or for concurrency). Empty for an unknown scope."""
+        """Per configured limit of `scope` ("global", "key:<fp>" or `model_scope`): its
+        `limit`, what is `used`, and `free_at`, when it next has room for one more unit (None
+        if it has room now, or for concurrency). Empty for an unknown scope."""
         s = self._global if scope == GLOBAL else None
         if scope.startswith("key:"):
             s = self._keys.get(scope.removeprefix("key:"))
+            s = s or next((m for m in self._models.values() if m.name == scope), None)
         if s is None:
             return {}
         out: dict[str, dict[str, float | None]] = {}
@@ -436,7 +485,7 @@ class Limiter:
         """The live window entries copied now (cheap: C-level copies), and a function that
         makes the snapshot of them later, in any thread, whatever the limiter does meanwhile."""
         copied: list[tuple[str, str, tuple[float, ...], tuple[int, ...]]] = []
-        for scope in (self._global, *self._keys.values()):
+        for scope in (self._global, *self._keys.values(), *self._models.values()):
             for w in scope.windows.values():
                 w.prune(now)
                 if w.times:
@@ -458,7 +507,7 @@ class Limiter:
         if data.get("format") != SNAPSHOT_FORMAT:
             raise ValueError(f"unknown limiter snapshot format: {data.get('format')!r}")
         saved: Mapping[str, Mapping[str, list[list[float]]]] = data.get("scopes", {})
-        for scope in (self._global, *self._keys.values()):
+        for scope in (self._global, *self._keys.values(), *self._models.values()):
             entries, fresh = saved.get(scope.name, {}), {}
             for name, old in scope.windows.items():
                 # New window objects: reservations made before point at the old ones.

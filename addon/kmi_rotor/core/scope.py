@@ -10,25 +10,16 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import unquote
 
-LimitScope = Literal["key", "model", "model_class"]
+from .presets import PRESETS, LimitScope
 
 KEY_SCOPE = ""
 """The scope of everything held key-wide (and of requests whose model is not known)."""
 
-DEFAULT_SCOPES: dict[str, LimitScope] = {
-    "kimi-code": "key",
-    "moonshot": "key",
-    "openai": "model",
-    "gemini": "model",
-    "groq": "model",
-    "mistral": "model",
-    "deepseek": "model",
-    "anthropic": "model_class",
-}
-"""How each preset's provider scopes its limits, as its documentation says; others: `key`."""
+DEFAULT_SCOPES: dict[str, LimitScope] = {name: p.limit_scope for name, p in PRESETS.items()}
+"""How each preset's provider scopes its limits, as its documentation says (`Preset`)."""
 
 MAX_MODEL = 200
 """Longer "model names" are garbage; they are cut so a scope name stays small."""
@@ -37,6 +28,9 @@ MAX_BODY = 8 * 1024 * 1024
 _URL_MODEL = re.compile(r"/models/([^/:?]+):[A-Za-z]+$")
 _FAMILIES = ("opus", "sonnet", "haiku")
 _DATE = re.compile(r"[0-9]{8}")
+
+
+__all__ = ["KEY_SCOPE", "LimitScope", "anthropic_class", "model_of_request", "scope_of"]
 
 
 def default_scope(provider: str) -> LimitScope:

@@ -19,6 +19,8 @@ Snapshot = Callable[[], Mapping[str, Any]]
 
 KEY_LABELS = ("pool", "key")
 QUOTA_LABELS = ("pool", "key", "quota", "source")
+SCOPE_LABELS = ("pool", "key", "scope")
+"""A key's series for one limit scope (a model, a model class) of a provider that limits so."""
 
 # (snapshot field, metric name without "_total", help text) for the per-key counters.
 KEY_COUNTERS: tuple[tuple[str, str, str], ...] = (
@@ -130,6 +132,26 @@ def _declare(fams: _Families) -> None:
         ("kmi_rotor_key_quota_limit", "Size of a key's quota window.", QUOTA_LABELS),
         ("kmi_rotor_key_cooldown_seconds", "Seconds until the key is usable.", KEY_LABELS),
         ("kmi_rotor_key_inflight", "Requests in flight on this key.", KEY_LABELS),
+        (
+            "kmi_rotor_key_scope_status",
+            "1 for the key's status for one limit scope (model, model class).",
+            (*SCOPE_LABELS, "status"),
+        ),
+        (
+            "kmi_rotor_key_scope_cooldown_seconds",
+            "Seconds until the key is usable for one limit scope.",
+            SCOPE_LABELS,
+        ),
+        (
+            "kmi_rotor_key_scope_quota_remaining",
+            "Remaining units of a key's provider window for one limit scope.",
+            (*SCOPE_LABELS, "quota"),
+        ),
+        (
+            "kmi_rotor_key_scope_quota_limit",
+            "Size of a key's provider window for one limit scope.",
+            (*SCOPE_LABELS, "quota"),
+        ),
         ("kmi_rotor_inflight", "Requests in flight through the rotor.", None),
         ("kmi_rotor_uptime_seconds", "Seconds since the rotor started.", None),
         (
@@ -170,6 +192,23 @@ def _key_samples(fams: _Families, pool: str, key: Mapping[str, Any], now: float)
         qlabels = (*labels, text(quota.get("name")), text(quota.get("source")))
         fams.sample("kmi_rotor_key_quota_remaining", qlabels, number(quota.get("remaining")))
         fams.sample("kmi_rotor_key_quota_limit", qlabels, number(quota.get("limit")))
+    for scoped in sequence(key.get("scopes")):
+        _scope_samples(fams, labels, mapping(scoped), now)
+
+
+def _scope_samples(
+    fams: _Families, labels: tuple[str, str], scoped: Mapping[str, Any], now: float
+) -> None:
+    slabels = (*labels, text(scoped.get("scope")))
+    status = scoped.get("status")
+    if status is not None:
+        fams.sample("kmi_rotor_key_scope_status", (*slabels, text(status)), 1.0)
+    fams.sample("kmi_rotor_key_scope_cooldown_seconds", slabels, cooldown_seconds(scoped, now))
+    for quota in sequence(scoped.get("quota")):
+        quota = mapping(quota)
+        qlabels = (*slabels, text(quota.get("name")))
+        fams.sample("kmi_rotor_key_scope_quota_remaining", qlabels, number(quota.get("remaining")))
+        fams.sample("kmi_rotor_key_scope_quota_limit", qlabels, number(quota.get("limit")))
 
 
 def make_registry(snapshot: Snapshot) -> CollectorRegistry:

@@ -152,8 +152,22 @@
     const table = el("table", "keys");
     const hr = el("tr");
     for (const [label, cls] of KEY_COLUMNS) add(hr, el("th", cls, label));
-    add(table, add(el("thead"), hr), add(el("tbody"), ...keys.map(keyRow)));
+    add(table, add(el("thead"), hr), add(el("tbody"), ...keys.flatMap(keyRows)));
     return add(sec, add(el("div", "table-wrap"), table));
+  }
+  // A key of a provider that limits per model: its own row, then one row per scope it holds
+  // anything for (cooldown, windows). A key-wide pool shows just the key's row.
+  function keyRows(k) {
+    return [keyRow(k), ...arr(k.scopes).map(obj).map((s) => scopeRow(k, s))];
+  }
+  function scopeRow(k, s) {
+    const status = str(s.status) || "unknown";
+    const tr = el("tr", "scope-row", null, {
+      "data-key": str(k.label), "data-scope": str(s.scope), "data-status": status });
+    add(tr, add(el("td", "scope-cell"), el("div", "scope-name mono", str(s.scope))),
+      statusCell(s, status), quotaCell(s));
+    for (let i = 3; i < KEY_COLUMNS.length; i++) add(tr, el("td"));
+    return tr;
   }
   function keyRow(k) {
     const status = str(k.status) || "unknown";

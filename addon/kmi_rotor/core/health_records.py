@@ -1,0 +1,72 @@
+"""A key's health as the state file keeps it: cooldowns, blocks, disables, known windows, and
+the same per limit scope. Every field has a default, so older files keep loading; a number
+that is not finite is dropped rather than making the file unreadable."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Persisted(BaseModel):
+    """A model read back from the state file: a non-finite number in it (NaN, infinity) is
+    dropped, so the field takes its default, rather than making the whole file unreadable."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _finite_only(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {
+                k: v for k, v in data.items() if not (isinstance(v, float) and not math.isfinite(v))
+            }
+        return data
+
+
+class WindowState(Persisted):
+    limit: float | None = None
+    remaining: float | None = None
+    reset_at: float | None = None
+    seen_at: float = 0.0
+
+
+SCOPE_TTL = 86400.0
+"""A scope not seen for this long is forgotten."""
+MAX_SCOPES = 64
+"""Scoped records kept per key at most (the least recently seen go first)."""
+
+
+class ScopedHealth(Persisted):
+    """What a key holds for one scope (a model, a model class): the provider's windows for it
+    and a rate-limit cooldown that binds only requests of that scope."""
+
+    cooling_until: float | None = None
+    cooling_reason: str | None = None
+    rate_limit_streak: int = 0
+    windows: dict[str, WindowState] = Field(default_factory=dict)
+    seen_at: float = 0.0
+
+
+class KeyHealth(Persisted):
+    """A key's health as persisted; every field has a default so old files keep loading."""
+
+    cooling_until: float | None = None
+    cooling_reason: str | None = None
+    blocked_until: float | None = None
+    blocked_reason: str | None = None
+    disabled_reason: str | None = None
+    disabled_at: float | None = None
+    error_score: float = 0.0
+    score_at: float | None = Field(None, description="When error_score had its stored value.")
+    rate_limit_streak: int = 0
+    overload_streak: int = 0
+    windows: dict[str, WindowState] = Field(
+        default_factory=dict, description='By "dimension" or "dimension:period".'
+    )
+    scopes: dict[str, ScopedHealth] = Field(
+        default_factory=dict, description='By scope ("model:<name>", "class:<class>").'
+    )
+    updated_at: float = 0.0
