@@ -375,15 +375,35 @@ def _retry_at(
     horizon: float,
 ) -> float | None:
     """Explicit hints first (most precise first), then what the windows imply."""
-    for name in ("retry-after-ms", "x-ms-retry-after-ms", "retry-after"):
+    hinted = _hinted_at(h, facts, now, horizon)
+    if hinted is not None:
+        return hinted
+    return _windows_reset_at(kind, windows)
+
+
+_RETRY_HEADERS = ("retry-after-ms", "x-ms-retry-after-ms", "retry-after")
+
+
+def _hinted_at(
+    h: Mapping[str, str], facts: BodyFacts, now: float, horizon: float
+) -> float | None:
+    """A retry time the answer states: headers (milliseconds first), then a body's retryDelay."""
+    for name in _RETRY_HEADERS:
         parse = _parse_ms if name.endswith("-ms") else parse_retry_after
         at = _field(h, name, lambda v, parse=parse: parse(v, now, horizon=horizon))
         if at is not None:
             return at
-    if facts.retry_delay is not None:
-        if (at := _delay_at(facts, now, horizon)) is not None:
-            return at
+    if facts.retry_delay is None:
+        return None
+    at = _delay_at(facts, now, horizon)
+    if at is None:
         _malformed("retryDelay", facts.retry_delay)
+    return at
+
+
+def _windows_reset_at(kind: FailureKind, windows: tuple[Window, ...]) -> float | None:
+    """A unified window's rejection says when; a rate-limit or quota failure waits for the first
+    exhausted window's reset (or, none known exhausted, the first reset of unknown state)."""
     rejected = [w.reset_at for w in windows if w.dimension == "unified" and w.remaining == 0]
     if rejected and rejected[0] is not None:
         return rejected[0]
