@@ -110,7 +110,8 @@ class Admission:
             run, pool, key, chosen.reservation, attempt, time.monotonic(), arrived, flow=flow
         )
         self.served[flow.id] = served
-        where = placements(flow.request.headers.keys(), flow.request.query.keys(), pool.preset)
+        query = flow.request.query.keys() if "?" in flow.request.path else ()
+        where = placements(flow.request.headers.keys(), query, pool.preset)
         meta = flow.metadata.setdefault(META, {})
         meta.update(
             {
