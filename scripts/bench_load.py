@@ -5,7 +5,7 @@ Both are written on raw asyncio so that their own cost stays small and identical
 proxy sits between them:
 
 - `serve_upstream`: HTTP/1.1 (plain or TLS), keep-alive, a precomputed answer to every
-  request: a chat completion with OpenAI's rate-limit headers, or with `"stream":true` in
+  request: a chat completion with OpenAI's rate-limit headers, or with `"stream": true` in
   the body an SSE stream of `events` events (one chunk each, then usage and `[DONE]`).
 - `drive`: `concurrency` keep-alive connections, each POSTing a small chat body in a loop;
   through a reverse proxy (plain HTTP to the proxy) or a regular one (CONNECT, then TLS
@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import re
 import ssl
 import sys
 import time
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 READY = "bench-upstream listening on"
+_STREAM = re.compile(rb'"stream"\s*:\s*true')
 MODEL = "gpt-4o-mini"
 RATE_HEADERS = (
     b"x-ratelimit-limit-requests: 1000000\r\n"
@@ -110,7 +112,8 @@ class _Answering(asyncio.Protocol):
                 return
             body = self.buf[end + 4 : end + 4 + n]
             self.buf = self.buf[end + 4 + n :]
-            self.transport.write(self.streamed if b'"stream":true' in body else self.plain)  # type: ignore[attr-defined]
+            answer = self.streamed if _STREAM.search(body) else self.plain
+            self.transport.write(answer)  # type: ignore[attr-defined]
 
 
 async def serve_upstream(cert_dir: Path, events: int) -> None:

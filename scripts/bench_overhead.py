@@ -13,9 +13,12 @@ Cases:
 - regular: `--mode regular`, the client tunnels (CONNECT) and speaks TLS trusting the proxy's
   CA from a temporary confdir; 2 keys.
 - keys1000: reverse mode, 1,000 keys in the pool.
-- stream: reverse mode, streamed answers of `--events` SSE events; bare mitmdump streams with
-  `stream_large_bodies=1`, kmi-rotor streams SSE itself. The added cost per event is the
-  added CPU per streamed request less the added CPU per plain request, over the events.
+- stream: reverse mode, streamed answers of `--events` SSE events; bare mitmdump streams
+  every answer through a one-line script (`flow.response.stream = True` in
+  `responseheaders`: mitmproxy's stream flag; `stream_large_bodies` would also stream the
+  requests and re-parse its size on every chunk), kmi-rotor streams SSE itself. The added cost
+  per event is the added CPU per streamed request less the added CPU per plain request, over
+  the events.
 - cluster: reverse mode, kmi-rotor with `[cluster]` on a throwaway redis-server.
 - decision: in process, CPU µs per admission + selection (+ settle) with 1,000 keys
   (`bench_admission.measure_cost`).
@@ -136,6 +139,13 @@ def write_config(setup: Setup, name: str, keys: int, cluster: bool) -> Path:
     return rotor_config(setup.tmp / f"{name}.toml", setup.tmp / f"state-{name}", pools, **tables)
 
 
+def stream_script(tmp: Path) -> Path:
+    """The bare proxy's way to stream every answer: mitmproxy's own flag, set per flow."""
+    path = tmp / "stream_all.py"
+    path.write_text("def responseheaders(flow):\n    flow.response.stream = True\n")
+    return path
+
+
 def start_proxy(
     setup: Setup, name: str, mode: str, config: Path | None, extra: Sequence[str]
 ) -> Child:
@@ -213,7 +223,7 @@ def run_case(setup: Setup, case: str, args: argparse.Namespace) -> CaseResult:
     mode = "regular" if case == "regular" else f"reverse:https://{setup.upstream_authority}"
     keys = 1000 if case == "keys1000" else 2
     config = write_config(setup, case, keys, cluster=case == "cluster")
-    bare_extra = ["--set", "stream_large_bodies=1"] if case == "stream" else []
+    bare_extra = ["-s", str(stream_script(setup.tmp))] if case == "stream" else []
     bare = start_proxy(setup, f"{case}-bare", mode, None, bare_extra)
     rotor = start_proxy(setup, f"{case}-rotor", mode, config, [])
     result = CaseResult(case, [], [])

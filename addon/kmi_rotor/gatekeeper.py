@@ -282,7 +282,7 @@ class Gatekeeper:
         )
         if r.refusal is not None:
             return Refusal(*r.refusal)
-        if hosts or not (req.is_http2 or req.is_http3):
+        if hosts != [r.authority] and (hosts or not (req.is_http2 or req.is_http3)):
             req.headers.set_all("Host", [r.authority])
         if req.authority:
             req.authority = r.authority

@@ -193,6 +193,7 @@ def _next_pacific_midnight(now: float) -> float:
 _JOINED = frozenset({"ratelimit", "ratelimit-policy"})
 _READ: Final = ("x-ratelimit", "ratelimit", "retry-after", "anthropic-ratelimit", "x-ms-retry")
 """The only header names any rule here reads: the others are not kept."""
+_READ_BYTES: Final = tuple(p.encode() for p in _READ)
 
 
 def _header_map(headers: object) -> dict[str, str]:
@@ -202,6 +203,8 @@ def _header_map(headers: object) -> dict[str, str]:
     out: dict[str, str] = {}
     try:
         for name, value in items:  # type: ignore[attr-defined]
+            if isinstance(name, bytes) and not name.lower().lstrip().startswith(_READ_BYTES):
+                continue  # most headers: passed over before anything is decoded
             n = _text(name).strip().lower()
             if not n.startswith(_READ):
                 continue
@@ -251,6 +254,8 @@ def _window(
     horizon: float,
     label: str | None = None,
 ) -> Window | None:
+    if names[0] not in h and names[1] not in h and names[2] not in h:
+        return None
     limit = _field(h, names[0], _count, label)
     remaining = _field(h, names[1], _count, label)
     reset = _field(h, names[2], lambda v: _parse_reset(v, now, horizon), label)
@@ -273,9 +278,11 @@ def _openai_windows(
     # Groq reuses the names, but its request budget is per day and its token budget per minute.
     periods = {"requests": "day", "tokens": "minute"} if provider == "groq" else {}
     return _windows(
-        _window(h, dim, periods.get(dim), _names("x-ratelimit-", f"-{dim}"), now, horizon)
-        for dim in ("requests", "tokens")
+        _window(h, dim, periods.get(dim), names, now, horizon) for dim, names in _OPENAI_NAMES
     )
+
+
+_OPENAI_NAMES: Final = tuple((d, _names("x-ratelimit-", f"-{d}")) for d in ("requests", "tokens"))
 
 
 def _anthropic_windows(h: Mapping[str, str], now: float, horizon: float) -> tuple[Window, ...]:
