@@ -23,8 +23,9 @@ Cases:
 - decision: in process, CPU µs per admission + selection (+ settle) with 1,000 keys
   (`bench_admission.measure_cost`).
 
-`--profile DIR` also records kmi-rotor's mitmdump in the reverse case with py-spy (200 Hz,
-raw collapsed stacks) and prints the heaviest frames of kmi-rotor's own code.
+`--profile DIR` also records kmi-rotor's mitmdump in the reverse and stream cases with py-spy
+(200 Hz, raw collapsed stacks, `DIR/rotor-CASE.txt`) and prints the heaviest frames of
+kmi-rotor's own code; `bench_overhead.py summarise FILE` prints them again.
 
     .venv/bin/python scripts/bench_overhead.py [--quick] [--cases reverse,stream] [--profile DIR]
 """
@@ -147,9 +148,15 @@ def stream_script(tmp: Path) -> Path:
 
 
 def start_proxy(
-    setup: Setup, name: str, mode: str, config: Path | None, extra: Sequence[str]
+    setup: Setup,
+    name: str,
+    mode: str,
+    config: Path | None,
+    extra: Sequence[str],
+    tree: Path = ROOT,
 ) -> Child:
-    """mitmdump on a free loopback port; with `config`, kmi-rotor too. Options otherwise equal."""
+    """mitmdump on a free loopback port; with `config`, kmi-rotor too (from `tree`, a checkout
+    of this repository). Options otherwise equal."""
     confdir = setup.tmp / "confdir"  # one CA for every proxy, trusted by the regular clients
     argv = [MITMDUMP, "--listen-host", "127.0.0.1", "-p", "0", "--mode", mode]
     argv += [
@@ -160,7 +167,7 @@ def start_proxy(
     ]
     argv += ["--set", "flow_detail=0", *extra]
     if config is not None:
-        argv += ["-s", str(ROOT / "addon" / "rotor.py"), "--set", f"rotor_config={config}"]
+        argv += ["-s", str(tree / "addon" / "rotor.py"), "--set", f"rotor_config={config}"]
     child = launch(argv, setup.tmp / f"{name}.log", LISTEN_RE)
     setup.children.append(child)
     return child
@@ -214,9 +221,12 @@ class CaseResult:
     name: str
     bare: list[Run]
     rotor: list[Run]
+    before: list[Run] = field(default_factory=list)
+    """kmi-rotor from `--before TREE` (another checkout), when given."""
 
-    def ratios(self) -> list[float]:
-        return [r.rps / b.rps for b, r in zip(self.bare, self.rotor, strict=True) if b.rps]
+    def ratios(self, runs: list[Run] | None = None) -> list[float]:
+        runs = self.rotor if runs is None else runs
+        return [r.rps / b.rps for b, r in zip(self.bare, runs, strict=True) if b.rps]
 
 
 def run_case(setup: Setup, case: str, args: argparse.Namespace) -> CaseResult:
@@ -224,21 +234,26 @@ def run_case(setup: Setup, case: str, args: argparse.Namespace) -> CaseResult:
     keys = 1000 if case == "keys1000" else 2
     config = write_config(setup, case, keys, cluster=case == "cluster")
     bare_extra = ["-s", str(stream_script(setup.tmp))] if case == "stream" else []
-    bare = start_proxy(setup, f"{case}-bare", mode, None, bare_extra)
-    rotor = start_proxy(setup, f"{case}-rotor", mode, config, [])
+    proxies = {
+        "bare": start_proxy(setup, f"{case}-bare", mode, None, bare_extra),
+        "rotor": start_proxy(setup, f"{case}-rotor", mode, config, []),
+    }
+    if args.before is not None:
+        proxies["before"] = start_proxy(setup, f"{case}-before", mode, config, [], args.before)
+    rotor = proxies["rotor"]
     result = CaseResult(case, [], [])
     try:
         for i in range(args.runs):
-            order = [("bare", bare), ("rotor", rotor)]
-            for name, child in order if i % 2 == 0 else order[::-1]:
+            order = list(proxies.items())
+            for name, child in order[i % len(order) :] + order[: i % len(order)]:
                 target = _target(setup, child, case)
                 run = measure(child, target, args, stream=case == "stream")
                 getattr(result, name).append(run)
                 print(f"  {case:9} run {i + 1} {name:5} {_fmt_run(run)}", flush=True)
-        if args.profile is not None and case == "reverse":
-            profile(rotor, _target(setup, rotor, case), args)
+        if args.profile is not None and case in ("reverse", "stream"):
+            profile(rotor, _target(setup, rotor, case), args, case)
     finally:
-        for child in (bare, rotor):
+        for child in proxies.values():
             child.stop()
     return result
 
@@ -253,24 +268,27 @@ def _target(setup: Setup, child: Child, case: str) -> Target:
 # -- the profile ----------------------------------------------------------------------------------
 
 
-def profile(child: Child, target: Target, args: argparse.Namespace) -> None:
+def profile(child: Child, target: Target, args: argparse.Namespace, case: str) -> None:
     """py-spy on `child` while it carries the load; prints the heaviest kmi-rotor frames."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    out = args.profile / "rotor-reverse.txt"
+    out = args.profile / f"rotor-{case}.txt"
     args.profile.mkdir(parents=True, exist_ok=True)
     seconds = max(args.seconds, 8)
     argv = [spy, "record", "-r", "200", "-d", str(seconds), "--pid", str(child.proc.pid)]
     argv += ["-f", "raw", "-o", str(out), "--nonblocking"]
     spy_proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     quick = argparse.Namespace(**{**vars(args), "seconds": seconds, "warmup": 0.5})
-    measure(child, target, quick, stream=False)
+    measure(child, target, quick, stream=case == "stream")
     spy_proc.wait(60)
-    print(summarise(out.read_text() if out.exists() else ""))
+    print(f"{case}: " + summarise(out.read_text() if out.exists() else ""))
 
 
 PASS_THROUGH = ("_wrap.<locals>.open_connection",)
 """kmi-rotor frames that only wrap mitmproxy's own work (the whole life of an upstream
 connection runs under `opening.py`'s wrapper): not counted as kmi-rotor's."""
+
+
+IDLE = ("Condition.wait (", "Event.wait (", "SimpleQueue.get (", "Queue.get (")
 
 
 def summarise(raw: str, top: int = 25) -> str:
@@ -282,8 +300,10 @@ def summarise(raw: str, top: int = 25) -> str:
         if not count.isdigit():
             continue
         n = int(count)
-        total += n
         frames = stack.split(";")
+        if frames[-1].startswith(IDLE):
+            continue  # a thread asleep (py-spy counts a timed wait as running)
+        total += n
         mine = [f for f in frames if "kmi_rotor" in f and not f.startswith(PASS_THROUGH)]
         if mine:
             ours += n
@@ -317,31 +337,41 @@ def _fmt_run(r: Run) -> str:
 
 
 def report(results: list[CaseResult], events: int) -> str:
+    """One row per case and kmi-rotor (`after`: this tree; `before`: `--before`'s), each
+    against the bare mitmdump of the same rounds."""
     med = statistics.median
     lines = [
-        "| case | bare req/s | rotor req/s | ratio (median, runs) | bare p50/p99 ms | "
-        "rotor p50/p99 ms | p50 at 1 conn. bare / rotor ms (added) | bare / rotor CPU µs/req | "
-        "added CPU µs/req |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| case | kmi-rotor | req/s bare / with | ratio (median; runs) | p50 / p99 ms bare; with |"
+        " p50 at 1 conn. ms bare / with (added) | CPU µs/req bare / with (added) |",
+        "|---|---|---|---|---|---|---|",
     ]
-    added: dict[str, float] = {}
+    added: dict[tuple[str, str], float] = {}
     for c in results:
-        ratios = c.ratios()
-        b_cpu, r_cpu = med(r.cpu_us for r in c.bare), med(r.cpu_us for r in c.rotor)
-        added[c.name] = r_cpu - b_cpu
-        lines.append(
-            f"| {c.name} | {med(r.rps for r in c.bare):.0f} | {med(r.rps for r in c.rotor):.0f} | "
-            f"{med(ratios):.2f} ({', '.join(f'{x:.2f}' for x in ratios)}) | "
-            f"{med(r.p50_ms for r in c.bare):.2f} / {med(r.p99_ms for r in c.bare):.2f} | "
-            f"{med(r.p50_ms for r in c.rotor):.2f} / {med(r.p99_ms for r in c.rotor):.2f} | "
-            f"{med(r.p50_1_ms for r in c.bare):.2f} / {med(r.p50_1_ms for r in c.rotor):.2f} "
-            f"({med(r.p50_1_ms for r in c.rotor) - med(r.p50_1_ms for r in c.bare):+.2f}) | "
-            f"{b_cpu:.0f} / {r_cpu:.0f} | {r_cpu - b_cpu:+.0f} |"
-        )
-    if "stream" in added and "reverse" in added:
-        per_event = (added["stream"] - added["reverse"]) / (events + 2)
-        lines.append(f"\nadded CPU per streamed event: {per_event:+.1f} µs ({events + 2} events)")
-    errors = sum(r.errors for c in results for r in (*c.bare, *c.rotor))
+        bare = c.bare
+        for label, runs in (("before", c.before), ("after", c.rotor)):
+            if not runs:
+                continue
+            ratios = c.ratios(runs)
+            b_cpu, r_cpu = med(r.cpu_us for r in bare), med(r.cpu_us for r in runs)
+            b_one, r_one = med(r.p50_1_ms for r in bare), med(r.p50_1_ms for r in runs)
+            added[(c.name, label)] = r_cpu - b_cpu
+            lines.append(
+                f"| {c.name} | {label} | {med(r.rps for r in bare):.0f} / "
+                f"{med(r.rps for r in runs):.0f} | "
+                f"{med(ratios):.2f}; {', '.join(f'{x:.2f}' for x in ratios)} | "
+                f"{med(r.p50_ms for r in bare):.1f} / {med(r.p99_ms for r in bare):.1f}; "
+                f"{med(r.p50_ms for r in runs):.1f} / {med(r.p99_ms for r in runs):.1f} | "
+                f"{b_one:.2f} / {r_one:.2f} ({r_one - b_one:+.2f}) | "
+                f"{b_cpu:.0f} / {r_cpu:.0f} ({r_cpu - b_cpu:+.0f}) |"
+            )
+    for label in ("before", "after"):
+        if ("stream", label) in added and ("reverse", label) in added:
+            per_event = (added[("stream", label)] - added[("reverse", label)]) / (events + 2)
+            lines.append(
+                f"\nadded CPU per streamed event ({label}): {per_event:+.1f} µs "
+                f"(stream less reverse, over {events + 2} events)"
+            )
+    errors = sum(r.errors for c in results for r in (*c.bare, *c.rotor, *c.before))
     if errors:
         lines.append(f"\nWARNING: {errors} requests failed or were refused")
     return "\n".join(lines)
@@ -364,6 +394,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=20)
     parser.add_argument("--events", type=int, default=50, help="content events per stream")
     parser.add_argument("--profile", type=Path, default=None, help="py-spy output folder")
+    parser.add_argument(
+        "--before",
+        type=Path,
+        default=None,
+        help="another checkout of this repository (say, `git archive` of an older commit): its "
+        "kmi-rotor runs as a third proxy in the same rounds, for a before/after in one run",
+    )
     args = parser.parse_args(argv)
     args.runs = args.runs or (3 if args.quick else 4)
     args.seconds = args.seconds or (3.0 if args.quick else 6.0)

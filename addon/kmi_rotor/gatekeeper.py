@@ -310,7 +310,9 @@ class Gatekeeper:
             return Refusal(403, "host_not_allowed", why)
         if self._owns_host_header:
             scheme = "https" if mode.scheme in ("https", "http3", "tls", "quic") else "http"
-            req.host_header = url.hostport(scheme, mode.address[0], mode.address[1])
+            upstream = url.hostport(scheme, mode.address[0], mode.address[1])
+            if req.host_header != upstream:  # a header write rebuilds the header list
+                req.host_header = upstream
         return None
 
     def _page_host_ok(self, flow: http.HTTPFlow) -> bool:
