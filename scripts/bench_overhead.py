@@ -341,9 +341,10 @@ def report(results: list[CaseResult], events: int) -> str:
     against the bare mitmdump of the same rounds."""
     med = statistics.median
     lines = [
-        "| case | kmi-rotor | req/s bare / with | ratio (median; runs) | p50 / p99 ms bare; with |"
-        " p50 at 1 conn. ms bare / with (added) | CPU µs/req bare / with (added) |",
-        "|---|---|---|---|---|---|---|",
+        "| case | kmi-rotor | req/s bare / with | ratio (median; runs) | best ratio | "
+        "p50 / p99 ms bare; with | p50 at 1 conn. ms bare / with (added) | "
+        "CPU µs/req bare / with (added) | least CPU µs/req (added) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     added: dict[tuple[str, str], float] = {}
     for c in results:
@@ -355,14 +356,19 @@ def report(results: list[CaseResult], events: int) -> str:
             b_cpu, r_cpu = med(r.cpu_us for r in bare), med(r.cpu_us for r in runs)
             b_one, r_one = med(r.p50_1_ms for r in bare), med(r.p50_1_ms for r in runs)
             added[(c.name, label)] = r_cpu - b_cpu
+            # A shared machine only ever slows a run down: the best run of each is the one
+            # least disturbed, and so the fairest pair when the others are noisy.
+            best = max(r.rps for r in runs) / max(r.rps for r in bare)
+            b_least, r_least = min(r.cpu_us for r in bare), min(r.cpu_us for r in runs)
             lines.append(
                 f"| {c.name} | {label} | {med(r.rps for r in bare):.0f} / "
                 f"{med(r.rps for r in runs):.0f} | "
-                f"{med(ratios):.2f}; {', '.join(f'{x:.2f}' for x in ratios)} | "
+                f"{med(ratios):.2f}; {', '.join(f'{x:.2f}' for x in ratios)} | {best:.2f} | "
                 f"{med(r.p50_ms for r in bare):.1f} / {med(r.p99_ms for r in bare):.1f}; "
                 f"{med(r.p50_ms for r in runs):.1f} / {med(r.p99_ms for r in runs):.1f} | "
                 f"{b_one:.2f} / {r_one:.2f} ({r_one - b_one:+.2f}) | "
-                f"{b_cpu:.0f} / {r_cpu:.0f} ({r_cpu - b_cpu:+.0f}) |"
+                f"{b_cpu:.0f} / {r_cpu:.0f} ({r_cpu - b_cpu:+.0f}) | "
+                f"{b_least:.0f} / {r_least:.0f} ({r_least - b_least:+.0f}) |"
             )
     for label in ("before", "after"):
         if ("stream", label) in added and ("reverse", label) in added:
