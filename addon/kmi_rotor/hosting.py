@@ -45,7 +45,9 @@ class StatusPage(WSGIApp):
         path = flow.request.path
         if path.startswith(WEB_PREFIX) and path[len(WEB_PREFIX) : len(WEB_PREFIX) + 1] in _AFTER:
             return True
-        return flow.request.pretty_host == WEB_HOST
+        req = flow.request
+        named = req.host_header or req.host  # parsed below only if it can be the status host
+        return WEB_HOST in named.lower() and req.pretty_host == WEB_HOST
 
 
 def on_loop(
