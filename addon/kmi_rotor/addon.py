@@ -73,6 +73,8 @@ class Rotor:
         self.settling = Settling(self.books, now)
         seen = Seen()
         self.adoption = StateAdoption(lambda: self.serving, seen, self.waiting.wake, now)
+        self._key_header = True
+        """The key-header option, read at configure: reading an option deep-copies it."""
         self.page = StatusPage(lambda: on_loop(self._loop, self.snapshot))
         self.watcher = ConfigWatcher(
             self, lambda: getattr(ctx.options, CONFIG_OPTION), listening.servers
@@ -124,6 +126,8 @@ class Rotor:
         )
 
     def configure(self, updated: set[str]) -> None:
+        if KEY_HEADER_OPTION in updated:
+            self._key_header = bool(getattr(ctx.options, KEY_HEADER_OPTION))
         if CONFIG_OPTION not in updated and self.serving is not None:
             return
         try:
@@ -292,7 +296,7 @@ class Rotor:
             return
         try:
             served.ttfb = time.monotonic() - served.started
-            if getattr(ctx.options, KEY_HEADER_OPTION):
+            if self._key_header:
                 label_answer(flow.response, served.key.label, served.attempt)
             self._stream_if_wanted(flow.response, flow.id, served)
         except Exception:
@@ -336,7 +340,7 @@ class Rotor:
                     run.engine, run.settings, flow, served, sig.kind.value, sig.reason, self.clock
                 )
             if (
-                getattr(ctx.options, KEY_HEADER_OPTION)
+                self._key_header
                 and flow.response is not None
                 and KEY_HEADER not in flow.response.headers
             ):

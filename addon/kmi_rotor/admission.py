@@ -32,7 +32,7 @@ def before_body(flow: http.HTTPFlow) -> bool:
     if flow.request.stream:
         return True
     chunked = "content-length" not in flow.request.headers
-    return bool(getattr(ctx.options, "stream_large_bodies", None)) and chunked
+    return chunked and bool(getattr(ctx.options, "stream_large_bodies", None))
 
 
 class Admission:
@@ -110,7 +110,9 @@ class Admission:
             run, pool, key, chosen.reservation, attempt, time.monotonic(), arrived, flow=flow
         )
         self.served[flow.id] = served
-        where = placements(flow.request.headers.keys(), flow.request.query.keys(), pool.preset)
+        query = flow.request.query.keys() if "?" in flow.request.path else ()
+        names = [k.decode("latin-1") for k, _ in flow.request.headers.fields]
+        where = placements(names, query, pool.preset)
         meta = flow.metadata.setdefault(META, {})
         meta.update(
             {

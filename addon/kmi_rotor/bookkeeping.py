@@ -8,7 +8,6 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict
 from typing import Any
 
 from mitmproxy import http
@@ -127,7 +126,7 @@ class Bookkeeping:
                 attempt=served.attempt if served else 1,
                 stream=bool(served and served.tap),
             )
-            self.recent.append(asdict(record))
+            self.recent.append(record.as_dict())
             run.trace.write(record)
         except Exception:
             log.exception("kmi-rotor: could not trace a request")

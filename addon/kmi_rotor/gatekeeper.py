@@ -17,6 +17,7 @@ import errno
 import ipaddress
 import logging
 import socket
+import time
 from collections.abc import Callable
 
 from mitmproxy import ctx, http
@@ -30,6 +31,7 @@ from .core import access, routing
 from .core.access import IP
 from .core.calls import is_api_call
 from .core.credentials import CREDENTIAL_HEADERS, CREDENTIAL_QUERY
+from .core.hosts import HostLookup
 from .core.refusal import Refusal
 from .core.secrets import mask_credential_value
 from .hosting import WEB_HOST, StatusPage
@@ -61,6 +63,8 @@ class Gatekeeper:
         self.clock = clock
         self.exposure = access.Exposure("local")
         self._listen_hosts: tuple[str, ...] = ()
+        self._pools: HostLookup[Pool | None] | None = None
+        """The pool of each host:port, remembered for the configuration in force."""
         self._owns_host_header = False
         """True when kmi-rotor turned on keep_host_header to see reverse-mode clients' own Host
         (mitmproxy would replace it before any hook), and so rewrites it itself afterwards."""
@@ -139,7 +143,7 @@ class Gatekeeper:
             client_loopback=loopback,
             pool_host=pool is not None,
             listen_ports=self.listen_ports(),
-            own=is_own_address,
+            own=_OWN,
         )
         if why is not None:
             server.error = f"kmi-rotor: {why}"
@@ -258,7 +262,7 @@ class Gatekeeper:
             client_loopback=loopback,
             pool_host=pool is not None,
             listen_ports=self.listen_ports(flow),
-            own=is_own_address,
+            own=_OWN,
         )
         return None if why is None else Refusal(403, "destination_not_allowed", why)
 
@@ -278,7 +282,7 @@ class Gatekeeper:
         )
         if r.refusal is not None:
             return Refusal(*r.refusal)
-        if hosts or not (req.is_http2 or req.is_http3):
+        if hosts != [r.authority] and (hosts or not (req.is_http2 or req.is_http3)):
             req.headers.set_all("Host", [r.authority])
         if req.authority:
             req.authority = r.authority
@@ -306,7 +310,9 @@ class Gatekeeper:
             return Refusal(403, "host_not_allowed", why)
         if self._owns_host_header:
             scheme = "https" if mode.scheme in ("https", "http3", "tls", "quic") else "http"
-            req.host_header = url.hostport(scheme, mode.address[0], mode.address[1])
+            upstream = url.hostport(scheme, mode.address[0], mode.address[1])
+            if req.host_header != upstream:  # a header write rebuilds the header list
+                req.host_header = upstream
         return None
 
     def _page_host_ok(self, flow: http.HTTPFlow) -> bool:
@@ -335,7 +341,13 @@ class Gatekeeper:
     # -- helpers --------------------------------------------------------------------------
 
     def _pool_of(self, host: str, port: int) -> Pool | None:
-        return self.settings.pool_for(host, port) if self.settings else None
+        """The pool of host:port, looked up once per configuration."""
+        settings = self.settings
+        if settings is None:
+            return None
+        if self._pools is None or self._pools.source is not settings:
+            self._pools = HostLookup(settings.pool_for, source=settings)
+        return self._pools(host, port)
 
     def listen_ports(self, flow: http.HTTPFlow | None = None) -> set[int]:
         """Every port the proxy listens on (several modes may share one process)."""
@@ -396,5 +408,8 @@ def is_own_address(ip: IP) -> bool:
         return e.errno not in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT, errno.EINVAL)
     return True
 
+
+_OWN = access.OwnAddresses(is_own_address, time.monotonic)
+"""One system call per address a second at most, not one per upstream connection."""
 
 __all__ = ["EXPOSURE_OPTIONS", "Gatekeeper", "is_own_address"]

@@ -20,6 +20,8 @@ from .web import make_app
 WEB_HOST = "kmi-rotor.local"
 WEB_PREFIX = "/_kmi-rotor"
 SNAPSHOT_TIMEOUT = 5.0
+_AFTER = ("", "/", "?")
+"""What may follow the prefix in a status path: nothing, a subpath or a query string."""
 
 
 class StatusPage(WSGIApp):
@@ -36,13 +38,16 @@ class StatusPage(WSGIApp):
         super().__init__(dispatch, WEB_HOST, None)
 
     def should_serve(self, flow: http.HTTPFlow) -> bool:
-        path = flow.request.path.split("?", 1)[0]
-        ours = (
-            flow.request.pretty_host == WEB_HOST
-            or path == WEB_PREFIX
-            or path.startswith(WEB_PREFIX + "/")
-        )
-        return bool(ours and flow.live and not flow.error and not flow.response)
+        """The status host, or a path under the status prefix (its query string aside).
+        Asked of every request, twice: the cheap tests first."""
+        if flow.response or flow.error or not flow.live:
+            return False
+        path = flow.request.path
+        if path.startswith(WEB_PREFIX) and path[len(WEB_PREFIX) : len(WEB_PREFIX) + 1] in _AFTER:
+            return True
+        req = flow.request
+        named = req.host_header or req.host  # parsed below only if it can be the status host
+        return WEB_HOST in named.lower() and req.pretty_host == WEB_HOST
 
 
 def on_loop(

@@ -29,8 +29,8 @@ class Settling:
         state), its tokens (correcting the reservation), the flow's notes and trace line."""
         run, now = served.run, self.clock()
         body = None if served.tap else resp.raw_content
-        sig = parse_signal(
-            resp.status_code, resp.headers.items(), body, now, provider=served.pool.preset.name
+        sig = parse_signal(  # the raw pairs: reading Headers by name is quadratic
+            resp.status_code, resp.headers.fields, body, now, provider=served.pool.preset.name
         )
         outcome = sig.kind.value
         if served.tap is not None:

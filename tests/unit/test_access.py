@@ -192,3 +192,68 @@ def test_presented_credentials(
     headers: dict[str, str], query: dict[str, str], expected: list[str]
 ) -> None:
     assert access.presented_credentials(headers, query) == expected
+
+
+# -- OwnAddresses: one system call per address a while, not per connection ---------------------
+
+
+class _Probe:
+    def __init__(self, own: set[str]) -> None:
+        self.own, self.asked = own, []  # type: set[str], list[str]
+
+    def __call__(self, ip: access.IP) -> bool:
+        self.asked.append(str(ip))
+        return str(ip) in self.own
+
+
+def _ip(text: str) -> access.IP:
+    ip = access.parse_address(text)
+    assert ip is not None
+    return ip
+
+
+@pytest.mark.parametrize(
+    ("address", "own", "ttl"), [("192.0.2.7", True, 60.0), ("198.51.100.9", False, 1.0)]
+)
+def test_own_addresses_remember_a_yes_longer_than_a_no(address: str, own: bool, ttl: float) -> None:
+    probe, now = _Probe({"192.0.2.7"}), [1000.0]
+    cache = access.OwnAddresses(probe, lambda: now[0], yes_ttl=60.0, no_ttl=1.0)
+    assert [cache(_ip(address)) for _ in range(3)] == [own] * 3
+    assert probe.asked == [address]
+    now[0] += ttl - 0.01
+    cache(_ip(address))
+    assert probe.asked == [address]
+    now[0] += 0.02  # expired: asked again
+    cache(_ip(address))
+    assert probe.asked == [address, address]
+
+
+def test_an_address_that_became_ours_is_seen_within_the_short_wait() -> None:
+    probe, now = _Probe(set()), [0.0]
+    cache = access.OwnAddresses(probe, lambda: now[0], no_ttl=1.0)
+    assert cache(_ip("192.0.2.7")) is False
+    probe.own.add("192.0.2.7")  # an interface came up
+    now[0] += 1.5
+    assert cache(_ip("192.0.2.7")) is True
+
+
+@pytest.mark.parametrize("alias", ["127.0.0.2", "127.1.2.3", "::1", "0.0.0.0"])
+def test_loopback_aliases_are_this_machine_whatever_the_cache_says(alias: str) -> None:
+    probe = _Probe(set())  # the probe would say "not ours" for anything
+    cache = access.OwnAddresses(probe, lambda: 0.0)
+    why = access.destination_verdict(
+        [_ip(alias)], 8080, client_loopback=True, pool_host=False, listen_ports={8080}, own=cache
+    )
+    assert why is not None and "this proxy itself" in why
+    why = access.destination_verdict(
+        [_ip(alias)], 22, client_loopback=False, pool_host=False, listen_ports={8080}, own=cache
+    )
+    assert why is not None and "this machine" in why
+
+
+def test_own_addresses_stay_bounded() -> None:
+    probe = _Probe(set())
+    cache = access.OwnAddresses(probe, lambda: 0.0, limit=4)
+    for i in range(10):
+        cache(_ip(f"192.0.2.{i}"))
+    assert len(cache._known) <= 4

@@ -100,3 +100,10 @@ def test_client_credential_wins_over_the_preset(name: str) -> None:
 )
 def test_placement_render(placement: Placement, expected: str) -> None:
     assert placement.render("sk-secret") == expected
+
+
+def test_placements_are_made_once_per_combination() -> None:
+    first = placements(["Authorization", "content-type"], [], PRESETS["openai"])
+    again = placements(["authorization"], [], PRESETS["openai"])
+    assert first == again == [Placement("header", "authorization", bearer=True)]
+    assert first[0] is again[0]

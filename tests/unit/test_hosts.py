@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kmi_rotor.core.hosts import HostPattern
+from kmi_rotor.core.hosts import HostLookup, HostPattern
 
 
 @pytest.mark.parametrize(
@@ -105,3 +105,28 @@ def test_host_pattern_with_trailing_dot_matches_or_is_rejected() -> None:
     except ValueError:
         return
     assert pattern.matches("api.example.com", 443)
+
+
+# -- HostLookup: pool lookups once per configuration ------------------------------------------
+
+
+def test_a_lookup_asks_once_per_host_and_port() -> None:
+    asked: list[tuple[str, int]] = []
+
+    def find(host: str, port: int) -> str | None:
+        asked.append((host, port))
+        return "pool" if host == "api.test" else None
+
+    lookup = HostLookup(find, source="config-1")
+    got = [lookup(h, p) for h, p in [("api.test", 443), ("api.test", 443), ("x.test", 443)] * 2]
+    assert got == ["pool", "pool", None] * 2
+    assert asked == [("api.test", 443), ("x.test", 443)]
+    assert lookup.source == "config-1"
+
+
+def test_a_lookup_stops_remembering_past_its_limit() -> None:
+    asked: list[str] = []
+    lookup = HostLookup(lambda h, p: asked.append(h), limit=2)
+    for host in ["a", "b", "c", "c", "a"]:
+        lookup(host, 1)
+    assert asked == ["a", "b", "c", "c"]  # "a" and "b" remembered; "c" asked each time

@@ -1133,3 +1133,58 @@ def test_valid_headers_log_nothing(caplog: pytest.LogCaptureFixture) -> None:
         parse_signal(429, headers, None, NOW)
     parse_signal(429, [], GEMINI_MINUTE, NOW)
     assert caplog.records == []
+
+
+# -- dialects: each provider's answers are read in the dialects it speaks ----------------------
+
+EVERY_DIALECT = {
+    "x-ratelimit-remaining-requests": "7",  # openai
+    "anthropic-ratelimit-requests-remaining": "6",  # anthropic
+    "x-ratelimit-remaining": "5",  # kimi, moonshot, openrouter
+    "ratelimit-remaining": "4",  # ietf (legacy)
+    "retry-after": "30",  # any server
+}
+REMAINING = {"openai": 7.0, "anthropic": 6.0, "simple": 5.0, "ietf": 4.0}
+
+
+@pytest.mark.parametrize(
+    ("provider", "spoken"),
+    [
+        ("openai", ["openai"]),
+        ("groq", ["openai"]),
+        ("deepseek", ["openai"]),
+        ("anthropic", ["anthropic"]),
+        ("kimi-code", ["simple"]),
+        ("moonshot", ["simple"]),
+        ("openrouter", ["simple"]),
+        ("gemini", []),
+        ("generic", ["openai", "anthropic", "simple", "ietf"]),
+        ("mistral", ["openai", "anthropic", "simple", "ietf"]),
+        (None, ["openai", "anthropic", "simple", "ietf"]),
+    ],
+)
+def test_headers_are_read_in_the_providers_dialects_only(
+    provider: str | None, spoken: list[str]
+) -> None:
+    sig = parse_signal(429, EVERY_DIALECT, b"", NOW, provider=provider)
+    assert sorted(w.remaining for w in sig.windows) == sorted(REMAINING[d] for d in spoken)
+    assert sig.retry_at == NOW + 30  # a retry hint is read whoever sends it
+    assert signals.dialects(provider or "") == tuple(spoken)
+
+
+def test_a_success_is_not_read_for_an_error_body() -> None:
+    """Rate-limit headers copied into an error body count on an error only: a 200's body is
+    the answer, whatever words it holds."""
+    body = json.dumps(
+        {"error": {"code": 429, "metadata": {"headers": {"X-RateLimit-Remaining": "0"}}}}
+    ).encode()
+    assert parse_signal(200, {}, body, NOW, provider="openrouter").windows == ()
+    failed = parse_signal(429, {}, body, NOW, provider="openrouter")
+    assert [w.remaining for w in failed.windows] == [0.0]
+
+
+def test_raw_header_pairs_read_as_the_mapping_does() -> None:
+    pairs = [(k.encode(), v.encode()) for k, v in EVERY_DIALECT.items()]
+    pairs += [(b"Content-Type", b"application/json"), (b"X-RateLimit-Limit-Requests", b"100")]
+    mapping = {**EVERY_DIALECT, "x-ratelimit-limit-requests": "100"}
+    assert parse_signal(429, pairs, b"", NOW) == parse_signal(429, mapping, b"", NOW)

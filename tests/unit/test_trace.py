@@ -252,3 +252,37 @@ def test_backups_are_read_oldest_first_past_nine(path: Path) -> None:
 
 def test_trace_path_is_in_the_state_folder(tmp_path: Path) -> None:
     assert trace.trace_path(tmp_path) == tmp_path / "trace.jsonl"
+
+
+def test_as_dict_is_the_records_fields_in_order() -> None:
+    from dataclasses import asdict
+
+    r = record(path="/v1/chat?key=x")
+    assert r.as_dict() == asdict(r)
+    assert list(r.as_dict()) == list(asdict(r))
+    assert json.loads(r.to_json()) == r.as_dict()
+
+
+def test_records_wait_for_the_next_flush_not_one_wake_up_each(path: Path) -> None:
+    w = TraceWriter(path, flush_seconds=60.0)
+    for i in range(5):
+        w.write(record(i))
+    # The thread sleeps until its next flush: a write does not wake it.
+    assert not path.exists()
+    w.close()
+    assert [r["id"] for r in read_trace(path)] == [f"flow-{i:04d}" for i in range(5)]
+
+
+def test_a_full_batch_is_written_without_waiting_for_the_flush(path: Path) -> None:
+    w = TraceWriter(path, flush_seconds=60.0)
+    for i in range(trace._BATCH):
+        w.write(record(i))
+    wait_until(lambda: len(list(read_trace(path))) == trace._BATCH, 10, "the batch written")
+    w.close()
+
+
+def test_a_record_is_written_within_the_flush_interval(path: Path) -> None:
+    w = TraceWriter(path, flush_seconds=0.05)
+    w.write(record(1))
+    wait_until(lambda: [r["id"] for r in read_trace(path)] == ["flow-0001"], 10, "written")
+    w.close()

@@ -7,6 +7,7 @@ pool keys to anyone it cannot vouch for.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import ipaddress
 import socket
@@ -33,11 +34,13 @@ class Exposure:
     message: str | None = None
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_address(host: str) -> IP | None:
     """The IP address a host string names, spelled in any way the system's resolver reads as
     one: IPv6 with or without brackets and zone, dotted quads and their short and numeric forms
     (`127.1`, `2130706433`, `0x7f000001`, `0177.0.0.1`). IPv4-mapped IPv6 comes back as IPv4.
-    None for a name."""
+    None for a name. Remembered (the same few hosts come with every request; the answer
+    is an immutable address)."""
     text = host.strip()
     if text.startswith("[") and text.endswith("]"):
         text = text[1:-1]
@@ -173,6 +176,39 @@ def client_verdict(
 def is_this_machine(ip: IP, own: Callable[[IP], bool]) -> bool:
     """Loopback, unspecified (`0.0.0.0` and `::` reach this machine) or one of its addresses."""
     return ip.is_loopback or ip.is_unspecified or own(ip)
+
+
+class OwnAddresses:
+    """Whether an address is this machine's, asked of `probe` (a system call) and remembered
+    for a while: a yes for `yes_ttl` seconds (an address that went away is refused a little
+    longer, which fails closed), a no for `no_ttl` only (an address added since, say a new
+    interface, is recognised within it). Loopback needs no probe: `is_this_machine` knows
+    every 127/8 and ::1 address as this machine's without asking."""
+
+    def __init__(
+        self,
+        probe: Callable[[IP], bool],
+        clock: Callable[[], float],
+        *,
+        yes_ttl: float = 60.0,
+        no_ttl: float = 1.0,
+        limit: int = 1024,
+    ) -> None:
+        self._probe, self._clock = probe, clock
+        self._ttl = {True: yes_ttl, False: no_ttl}
+        self._known: dict[IP, tuple[bool, float]] = {}
+        self._limit = limit
+
+    def __call__(self, ip: IP) -> bool:
+        now = self._clock()
+        known = self._known.get(ip)
+        if known is not None and now < known[1]:
+            return known[0]
+        own = self._probe(ip)
+        if len(self._known) >= self._limit:
+            self._known.clear()
+        self._known[ip] = (own, now + self._ttl[own])
+        return own
 
 
 def destination_verdict(

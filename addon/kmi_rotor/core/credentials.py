@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -30,10 +31,21 @@ def placements(
     Each slot the client filled gets the pool key, so that no client credential survives.
     """
     headers = {n.lower() for n in header_names}
-    found: list[Placement] = [
-        Placement("header", name, bearer=(name == "authorization"))
-        for name in CREDENTIAL_HEADERS
-        if name in headers
-    ]
-    found += [Placement("query", name) for name in CREDENTIAL_QUERY if name in set(query_names)]
-    return found or [Placement("header", preset.header, bearer=preset.bearer)]
+    queries = set(query_names)
+    return list(
+        _placements(
+            tuple(name for name in CREDENTIAL_HEADERS if name in headers),
+            tuple(name for name in CREDENTIAL_QUERY if name in queries),
+            preset,
+        )
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _placements(
+    headers: tuple[str, ...], queries: tuple[str, ...], preset: Preset
+) -> tuple[Placement, ...]:
+    """Made once per combination of slots and preset (a handful), not per request."""
+    found = tuple(Placement("header", name, bearer=(name == "authorization")) for name in headers)
+    found += tuple(Placement("query", name) for name in queries)
+    return found or (Placement("header", preset.header, bearer=preset.bearer),)

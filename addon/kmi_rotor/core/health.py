@@ -234,8 +234,18 @@ def _merge_windows(
         key = w.dimension if w.period is None else f"{w.dimension}:{w.period}"
         # A response may omit the limit (Azure sends only what remains); limits rarely change.
         limit = w.limit if w.limit is not None else (out[key].limit if key in out else None)
-        out[key] = WindowState(limit=limit, remaining=w.remaining, reset_at=w.reset_at, seen_at=now)
+        # Built without validation (on every answer): the values are finite numbers already,
+        # as `_finite` makes sure; validation is for what is read back from the state file.
+        out[key] = WindowState.model_construct(
+            limit=_finite(limit), remaining=_finite(w.remaining), reset_at=_finite(w.reset_at),
+            seen_at=now,
+        )  # fmt: skip
     return out
+
+
+def _finite(x: float | None) -> float | None:
+    """A number as the state file would hold it: a float, None for NaN or infinity."""
+    return float(x) if x is not None and math.isfinite(x) else None
 
 
 # -- reading the health ---------------------------------------------------------------------------

@@ -6,6 +6,7 @@ no scheme means TLS only (plain HTTP is then allowed to a loopback host alone).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -79,3 +80,31 @@ def _port(text: str, pattern: str) -> int:
     if not text.isdigit() or not 0 < int(text) < 65536:
         raise ValueError(f"bad port in host pattern {pattern!r}")
     return int(text)
+
+
+class HostLookup[T]:
+    """`find(host, port)` remembered: the answer for a host:port is worked out once per
+    configuration (a lookup object lives as long as the configuration it was made from).
+
+    Bounded: past `limit` different host:port pairs (names a client made up), the rest are
+    worked out each time rather than remembered.
+    """
+
+    def __init__(
+        self, find: Callable[[str, int], T], *, source: object = None, limit: int = 4096
+    ) -> None:
+        self._find = find
+        self.source = source
+        """What the answers were worked out from (the configuration), to tell when to renew."""
+        self._known: dict[tuple[str, int], T] = {}
+        self._limit = limit
+
+    def __call__(self, host: str, port: int) -> T:
+        key = (host, port)
+        try:
+            return self._known[key]
+        except KeyError:
+            found = self._find(host, port)
+            if len(self._known) < self._limit:
+                self._known[key] = found
+            return found

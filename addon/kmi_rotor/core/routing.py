@@ -15,6 +15,7 @@ name the proxy (its own address, `localhost`, or a name the config allows) in it
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -24,8 +25,10 @@ from .hosts import HostPattern
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
+@functools.lru_cache(maxsize=4096)
 def canonical_host(host: str) -> str:
-    """Lower case, no trailing dot, no brackets; an address in its one canonical spelling."""
+    """Lower case, no trailing dot, no brackets; an address in its one canonical spelling.
+    Remembered, as `parse_authority`: the same few names come with every request."""
     bare = host.strip().lower()
     if bare.startswith("[") and bare.endswith("]"):
         bare = bare[1:-1]
@@ -41,6 +44,7 @@ def authority(scheme: str, host: str, port: int) -> str:
     return shown if DEFAULT_PORTS.get(scheme) == port else f"{shown}:{port}"
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_authority(value: str, scheme: str) -> tuple[str, int] | None:
     """host and port of a `Host` value (the scheme's default port filled in); None if bad."""
     text = value.strip()

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, time, timedelta, timezone, tzinfo
 from email.utils import parsedate_to_datetime
+from typing import Final
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .classify import BodyFacts, FailureKind, classify, read_body
@@ -61,22 +62,50 @@ def parse_signal(
     provider: str | None = None,
     horizon: float = DEFAULT_HORIZON,
 ) -> Signal:
-    """Everything a response says about its key; never raises on anything the upstream sent."""
-    facts = read_body(body)
+    """Everything a response says about its key; never raises on anything the upstream sent.
+
+    Rate-limit headers are read in the dialects `provider` speaks (`dialects`), every dialect
+    for an unknown or generic one. An answer below 400 is a success whatever its body says:
+    only an error's body is read (for its kind, Gemini's quota details and the rate-limit
+    headers OpenRouter copies into it)."""
+    facts = read_body(body) if status >= 400 else _NO_FACTS
     h = _header_map(headers)
     for name, value in _header_map(facts.headers).items():
         if name.startswith(("x-ratelimit", "ratelimit", "retry-after")):
             h.setdefault(name, value)
     kind, reason = classify(status, facts)
-    windows = (
-        _openai_windows(h, now, horizon, (provider or "").lower())
-        + _anthropic_windows(h, now, horizon)
-        + _simple_windows(h, now, horizon)
-        + _ietf_windows(h, now, horizon)
-        + _gemini_windows(facts, now, horizon)
-    )
+    name = (provider or "").lower()
+    windows: tuple[Window, ...] = ()
+    for dialect in dialects(name):
+        if dialect == "openai":
+            windows += _openai_windows(h, now, horizon, name)
+        else:
+            windows += _READERS[dialect](h, now, horizon)
+    if facts.violations:
+        windows += _gemini_windows(facts, now, horizon)
     retry_at = None if kind is FailureKind.OK else _retry_at(kind, h, facts, windows, now, horizon)
     return Signal(status, kind, retry_at, windows, reason[:120])
+
+
+_NO_FACTS = BodyFacts()
+DIALECTS: Final = ("openai", "anthropic", "simple", "ietf")
+"""The header dialects, in the order their windows are listed."""
+_SPOKEN: Final[dict[str, tuple[str, ...]]] = {
+    "openai": ("openai",),
+    "groq": ("openai",),
+    "deepseek": ("openai",),
+    "anthropic": ("anthropic",),
+    "kimi-code": ("simple",),
+    "moonshot": ("simple",),
+    "openrouter": ("simple",),
+    "gemini": (),  # its limits are in the error body, read whatever the provider
+}
+
+
+def dialects(provider: str) -> tuple[str, ...]:
+    """The rate-limit header dialects a provider's answers are read in: those it documents;
+    all of them for `generic` and any provider not listed."""
+    return _SPOKEN.get(provider, DIALECTS)
 
 
 # -- times ----------------------------------------------------------------------------------------
@@ -162,15 +191,24 @@ def _next_pacific_midnight(now: float) -> float:
 # -- headers --------------------------------------------------------------------------------------
 
 _JOINED = frozenset({"ratelimit", "ratelimit-policy"})
+_READ: Final = ("x-ratelimit", "ratelimit", "retry-after", "anthropic-ratelimit", "x-ms-retry")
+"""The only header names any rule here reads: the others are not kept."""
+_READ_BYTES: Final = tuple(p.encode() for p in _READ)
 
 
 def _header_map(headers: object) -> dict[str, str]:
-    """Lower-cased names; repeated structured-field lists joined, other repeats keep the first."""
+    """Lower-cased names of the rate-limit and retry headers; repeated structured-field lists
+    joined, other repeats keep the first."""
     items = headers.items() if isinstance(headers, Mapping) else headers
     out: dict[str, str] = {}
     try:
         for name, value in items:  # type: ignore[attr-defined]
-            n, v = _text(name).strip().lower(), _text(value)[:_VALUE_LIMIT]
+            if isinstance(name, bytes) and not name.lower().lstrip().startswith(_READ_BYTES):
+                continue  # most headers: passed over before anything is decoded
+            n = _text(name).strip().lower()
+            if not n.startswith(_READ):
+                continue
+            v = _text(value)[:_VALUE_LIMIT]
             if n in _JOINED and n in out:
                 out[n] = f"{out[n]}, {v}"
             else:
@@ -216,6 +254,8 @@ def _window(
     horizon: float,
     label: str | None = None,
 ) -> Window | None:
+    if names[0] not in h and names[1] not in h and names[2] not in h:
+        return None
     limit = _field(h, names[0], _count, label)
     remaining = _field(h, names[1], _count, label)
     reset = _field(h, names[2], lambda v: _parse_reset(v, now, horizon), label)
@@ -238,9 +278,11 @@ def _openai_windows(
     # Groq reuses the names, but its request budget is per day and its token budget per minute.
     periods = {"requests": "day", "tokens": "minute"} if provider == "groq" else {}
     return _windows(
-        _window(h, dim, periods.get(dim), _names("x-ratelimit-", f"-{dim}"), now, horizon)
-        for dim in ("requests", "tokens")
+        _window(h, dim, periods.get(dim), names, now, horizon) for dim, names in _OPENAI_NAMES
     )
+
+
+_OPENAI_NAMES: Final = tuple((d, _names("x-ratelimit-", f"-{d}")) for d in ("requests", "tokens"))
 
 
 def _anthropic_windows(h: Mapping[str, str], now: float, horizon: float) -> tuple[Window, ...]:
@@ -423,3 +465,10 @@ def _delay_at(facts: BodyFacts, now: float, horizon: float) -> float | None:
 def _parse_ms(value: str, now: float, *, horizon: float) -> float | None:
     ms = _number(value.strip())
     return None if ms is None else _clamp(now + ms / 1000, now, horizon)
+
+
+_READERS: Final[dict[str, Callable[[Mapping[str, str], float, float], tuple[Window, ...]]]] = {
+    "anthropic": _anthropic_windows,
+    "simple": _simple_windows,
+    "ietf": _ietf_windows,
+}

@@ -1,0 +1,151 @@
+"""kmi-rotor's own CPU per request, in process: its hooks driven through mitmproxy's test
+helpers, without a proxy, sockets or other processes, so that a shared machine's noise hardly
+touches it. What `bench_overhead.py` measures end to end, this isolates to the addon.
+
+A configured addon (one pool, `--keys` keys, the openai preset) sees `--requests` flows of a
+small chat request through `requestheaders`, `request`, `responseheaders` and `response`,
+answered 200 with OpenAI's rate-limit headers (or, with `--stream`, an SSE stream of
+`--events` events fed through the stream tap). Reported: CPU µs per request in the hooks
+(best of `--rounds`), and per event for streams; the flows' construction is not counted.
+
+    .venv/bin/python scripts/bench_hooks.py [--keys 2] [--stream] [--events 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+for _p in (ROOT / "addon", ROOT / "scripts"):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+from bench_load import RATE_HEADERS, chat_body, stream_answer  # noqa: E402
+from mitmproxy import http  # noqa: E402
+from mitmproxy.test import taddons, tflow, tutils  # noqa: E402
+from rotor_toml import pool, rotor_config  # noqa: E402
+
+from kmi_rotor.addon import Rotor  # noqa: E402
+
+HOST = "llm.test"
+
+
+def _answer_headers(stream: bool) -> http.Headers:
+    lines = RATE_HEADERS.decode().strip().split("\r\n")
+    fields = [tuple(x.encode() for x in line.split(": ", 1)) for line in lines]
+    ctype = b"text/event-stream" if stream else b"application/json"
+    return http.Headers([(b"content-type", ctype), *fields])  # type: ignore[arg-type]
+
+
+def make_flow(body: bytes) -> http.HTTPFlow:
+    headers = http.Headers(
+        [
+            (b"authorization", b"Bearer sk-client-placeholder"),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ]
+    )
+    req = tutils.treq(
+        host=HOST, port=443, scheme=b"https", method=b"POST", path=b"/v1/chat/completions",
+        headers=headers, content=body,
+    )  # fmt: skip
+    f = tflow.tflow(req=req)
+    f.server_conn.sni = None  # not connected yet, as when the hooks see it in mitmproxy
+    f.server_conn.timestamp_tls_setup = None
+    f.response = None
+    return f
+
+
+async def one(rotor: Rotor, f: http.HTTPFlow, answer: bytes, events: list[bytes]) -> None:
+    body, f.request.data.content = f.request.data.content, None
+    await rotor.requestheaders(f)
+    f.request.data.content = body
+    await rotor.request(f)
+    f.response = tutils.tresp(status_code=200, headers=_HEADERS[bool(events)], content=b"")
+    rotor.responseheaders(f)
+    stream = f.response.stream
+    if callable(stream):
+        for chunk in events:
+            stream(chunk)
+        stream(b"")
+    else:
+        f.response.content = answer
+    await rotor.response(f)
+
+
+_HEADERS: dict[bool, http.Headers] = {}
+
+
+def measure(rotor: Rotor, args: argparse.Namespace) -> float:
+    """CPU µs per request in the hooks (thread time: the trace writer's thread not counted,
+    as it is not on the request's path)."""
+    body = chat_body(args.stream)
+    raw = stream_answer(args.events).split(b"\r\n\r\n", 1)[1] if args.stream else b""
+    events = _dechunk(raw) if args.stream else []
+    answer = b'{"choices":[],"usage":{"prompt_tokens":9,"completion_tokens":2}}'
+    flows = [make_flow(body) for _ in range(args.requests)]
+    clock: Callable[[], float] = time.thread_time
+
+    async def run() -> float:
+        start = clock()
+        for f in flows:
+            await one(rotor, f, answer, events)
+        return clock() - start
+
+    spent = asyncio.run(run())
+    bad = [f for f in flows if f.response is None or f.response.status_code != 200]
+    if bad:
+        raise SystemExit(f"{len(bad)} requests were not served: {bad[0].metadata}")
+    return spent / args.requests * 1e6
+
+
+def _dechunk(raw: bytes) -> list[bytes]:
+    out = []
+    while raw:
+        size, _, rest = raw.partition(b"\r\n")
+        n = int(size, 16)
+        if n == 0:
+            break
+        out.append(rest[:n])
+        raw = rest[n + 2 :]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--keys", type=int, default=2)
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--stream", action="store_true")
+    parser.add_argument("--events", type=int, default=50)
+    args = parser.parse_args(argv)
+    _HEADERS.update({s: _answer_headers(s) for s in (False, True)})
+    logging.getLogger("kmi_rotor").setLevel(logging.WARNING)
+    with tempfile.TemporaryDirectory(prefix="bench-hooks-") as d:
+        keys = {f"k{i}": f"sk-bench-hooks-{i:05d}-{'x' * 24}" for i in range(args.keys)}
+        config = rotor_config(
+            Path(d) / "rotor.toml", Path(d) / "state", [pool("p", [HOST], keys, provider="openai")]
+        )
+        rotor = Rotor()
+        with taddons.context(rotor) as tctx:
+            tctx.configure(rotor, rotor_config=str(config))
+            try:
+                best = min(measure(rotor, args) for _ in range(args.rounds))
+            finally:
+                rotor.done()
+    kind = f"streamed, {args.events + 2} events" if args.stream else "plain"
+    print(f"kmi-rotor hooks, {args.keys} keys, {kind}: {best:.1f} µs CPU per request")
+    if args.stream:
+        print(f"  {best / (args.events + 2):.2f} µs per event, the request's own work included")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,444 @@
+"""What kmi-rotor costs per request: mitmdump with it against bare mitmdump, side by side.
+
+One fast local upstream (`bench_load.py upstream`: TLS with a trustme certificate, a canned
+chat completion with OpenAI's rate-limit headers, or an SSE stream) and, for each case, a bare
+mitmdump and a mitmdump with kmi-rotor started with the same options. Runs alternate between
+the two (the order flips each round) so that a shared machine's noise falls on both; one
+asyncio load generator keeps `--concurrency` keep-alive requests in flight against one of them
+at a time. Per run: throughput, p50/p99 latency, and mitmdump's own CPU time per request
+(/proc/PID/stat, all its threads), which the load generator's cost does not blur.
+
+Cases:
+- reverse: `--mode reverse:https://upstream`, plain HTTP from the client; 2 keys.
+- regular: `--mode regular`, the client tunnels (CONNECT) and speaks TLS trusting the proxy's
+  CA from a temporary confdir; 2 keys.
+- keys1000: reverse mode, 1,000 keys in the pool.
+- stream: reverse mode, streamed answers of `--events` SSE events; bare mitmdump streams
+  every answer through a one-line script (`flow.response.stream = True` in
+  `responseheaders`: mitmproxy's stream flag; `stream_large_bodies` would also stream the
+  requests and re-parse its size on every chunk), kmi-rotor streams SSE itself. The added cost
+  per event is the added CPU per streamed request less the added CPU per plain request, over
+  the events.
+- cluster: reverse mode, kmi-rotor with `[cluster]` on a throwaway redis-server.
+- decision: in process, CPU µs per admission + selection (+ settle) with 1,000 keys
+  (`bench_admission.measure_cost`).
+
+`--profile DIR` also records kmi-rotor's mitmdump in the reverse and stream cases with py-spy
+(200 Hz, raw collapsed stacks, `DIR/rotor-CASE.txt`) and prints the heaviest frames of
+kmi-rotor's own code; `bench_overhead.py summarise FILE` prints them again.
+
+    .venv/bin/python scripts/bench_overhead.py [--quick] [--cases reverse,stream] [--profile DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+for _p in (ROOT / "addon", ROOT / "scripts"):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+import trustme  # noqa: E402
+from bench_load import READY, Load, Target, drive  # noqa: E402
+from proctools import LISTEN_RE, MITMDUMP, clean_env  # noqa: E402
+from redis_server import RedisServer  # noqa: E402
+from rotor_toml import pool, rotor_config  # noqa: E402
+
+CASES = ("reverse", "regular", "keys1000", "stream", "cluster", "decision")
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Child:
+    proc: subprocess.Popen[bytes]
+    port: int
+
+    def cpu_seconds(self) -> float:
+        """utime + stime of the process, all its threads."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICK
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def launch(argv: Sequence[str], log: Path, ready: re.Pattern[str], timeout: float = 30) -> Child:
+    """A child writing to `log` (no pipe to pump), once a line of its output matches `ready`
+    (whose last group is the port)."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT, env=clean_env())
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        m = ready.search(log.read_text(errors="replace"))
+        if m:
+            return Child(proc, int(m.groups()[-1]))
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    raise RuntimeError(f"{argv[0]} did not get ready:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+# -- set-up ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    tmp: Path
+    ca_pem: Path
+    upstream: Child
+    redis: RedisServer | None = None
+    children: list[Child] = field(default_factory=list)
+
+    @property
+    def upstream_authority(self) -> str:
+        return f"127.0.0.1:{self.upstream.port}"
+
+
+def start_upstream(tmp: Path, events: int) -> Setup:
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    certs = tmp / "upstream-certs"
+    certs.mkdir()
+    cert.private_key_and_cert_chain_pem.write_to_path(str(certs / "server.pem"))
+    ca_pem = tmp / "upstream-ca.pem"
+    ca.cert_pem.write_to_path(str(ca_pem))
+    argv = [sys.executable, str(ROOT / "scripts" / "bench_load.py"), "upstream"]
+    argv += ["--cert-dir", str(certs), "--events", str(events)]
+    up = launch(argv, tmp / "upstream.log", re.compile(READY + r" (\d+)"))
+    return Setup(tmp, ca_pem, up)
+
+
+def write_config(setup: Setup, name: str, keys: int, cluster: bool) -> Path:
+    labels = {f"k{i}": f"sk-bench-{name}-{i:05d}-{'x' * 24}" for i in range(keys)}
+    pools = [pool("bench", [setup.upstream_authority], labels, provider="openai")]
+    tables = {}
+    if cluster:
+        assert setup.redis is not None
+        tables["cluster"] = {"redis_url": setup.redis.url, "prefix": f"bench-{name}"}
+    return rotor_config(setup.tmp / f"{name}.toml", setup.tmp / f"state-{name}", pools, **tables)
+
+
+def stream_script(tmp: Path) -> Path:
+    """The bare proxy's way to stream every answer: mitmproxy's own flag, set per flow."""
+    path = tmp / "stream_all.py"
+    path.write_text("def responseheaders(flow):\n    flow.response.stream = True\n")
+    return path
+
+
+def start_proxy(
+    setup: Setup,
+    name: str,
+    mode: str,
+    config: Path | None,
+    extra: Sequence[str],
+    tree: Path = ROOT,
+) -> Child:
+    """mitmdump on a free loopback port; with `config`, kmi-rotor too (from `tree`, a checkout
+    of this repository). Options otherwise equal."""
+    confdir = setup.tmp / "confdir"  # one CA for every proxy, trusted by the regular clients
+    argv = [MITMDUMP, "--listen-host", "127.0.0.1", "-p", "0", "--mode", mode]
+    argv += [
+        "--set",
+        f"confdir={confdir}",
+        "--set",
+        f"ssl_verify_upstream_trusted_ca={setup.ca_pem}",
+    ]
+    argv += ["--set", "flow_detail=0", *extra]
+    if config is not None:
+        argv += ["-s", str(tree / "addon" / "rotor.py"), "--set", f"rotor_config={config}"]
+    child = launch(argv, setup.tmp / f"{name}.log", LISTEN_RE)
+    setup.children.append(child)
+    return child
+
+
+# -- runs -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    cpu_us: float
+    errors: int
+    p50_1_ms: float = float("nan")
+    """p50 with one connection: the time a request spends in the proxy, without queueing."""
+
+
+def measure(child: Child, target: Target, args: argparse.Namespace, stream: bool) -> Run:
+    async def go() -> tuple[Load, float]:
+        async def window() -> float:
+            await asyncio.sleep(args.warmup)
+            before = child.cpu_seconds()
+            await asyncio.sleep(args.seconds)
+            return child.cpu_seconds() - before
+
+        kw = dict(seconds=args.seconds, warmup=args.warmup, concurrency=args.concurrency)
+        load, cpu = await asyncio.gather(drive(target, stream=stream, **kw), window())
+        return load, cpu
+
+    load, cpu = asyncio.run(go())
+    lat = sorted(load.latencies) or [float("nan")]
+    n = len(load.latencies)
+    one = asyncio.run(
+        drive(target, seconds=args.seconds / 2, warmup=0.5, concurrency=1, stream=stream)
+    )
+    lat1 = sorted(one.latencies) or [float("nan")]
+    return Run(
+        rps=n / load.seconds,
+        p50_ms=lat[len(lat) // 2] * 1000,
+        p99_ms=lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000,
+        cpu_us=cpu / n * 1e6 if n else float("nan"),
+        errors=load.errors + one.errors,
+        p50_1_ms=lat1[len(lat1) // 2] * 1000,
+    )
+
+
+@dataclass
+class CaseResult:
+    name: str
+    bare: list[Run]
+    rotor: list[Run]
+    before: list[Run] = field(default_factory=list)
+    """kmi-rotor from `--before TREE` (another checkout), when given."""
+
+    def ratios(self, runs: list[Run] | None = None) -> list[float]:
+        runs = self.rotor if runs is None else runs
+        return [r.rps / b.rps for b, r in zip(self.bare, runs, strict=True) if b.rps]
+
+
+def run_case(setup: Setup, case: str, args: argparse.Namespace) -> CaseResult:
+    mode = "regular" if case == "regular" else f"reverse:https://{setup.upstream_authority}"
+    keys = 1000 if case == "keys1000" else 2
+    config = write_config(setup, case, keys, cluster=case == "cluster")
+    bare_extra = ["-s", str(stream_script(setup.tmp))] if case == "stream" else []
+    proxies = {
+        "bare": start_proxy(setup, f"{case}-bare", mode, None, bare_extra),
+        "rotor": start_proxy(setup, f"{case}-rotor", mode, config, []),
+    }
+    if args.before is not None:
+        proxies["before"] = start_proxy(setup, f"{case}-before", mode, config, [], args.before)
+    rotor = proxies["rotor"]
+    result = CaseResult(case, [], [])
+    try:
+        for i in range(args.runs):
+            order = list(proxies.items())
+            for name, child in order[i % len(order) :] + order[: i % len(order)]:
+                target = _target(setup, child, case)
+                run = measure(child, target, args, stream=case == "stream")
+                getattr(result, name).append(run)
+                print(f"  {case:9} run {i + 1} {name:5} {_fmt_run(run)}", flush=True)
+        if args.profile is not None and case in ("reverse", "stream"):
+            profile(rotor, _target(setup, rotor, case), args, case)
+    finally:
+        for child in proxies.values():
+            child.stop()
+    return result
+
+
+def _target(setup: Setup, child: Child, case: str) -> Target:
+    if case == "regular":
+        ca = setup.tmp / "confdir" / "mitmproxy-ca-cert.pem"
+        return Target(("127.0.0.1", child.port), ("127.0.0.1", setup.upstream.port), ca)
+    return Target(("127.0.0.1", child.port))
+
+
+# -- the profile ----------------------------------------------------------------------------------
+
+
+def profile(child: Child, target: Target, args: argparse.Namespace, case: str) -> None:
+    """py-spy on `child` while it carries the load; prints the heaviest kmi-rotor frames."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    out = args.profile / f"rotor-{case}.txt"
+    args.profile.mkdir(parents=True, exist_ok=True)
+    seconds = max(args.seconds, 8)
+    argv = [spy, "record", "-r", "200", "-d", str(seconds), "--pid", str(child.proc.pid)]
+    argv += ["-f", "raw", "-o", str(out), "--nonblocking"]
+    spy_proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    quick = argparse.Namespace(**{**vars(args), "seconds": seconds, "warmup": 0.5})
+    measure(child, target, quick, stream=case == "stream")
+    spy_proc.wait(60)
+    print(f"{case}: " + summarise(out.read_text() if out.exists() else ""))
+
+
+PASS_THROUGH = ("_wrap.<locals>.open_connection",)
+"""kmi-rotor frames that only wrap mitmproxy's own work (the whole life of an upstream
+connection runs under `opening.py`'s wrapper): not counted as kmi-rotor's."""
+
+
+IDLE = ("Condition.wait (", "Event.wait (", "SimpleQueue.get (", "Queue.get (")
+
+
+def summarise(raw: str, top: int = 25) -> str:
+    """From py-spy's raw (collapsed) stacks: the share of samples in kmi-rotor's frames, and
+    its functions by inclusive share (the sample is anywhere under them) and by self share."""
+    total, ours, inclusive, own = 0, 0, Counter[str](), Counter[str]()
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        n = int(count)
+        frames = stack.split(";")
+        if frames[-1].startswith(IDLE):
+            continue  # a thread asleep (py-spy counts a timed wait as running)
+        total += n
+        mine = [f for f in frames if "kmi_rotor" in f and not f.startswith(PASS_THROUGH)]
+        if mine:
+            ours += n
+            for f in set(mine):
+                inclusive[_short(f)] += n
+        own[_short(frames[-1])] += n
+    if not total:
+        return "no samples (py-spy failed?)"
+    lines = [f"profile: {total} samples, {ours / total:.1%} under kmi-rotor frames"]
+    lines += ["inclusive (kmi-rotor functions):"]
+    lines += [f"  {n / total:6.1%}  {f}" for f, n in inclusive.most_common(top)]
+    lines += ["self (any function):"]
+    lines += [f"  {n / total:6.1%}  {f}" for f, n in own.most_common(top)]
+    return "\n".join(lines)
+
+
+def _short(frame: str) -> str:
+    """`func (path/to/module.py:12)` -> `func (module.py)`: lines merged."""
+    m = re.match(r"(.*) \((?:.*/)?([^/:]+)(?::\d+)?\)$", frame)
+    return f"{m.group(1)} ({m.group(2)})" if m else frame
+
+
+# -- report ---------------------------------------------------------------------------------------
+
+
+def _fmt_run(r: Run) -> str:
+    return (
+        f"{r.rps:7.1f} req/s  p50 {r.p50_ms:6.2f} ms  p99 {r.p99_ms:6.2f} ms  "
+        f"cpu {r.cpu_us:6.0f} µs/req  p50@1 {r.p50_1_ms:5.2f} ms  errors {r.errors}"
+    )
+
+
+def report(results: list[CaseResult], events: int) -> str:
+    """One row per case and kmi-rotor (`after`: this tree; `before`: `--before`'s), each
+    against the bare mitmdump of the same rounds."""
+    med = statistics.median
+    lines = [
+        "| case | kmi-rotor | req/s bare / with | ratio (median; runs) | best ratio | "
+        "p50 / p99 ms bare; with | p50 at 1 conn. ms bare / with (added) | "
+        "CPU µs/req bare / with (added) | least CPU µs/req (added) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    added: dict[tuple[str, str], float] = {}
+    for c in results:
+        bare = c.bare
+        for label, runs in (("before", c.before), ("after", c.rotor)):
+            if not runs:
+                continue
+            ratios = c.ratios(runs)
+            b_cpu, r_cpu = med(r.cpu_us for r in bare), med(r.cpu_us for r in runs)
+            b_one, r_one = med(r.p50_1_ms for r in bare), med(r.p50_1_ms for r in runs)
+            added[(c.name, label)] = r_cpu - b_cpu
+            # A shared machine only ever slows a run down: the best run of each is the one
+            # least disturbed, and so the fairest pair when the others are noisy.
+            best = max(r.rps for r in runs) / max(r.rps for r in bare)
+            b_least, r_least = min(r.cpu_us for r in bare), min(r.cpu_us for r in runs)
+            lines.append(
+                f"| {c.name} | {label} | {med(r.rps for r in bare):.0f} / "
+                f"{med(r.rps for r in runs):.0f} | "
+                f"{med(ratios):.2f}; {', '.join(f'{x:.2f}' for x in ratios)} | {best:.2f} | "
+                f"{med(r.p50_ms for r in bare):.1f} / {med(r.p99_ms for r in bare):.1f}; "
+                f"{med(r.p50_ms for r in runs):.1f} / {med(r.p99_ms for r in runs):.1f} | "
+                f"{b_one:.2f} / {r_one:.2f} ({r_one - b_one:+.2f}) | "
+                f"{b_cpu:.0f} / {r_cpu:.0f} ({r_cpu - b_cpu:+.0f}) | "
+                f"{b_least:.0f} / {r_least:.0f} ({r_least - b_least:+.0f}) |"
+            )
+    for label in ("before", "after"):
+        if ("stream", label) in added and ("reverse", label) in added:
+            per_event = (added[("stream", label)] - added[("reverse", label)]) / (events + 2)
+            lines.append(
+                f"\nadded CPU per streamed event ({label}): {per_event:+.1f} µs "
+                f"(stream less reverse, over {events + 2} events)"
+            )
+    errors = sum(r.errors for c in results for r in (*c.bare, *c.rotor, *c.before))
+    if errors:
+        lines.append(f"\nWARNING: {errors} requests failed or were refused")
+    return "\n".join(lines)
+
+
+def decision_cost(quick: bool) -> str:
+    from bench_admission import measure_cost
+
+    row = measure_cost(1000, False, 2_000 if quick else 20_000, 3 if quick else 7)
+    return f"decision (admission + selection + settle), 1,000 keys: {row.engine_us:.1f} µs"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="1 s warm-up, 3 s runs, 3 runs")
+    parser.add_argument("--cases", default=",".join(CASES), help=f"of {','.join(CASES)}")
+    parser.add_argument("--runs", type=int, default=None, help="rounds per case (default 4)")
+    parser.add_argument("--seconds", type=float, default=None, help="per run (default 6)")
+    parser.add_argument("--warmup", type=float, default=None, help="before each run (default 2)")
+    parser.add_argument("--concurrency", type=int, default=20)
+    parser.add_argument("--events", type=int, default=50, help="content events per stream")
+    parser.add_argument("--profile", type=Path, default=None, help="py-spy output folder")
+    parser.add_argument(
+        "--before",
+        type=Path,
+        default=None,
+        help="another checkout of this repository (say, `git archive` of an older commit): its "
+        "kmi-rotor runs as a third proxy in the same rounds, for a before/after in one run",
+    )
+    args = parser.parse_args(argv)
+    args.runs = args.runs or (3 if args.quick else 4)
+    args.seconds = args.seconds or (3.0 if args.quick else 6.0)
+    args.warmup = args.warmup or (1.0 if args.quick else 2.0)
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = set(cases) - set(CASES)
+    if unknown:
+        parser.error(f"unknown cases: {', '.join(sorted(unknown))}")
+    with tempfile.TemporaryDirectory(prefix="bench-overhead-") as d:
+        setup = start_upstream(Path(d), args.events)
+        results = []
+        try:
+            if "cluster" in cases:
+                setup.redis = RedisServer(Path(d) / "redis")
+                setup.redis.start()
+            for case in (c for c in cases if c != "decision"):
+                results.append(run_case(setup, case, args))
+        finally:
+            setup.upstream.stop()
+            for child in setup.children:
+                child.stop()
+            if setup.redis is not None:
+                setup.redis.stop()
+    print(f"\n{args.concurrency} connections, {args.runs} alternating runs of {args.seconds:g} s")
+    if results:
+        print(report(results, args.events))
+    if "decision" in cases:
+        print(decision_cost(args.quick))
+    return 0
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["summarise"]:
+    print(summarise(Path(sys.argv[2]).read_text()))
+elif __name__ == "__main__":
+    sys.exit(main())
