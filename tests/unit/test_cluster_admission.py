@@ -4,35 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
-from redis_server import RedisServer, free_port
-from testkit import need_redis
+from redis_server import free_port
 
 from kmi_rotor.cluster import limits
 from kmi_rotor.cluster.limits import Cursor, SharedDown, SharedLimits
 from kmi_rotor.cluster.settings import connect
 from kmi_rotor.core.limiter import Admitted, Limits, Rejected
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    need_redis()
-    srv = RedisServer(Path(tmp_path_factory.mktemp("redis")))
-    srv.start()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture
-async def client(server: RedisServer) -> AsyncIterator[aioredis.Redis]:
-    c = connect(server.url)
-    await c.flushdb()
-    yield c
-    await c.aclose()
 
 
 def shared(client: aioredis.Redis, name: str = "p1", lease: float = 15.0) -> SharedLimits:

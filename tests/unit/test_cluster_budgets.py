@@ -7,11 +7,9 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import redis.asyncio as aioredis
 from redis_server import RedisServer
 from testkit import need_redis
@@ -26,23 +24,6 @@ from kmi_rotor.core.limiter import Admitted, Limiter, Limits, Rejected
 from kmi_rotor.core.refusal import Refusal
 from kmi_rotor.core.signals import FailureKind, Signal, Window
 from kmi_rotor.engine import Chosen, Engine, Wait
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    need_redis()
-    srv = RedisServer(Path(tmp_path_factory.mktemp("redis")))
-    srv.start()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture
-async def client(server: RedisServer) -> AsyncIterator[aioredis.Redis]:
-    c = connect(server.url)
-    await c.flushdb()
-    yield c
-    await c.aclose()
 
 
 def procs(client: aioredis.Redis, n: int) -> list[SharedLimits]:

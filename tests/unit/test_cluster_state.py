@@ -6,13 +6,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-from redis_server import RedisServer, free_port
-from testkit import need_redis
+from redis_server import free_port
 
 from kmi_rotor.cluster.node import RedisState
 from kmi_rotor.cluster.state import Ask, LocalState
@@ -22,15 +19,6 @@ from kmi_rotor.core.signals import FailureKind, Signal
 from kmi_rotor.engine import Chosen, Engine, Wait
 
 SOURCE = Path("/tmp/x/rotor.toml")
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    need_redis()
-    srv = RedisServer(Path(tmp_path_factory.mktemp("redis")))
-    srv.start()
-    yield srv
-    srv.stop()
 
 
 def settings(url: str, *, policy: str = "local", rps: int | None = None) -> Settings:

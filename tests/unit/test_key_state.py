@@ -9,6 +9,7 @@ import pytest
 
 from kmi_rotor.core.health import KeyHealth, Policy, WindowState
 from kmi_rotor.core.key_state import in_service, key_state, paced, quota
+from kmi_rotor.core.limiter import Limits
 
 NOW = 1000.0
 
@@ -20,14 +21,7 @@ class K:
     problem: str | None = None
 
 
-@dataclass(frozen=True)
-class L:
-    requests_per_second: int | None = None
-    requests_per_minute: int | None = None
-    requests_per_hour: int | None = None
-    requests_per_day: int | None = None
-    tokens_per_minute: int | None = None
-    tokens_per_day: int | None = None
+L = Limits
 
 
 SPENT = {"requests": WindowState(limit=10, remaining=0, reset_at=NOW + 30, seen_at=NOW)}
