@@ -23,9 +23,10 @@ Cases:
 - decision: in process, CPU µs per admission + selection (+ settle) with 1,000 keys
   (`bench_admission.measure_cost`).
 
-`--profile DIR` also records kmi-rotor's mitmdump in the reverse and stream cases with py-spy
-(200 Hz, raw collapsed stacks, `DIR/rotor-CASE.txt`) and prints the heaviest frames of
-kmi-rotor's own code; `bench_overhead.py summarise FILE` prints them again.
+`--profile DIR` also records both mitmdumps, bare and with kmi-rotor, in the reverse and stream
+cases with py-spy (200 Hz, raw collapsed stacks by thread, `DIR/{bare,rotor}-CASE.txt`) and
+prints the heaviest frames (kmi-rotor's own, and any function's by self time);
+`bench_overhead.py summarise FILE` prints them again.
 
     .venv/bin/python scripts/bench_overhead.py [--quick] [--cases reverse,stream] [--profile DIR]
 """
@@ -240,7 +241,6 @@ def run_case(setup: Setup, case: str, args: argparse.Namespace) -> CaseResult:
     }
     if args.before is not None:
         proxies["before"] = start_proxy(setup, f"{case}-before", mode, config, [], args.before)
-    rotor = proxies["rotor"]
     result = CaseResult(case, [], [])
     try:
         for i in range(args.runs):
@@ -251,7 +251,9 @@ def run_case(setup: Setup, case: str, args: argparse.Namespace) -> CaseResult:
                 getattr(result, name).append(run)
                 print(f"  {case:9} run {i + 1} {name:5} {_fmt_run(run)}", flush=True)
         if args.profile is not None and case in ("reverse", "stream"):
-            profile(rotor, _target(setup, rotor, case), args, case)
+            for name in ("bare", "rotor"):
+                child = proxies[name]
+                profile(child, _target(setup, child, case), args, f"{name}-{case}")
     finally:
         for child in proxies.values():
             child.stop()
@@ -269,16 +271,17 @@ def _target(setup: Setup, child: Child, case: str) -> Target:
 
 
 def profile(child: Child, target: Target, args: argparse.Namespace, case: str) -> None:
-    """py-spy on `child` while it carries the load; prints the heaviest kmi-rotor frames."""
+    """py-spy on `child` while it carries the load (`case` names the file, `bare-reverse`,
+    `rotor-stream`...); prints the heaviest frames."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    out = args.profile / f"rotor-{case}.txt"
+    out = args.profile / f"{case}.txt"
     args.profile.mkdir(parents=True, exist_ok=True)
     seconds = max(args.seconds, 8)
     argv = [spy, "record", "-r", "200", "-d", str(seconds), "--pid", str(child.proc.pid)]
-    argv += ["-f", "raw", "-o", str(out), "--nonblocking"]
+    argv += ["-f", "raw", "-o", str(out), "--nonblocking", "--threads"]
     spy_proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     quick = argparse.Namespace(**{**vars(args), "seconds": seconds, "warmup": 0.5})
-    measure(child, target, quick, stream=case == "stream")
+    measure(child, target, quick, stream=case.endswith("stream"))
     spy_proc.wait(60)
     print(f"{case}: " + summarise(out.read_text() if out.exists() else ""))
 
