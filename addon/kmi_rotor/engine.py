@@ -424,11 +424,16 @@ class Engine:
 
     def key_status(self, key: Key, now: float, scope: str = "") -> dict[str, Any]:
         """The key's state for a request of `scope` (the whole key by default)."""
-        h = self.health_of(key.fingerprint)
-        spent = self.budgets.blocked_until(key.fingerprint, now, scope)
-        state = key_state(key, h, now, self.policy, spent, scope)
+        state = self.standing(key, now, scope)
         state["reason"] = scrubber(self.settings)(state["reason"], 120) or None
         return {"label": key.label, **state}
+
+    def standing(self, key: Key, now: float, scope: str = "") -> dict[str, Any]:
+        """`status` and `until` of the key for a request of `scope`, and its `reason` as
+        recorded: not scrubbed, for what does not show it (`key_status` is for what does)."""
+        h = self.health_of(key.fingerprint)
+        spent = self.budgets.blocked_until(key.fingerprint, now, scope)
+        return key_state(key, h, now, self.policy, spent, scope)
 
     # -- what the shell reads and hands in ------------------------------------------------------
 
