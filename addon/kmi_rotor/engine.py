@@ -7,6 +7,7 @@ where it says so; tests drive it with a fake clock.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections import OrderedDict
@@ -489,7 +490,14 @@ class Engine:
 
 def _paced(key: Key) -> frozenset[str]:
     """Dimensions the key's local limits pace exactly (see `core.key_state.paced`)."""
-    return paced(key.limits)
+    return _paced_by(key.limits)
+
+
+@functools.lru_cache(maxsize=1024)
+def _paced_by(limits: LimitsConfig) -> frozenset[str]:
+    # Asked on every answer and for every key a selection looks at: the limits are frozen
+    # (hashed by their values), and a configuration has few different ones.
+    return paced(limits)
 
 
 def _unique(first: Iterable[str], rest: Iterable[str]) -> Iterator[str]:
