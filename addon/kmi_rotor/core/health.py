@@ -174,8 +174,8 @@ def _seen(
     if not scope:
         return {"windows": _merge_windows(h.windows, windows, now)}
     old = h.scopes.get(scope) or ScopedHealth()
-    update: dict[str, object] = {"windows": _merge_windows(old.windows, windows, now)}
-    update["seen_at"] = now
+    merged = _merge_windows(old.windows, windows, now)
+    update: dict[str, object] = {"windows": merged, "seen_at": now}
     if succeeded and old.rate_limit_streak:
         update["rate_limit_streak"] = 0
     return {"scopes": _live_scopes({**h.scopes, scope: old.model_copy(update=update)}, now)}
