@@ -21,12 +21,13 @@ from mitmproxy import ctx, http
 from . import admission, config, failover, listening, opening, relay, request_body
 from .admission import Admission
 from .adoption import StateAdoption
-from .answers import KEY_HEADER, answer_locally, label_answer
+from .answers import KEY_HEADER, answer_locally, is_labelled, label_answer
 from .bookkeeping import Bookkeeping
 from .cluster import wiring as cluster
 from .cluster.state import LocalState
 from .config import ConfigError, Pool, Settings, one_line
 from .core import tokens as tk
+from .core.header_fields import field_value
 from .core.refusal import Refusal
 from .core.stream_tap import SSETap
 from .engine import Engine
@@ -306,9 +307,9 @@ class Rotor:
 
     def _stream_if_wanted(self, response: http.Response, flow_id: str, served: Served) -> None:
         """Successful answers of a streaming type stream; errors stay buffered to be read."""
-        ctype = response.headers.get("content-type", "")
         if not 200 <= response.status_code < 300:
             return
+        ctype = field_value(response.headers.fields, b"content-type") or ""
         if ctype.startswith("text/event-stream"):
             served.tap = SSETap()
         elif not any(ctype.startswith(t) for t in served.run.settings.streaming.content_types):
@@ -339,11 +340,7 @@ class Rotor:
                 await failover.run(
                     run.engine, run.settings, flow, served, sig.kind.value, sig.reason, self.clock
                 )
-            if (
-                self._key_header
-                and flow.response is not None
-                and KEY_HEADER not in flow.response.headers
-            ):
+            if self._key_header and flow.response is not None and not is_labelled(flow.response):
                 label_answer(flow.response, served.key.label, served.attempt)  # a new answer
         except Exception:
             log.exception("kmi-rotor: internal error while reading a response")

@@ -7,6 +7,7 @@ import json
 
 from mitmproxy import http
 
+from .core.header_fields import has_field, with_fields
 from .core.refusal import Refusal, render
 from .masking import mask_credentials, mask_request
 from .names import META
@@ -15,6 +16,8 @@ KEY_HEADER = "kmi-rotor-key"
 """The label of the key that served an answer (never the key itself)."""
 ATTEMPT_HEADER = "kmi-rotor-attempt"
 """Which attempt served an answer, when a failover re-sent the request."""
+_KEY_HEADER = KEY_HEADER.encode()
+_ATTEMPT_HEADER = ATTEMPT_HEADER.encode()
 
 
 def answer_locally(flow: http.HTTPFlow, r: Refusal, now: float) -> None:
@@ -34,8 +37,13 @@ def answer_locally(flow: http.HTTPFlow, r: Refusal, now: float) -> None:
 def label_answer(response: http.Response, label: str, attempt: int) -> None:
     """Name the serving key's label on the answer, and the attempt after a failover; a header
     of the same name from upstream is replaced, never passed on."""
-    response.headers[KEY_HEADER] = label
-    if attempt > 1:
-        response.headers[ATTEMPT_HEADER] = str(attempt)
-    else:
-        response.headers.pop(ATTEMPT_HEADER, None)
+    attempt_value = str(attempt).encode() if attempt > 1 else None
+    response.headers.fields = with_fields(  # one pass over the raw pairs
+        response.headers.fields,
+        {_KEY_HEADER: label.encode("utf-8", "surrogateescape"), _ATTEMPT_HEADER: attempt_value},
+    )
+
+
+def is_labelled(response: http.Response) -> bool:
+    """Whether the answer names a serving key (`label_answer` ran on it)."""
+    return has_field(response.headers.fields, _KEY_HEADER)

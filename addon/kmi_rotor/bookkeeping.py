@@ -70,7 +70,7 @@ class Bookkeeping:
         if served.attempt > 1:
             parts.append(f"attempt {served.attempt}")
         now = self.clock()
-        st = served.run.engine.key_status(served.key, now)
+        st = served.run.engine.standing(served.key, now)  # its reason is not shown here
         if st["status"] != "ready":
             until = st["until"]
             left = f" {max(0, round(until - now))}s" if until else ""

@@ -7,6 +7,7 @@ where it says so; tests drive it with a fake clock.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections import OrderedDict
@@ -424,11 +425,16 @@ class Engine:
 
     def key_status(self, key: Key, now: float, scope: str = "") -> dict[str, Any]:
         """The key's state for a request of `scope` (the whole key by default)."""
-        h = self.health_of(key.fingerprint)
-        spent = self.budgets.blocked_until(key.fingerprint, now, scope)
-        state = key_state(key, h, now, self.policy, spent, scope)
+        state = self.standing(key, now, scope)
         state["reason"] = scrubber(self.settings)(state["reason"], 120) or None
         return {"label": key.label, **state}
+
+    def standing(self, key: Key, now: float, scope: str = "") -> dict[str, Any]:
+        """`status` and `until` of the key for a request of `scope`, and its `reason` as
+        recorded: not scrubbed, for what does not show it (`key_status` is for what does)."""
+        h = self.health_of(key.fingerprint)
+        spent = self.budgets.blocked_until(key.fingerprint, now, scope)
+        return key_state(key, h, now, self.policy, spent, scope)
 
     # -- what the shell reads and hands in ------------------------------------------------------
 
@@ -484,7 +490,14 @@ class Engine:
 
 def _paced(key: Key) -> frozenset[str]:
     """Dimensions the key's local limits pace exactly (see `core.key_state.paced`)."""
-    return paced(key.limits)
+    return _paced_by(key.limits)
+
+
+@functools.lru_cache(maxsize=1024)
+def _paced_by(limits: LimitsConfig) -> frozenset[str]:
+    # Asked on every answer and for every key a selection looks at: the limits are frozen
+    # (hashed by their values), and a configuration has few different ones.
+    return paced(limits)
 
 
 def _unique(first: Iterable[str], rest: Iterable[str]) -> Iterator[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from mitmproxy import http
 
 from .core.credentials import CREDENTIAL_HEADERS, CREDENTIAL_QUERY, Placement
+from .core.header_fields import field_value, with_fields
 from .core.secrets import mask_credential_value
 from .names import META
 
@@ -22,9 +23,19 @@ def mask_request(flow: http.HTTPFlow) -> None:
     """Replace the injected key by its masked form wherever it was put (once)."""
     meta = flow.metadata.get(META) or {}
     for kind, name in meta.pop("placements", ()):
-        value = flow.request.headers.get(name) if kind == "header" else flow.request.query.get(name)
-        if value is not None:
+        if kind == "header":
+            _mask_header(flow.request.headers, name.encode("utf-8", "surrogateescape").lower())
+        elif (value := flow.request.query.get(name)) is not None:
             put(flow.request, Placement(kind, name), mask_credential_value(value))
+
+
+def _mask_header(headers: http.Headers, name: bytes) -> None:
+    """`headers[name] = mask(headers[name])` when present, on the raw pairs (two passes, not
+    the four of `Headers`' own look-ups)."""
+    value = field_value(headers.fields, name)
+    if value is not None:
+        masked = mask_credential_value(value).encode("utf-8", "surrogateescape")
+        headers.fields = with_fields(headers.fields, {name: masked})
 
 
 def mask_credentials(flow: http.HTTPFlow) -> None:

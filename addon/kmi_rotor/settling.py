@@ -40,7 +40,9 @@ class Settling:
         else:
             served.tokens = tk.reported_usage(body)
         scrub = scrubber(run.settings)
-        sig = dataclasses.replace(sig, reason=scrub(sig.reason, 120), detail=scrub(sig.detail))
+        reason, detail = scrub(sig.reason, 120), scrub(sig.detail)
+        if reason != sig.reason or detail != sig.detail:  # most answers have nothing to hide
+            sig = dataclasses.replace(sig, reason=reason, detail=detail)
         h = run.engine.observe(served.key, sig, now, served.reservation, served.scope)
         run.engine.settle(served.key, served.reservation, oc.total(served.tokens))
         run.state.observed(run.engine, served.key, now, served.scope)

@@ -754,6 +754,15 @@ def test_key_status_reports_label_and_reason() -> None:
     assert st == {"label": "a", "status": "blocked", "until": T0 + 30, "reason": "quota"}
 
 
+def test_standing_is_the_key_status_without_label_its_reason_as_recorded() -> None:
+    b = Bench(settings(1))
+    b.signal("a", FailureKind.QUOTA, T0, retry_at=T0 + 30)
+    b.signal("a", FailureKind.OK, T0 + 1, windows=(Window("requests", "minute", 5, 0, T0 + 40),))
+    for now in (T0 + 2, T0 + 35, T0 + 41):
+        st = b.engine.key_status(b.keys["a"], now)
+        assert b.engine.standing(b.keys["a"], now) == {k: v for k, v in st.items() if k != "label"}
+
+
 # -- provider budgets ---------------------------------------------------------------------------
 
 

@@ -217,6 +217,29 @@ def test_scoped_budgets_are_pruned_and_listed() -> None:
     assert b.scopes("k", NOW) == {}
 
 
+def test_pruning_follows_each_scopes_last_report() -> None:
+    """Pruning on every answer goes by each scope's last report, whichever order they came
+    in: one reported again stays, one never reported with a counted window goes at once."""
+    b = Budgets()
+    w = (Window("requests", None, 10, 5, NOW + 60),)
+    b.observe("k", w, [], NOW, "model:a")
+    b.observe("k", w, [], NOW + 100, "model:b")
+    b.prune("k", NOW + 200, SCOPE_TTL)  # nothing old enough
+    b.observe("k", w, [], NOW + 300, "model:a")  # a reported again: b is now the oldest
+    b.observe("k", (Window("tokens", None, 10, 5, NOW + 60),), [], NOW + 400, "model:c")
+    b.prune("k", NOW + 400, SCOPE_TTL)
+    assert set(b.scopes("k", NOW + 400)) == {"model:a", "model:b"}  # c holds no budget
+    b.prune("k", NOW + 100 + SCOPE_TTL + 1, SCOPE_TTL)
+    assert set(b.scopes("k", NOW + 400)) == {"model:a"}
+    b.observe("k", w, [], NOW + 500, "model:d")
+    b.prune("k", NOW + 300 + SCOPE_TTL + 1, SCOPE_TTL)
+    assert set(b.scopes("k", NOW + 500)) == {"model:d"}
+    b.forget("k")
+    b.observe("k", w, [], NOW, "model:e")
+    b.prune("k", NOW + SCOPE_TTL + 1, SCOPE_TTL)
+    assert b.scopes("k", NOW) == {}
+
+
 # -- the engine: selection by scope --------------------------------------------------------------
 
 

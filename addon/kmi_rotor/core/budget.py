@@ -112,6 +112,9 @@ class Budgets:
         self.guard = guard
         self.cap = cap
         self._by_key: dict[str, dict[str, dict[str, Budget]]] = {}
+        self._reported_since: dict[str, float] = {}
+        """By key: no scoped budget of the key was last reported before this (so that `prune`
+        can tell at once, on every answer, that none is old enough to go)."""
 
     def observe(
         self,
@@ -125,6 +128,7 @@ class Budgets:
         the admission times of the key's requests of that scope still in flight that were
         admitted after the answered one."""
         scopes = self._by_key.setdefault(fp, {})
+        new_scope = scope not in scopes
         budgets = scopes.setdefault(scope, {})
         for w in windows:
             if w.dimension not in COUNTED or w.remaining is None or w.reset_at is None:
@@ -139,16 +143,24 @@ class Budgets:
         if len(scopes) > MAX_SCOPES:
             oldest = min((s for s in scopes if s), key=lambda s: _last_report(scopes[s]))
             del scopes[oldest]
+        if scope and new_scope:  # an old scope's last report is now later, if anything
+            since = self._reported_since.get(fp, math.inf)
+            self._reported_since[fp] = min(since, _last_report(budgets))
 
     def forget(self, fp: str) -> None:
         """An operator reset: what the provider said before no longer holds."""
         self._by_key.pop(fp, None)
+        self._reported_since.pop(fp, None)
 
     def prune(self, fp: str, now: float, ttl: float) -> None:
         """The key's scoped budgets with no report for `ttl` seconds dropped."""
+        if self._reported_since.get(fp, -math.inf) >= now - ttl:
+            return  # none is that old
         scopes = self._by_key.get(fp, {})
         for scope in [s for s, b in scopes.items() if s and _last_report(b) < now - ttl]:
             del scopes[scope]
+        reports = (_last_report(b) for s, b in scopes.items() if s)
+        self._reported_since[fp] = min(reports, default=math.inf)
 
     def _binding(self, fp: str, scope: str) -> list[Budget]:
         """The budgets a request of `scope` spends from: the key's, and the scope's own."""

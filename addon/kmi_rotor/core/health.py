@@ -66,13 +66,12 @@ def apply_signal(
     """The key's health after `sig` on a request of `scope`; `outage` means every key of the
     pool failed the same way. The windows and a rate limit go to `scope` ("" the whole key);
     everything else is key-wide."""
-    if scope:
-        h = _touch_scope(h, scope, now, windows=sig.windows)
-    else:
-        h = h.model_copy(update={"windows": _merge_windows(h.windows, sig.windows, now)})
+    ok = sig.kind is FailureKind.OK
+    seen = _seen(h, sig.windows, now, scope, succeeded=ok)
+    if ok:  # every answer that went well: one copy of the record, not one per step
+        return h.model_copy(update={**seen, **_succeeded(h, now, policy), "updated_at": now})
+    h = h.model_copy(update=seen)
     match sig.kind:
-        case FailureKind.OK:
-            h = _succeeded(h, now, policy, scope)
         case FailureKind.RATE_LIMITED:
             h = (
                 _scoped_rate_limit(h, sig, now, policy, scope)
@@ -123,17 +122,15 @@ def operator_reset(h: KeyHealth, now: float) -> KeyHealth:
     )
 
 
-def _succeeded(h: KeyHealth, now: float, policy: Policy, scope: str = "") -> KeyHealth:
+def _succeeded(h: KeyHealth, now: float, policy: Policy) -> dict[str, object]:
+    """What a success changes key-wide (the scope's streak ends in `_seen`)."""
     update: dict[str, object] = {"rate_limit_streak": 0, "overload_streak": 0}
-    if scope and h.scopes[scope].rate_limit_streak:
-        s = h.scopes[scope].model_copy(update={"rate_limit_streak": 0})
-        update["scopes"] = {**h.scopes, scope: s}
     # Only the planned recheck re-enables a key: a request that was already in flight when the
     # key was disabled may still succeed, and must not undo the disable.
     recheck = _recheck_at(h, policy.auth_recheck_seconds)
     if recheck is not None and now >= recheck:
         update |= {"disabled_reason": None, "disabled_at": None}
-    return h.model_copy(update=update)
+    return update
 
 
 def _rate_limited(h: KeyHealth, sig: Signal, now: float, policy: Policy) -> KeyHealth:
@@ -163,26 +160,45 @@ def _scoped_rate_limit(
     return _failed(h, now, policy, scopes=scopes)
 
 
-def _touch_scope(
-    h: KeyHealth, scope: str, now: float, windows: tuple[Window, ...] = ()
-) -> KeyHealth:
-    """`scope` seen now (created when new), its windows merged; old scopes pruned."""
+def _seen(
+    h: KeyHealth,
+    windows: tuple[Window, ...],
+    now: float,
+    scope: str = "",
+    *,
+    succeeded: bool = False,
+) -> dict[str, object]:
+    """The update that records an answer to a request of `scope`: its windows merged into the
+    key's (scope "") or into the scope's, which is seen now (created when new; its rate-limit
+    streak ended when the answer `succeeded`), old scopes pruned."""
+    if not scope:
+        return {"windows": _merge_windows(h.windows, windows, now)}
     old = h.scopes.get(scope) or ScopedHealth()
-    s = old.model_copy(
-        update={"windows": _merge_windows(old.windows, windows, now), "seen_at": now}
-    )
-    return prune_scopes(h.model_copy(update={"scopes": {**h.scopes, scope: s}}), now)
+    merged = _merge_windows(old.windows, windows, now)
+    update: dict[str, object] = {"windows": merged, "seen_at": now}
+    if succeeded and old.rate_limit_streak:
+        update["rate_limit_streak"] = 0
+    return {"scopes": _live_scopes({**h.scopes, scope: old.model_copy(update=update)}, now)}
 
 
 def prune_scopes(h: KeyHealth, now: float, ttl: float = SCOPE_TTL) -> KeyHealth:
     """Scopes not seen for `ttl` dropped, and at most MAX_SCOPES kept (most recently seen)."""
-    live = {k: s for k, s in h.scopes.items() if s.seen_at > now - ttl or _still_cooling(s, now)}
-    if len(live) > MAX_SCOPES:
-        newest = sorted(live, key=lambda k: live[k].seen_at, reverse=True)[:MAX_SCOPES]
-        live = {k: live[k] for k in newest}
+    live = _live_scopes(h.scopes, now, ttl)
     if len(live) == len(h.scopes):
         return h
     return h.model_copy(update={"scopes": live})
+
+
+def _live_scopes(
+    scopes: dict[str, ScopedHealth], now: float, ttl: float = SCOPE_TTL
+) -> dict[str, ScopedHealth]:
+    """`scopes` without those not seen for `ttl`, at most MAX_SCOPES (the most recently seen);
+    `scopes` itself when none goes."""
+    live = {k: s for k, s in scopes.items() if s.seen_at > now - ttl or _still_cooling(s, now)}
+    if len(live) > MAX_SCOPES:
+        newest = sorted(live, key=lambda k: live[k].seen_at, reverse=True)[:MAX_SCOPES]
+        live = {k: live[k] for k in newest}
+    return scopes if len(live) == len(scopes) else live
 
 
 def _still_cooling(s: ScopedHealth, now: float) -> bool:

@@ -70,9 +70,10 @@ def parse_signal(
     headers OpenRouter copies into it)."""
     facts = read_body(body) if status >= 400 else _NO_FACTS
     h = _header_map(headers)
-    for name, value in _header_map(facts.headers).items():
-        if name.startswith(("x-ratelimit", "ratelimit", "retry-after")):
-            h.setdefault(name, value)
+    if facts.headers:  # the rate-limit headers OpenRouter copies into an error's body
+        for name, value in _header_map(facts.headers).items():
+            if name.startswith(("x-ratelimit", "ratelimit", "retry-after")):
+                h.setdefault(name, value)
     kind, reason = classify(status, facts)
     name = (provider or "").lower()
     windows: tuple[Window, ...] = ()
@@ -203,12 +204,19 @@ def _header_map(headers: object) -> dict[str, str]:
     out: dict[str, str] = {}
     try:
         for name, value in items:  # type: ignore[attr-defined]
-            if isinstance(name, bytes) and not name.lower().lstrip().startswith(_READ_BYTES):
-                continue  # most headers: passed over before anything is decoded
-            n = _text(name).strip().lower()
+            if isinstance(name, bytes):  # raw pairs, the usual case: decoded only when read
+                if not name.lower().lstrip().startswith(_READ_BYTES):
+                    continue  # most headers: passed over before anything is decoded
+                n = name.decode("latin-1").strip().lower()
+            else:
+                n = _text(name).strip().lower()
             if not n.startswith(_READ):
                 continue
-            v = _text(value)[:_VALUE_LIMIT]
+            # latin-1 maps each byte to one character: cutting before decoding is the same.
+            if isinstance(value, bytes):
+                v = value[:_VALUE_LIMIT].decode("latin-1")
+            else:
+                v = _text(value)[:_VALUE_LIMIT]
             if n in _JOINED and n in out:
                 out[n] = f"{out[n]}, {v}"
             else:

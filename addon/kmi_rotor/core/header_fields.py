@@ -1,0 +1,47 @@
+"""HTTP header fields read and rewritten as raw `(name, value)` byte pairs, in one pass.
+
+mitmproxy's `Headers` answers every `get`, `in`, `[]=` and `pop` by walking all its fields and
+converting each name: a few such calls per answer cost more than one pass over the pairs. These
+functions give the same results as those calls (names compared case-insensitively, repeated
+values of `get` joined with ", ", an existing field's name kept as the peer spelled it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+Fields = tuple[tuple[bytes, bytes], ...]
+
+
+def field_value(fields: Iterable[tuple[bytes, bytes]], name: bytes) -> str | None:
+    """What `Headers.get(name)` gives: every value of `name` (lower-case) joined with ", ",
+    decoded as mitmproxy does; None when there is none."""
+    values = [v for k, v in fields if k.lower() == name]
+    if not values:
+        return None
+    return ", ".join(v.decode("utf-8", "surrogateescape") for v in values)
+
+
+def has_field(fields: Iterable[tuple[bytes, bytes]], name: bytes) -> bool:
+    """What `name in headers` gives (`name` lower-case)."""
+    return any(k.lower() == name for k, _ in fields)
+
+
+def with_fields(
+    fields: Iterable[tuple[bytes, bytes]], updates: Mapping[bytes, bytes | None]
+) -> Fields:
+    """The fields with each name of `updates` (lower-case) set to its value, as
+    `headers[name] = value` does (the first field of that name keeps its place and spelling,
+    later ones go, a new one is appended), or removed for None, as `headers.pop(name)` does."""
+    pending = dict(updates)
+    out: list[tuple[bytes, bytes]] = []
+    for k, v in fields:
+        low = k.lower()
+        if low not in updates:
+            out.append((k, v))
+        elif low in pending:
+            new = pending.pop(low)
+            if new is not None:
+                out.append((k, new))
+    out.extend((k, v) for k, v in pending.items() if v is not None)
+    return tuple(out)
