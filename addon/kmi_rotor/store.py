@@ -15,6 +15,7 @@ from filelock import FileLock
 from pydantic import ValidationError
 
 from .core.state import SCHEMA_VERSION, Delta, StateDoc, merge
+from .core.state_json import DocRenderer
 
 log = logging.getLogger("kmi_rotor")
 
@@ -47,6 +48,7 @@ class StateStore:
         nobody else writes, a commit finds them again and need not parse and validate them."""
         self._swept = False
         self._tightened = False
+        self._renderer = DocRenderer()
 
     def read(self) -> StateDoc:
         """The document on disk (empty when there is none)."""
@@ -154,7 +156,7 @@ class StateStore:
         log.warning("kmi-rotor: %s %s; kept it as %s and started fresh", self.path, why, aside)
 
     def _write_locked(self, doc: StateDoc) -> None:
-        data = doc.model_dump_json(indent=1).encode("utf-8")
+        data = self._renderer.render(doc)
         # mkstemp creates the file 0600: the state never is world-readable, not even briefly.
         fd, tmp = tempfile.mkstemp(prefix=".state.", suffix=".tmp", dir=self.dir)
         try:
