@@ -101,3 +101,11 @@ def test_a_record_seen_before_under_another_document_is_still_exact() -> None:
     assert renderer.render(other) == _expected(other)
     assert renderer.render(StateDoc()) == _expected(StateDoc())
     assert renderer.render(_doc(fp=rec)) == _expected(_doc(fp=rec))
+
+
+def test_an_outline_not_as_expected_gives_the_plain_rendering(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(state_json, "_KEYS_LINE", '\n "no such field": {},\n')
+    doc = _doc(fp=KeyRecord(label="a", fingerprint="fp", health=HEALTH))
+    assert DocRenderer().render(doc) == _expected(doc)
