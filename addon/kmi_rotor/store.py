@@ -15,6 +15,7 @@ from filelock import FileLock
 from pydantic import ValidationError
 
 from .core.state import SCHEMA_VERSION, Delta, StateDoc, merge
+from .core.state_json import DocRenderer
 
 log = logging.getLogger("kmi_rotor")
 
@@ -42,8 +43,12 @@ class StateStore:
         self._lock_path = Path(str(self.path) + ".lock")
         self._lock = FileLock(str(self._lock_path), timeout=LOCK_TIMEOUT)
         self._seen: tuple[int, int, int] | None = None
+        self._known: tuple[bytes, StateDoc] | None = None
+        """The file's bytes as this store last read or wrote them, and their document: while
+        nobody else writes, a commit finds them again and need not parse and validate them."""
         self._swept = False
         self._tightened = False
+        self._renderer = DocRenderer()
 
     def read(self) -> StateDoc:
         """The document on disk (empty when there is none)."""
@@ -115,6 +120,10 @@ class StateStore:
             st, raw = _read_regular(self.path)
         except FileNotFoundError:
             return StateDoc()
+        known = self._known
+        if known is not None and raw == known[0]:
+            self._seen = _identity(st)
+            return known[1]
         try:
             data = json.loads(raw)
             version = _version(data.get("schema_version")) if isinstance(data, dict) else None
@@ -133,7 +142,7 @@ class StateStore:
                 ) from None
             self._move_aside("corrupt", "is not valid kmi-rotor state")
             return StateDoc()
-        self._seen = _identity(st)
+        self._seen, self._known = _identity(st), (raw, doc)
         return doc
 
     def _move_aside(self, tag: str, why: str) -> None:
@@ -147,7 +156,7 @@ class StateStore:
         log.warning("kmi-rotor: %s %s; kept it as %s and started fresh", self.path, why, aside)
 
     def _write_locked(self, doc: StateDoc) -> None:
-        data = doc.model_dump_json(indent=1).encode("utf-8")
+        data = self._renderer.render(doc)
         # mkstemp creates the file 0600: the state never is world-readable, not even briefly.
         fd, tmp = tempfile.mkstemp(prefix=".state.", suffix=".tmp", dir=self.dir)
         try:
@@ -160,7 +169,7 @@ class StateStore:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        self._seen = _identity(os.stat(self.path))
+        self._seen, self._known = _identity(os.stat(self.path)), (data, doc)
 
 
 def _read_regular(path: Path) -> tuple[os.stat_result, bytes]:

@@ -481,3 +481,12 @@ def test_merging_an_absorbed_delta_equals_merging_both_in_turn() -> None:
     folded = _first()
     folded.absorb(_second())
     assert merge(doc, folded, now=40.0) == in_turn
+
+
+def test_a_merged_document_is_what_validating_it_would_give() -> None:
+    """`merge` builds its document without validation: the parts it is made of are valid."""
+    doc = _doc(fp1={"label": "a", "requests": 4}, fp2={"label": "b", "health": _health(8.0, "d")})
+    merged = merge(merge(doc, _first(), now=30.0), _second(), now=40.0)
+    assert type(merged) is StateDoc
+    assert StateDoc.model_validate(merged.model_dump()) == merged
+    assert StateDoc.model_validate_json(merged.model_dump_json()) == merged

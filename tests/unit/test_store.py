@@ -360,6 +360,66 @@ def test_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
     assert not list(folder.glob(".state.*.tmp"))
 
 
+class Parses:
+    """Counts how often the store parses the file's text."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        real = store_module.json.loads
+
+        def loads(raw: bytes) -> object:
+            self.count += 1
+            return real(raw)
+
+        monkeypatch.setattr(store_module, "json", types.SimpleNamespace(loads=loads))
+
+
+def test_a_commit_after_our_own_write_does_not_parse_the_file_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = StateStore(tmp_path)
+    store.commit(delta(fp=kd("a", "p", requests=1, health=HEALTH)), now=1.0)
+    parses = Parses(monkeypatch)
+    for i in range(3):
+        doc = store.commit(delta(fp=kd("a", "p", requests=1), fp2=kd("b", "p")), now=2.0 + i)
+    assert parses.count == 0
+    assert doc.keys["fp"].requests == 4 and doc.keys["fp"].health == HEALTH
+    assert StateStore(tmp_path).read() == doc
+    assert parses.count == 1  # a store that did not write it reads it
+
+
+def test_a_file_written_by_another_process_is_parsed_and_merged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mine = StateStore(tmp_path)
+    mine.commit(delta(fp=kd("a", "p", requests=1)), now=1.0)
+    StateStore(tmp_path).commit(delta(fp=kd("a", "p", requests=5)), now=2.0)
+    parses = Parses(monkeypatch)
+    doc = mine.commit(delta(fp=kd("a", "p", requests=1)), now=3.0)
+    assert parses.count == 1
+    assert doc.keys["fp"].requests == 7
+
+
+def test_a_rewrite_that_keeps_the_files_identity_is_still_read(tmp_path: Path) -> None:
+    """Same inode, size and modification time (written in place, a coarse clock): what was
+    written is still merged, not replaced by what this store wrote last."""
+    store = StateStore(tmp_path)
+    store.commit(delta(fp=kd("a", "p", requests=1)), now=1.0)
+    before = os.stat(store.path)
+    text = store.path.read_bytes()
+    assert text.count(b'"requests": 1,') == 1
+    with open(store.path, "r+b") as f:
+        f.write(text.replace(b'"requests": 1,', b'"requests": 8,'))
+    os.utime(store.path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(store.path)
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (
+        before.st_ino,
+        before.st_size,
+        before.st_mtime_ns,
+    )
+    assert store.commit(delta(fp=kd("a", "p", requests=1)), now=2.0).keys["fp"].requests == 9
+
+
 # -- StateKeeper -----------------------------------------------------------------------------
 
 

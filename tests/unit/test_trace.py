@@ -103,6 +103,28 @@ def test_no_query_string_is_ever_written(path: Path, given: str) -> None:
     assert [rec["path"] for rec in read_trace(path)] == [r.path]
 
 
+@pytest.mark.parametrize(
+    "changes",
+    [
+        pytest.param({}, id="ascii"),
+        pytest.param({"key": "clé ключ", "pool": "池\u2028"}, id="non-ascii"),
+        pytest.param({"key": "bad\udcff", "path": "/v1/\udc80"}, id="lone-surrogate"),
+        pytest.param({"key": None, "fp": None, "ttfb_ms": 1e-05, "total_ms": 1e16}, id="numbers"),
+    ],
+)
+def test_a_line_holds_what_the_record_does(path: Path, changes: dict[str, object]) -> None:
+    r = record(**changes)
+    line = r.to_line()
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    assert json.loads(line) == json.loads(r.to_json()) == r.as_dict()
+    w = TraceWriter(path)
+    w.write(r)
+    w.close()
+    assert path.read_bytes() == line
+    assert list(read_trace(path)) == [r.as_dict()]
+    assert w.dropped == 0
+
+
 def test_close_flushes_everything_queued_in_order(path: Path) -> None:
     w = TraceWriter(path)
     for i in range(2500):  # more than one batch

@@ -189,7 +189,9 @@ def merge(doc: StateDoc, delta: Delta, now: float) -> StateDoc:
     limiter, limiter_at = doc.limiter, doc.limiter_at
     if delta.limiter is not None and delta.limiter_at >= doc.limiter_at:
         limiter, limiter_at = delta.limiter, delta.limiter_at
-    return StateDoc(
+    # Built without validation: every part is a validated record or this process's own
+    # limiter windows, and validating the windows again costs more than the rest of a write.
+    return StateDoc.model_construct(
         schema_version=SCHEMA_VERSION,
         updated_at=now,
         keys=keys,
