@@ -15,13 +15,13 @@ from kmi_rotor.cluster.node import RedisState
 from kmi_rotor.cluster.state import Ask, LocalState
 from kmi_rotor.config import Settings, from_dict
 from kmi_rotor.core.refusal import Refusal
-from kmi_rotor.core.signals import FailureKind, Signal
+from kmi_rotor.core.signals import FailureKind, Signal, Window
 from kmi_rotor.engine import Chosen, Engine, Wait
 
 SOURCE = Path("/tmp/x/rotor.toml")
 
 
-def settings(url: str, *, policy: str = "local", rps: int | None = None) -> Settings:
+def settings(url: str, *, policy: str = "local", rps: int | None = None, **pool: Any) -> Settings:
     keys: list[dict[str, Any]] = [
         {"label": label, "key": f"sk-{label}-{i:024d}"} for i, label in enumerate("abc")
     ]
@@ -32,7 +32,9 @@ def settings(url: str, *, policy: str = "local", rps: int | None = None) -> Sett
         "state_dir": "/tmp/x/state",
         "limits": {"guard": 0},
         "cluster": {"redis_url": url, "on_redis_down": policy, "prefix": f"t{time.time_ns()}"},
-        "pools": [{"name": "p", "provider": "generic", "hosts": ["llm.test"], "keys": keys}],
+        "pools": [
+            {"name": "p", "provider": "generic", "hosts": ["llm.test"], "keys": keys, **pool}
+        ],
     }
     return from_dict(raw, SOURCE, env={})
 
@@ -125,3 +127,26 @@ async def test_one_process_polls_a_pool(server):
     assert not await one.may_poll("p", 1.0)
     for state in (one, two):
         await state.stop()
+
+
+async def test_the_headroom_order_across_processes_is_the_requests_scope(server):
+    """Token windows (which Redis does not count) order the keys by the request's model."""
+    s = settings(server.url, strategy="headroom", limit_scope="model")
+    state, engine = process(s)
+    pool = engine.settings.pools[0]
+    a, b, c = pool.keys
+    now = time.time()
+    mini, big = "model:mini", "model:big"
+
+    def tokens(left: int) -> Signal:
+        window = Window("tokens", None, 1000, left, now + 60)
+        return Signal(200, FailureKind.OK, None, (window,), "ok")
+
+    for key, scope, left in ((a, mini, 50), (b, mini, 900), (a, big, 900), (b, big, 50)):
+        engine.observe(key, tokens(left), now, scope=scope)
+    for scope in (mini, big):
+        engine.observe(c, tokens(10), now, scope=scope)
+    for scope, expected in ((mini, "b"), (big, "a")):
+        got = await state.decide(engine, Ask(pool, 10, now, now + 5, scope=scope))
+        assert isinstance(got, Chosen) and got.key.label == expected, (scope, got)
+    await state.stop()

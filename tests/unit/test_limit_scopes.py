@@ -145,6 +145,27 @@ def test_headroom_is_the_scopes_and_the_keys_tightest() -> None:
     assert headroom(h, NOW, BIG) == pytest.approx(0.1)
 
 
+@pytest.mark.parametrize(
+    ("scope", "skip", "expected"),
+    [
+        (MINI, (), 0.1),  # the scope's token window binds
+        (MINI, ("requests",), 0.1),
+        (MINI, ("tokens",), 0.5),  # a store that counts tokens: the requests window binds
+        (MINI, ("requests", "tokens"), 1.0),
+        (BIG, ("requests",), 1.0),  # another model's windows never bind
+    ],
+)
+def test_headroom_leaves_out_the_dimensions_a_shared_store_counts(
+    scope: str, skip: tuple[str, ...], expected: float
+) -> None:
+    windows = (
+        Window("requests", None, 100, 50, NOW + 60),
+        Window("tokens", None, 1000, 100, NOW + 60),
+    )
+    h = apply_signal(KeyHealth(), sig(FailureKind.OK, windows=windows), NOW, POLICY, scope=MINI)
+    assert headroom(h, NOW, scope, skip=skip) == pytest.approx(expected)
+
+
 def test_network_errors_and_operators_are_key_wide() -> None:
     h = apply_signal(KeyHealth(), sig(FailureKind.RATE_LIMITED, NOW + 60), NOW, POLICY, scope=MINI)
     n = apply_network_error(h, NOW, POLICY)

@@ -129,7 +129,7 @@ class RedisState:
             return engine.conclude(plan, Rejected((), None), now, deadline=deadline)
         headroom = None
         if pool.strategy == "headroom":
-            headroom = {fp: _unshared_headroom(engine, fp, now) for fp, _ in candidates}
+            headroom = {fp: _unshared_headroom(engine, fp, now, ask.scope) for fp, _ in candidates}
         try:
             async with self._turn:
                 if self.mode != "shared":  # it went down while this request queued
@@ -358,11 +358,7 @@ class RedisState:
         }
 
 
-def _unshared_headroom(engine: Engine, fp: str, now: float) -> float:
-    """The key's headroom in the provider windows Redis does not count (tokens; its request
-    budgets it does), as this process last saw them."""
-    h = engine.health_of(fp)
-    rest = {n: w for n, w in h.windows.items() if n.split(":")[0] not in COUNTED}
-    if len(rest) == len(h.windows):
-        return hl.headroom(h, now)
-    return hl.headroom(h.model_copy(update={"windows": rest}), now)
+def _unshared_headroom(engine: Engine, fp: str, now: float, scope: str) -> float:
+    """The key's headroom for a request of `scope` in the provider windows Redis does not
+    count (tokens; its request budgets it does), as this process last saw them."""
+    return hl.headroom(engine.health_of(fp), now, scope, skip=COUNTED)

@@ -338,19 +338,26 @@ def next_usable_at(
     return max(times + [_frees_at(w, cap) for w in _exhausted(h, now, paced, cap, scope)])
 
 
-def headroom(h: KeyHealth, now: float, scope: str = "") -> float:
+def headroom(h: KeyHealth, now: float, scope: str = "", skip: tuple[str, ...] = ()) -> float:
     """Remaining fraction (0..1) of the tightest window still running (the key's or the
-    scope's); 1.0 when none is known."""
+    scope's); 1.0 when none is known. Windows of a dimension in `skip` (say, the requests a
+    shared store already counts) are left out."""
     fractions = [
-        _fraction(w) for w in _windows(h, scope) if w.reset_at is not None and w.reset_at > now
+        _fraction(w)
+        for name, w in _named_windows(h, scope)
+        if w.reset_at is not None and w.reset_at > now and name.split(":")[0] not in skip
     ]
     return min((f for f in fractions if f is not None), default=1.0)
 
 
 def _windows(h: KeyHealth, scope: str) -> list[WindowState]:
     """The windows that bind a request of `scope`: the key's, and the scope's own."""
+    return [w for _, w in _named_windows(h, scope)]
+
+
+def _named_windows(h: KeyHealth, scope: str) -> list[tuple[str, WindowState]]:
     s = h.scopes.get(scope) if scope else None
-    return [*h.windows.values(), *(s.windows.values() if s is not None else ())]
+    return [*h.windows.items(), *(s.windows.items() if s is not None else ())]
 
 
 def _fraction(w: WindowState) -> float | None:
