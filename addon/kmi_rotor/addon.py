@@ -4,9 +4,14 @@ It holds what a configured proxy runs on (`Running`, once a configuration applie
 parts, each given what it needs: `Admission` (a request's key chosen and put in), `Settling`
 (what an answer or a failure says, recorded), `Bookkeeping` (what is written down about each
 flow), `StateAdoption` (what other processes wrote), the `UsagePoller` and the
-`ConfigWatcher`; `failover` re-sends a failed request on another key. The `Gatekeeper` (who may
+`ConfigWatcher`; `failover` re-sends a failed request on another key; the `Gatekeeper` (who may
 use the proxy, and where a key may go), `Waiting` (for an upstream connection, for capacity),
-the `OperatorCommands` and the status page are mitmproxy addons of their own, under this one.
+the `OperatorCommands` and the status page.
+
+`Rotor` is the only mitmproxy addon: mitmproxy walks every addon node for every event, so the
+parts are plain objects and `Rotor` defines each hook a part needs and calls the part, in the
+order mitmproxy would (its own work first, then the part's). The operators' commands are
+registered from `OperatorCommands` when `Rotor` loads.
 """
 
 from __future__ import annotations
@@ -92,7 +97,6 @@ class Rotor:
             now,
         )
         self.poller = UsagePoller(now, lambda: ctx.options.ssl_verify_upstream_trusted_ca)
-        self.addons = [self.page, self.gatekeeper, self.waiting, self.commands]
         relay.install()
         opening.install()
 
@@ -104,6 +108,9 @@ class Rotor:
     # -- lifecycle --------------------------------------------------------------------------
 
     def load(self, loader: Any) -> None:
+        """Add kmi-rotor's options, and the commands of `OperatorCommands` (`rotor.status`, ...):
+        not an addon itself, mitmproxy would not collect them."""
+        loader.master.commands.collect_commands(self.commands)
         loader.add_option(
             CONFIG_OPTION,
             str | None,
@@ -127,6 +134,12 @@ class Rotor:
         )
 
     def configure(self, updated: set[str]) -> None:
+        """Apply the options; the gatekeeper then decides whom to serve (the configuration's
+        client tokens count as authentication)."""
+        self._configure(updated)
+        self.gatekeeper.configure(updated)
+
+    def _configure(self, updated: set[str]) -> None:
         if KEY_HEADER_OPTION in updated:
             self._key_header = bool(getattr(ctx.options, KEY_HEADER_OPTION))
         if CONFIG_OPTION not in updated and self.serving is not None:
@@ -263,6 +276,12 @@ class Rotor:
             self._fail_before_sending(flow)
 
     async def request(self, flow: http.HTTPFlow) -> None:
+        """Admit a request whose body was awaited, read its body; then the status page answers
+        its own paths (after the gate in `requestheaders` let the request through)."""
+        await self._request(flow)
+        await self.page.request(flow)
+
+    async def _request(self, flow: http.HTTPFlow) -> None:
         pool = self._deferred.pop(flow.id, None)
         if flow.response is not None:
             return
@@ -286,6 +305,26 @@ class Rotor:
         except Exception:
             log.exception("kmi-rotor: internal error while reading the request body")
             self._fail_before_sending(flow)
+
+    # -- connections: the gatekeeper's and the waiting requests' ------------------------------
+
+    async def http_connect(self, flow: http.HTTPFlow) -> None:
+        await self.gatekeeper.http_connect(flow)
+
+    async def server_connect(self, data: Any) -> None:
+        await self.gatekeeper.server_connect(data)
+
+    def tls_start_server(self, data: Any) -> None:
+        self.gatekeeper.tls_start_server(data)
+
+    def server_connected(self, data: Any) -> None:
+        self.waiting.server_connected(data)
+
+    def tls_established_server(self, data: Any) -> None:
+        self.waiting.tls_established_server(data)
+
+    def server_connect_error(self, data: Any) -> None:
+        self.waiting.server_connect_error(data)
 
     # -- response path ----------------------------------------------------------------------
 

@@ -1,8 +1,8 @@
 """Who may use the proxy, and where a key may go: the shell around `core/access.py` and
 `core/routing.py`.
 
-A mitmproxy addon of its own (a part of kmi-rotor's): it reads mitmproxy's options and flows
-and applies the core's verdicts in its hooks `configure` (whom to serve, from the listening
+A part of kmi-rotor's addon, which calls its hooks: it reads mitmproxy's options and flows
+and applies the core's verdicts in `configure` (whom to serve, from the listening
 addresses and the authentication), `http_connect` (who may open a tunnel, and to where),
 `server_connect` (no connection to the proxy itself, whatever the spelling) and
 `tls_start_server` (the upstream server name of a pool host is the pool's host); and in
@@ -76,8 +76,8 @@ class Gatekeeper:
     # -- start-up -------------------------------------------------------------------------
 
     def configure(self, updated: set[str]) -> None:
-        # After kmi-rotor's own `configure` (a part's hooks run after its parent's): the
-        # configuration's client tokens count as authentication.
+        # Called after kmi-rotor's own `configure`: the configuration's client tokens count
+        # as authentication.
         if updated & EXPOSURE_OPTIONS:
             self.check_exposure()
 

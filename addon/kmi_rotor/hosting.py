@@ -25,7 +25,9 @@ _AFTER = ("", "/", "?")
 
 
 class StatusPage(WSGIApp):
-    """mitmproxy's WSGI host, answering on the status host and under the status path."""
+    """mitmproxy's WSGI host, answering on the status host and under the status path.
+
+    Not an addon of its own: kmi-rotor's `request` hook calls its `request` last."""
 
     def __init__(self, snapshot: Callable[[], dict[str, Any]]) -> None:
         root, prefixed = make_app(snapshot), make_app(snapshot, prefix=WEB_PREFIX)

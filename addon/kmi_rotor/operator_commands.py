@@ -41,7 +41,7 @@ def operate(run: Running, key: Key, action: str, now: float, seen: Seen | None) 
 
 
 class OperatorCommands:
-    """A mitmproxy addon of its own (a part of kmi-rotor's): its commands."""
+    """The operators' commands; kmi-rotor's addon registers them with mitmproxy when it loads."""
 
     def __init__(
         self,

@@ -2,8 +2,8 @@
 for capacity (a slot freed, a key back in service) until its deadline; never blocking, and
 never for a client that has left.
 
-A mitmproxy addon of its own (a part of kmi-rotor's): its connection hooks wake the requests
-that wait for their upstream connection.
+A part of kmi-rotor's addon, which calls its connection hooks: they wake the requests that wait
+for their upstream connection.
 """
 
 from __future__ import annotations
