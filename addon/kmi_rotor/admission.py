@@ -16,7 +16,7 @@ from .cluster.state import Ask
 from .config import Pool
 from .core import tokens as tk
 from .core.body_json import BodyJSON, read_json
-from .core.credentials import placements
+from .core.credentials import placements_of_fields
 from .core.refusal import Refusal
 from .core.scope import model_of_request, scope_of
 from .engine import Chosen, Wait
@@ -120,8 +120,7 @@ class Admission:
         )
         self.served[flow.id] = served
         query = flow.request.query.keys() if "?" in flow.request.path else ()
-        names = [k.decode("latin-1") for k, _ in flow.request.headers.fields]
-        where = placements(names, query, pool.preset)
+        where = placements_of_fields(flow.request.headers.fields, query, pool.preset)
         meta = flow.metadata.setdefault(META, {})
         meta.update(
             {
