@@ -46,8 +46,10 @@ def model_of_request(path: str, body: bytes | None, parsed: BodyJSON | None = No
         model = unquote(m.group(1)) if m else None
     if model is None:
         return None
-    model = "".join(c for c in model.strip() if c.isprintable())[:MAX_MODEL]
-    return model or None
+    model = model.strip()
+    if not model.isprintable():  # a character at a time only when one must go
+        model = "".join(c for c in model if c.isprintable())
+    return model[:MAX_MODEL] or None
 
 
 def _body_model(body: bytes | None, parsed: BodyJSON | None) -> str | None:
