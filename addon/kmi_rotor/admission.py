@@ -32,7 +32,7 @@ def before_body(flow: http.HTTPFlow) -> bool:
     (stream_large_bodies) leaves with its headers, before the `request` hook."""
     if flow.request.stream:
         return True
-    chunked = "content-length" not in flow.request.headers
+    chunked = not request_body.has_header(flow.request.headers.fields, b"content-length")
     return chunked and bool(getattr(ctx.options, "stream_large_bodies", None))
 
 

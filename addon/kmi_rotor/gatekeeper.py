@@ -38,6 +38,7 @@ from .core.secrets import mask_credential_value
 from .hosting import WEB_HOST, StatusPage
 from .masking import drop_credentials
 from .names import ALLOW_REMOTE_OPTION, CONFIG_OPTION, META
+from .request_body import header_values
 
 log = logging.getLogger("kmi_rotor")
 
@@ -271,7 +272,7 @@ class Gatekeeper:
         """The key follows the connection target: Host and authority rewritten to it, or a
         refusal when the request cannot reach the pool's host over an acceptable transport."""
         req = flow.request
-        hosts = req.headers.get_all("host")
+        hosts = header_values(req.headers.fields, b"host")
         authority = req.authority
         r = _route(
             req.scheme,

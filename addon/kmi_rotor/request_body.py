@@ -4,12 +4,24 @@ answer) and the one edit it makes to it (asking a streamed chat completion for i
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
 
 from mitmproxy import http
 
 from .core.body_json import MAX_BODY, BodyJSON
 from .names import META
+
+
+def header_values(fields: Iterable[tuple[bytes, bytes]], name: bytes) -> list[str]:
+    """`Headers.get_all(name)` for a lower-case `name`, read straight from the raw fields in
+    one pass (mitmproxy converts the name and every field's name on each call)."""
+    return [v.decode("utf-8", "surrogateescape") for k, v in fields if k.lower() == name]
+
+
+def has_header(fields: Iterable[tuple[bytes, bytes]], name: bytes) -> bool:
+    """`name in headers` for a lower-case `name`, from the raw fields."""
+    return any(k.lower() == name for k, _ in fields)
 
 
 def content_length(request: http.Request) -> int | None:
@@ -28,9 +40,9 @@ def wants_stream(request: http.Request, body: bytes, parsed: BodyJSON | None = N
         stream = _object(body, parsed).get("stream")
         if isinstance(stream, bool):
             return stream
-    return "streamGenerateContent" in request.path or "text/event-stream" in request.headers.get(
-        "accept", ""
-    )
+    if "streamGenerateContent" in request.path:
+        return True
+    return any("text/event-stream" in v for v in header_values(request.headers.fields, b"accept"))
 
 
 def json_object(body: bytes) -> dict[str, Any]:

@@ -1,17 +1,18 @@
 """One parse of a request body, read by the token estimate, the model and the stream flag: each
-gives what it gives when it parses the body itself."""
+gives what it gives when it parses the body itself; headers read from the raw fields in one pass."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+from mitmproxy import http
 from mitmproxy.test import tutils
 
 from kmi_rotor.core.body_json import MAX_BODY, NOTHING, BodyJSON, read_json
 from kmi_rotor.core.scope import model_of_request
 from kmi_rotor.core.tokens import Unreadable, estimate_from_body
-from kmi_rotor.request_body import wants_stream
+from kmi_rotor.request_body import has_header, header_values, wants_stream
 
 DEEP = b"[" * 100_000 + b"]" * 100_000
 BODIES: list[bytes | None] = [
@@ -84,3 +85,20 @@ def test_the_stream_flag_from_a_parse_is_the_flag_from_the_body(raw: bytes, acce
 def test_a_body_too_large_to_parse_once_still_says_it_streams() -> None:
     raw = json.dumps({"stream": True, "pad": "x" * MAX_BODY}).encode()
     assert wants_stream(tutils.treq(content=raw), raw, read_json(raw)) is True
+
+
+FIELDS = [
+    (b"Host", b"llm.test"),
+    (b"content-type", b"application/json"),
+    (b"HOST", b"other.test:8443"),
+    (b"Accept", b"application/json"),
+    (b"accept", b"text/event-stream"),
+    (b"X-Name", b"caf\xc3\xa9 \xff"),
+]
+
+
+@pytest.mark.parametrize("name", ["host", "accept", "x-name", "content-length", "cookie"])
+def test_header_values_read_the_raw_fields_as_mitmproxy_does(name: str) -> None:
+    headers = http.Headers(FIELDS)
+    assert header_values(headers.fields, name.encode()) == headers.get_all(name)
+    assert has_header(headers.fields, name.encode()) is (name in headers)
