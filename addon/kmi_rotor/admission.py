@@ -17,6 +17,7 @@ from .config import Pool
 from .core import tokens as tk
 from .core.body_json import BodyJSON, read_json
 from .core.credentials import placements_of_fields
+from .core.header_fields import has_field
 from .core.refusal import Refusal
 from .core.scope import model_of_request, scope_of
 from .engine import Chosen, Wait
@@ -32,7 +33,7 @@ def before_body(flow: http.HTTPFlow) -> bool:
     (stream_large_bodies) leaves with its headers, before the `request` hook."""
     if flow.request.stream:
         return True
-    chunked = not request_body.has_header(flow.request.headers.fields, b"content-length")
+    chunked = not has_field(flow.request.headers.fields, b"content-length")
     return chunked and bool(getattr(ctx.options, "stream_large_bodies", None))
 
 

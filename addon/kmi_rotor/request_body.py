@@ -10,6 +10,7 @@ from typing import Any
 from mitmproxy import http
 
 from .core.body_json import MAX_BODY, BodyJSON
+from .core.header_fields import field_value
 from .names import META
 
 
@@ -17,11 +18,6 @@ def header_values(fields: Iterable[tuple[bytes, bytes]], name: bytes) -> list[st
     """`Headers.get_all(name)` for a lower-case `name`, read straight from the raw fields in
     one pass (mitmproxy converts the name and every field's name on each call)."""
     return [v.decode("utf-8", "surrogateescape") for k, v in fields if k.lower() == name]
-
-
-def has_header(fields: Iterable[tuple[bytes, bytes]], name: bytes) -> bool:
-    """`name in headers` for a lower-case `name`, from the raw fields."""
-    return any(k.lower() == name for k, _ in fields)
 
 
 def content_length(request: http.Request) -> int | None:
@@ -42,7 +38,7 @@ def wants_stream(request: http.Request, body: bytes, parsed: BodyJSON | None = N
             return stream
     if "streamGenerateContent" in request.path:
         return True
-    return any("text/event-stream" in v for v in header_values(request.headers.fields, b"accept"))
+    return "text/event-stream" in (field_value(request.headers.fields, b"accept") or "")
 
 
 def json_object(body: bytes) -> dict[str, Any]:
