@@ -32,6 +32,7 @@ from .cluster import wiring as cluster
 from .cluster.state import LocalState
 from .config import ConfigError, Pool, Settings, one_line
 from .core import tokens as tk
+from .core.body_json import read_json
 from .core.header_fields import field_value
 from .core.refusal import Refusal
 from .core.stream_tap import SSETap
@@ -286,22 +287,27 @@ class Rotor:
         if flow.response is not None:
             return
         try:
+            raw, parsed = flow.request.raw_content or b"", None
             if pool is not None:
                 run = self.serving
                 if run is None:  # its configuration failed meanwhile: nothing goes upstream
                     raise RuntimeError("no configuration applies any more")
-                await self.admission.admit(run, flow, pool, flow.request.raw_content or b"")
+                parsed = read_json(raw)  # once, for the estimate, the model and the stream flag
+                await self.admission.admit(run, flow, pool, raw, parsed)
             served = self.served.get(flow.id)
             if served is None or flow.response is not None:
                 return
             body = flow.request.raw_content if not flow.request.stream else None
             if body is None:
                 return
-            served.stream_request = request_body.wants_stream(flow.request, body)
+            if parsed is None or body is not raw:  # admitted earlier, or rewritten since
+                parsed = read_json(body)
+            served.stream_request = request_body.wants_stream(flow.request, body, parsed)
             if served.estimated_from_size:  # admitted before the body: correct the estimate
-                served.run.engine.adjust(served.reservation, tk.estimate_from_body(body))
+                estimate = tk.estimate_from_body(body, parsed=parsed)
+                served.run.engine.adjust(served.reservation, estimate)
             if served.stream_request and served.run.settings.streaming.include_usage:
-                request_body.ask_for_usage(flow)
+                request_body.ask_for_usage(flow, parsed)
         except Exception:
             log.exception("kmi-rotor: internal error while reading the request body")
             self._fail_before_sending(flow)

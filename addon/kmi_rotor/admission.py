@@ -15,7 +15,9 @@ from .bookkeeping import Bookkeeping
 from .cluster.state import Ask
 from .config import Pool
 from .core import tokens as tk
-from .core.credentials import placements
+from .core.body_json import BodyJSON, read_json
+from .core.credentials import placements_of_fields
+from .core.header_fields import has_field
 from .core.refusal import Refusal
 from .core.scope import model_of_request, scope_of
 from .engine import Chosen, Wait
@@ -31,7 +33,7 @@ def before_body(flow: http.HTTPFlow) -> bool:
     (stream_large_bodies) leaves with its headers, before the `request` hook."""
     if flow.request.stream:
         return True
-    chunked = "content-length" not in flow.request.headers
+    chunked = not has_field(flow.request.headers.fields, b"content-length")
     return chunked and bool(getattr(ctx.options, "stream_large_bodies", None))
 
 
@@ -50,10 +52,16 @@ class Admission:
         self.clock = clock
 
     async def admit(
-        self, run: Running, flow: http.HTTPFlow, pool: Pool, body: bytes | None
+        self,
+        run: Running,
+        flow: http.HTTPFlow,
+        pool: Pool,
+        body: bytes | None,
+        parsed: BodyJSON | None = None,
     ) -> None:
         """Choose the request's key (waiting for capacity within its deadline) and put it in,
-        or answer locally why not."""
+        or answer locally why not. `body`: None before it arrived; `parsed`: its parse
+        (`read_json(body)`) when the caller has it."""
         retry = flow.metadata.get(META, {}).get("retry") if flow.is_replay else None
         exclude = frozenset(retry["exclude"]) if retry else frozenset()
         arrived = self.clock()
@@ -64,14 +72,16 @@ class Admission:
         if body is None:
             tokens = tk.estimate_from_length(request_body.content_length(flow.request))
         else:
+            if parsed is None:
+                parsed = read_json(body)
             try:
-                tokens = tk.estimate_from_body(body, strict=True)
+                tokens = tk.estimate_from_body(body, strict=True, parsed=parsed)
             except tk.Unreadable as e:  # refused before a key is chosen: nothing is spent
                 answer_locally(flow, Refusal(400, "unreadable_body", str(e)), arrived)
                 return
         affinity = flow.request.headers.get(pool.affinity_header) if pool.affinity_header else None
         # Read once: the budgets and cooldowns this request is admitted against and reports to.
-        model = model_of_request(flow.request.path, body)
+        model = model_of_request(flow.request.path, body, parsed)
         scope = scope_of(pool.limit_scope, pool.preset.name, model)
         await self.waiting.upstream_ready(flow)
         while True:
@@ -111,8 +121,7 @@ class Admission:
         )
         self.served[flow.id] = served
         query = flow.request.query.keys() if "?" in flow.request.path else ()
-        names = [k.decode("latin-1") for k, _ in flow.request.headers.fields]
-        where = placements(names, query, pool.preset)
+        where = placements_of_fields(flow.request.headers.fields, query, pool.preset)
         meta = flow.metadata.setdefault(META, {})
         meta.update(
             {

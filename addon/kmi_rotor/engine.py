@@ -116,6 +116,9 @@ class Engine:
         self.policy = Policy(**h.model_dump())
         self.budgets.cap = self.policy.max_cooldown_seconds
         self.keys = {k.fingerprint: k for k in settings.keys}
+        self._paced = {k.fingerprint: (k, _paced(k)) for k in settings.keys}
+        """Each key's paced dimensions, worked out once per configuration (asked per candidate
+        of every admission); a key object of another configuration is worked out anew."""
         self.limiter.configure(
             limits_of(settings.limits),
             {fp: limits_of(k.limits) for fp, k in self.keys.items()},
@@ -148,8 +151,11 @@ class Engine:
         if key.disabled or self.budgets.blocked_until(key.fingerprint, now, scope) is not None:
             return False
         h = self.health.get(key.fingerprint)
-        cap = self.policy.max_cooldown_seconds
-        if h is None or hl.usable(h, now, _paced(key), cap, scope):
+        if h is None:
+            return True
+        known = self._paced.get(key.fingerprint)
+        paced = known[1] if known is not None and known[0] is key else _paced(key)
+        if hl.usable(h, now, paced, self.policy.max_cooldown_seconds, scope):
             return True
         return self._recheck_due(h, now)
 

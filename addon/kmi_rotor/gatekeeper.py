@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import ipaddress
 import logging
 import socket
@@ -37,6 +38,7 @@ from .core.secrets import mask_credential_value
 from .hosting import WEB_HOST, StatusPage
 from .masking import drop_credentials
 from .names import ALLOW_REMOTE_OPTION, CONFIG_OPTION, META
+from .request_body import header_values
 
 log = logging.getLogger("kmi_rotor")
 
@@ -270,21 +272,22 @@ class Gatekeeper:
         """The key follows the connection target: Host and authority rewritten to it, or a
         refusal when the request cannot reach the pool's host over an acceptable transport."""
         req = flow.request
-        hosts = req.headers.get_all("host")
-        r = routing.route(
+        hosts = header_values(req.headers.fields, b"host")
+        authority = req.authority
+        r = _route(
             req.scheme,
             req.host,
             req.port,
-            host_values=[*hosts, *([req.authority] if req.authority else [])],
-            upstream_sni=flow.server_conn.sni,
-            upstream_tls_done=flow.server_conn.tls_established,
-            plain_http_allowed=pool.plain_http_allowed(req.host, req.port),
+            (*hosts, authority) if authority else tuple(hosts),
+            flow.server_conn.sni,
+            flow.server_conn.tls_established,
+            pool.plain_http_allowed(req.host, req.port),
         )
         if r.refusal is not None:
             return Refusal(*r.refusal)
         if hosts != [r.authority] and (hosts or not (req.is_http2 or req.is_http3)):
             req.headers.set_all("Host", [r.authority])
-        if req.authority:
+        if authority:
             req.authority = r.authority
         if r.mismatches:
             shown = [routing.canonical_host(v)[:100] for v in r.mismatches]
@@ -375,6 +378,29 @@ class Gatekeeper:
         tokens = [(c.label, c.token.get_secret_value()) for c in clients]
         label = access.match_token(presented, tokens)
         return next((c for c in clients if c.label == label), None)
+
+
+@functools.lru_cache(maxsize=1024)
+def _route(
+    scheme: str,
+    host: str,
+    port: int,
+    host_values: tuple[str, ...],
+    upstream_sni: str | None,
+    upstream_tls_done: bool,
+    plain_http_allowed: bool,
+) -> routing.Route:
+    """`routing.route`, remembered: a pure function of these, and the same few come with
+    every request."""
+    return routing.route(
+        scheme,
+        host,
+        port,
+        host_values=host_values,
+        upstream_sni=upstream_sni,
+        upstream_tls_done=upstream_tls_done,
+        plain_http_allowed=plain_http_allowed,
+    )
 
 
 async def _resolve(host: str, port: int) -> list[IP]:

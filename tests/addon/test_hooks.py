@@ -740,3 +740,31 @@ async def test_an_unknown_action_in_the_state_is_ignored_and_the_others_applied(
         "disabled",
         "check: bad credential",
     )
+
+
+async def test_the_request_body_is_parsed_once(
+    make: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The estimate, the model (its scope), the stream flag and the usage request all read one
+    parse of the body."""
+    addon, _, _ = make(pool={"provider": "openai"})
+    body = {"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    f = flow(body)
+    parses = 0
+    loads = json.loads
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal parses
+        parses += 1
+        return loads(*args, **kwargs)
+
+    monkeypatch.setattr(json, "loads", counting)
+    await send(addon, f)
+    monkeypatch.undo()
+    assert f.response is None
+    assert parses == 1
+    assert f.metadata[META]["scope"] == "model:gpt-4o-mini"
+    assert f.metadata[META]["usage_requested"] is True
+    sent = json.loads(f.request.content or b"")
+    assert sent["stream_options"] == {"include_usage": True}
+    assert sent["messages"] == body["messages"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kmi_rotor.core.credentials import Placement, placements
+from kmi_rotor.core.credentials import Placement, placements, placements_of_fields
 from kmi_rotor.core.presets import PRESETS
 
 OPENAI = PRESETS["openai"]
@@ -55,6 +55,16 @@ def test_placements(
 ) -> None:
     found = placements(headers, query, OPENAI)
     assert [(p.kind, p.name, p.bearer) for p in found] == expected
+    fields = [(name.encode(), b"v") for name in headers]
+    assert placements_of_fields(fields, query, OPENAI) == found  # from raw header fields
+
+
+@pytest.mark.parametrize("preset", ["anthropic", "gemini"])
+def test_placements_of_fields_fall_back_to_the_preset(preset: str) -> None:
+    fields = [(b"Content-Type", b"application/json"), (b"X-\xc0pi-Key", b"v")]
+    assert placements_of_fields(fields, ["alt"], PRESETS[preset]) == placements(
+        [k.decode("latin-1") for k, _ in fields], ["alt"], PRESETS[preset]
+    )
 
 
 PRESET_DEFAULTS = {

@@ -822,3 +822,17 @@ def test_a_spent_window_with_a_far_reset_holds_a_key_at_most_the_cooldown_cap() 
     assert b.engine.key_status(b.keys["a"], T0 + 59)["until"] == T0 + 60
     assert b.engine.usable(b.keys["a"], T0 + 60)
     assert b.serve(T0 + 60, 3) == "abb"  # one probe, not a rush
+
+
+def test_pacing_follows_the_configuration_and_the_key_object_asked_about() -> None:
+    paced = settings(2, per_key={"a": {"limits": {"requests_per_minute": 100}}})
+    b = Bench(paced)
+    old_a = b.keys["a"]
+    b.signal("a", FailureKind.OK, T0, windows=(Window("requests", "minute", 10, 0, T0 + 30),))
+    assert b.engine.usable(old_a, T0 + 1)
+    b.engine.reconfigure(settings(2))  # its local limit is gone: the report holds it back
+    new_a = next(k for k in b.engine.keys.values() if k.label == "a")
+    assert not b.engine.usable(new_a, T0 + 1)
+    assert b.engine.usable(old_a, T0 + 1)  # a request of the old configuration: its own limits
+    b.engine.reconfigure(paced)
+    assert b.engine.usable(next(k for k in b.engine.keys.values() if k.label == "a"), T0 + 1)

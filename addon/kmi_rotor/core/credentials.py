@@ -41,6 +41,25 @@ def placements(
     )
 
 
+def placements_of_fields(
+    fields: Iterable[tuple[bytes, bytes]], query_names: Iterable[str], preset: Preset
+) -> list[Placement]:
+    """`placements`, from a request's raw header fields (name, value) as mitmproxy holds them:
+    one pass over the names, none of them decoded."""
+    present = {name.lower() for name, _ in fields}
+    queries = set(query_names)
+    return list(
+        _placements(
+            tuple(name for name, raw in _HEADER_BYTES if raw in present),
+            tuple(name for name in CREDENTIAL_QUERY if name in queries),
+            preset,
+        )
+    )
+
+
+_HEADER_BYTES = tuple((name, name.encode()) for name in CREDENTIAL_HEADERS)
+
+
 @functools.lru_cache(maxsize=256)
 def _placements(
     headers: tuple[str, ...], queries: tuple[str, ...], preset: Preset

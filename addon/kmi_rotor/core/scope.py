@@ -8,11 +8,10 @@ the model there (Gemini's `/v1beta/models/{model}:generateContent`).
 
 from __future__ import annotations
 
-import json
 import re
-from typing import Any
 from urllib.parse import unquote
 
+from .body_json import BodyJSON, read_json
 from .presets import PRESETS, LimitScope
 
 KEY_SCOPE = ""
@@ -23,7 +22,6 @@ DEFAULT_SCOPES: dict[str, LimitScope] = {name: p.limit_scope for name, p in PRES
 
 MAX_MODEL = 200
 """Longer "model names" are garbage; they are cut so a scope name stays small."""
-MAX_BODY = 8 * 1024 * 1024
 
 _URL_MODEL = re.compile(r"/models/([^/:?]+):[A-Za-z]+$")
 _FAMILIES = ("opus", "sonnet", "haiku")
@@ -38,27 +36,28 @@ def default_scope(provider: str) -> LimitScope:
     return DEFAULT_SCOPES.get(provider, "key")
 
 
-def model_of_request(path: str, body: bytes | None) -> str | None:
+def model_of_request(path: str, body: bytes | None, parsed: BodyJSON | None = None) -> str | None:
     """The model a request asks for: the JSON body's `model`, else the URL's
-    `/models/{model}:{method}`; None when neither names one. Never raises."""
-    model = _body_model(body)
+    `/models/{model}:{method}`; None when neither names one. `parsed`: the body's parse
+    (`read_json(body)`) when it was read already. Never raises."""
+    model = _body_model(body, parsed)
     if model is None:
         m = _URL_MODEL.search(path.split("?", 1)[0])
         model = unquote(m.group(1)) if m else None
     if model is None:
         return None
-    model = "".join(c for c in model.strip() if c.isprintable())[:MAX_MODEL]
-    return model or None
+    model = model.strip()
+    if not model.isprintable():  # a character at a time only when one must go
+        model = "".join(c for c in model if c.isprintable())
+    return model[:MAX_MODEL] or None
 
 
-def _body_model(body: bytes | None) -> str | None:
-    if not body or len(body) > MAX_BODY or body.lstrip()[:1] != b"{":
+def _body_model(body: bytes | None, parsed: BodyJSON | None) -> str | None:
+    # Only a body that is an object as written (a byte-order mark, say, is not one here).
+    if not body or body.lstrip()[:1] != b"{":
         return None
-    try:
-        data: Any = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return None
-    model = data.get("model") if isinstance(data, dict) else None
+    data = (parsed if parsed is not None else read_json(body)).data
+    model = data.get("model") if data is not None else None
     return model if isinstance(model, str) and model.strip() else None
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from .body_json import MAX_BODY, BodyJSON, read_json
+
 CHARS_PER_TOKEN = 4
 """A rough, provider-neutral ratio: a reservation is corrected to the reported usage anyway."""
 DEFAULT_COMPLETION = 256
 """Completion budget assumed when the request names none (max_tokens is optional for OpenAI)."""
-MAX_BODY = 8 * 1024 * 1024
 MAX_TOKENS = 100_000_000
 """More than any model's context: a larger count is garbage, and is capped to this."""
 
@@ -24,22 +25,21 @@ class Unreadable(ValueError):
     """A JSON request body no parser can read (nested too deeply): no provider could either."""
 
 
-def estimate_from_body(body: bytes | None, *, strict: bool = False) -> int:
+def estimate_from_body(
+    body: bytes | None, *, strict: bool = False, parsed: BodyJSON | None = None
+) -> int:
     """Prompt size plus the completion budget (`max_tokens` / `max_completion_tokens` /
     `max_output_tokens`), from a JSON request body; any body that is not JSON counts by size.
-    `strict`: a body that nests too deeply to be parsed raises `Unreadable`."""
+    `strict`: a body that nests too deeply to be parsed raises `Unreadable`. `parsed`: the
+    body's parse (`read_json(body)`) when it was read already."""
     if not body:
         return DEFAULT_COMPLETION
-    data: Any = None
-    if len(body) <= MAX_BODY:
-        try:
-            data = json.loads(body)
-        except RecursionError:
-            if strict:
-                raise Unreadable("the JSON request body nests too deeply to be read") from None
-        except (ValueError, UnicodeDecodeError):
-            data = None
-    if not isinstance(data, dict):
+    if parsed is None:
+        parsed = read_json(body)
+    if parsed.too_deep and strict:
+        raise Unreadable("the JSON request body nests too deeply to be read")
+    data = parsed.data
+    if data is None:
         return estimate_from_length(len(body))
     prompt = len(body) - _non_prompt_size(data)
     return min(MAX_TOKENS, max(0, prompt) // CHARS_PER_TOKEN + _completion_budget(data))

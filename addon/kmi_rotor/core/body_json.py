@@ -1,0 +1,43 @@
+"""A request body read as JSON once: the token estimate (`core/tokens.py`), the model
+(`core/scope.py`) and the stream flag (`request_body.py`) all read the same parse, instead of
+each parsing the body again (a long conversation's body costs more to parse than everything
+else kmi-rotor does for the request)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+MAX_BODY = 8 * 1024 * 1024
+"""Larger bodies are not parsed: they count by their size."""
+
+
+@dataclass(frozen=True, slots=True)
+class BodyJSON:
+    """What one parse of a request body found. Read it, never change it: it is shared."""
+
+    data: dict[str, Any] | None
+    """The body's JSON object; None when the body is empty, larger than `MAX_BODY`, not JSON,
+    or JSON that is not an object."""
+    too_deep: bool = False
+    """The body is JSON nested too deeply for the parser (no provider could read it either)."""
+
+
+NOTHING = BodyJSON(None)
+
+
+def read_json(body: bytes | None) -> BodyJSON:
+    """Parse `body` once (never raises)."""
+    if not body or len(body) > MAX_BODY:
+        return NOTHING
+    try:
+        data = json.loads(body)
+    except RecursionError:
+        return BodyJSON(None, too_deep=True)
+    except (ValueError, UnicodeDecodeError):
+        return NOTHING
+    return BodyJSON(data) if isinstance(data, dict) else NOTHING
+
+
+__all__ = ["MAX_BODY", "NOTHING", "BodyJSON", "read_json"]

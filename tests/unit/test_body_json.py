@@ -1,0 +1,103 @@
+"""One parse of a request body, read by the token estimate, the model and the stream flag: each
+gives what it gives when it parses the body itself; headers read from the raw fields in one pass."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from mitmproxy import http
+from mitmproxy.test import tutils
+
+from kmi_rotor.core.body_json import MAX_BODY, NOTHING, BodyJSON, read_json
+from kmi_rotor.core.scope import model_of_request
+from kmi_rotor.core.tokens import Unreadable, estimate_from_body
+from kmi_rotor.request_body import header_values, wants_stream
+
+DEEP = b"[" * 100_000 + b"]" * 100_000
+BODIES: list[bytes | None] = [
+    None,
+    b"",
+    b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}',
+    b'{"model": "m", "stream": true, "max_tokens": 12}',
+    b'{"model": "m", "stream": "yes"}',
+    b'  \n{"model": "spaced", "stream": false}',
+    b'\xef\xbb\xbf{"model": "after-a-bom", "stream": true}',
+    b'{"model": "   "}',
+    b'{"model": 7, "max_tokens": 3}',
+    b'[{"model": "in-a-list"}]',
+    b'"stream"',
+    b'{"stream": true',
+    b"not json \"stream\" at all",
+    b"\xff\xfe garbage",
+    b'{"a":' * 50_000 + b"1" + b"}" * 50_000,
+]
+
+
+@pytest.mark.parametrize(
+    ("raw", "want"),
+    [
+        (None, NOTHING),
+        (b"", NOTHING),
+        (b'{"model": "m"}', BodyJSON({"model": "m"})),
+        (b"[1, 2]", NOTHING),
+        (b"42", NOTHING),
+        (b"{not json", NOTHING),
+        (b"\xff\xfe\x00", NOTHING),
+        (DEEP, BodyJSON(None, too_deep=True)),
+    ],
+)
+def test_read_json(raw: bytes | None, want: BodyJSON) -> None:
+    assert read_json(raw) == want
+
+
+def test_a_body_over_the_limit_is_not_parsed() -> None:
+    raw = b'{"model": "m", "pad": "' + b"x" * MAX_BODY + b'"}'
+    assert read_json(raw) == NOTHING
+
+
+@pytest.mark.parametrize("raw", BODIES)
+def test_the_estimate_from_a_parse_is_the_estimate_from_the_body(raw: bytes | None) -> None:
+    try:
+        alone = estimate_from_body(raw, strict=True)
+    except Unreadable:
+        with pytest.raises(Unreadable):
+            estimate_from_body(raw, strict=True, parsed=read_json(raw))
+        return
+    assert estimate_from_body(raw, strict=True, parsed=read_json(raw)) == alone
+
+
+@pytest.mark.parametrize("raw", BODIES)
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1beta/models/g:generateContent"])
+def test_the_model_from_a_parse_is_the_model_from_the_body(raw: bytes | None, path: str) -> None:
+    assert model_of_request(path, raw, read_json(raw)) == model_of_request(path, raw)
+
+
+@pytest.mark.parametrize("raw", [b for b in BODIES if b is not None])
+@pytest.mark.parametrize("accept", ["", "text/event-stream"])
+def test_the_stream_flag_from_a_parse_is_the_flag_from_the_body(raw: bytes, accept: str) -> None:
+    req = tutils.treq(content=raw)
+    if accept:
+        req.headers["accept"] = accept
+    assert wants_stream(req, raw, read_json(raw)) == wants_stream(req, raw)
+
+
+def test_a_body_too_large_to_parse_once_still_says_it_streams() -> None:
+    raw = json.dumps({"stream": True, "pad": "x" * MAX_BODY}).encode()
+    assert wants_stream(tutils.treq(content=raw), raw, read_json(raw)) is True
+
+
+FIELDS = [
+    (b"Host", b"llm.test"),
+    (b"content-type", b"application/json"),
+    (b"HOST", b"other.test:8443"),
+    (b"Accept", b"application/json"),
+    (b"accept", b"text/event-stream"),
+    (b"X-Name", b"caf\xc3\xa9 \xff"),
+]
+
+
+@pytest.mark.parametrize("name", ["host", "accept", "x-name", "content-length", "cookie"])
+def test_header_values_read_the_raw_fields_as_mitmproxy_does(name: str) -> None:
+    headers = http.Headers(FIELDS)
+    assert header_values(headers.fields, name.encode()) == headers.get_all(name)
