@@ -374,10 +374,10 @@ def test_bom_and_non_bytes_input() -> None:
 
 
 def test_internal_bug_stops_parsing_but_passes_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
-    def bug(self: SSEReader, line: bytes) -> None:
+    def bug(self: SSEReader) -> None:
         raise KeyError("bug")
 
-    monkeypatch.setattr(SSEReader, "_line", bug)
+    monkeypatch.setattr(SSEReader, "_dispatch", bug)
     tap = SSETap()
     data = _encode(OPENAI_HEAD + OPENAI_DONE, b"\n")
     assert _run([data, data], tap).bytes == 2 * len(data)
