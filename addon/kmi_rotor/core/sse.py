@@ -72,7 +72,7 @@ class SSEReader:
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         lines = chunk.split(b"\n")
         tail = lines.pop()
-        if lines:
+        if lines and (self._buf or self._discarding or self._first_line):
             first = self._complete_buffered(lines[0])
             if first is None:
                 del lines[0]
