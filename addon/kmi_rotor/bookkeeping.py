@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from mitmproxy import http
@@ -25,6 +25,28 @@ log = logging.getLogger("kmi_rotor")
 
 RECENT = 200
 """Requests the status page lists."""
+
+
+class RecentRequests:
+    """The trace records of the last `size` requests, oldest first.
+
+    Records are kept as they are; iterating gives each as the status page's dict
+    (`TraceRecord.as_dict`), built then: the page is asked for far less often than requests
+    are traced.
+    """
+
+    def __init__(self, size: int = RECENT) -> None:
+        self._records: deque[TraceRecord] = deque(maxlen=size)
+
+    def add(self, record: TraceRecord) -> None:
+        """Keep `record`, forgetting the oldest one when `size` are kept."""
+        self._records.append(record)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter([r.as_dict() for r in self._records])
 
 
 class Counters:
@@ -57,7 +79,7 @@ class Bookkeeping:
 
     def __init__(self, clock: Callable[[], float]) -> None:
         self.clock = clock
-        self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT)
+        self.recent = RecentRequests()
 
     def counters(self, run: Running, key: Key) -> Counters:
         """Where a key's counters go: the state file, and the shared state when there is one."""
@@ -126,7 +148,7 @@ class Bookkeeping:
                 attempt=served.attempt if served else 1,
                 stream=bool(served and served.tap),
             )
-            self.recent.append(record.as_dict())
+            self.recent.add(record)
             run.trace.write(record)
         except Exception:
             log.exception("kmi-rotor: could not trace a request")

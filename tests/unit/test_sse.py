@@ -45,3 +45,33 @@ def test_pending_holds_the_event_a_cut_left_undispatched() -> None:
     assert reader.pending() == (b"message_stop", [b"{}"])
     reader.feed(b"\n")
     assert reader.pending() == (b"", [])
+
+
+@pytest.mark.parametrize(
+    ("line", "data"),
+    [
+        (b"data:x", b"x"),
+        (b"data: x", b"x"),
+        (b"data:  x", b" x"),  # only one space is dropped
+        (b"data", b""),
+        (b"data:", b""),
+        (b"data: a: b", b"a: b"),
+        (b"dataX: y", None),  # another field
+        (b"data : y", None),  # field "data " is not "data"
+        (b": data: y", None),  # a comment
+    ],
+)
+def test_data_line_forms(line: bytes, data: bytes | None) -> None:
+    expected = [] if data is None else [(b"", data)]
+    for chunks in ([line + b"\n\n"], [line, b"\n\n"], [b"\n" + line + b"\n\n"]):
+        assert read(chunks) == (expected, 0), chunks
+
+
+def test_only_the_first_line_of_the_stream_loses_a_bom() -> None:
+    bom = b"\xef\xbb\xbf"
+    # later, a BOM is part of the field's name: "\ufeffdata" is an unknown field
+    assert read([bom + b"data: a\n\n" + bom + b"data: b\n\n"]) == ([(b"", b"a")], 0)
+    # the first line is the first one even when dropped for its length
+    dropped = b"x" * 30 + b"\n" + bom + b"data: c\n\n"
+    assert read([dropped], max_line=20) == ([], 1)
+    assert read([dropped[:10], dropped[10:]], max_line=20) == ([], 1)

@@ -12,7 +12,7 @@ import pytest
 
 from kmi_rotor.core.classify import FailureKind, StreamFailure
 from kmi_rotor.core.sse import SSEReader
-from kmi_rotor.core.stream_tap import MAX_LINE, SSETap, StreamOutcome, Usage
+from kmi_rotor.core.stream_tap import MAX_LINE, SSETap, StreamOutcome, Usage, _worth_parsing
 
 TEXT = "Bonjour é, 你好 😀"  # 2-, 3- and 4-byte UTF-8 characters
 
@@ -374,10 +374,10 @@ def test_bom_and_non_bytes_input() -> None:
 
 
 def test_internal_bug_stops_parsing_but_passes_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
-    def bug(self: SSEReader, line: bytes) -> None:
+    def bug(self: SSEReader) -> None:
         raise KeyError("bug")
 
-    monkeypatch.setattr(SSEReader, "_line", bug)
+    monkeypatch.setattr(SSEReader, "_dispatch", bug)
     tap = SSETap()
     data = _encode(OPENAI_HEAD + OPENAI_DONE, b"\n")
     assert _run([data, data], tap).bytes == 2 * len(data)
@@ -405,3 +405,29 @@ def test_ten_thousand_events_are_cheap(dialect: str) -> None:
     elapsed = time.perf_counter() - started
     assert out.terminal_seen and out.events >= 10_001
     assert elapsed < 2.0  # a loose bound; typical cost is a few microseconds per event
+
+
+# -- which events are parsed --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "worth"),
+    [
+        (b'{"choices":[{"delta":{"content":"hi"}}]}', False),
+        (b'{"choices":[{"delta":{},"finish_reason":null}],"usage":null}', False),
+        (b'{"usage" :\t null, "finish_reason":\nnull}', False),
+        (b'{"choices":[{"delta":{},"finish_reason":"stop"}]}', True),
+        (b'{"choices":[],"usage":{"prompt_tokens":9}}', True),
+        (b'{"usage" : {"prompt_tokens":9}}', True),
+        (b'{"usage":null,"x":1,"usage":{}}', True),  # a later occurrence counts
+        (b'{"error":{"message":"overloaded"}}', True),
+        (b'{"type":"message_stop"}', True),
+        (b'{"note":"usage","kind":"error"}', False),  # values, not keys
+        (b'{"content":"say \\"usage\\": 1"}', False),  # the model's text, quotes escaped
+        (b'{"usage":', True),  # cut after the colon: parsed (and found unreadable) to be safe
+        (b'{"usage":nullable}', False),
+        (b"", False),
+    ],
+)
+def test_worth_parsing(data: bytes, worth: bool) -> None:
+    assert _worth_parsing(data) is worth

@@ -70,16 +70,23 @@ class SSEReader:
         self._skip_lf = chunk.endswith(b"\r")
         if b"\r" in chunk:
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        nl = chunk.find(b"\n")
-        if nl < 0:
-            self._keep_partial(chunk)
-            return
-        self._complete_buffered(chunk[:nl])
-        lines = chunk[nl + 1 :].split(b"\n")
+        lines = chunk.split(b"\n")
         tail = lines.pop()
+        if lines and (self._buf or self._discarding or self._first_line):
+            first = self._complete_buffered(lines[0])
+            if first is None:
+                del lines[0]
+            else:
+                lines[0] = first
+        # Hot loop, once per line of every streamed answer: the two lines nearly every event
+        # is made of (`data: ...` and the blank line) are handled here without a call.
         for line in lines:
-            if len(line) > self._max:
+            if not line:
+                self._dispatch()
+            elif len(line) > self._max:
                 self.discarded += 1
+            elif line.startswith(b"data:"):
+                self._add_data(line[6:] if line[5:6] == b" " else line[5:])
             else:
                 self._line(line)
         self._keep_partial(tail)
@@ -96,25 +103,24 @@ class SSEReader:
             return
         self._buf += part
 
-    def _complete_buffered(self, part: bytes) -> None:
+    def _complete_buffered(self, part: bytes) -> bytes | None:
+        """The line `part` ends (with what was buffered before it); None when it is dropped
+        (counted here). The stream's first line loses its BOM (a BOM opening any later line,
+        even after a first line dropped for its length, is data)."""
+        first, self._first_line = self._first_line, False
         if self._discarding:
             self._discarding = False
-            return
+            return None
         if len(self._buf) + len(part) > self._max:
             self._buf.clear()
             self.discarded += 1
-            return
+            return None
         line = bytes(self._buf) + part if self._buf else part
         self._buf.clear()
-        self._line(line)
+        return line.removeprefix(_BOM) if first else line
 
     def _line(self, line: bytes) -> None:
-        if self._first_line:
-            self._first_line = False
-            line = line.removeprefix(_BOM)
-        if not line:
-            self._dispatch()
-            return
+        """A non-blank line other than `data:` (the hot loop in `feed` handles those)."""
         if line[0] == 0x3A:  # ":" opens a comment
             return
         colon = line.find(b":")

@@ -13,6 +13,7 @@ parsed only when a plain substring test shows it can carry usage, an error or a 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +40,11 @@ _ANTHROPIC_EVENTS = frozenset(
 )
 _ANTHROPIC_PARSED = frozenset({_MESSAGE_START, _MESSAGE_DELTA, _ERROR})
 _MESSAGE_MAX = 120
-_JSON_SPACE = b" \t\r\n"
+# `"usage"`, `"error"` or `"finish_reason"` as an object key whose value is not null (JSON
+# whitespace allowed around the colon), or `"message_stop"`: one pass over the event's bytes.
+_WORTH_PARSING = re.compile(
+    rb'"(?:usage|error|finish_reason)"[ \t\r\n]*:(?![ \t\r\n]*null)|"message_stop"'
+)
 
 
 @dataclass(frozen=True)
@@ -100,7 +105,8 @@ class SSETap:
     def __call__(self, chunk: bytes) -> bytes:
         """Observe `chunk` and hand it back unchanged; `b""` marks the end of the stream."""
         try:
-            if isinstance(chunk, bytes | bytearray | memoryview) and len(chunk) == 0:
+            # `not chunk` first: a non-empty chunk (nearly every call) skips the type test.
+            if not chunk and isinstance(chunk, bytes | bytearray | memoryview):
                 self.finish()
             else:
                 self.feed(chunk)
@@ -313,29 +319,7 @@ def _parse(data: bytes) -> dict[str, Any] | None:
 def _worth_parsing(data: bytes) -> bool:
     """Whether the data can carry usage, an error, a finish reason or Anthropic's end.
 
-    Plain substring tests: inside a JSON string a quote is escaped, so text the model wrote
-    cannot fake a key, and content chunks (`"finish_reason":null`, `"usage":null`) are skipped.
+    Plain text tests: inside a JSON string a quote is escaped, so text the model wrote cannot
+    fake a key, and content chunks (`"finish_reason":null`, `"usage":null`) are skipped.
     """
-    return (
-        _has_value(data, b'"usage"')
-        or _has_value(data, b'"error"')
-        or _has_value(data, b'"finish_reason"')
-        or b'"message_stop"' in data
-    )
-
-
-def _has_value(data: bytes, key: bytes) -> bool:
-    """Whether `key` occurs as an object key with a value other than null."""
-    at = data.find(key)
-    while at >= 0:
-        i = at + len(key)
-        while i < len(data) and data[i] in _JSON_SPACE:
-            i += 1
-        if i < len(data) and data[i] == 0x3A:  # ":" so this is a key, not a value
-            i += 1
-            while i < len(data) and data[i] in _JSON_SPACE:
-                i += 1
-            if data[i : i + 4] != b"null":
-                return True
-        at = data.find(key, at + len(key))
-    return False
+    return _WORTH_PARSING.search(data) is not None
