@@ -157,8 +157,6 @@ def drive(base: str, turns: int, client_kwargs: dict[str, Any] | None = None) ->
         return [send(client, base + CHAT, turn, turn % 3 == 1) for turn in range(turns)]
 
 
-
-
 def live_keys(m: Mitmdump) -> dict[str, dict[str, Any]]:
     snap = httpx.get(m.url + "/_kmi-rotor/api/status", trust_env=False).json()
     return {k["label"]: k for p in snap["pools"] for k in p["keys"]}

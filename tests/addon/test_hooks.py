@@ -742,9 +742,7 @@ async def test_an_unknown_action_in_the_state_is_ignored_and_the_others_applied(
     )
 
 
-async def test_the_request_body_is_parsed_once(
-    make: Make, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_the_request_body_is_parsed_once(make: Make, monkeypatch: pytest.MonkeyPatch) -> None:
     """The estimate, the model (its scope), the stream flag and the usage request all read one
     parse of the body."""
     addon, _, _ = make(pool={"provider": "openai"})

@@ -28,13 +28,10 @@ TOKENS = {
 CHAT = json.dumps({"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]})
 
 
-
 @pytest.fixture(scope="module")
 def ns() -> Iterator[Netns]:
     with netns() as created:
         yield created
-
-
 
 
 @pytest.fixture

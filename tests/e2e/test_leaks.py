@@ -361,7 +361,11 @@ def collect(r: Run) -> None:
 
 
 def trace_records(r: Run) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in r.artefacts["trace --json"].splitlines() if line.startswith(b"{")]
+    return [
+        json.loads(line)
+        for line in r.artefacts["trace --json"].splitlines()
+        if line.startswith(b"{")
+    ]
 
 
 def test_the_run_had_traffic_of_every_kind(run: Run) -> None:

@@ -93,9 +93,7 @@ def test_cli_disable_then_enable_reaches_the_running_proxy(tmp_path, provider, p
         assert live_status(m.url + STATUS_PATH)["beta"]["reason"] == "disabled by operator"
 
         done = cli(cfg, "enable", "beta")
-        wait_until(
-            lambda: "beta" in served(provider, KEYS, since=done), APPLIED, "beta serves"
-        )
+        wait_until(lambda: "beta" in served(provider, KEYS, since=done), APPLIED, "beta serves")
         assert status_of(m, "beta") == "ready"
     wait_until(lambda: state_rows(cfg)["beta"]["status"] == "ready", 5, "enable persisted")
 
@@ -112,9 +110,7 @@ def test_cli_reset_all_clears_a_cooldown(tmp_path, provider, proxy_factory):
         assert "beta" not in served(provider, KEYS, since=cooled)
 
         done = cli(cfg, "reset", "all")
-        wait_until(
-            lambda: "beta" in served(provider, KEYS, since=done), APPLIED, "beta serves"
-        )
+        wait_until(lambda: "beta" in served(provider, KEYS, since=done), APPLIED, "beta serves")
         assert status_of(m, "beta") == "ready"
     # the 429 was failed over: no client saw it
     assert set(traffic.statuses()) == {200}

@@ -136,7 +136,11 @@ def test_a_stream_fails_over_before_its_first_byte(rotor, failure, client, mode)
     lazy = ("--set", "connection_strategy=lazy") if client.endswith("h2") else ()
     # Cooldowns long enough to still run when the status is read, on a machine however busy.
     slow = {
-        "health": {"rate_limit_backoff": 600.0, "overload_backoff": 600.0, "overload_backoff_max": 600.0}
+        "health": {
+            "rate_limit_backoff": 600.0,
+            "overload_backoff": 600.0,
+            "overload_backoff_max": 600.0,
+        }
     }
     p, provider = rotor(keys_failing_first(behaviour.copy()), mode=mode, extra=lazy, sections=slow)
     seen = stream_with(client, p)

@@ -93,9 +93,7 @@ def run_provider(
         yield fp
 
 
-def start_proxy(
-    config: Path, confdir: Path, log: Path, provider_url: str, *extra: str
-) -> Mitmdump:
+def start_proxy(config: Path, confdir: Path, log: Path, provider_url: str, *extra: str) -> Mitmdump:
     return start_mitmdump(config, confdir, log, mode=f"reverse:{provider_url}", extra=extra)
 
 

@@ -47,8 +47,6 @@ def plain() -> Iterator[fake_provider.FakeProvider]:
         yield running
 
 
-
-
 def write_config(tmp_path: Path, hosts: list[str], *lines: str) -> Path:
     """One pool `main` on `hosts` holding KEYS; `lines` go at the top (top-level fields and
     [[clients]] tables)."""

@@ -67,9 +67,7 @@ def test_sigkill_loop_never_serves_more_than_the_daily_limit(
     # not lose), and is killed; the limit must hold across every restart.
     while refused_runs < 2 and run < 3 * DAILY // PER_RUN:
         run += 1
-        proxy = start_proxy(
-            config, harden_confdir, tmp_path / f"mitmdump-{run}.log", provider.url
-        )
+        proxy = start_proxy(config, harden_confdir, tmp_path / f"mitmdump-{run}.log", provider.url)
         try:
             statuses = [
                 httpx.post(proxy.url + "/v1/chat/completions", json=CHAT, timeout=30).status_code

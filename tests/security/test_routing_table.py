@@ -89,11 +89,19 @@ def route(
         ({"sni": "attacker.example", "done": True}, (), 421),
         ({"scheme": "http", "port": 80}, (), 403),
         ({"scheme": "http", "port": 80, "plain": True}, (), None),
-        ({"scheme": "http", "host": "127.0.0.1", "port": 8080, "values": ("127.1:8080",)}, (), None),
+        (
+            {"scheme": "http", "host": "127.0.0.1", "port": 8080, "values": ("127.1:8080",)},
+            (),
+            None,
+        ),
         ({"scheme": "http", "host": "localhost", "port": 80, "values": ("localhost",)}, (), None),
         ({"scheme": "http", "host": "::1", "port": 80, "values": ("[::1]",)}, (), None),
         ({"scheme": "http", "host": "10.0.0.5", "port": 80, "values": ("10.0.0.5",)}, (), 403),
-        ({"scheme": "http", "host": "a.localhost", "port": 80, "values": ("a.localhost",)}, (), 403),
+        (
+            {"scheme": "http", "host": "a.localhost", "port": 80, "values": ("a.localhost",)},
+            (),
+            403,
+        ),
     ],
 )
 def test_route(kwargs: dict, mismatches: tuple[str, ...], refusal: int | None) -> None:

@@ -141,8 +141,7 @@ class EchoingUpstream:
                 echo = f"{MARKER} key={cred} b64={base64.b64encode(cred.encode()).decode()}"
                 err = {"type": "error", "error": {"type": "rate_limit_error", "message": echo}}
                 body = (
-                    "event: message_start\ndata: {}\n\n"
-                    f"event: error\ndata: {json.dumps(err)}\n\n"
+                    f"event: message_start\ndata: {{}}\n\nevent: error\ndata: {json.dumps(err)}\n\n"
                 ).encode()
                 self.send_response(200)
                 self.send_header("content-type", "text/event-stream")

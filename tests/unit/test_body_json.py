@@ -28,7 +28,7 @@ BODIES: list[bytes | None] = [
     b'[{"model": "in-a-list"}]',
     b'"stream"',
     b'{"stream": true',
-    b"not json \"stream\" at all",
+    b'not json "stream" at all',
     b"\xff\xfe garbage",
     b'{"a":' * 50_000 + b"1" + b"}" * 50_000,
 ]

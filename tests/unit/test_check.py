@@ -390,9 +390,7 @@ def test_from_state(
         ),
         (
             Verdict(Outcome.NO_QUOTA, "x", NOW + 60),
-            Operator(
-                action="block", at=NOW, reason=CHECK_BLOCK, until=NOW + 60, applied=False
-            ),
+            Operator(action="block", at=NOW, reason=CHECK_BLOCK, until=NOW + 60, applied=False),
         ),
         (
             Verdict(Outcome.NO_QUOTA, "x"),

@@ -47,4 +47,3 @@ def test_with_fields_is_set_and_pop(updates: dict[str, str | None]) -> None:
             expected[name] = value
     raw = {k.encode(): None if v is None else v.encode() for k, v in updates.items()}
     assert with_fields(FIELDS, raw) == expected.fields
-

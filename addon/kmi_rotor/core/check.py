@@ -263,9 +263,7 @@ def action_for(v: Verdict, now: float) -> Operator | None:
     if v.outcome is Outcome.BAD_CREDENTIAL:
         return Operator(action="disable", at=now, reason=CHECK_DISABLE, applied=False)
     if v.outcome is Outcome.NO_QUOTA:
-        return Operator(
-            action="block", at=now, reason=CHECK_BLOCK, until=v.until, applied=False
-        )
+        return Operator(action="block", at=now, reason=CHECK_BLOCK, until=v.until, applied=False)
     return None
 
 

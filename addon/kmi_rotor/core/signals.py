@@ -434,9 +434,7 @@ def _retry_at(
 _RETRY_HEADERS = ("retry-after-ms", "x-ms-retry-after-ms", "retry-after")
 
 
-def _hinted_at(
-    h: Mapping[str, str], facts: BodyFacts, now: float, horizon: float
-) -> float | None:
+def _hinted_at(h: Mapping[str, str], facts: BodyFacts, now: float, horizon: float) -> float | None:
     """A retry time the answer states: headers (milliseconds first), then a body's retryDelay."""
     for name in _RETRY_HEADERS:
         parse = _parse_ms if name.endswith("-ms") else parse_retry_after
