@@ -102,7 +102,7 @@ class Admission:
                     )
                     return
                 continue
-            self._refused(run, flow, pool, d, arrived)
+            self._refused(run, flow, pool, d, arrived, scope)
             return
 
     def _inject(
@@ -143,10 +143,12 @@ class Admission:
         return served
 
     def _refused(
-        self, run: Running, flow: http.HTTPFlow, pool: Pool, r: Refusal, arrived: float
+        self, run: Running, flow: http.HTTPFlow, pool: Pool, r: Refusal, arrived: float, scope: str
     ) -> None:
         answer_locally(flow, r, self.clock())
         flow.metadata[META]["pool"] = pool.name
+        if scope:
+            flow.metadata[META]["scope"] = scope
         flow.marked = ":no_entry:"
         if r.status == 429:
             run.keeper.pool_add(pool.name, "local_429")

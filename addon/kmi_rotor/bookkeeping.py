@@ -130,6 +130,7 @@ class Bookkeeping:
     ) -> None:
         """The flow's trace line (`served`: None for a request answered before a key)."""
         total = None if served is None else (time.monotonic() - served.started) * 1000
+        scope = served.scope if served else flow.metadata.get(META, {}).get("scope")
         try:
             record = TraceRecord(
                 ts=arrived,
@@ -147,6 +148,7 @@ class Bookkeeping:
                 outcome=outcome,  # type: ignore[arg-type]
                 attempt=served.attempt if served else 1,
                 stream=bool(served and served.tap),
+                scope=scope or None,
             )
             self.recent.add(record)
             run.trace.write(record)

@@ -102,6 +102,8 @@ def render_record(r: dict[str, Any]) -> str:
         parts.append(f"attempt {r['attempt']}")
     if r.get("stream"):
         parts.append("streamed")
+    if isinstance(r.get("scope"), str) and r["scope"]:
+        parts.append(f"scope {r['scope']}")
     return "  ".join(parts)
 
 

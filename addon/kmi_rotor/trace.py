@@ -84,6 +84,8 @@ class TraceRecord:
     outcome: Outcome
     attempt: int
     stream: bool
+    scope: str | None = None
+    """The request's limit scope (`model:<name>`, `class:<class>`), None when key-wide."""
 
     def __post_init__(self) -> None:
         # Enforced here, not by callers, so no code path can put a query string on disk.
@@ -111,6 +113,7 @@ class TraceRecord:
             "outcome": self.outcome,
             "attempt": self.attempt,
             "stream": self.stream,
+            "scope": self.scope,
         }
 
     def to_json(self) -> str:

@@ -72,3 +72,46 @@ async def test_a_key_scoped_pool_cools_the_key_for_every_model(tmp_path):
         big = [(await serve(addon, "gpt-4o")).metadata[META]["key"] for _ in range(3)]
         assert "a" not in big
         addon.done()
+
+
+async def test_the_trace_records_each_requests_scope_refusals_included(tmp_path):
+    pools = [pool("p", ["llm.test"], KEYS, provider="openai")]
+    config = rotor_config(
+        tmp_path / "rotor.toml", tmp_path / "state", pools, failover={"max_attempts": 1}
+    )
+    addon = Rotor()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, rotor_config=str(config))
+        for _ in KEYS:  # each key cools for the mini model
+            await serve(addon, "gpt-4o-mini", 429)
+        refused = flow_for("gpt-4o-mini")
+        await addon.requestheaders(refused)
+        await addon.request(refused)
+        assert refused.metadata[META].get("key") is None
+        assert refused.response is not None and refused.response.status_code == 429
+        await addon.response(refused)  # mitmproxy's next hook for a locally answered request
+        await serve(addon, "gpt-4o")
+        recent = addon.snapshot()["recent"]
+        addon.done()
+    lines = [
+        json.loads(line) for line in (tmp_path / "state" / "trace.jsonl").read_text().splitlines()
+    ]
+    for records in (sorted(recent, key=lambda r: r["ts"]), lines):
+        assert [(r["outcome"], r["scope"]) for r in records] == [
+            ("rate_limited", "model:gpt-4o-mini"),
+            ("rate_limited", "model:gpt-4o-mini"),
+            ("rate_limited", "model:gpt-4o-mini"),
+            ("local_429", "model:gpt-4o-mini"),
+            ("ok", "model:gpt-4o"),
+        ]
+
+
+async def test_a_key_wide_request_has_no_scope_in_the_trace(tmp_path):
+    pools = [pool("p", ["llm.test"], KEYS, provider="openai", limit_scope="key")]
+    config = rotor_config(tmp_path / "rotor.toml", tmp_path / "state", pools)
+    addon = Rotor()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, rotor_config=str(config))
+        await serve(addon, "gpt-4o")
+        assert [r["scope"] for r in addon.snapshot()["recent"]] == [None]
+        addon.done()

@@ -67,7 +67,7 @@ def test_record_is_compact_json_with_the_exact_field_names() -> None:
     data = json.loads(line)
     assert list(data) == [
         "ts", "id", "pool", "key", "fp", "method", "path", "status", "ttfb_ms",
-        "total_ms", "tokens_in", "tokens_out", "outcome", "attempt", "stream",
+        "total_ms", "tokens_in", "tokens_out", "outcome", "attempt", "stream", "scope",
     ]  # fmt: skip
     assert TraceRecord(**data) == r
 
@@ -308,3 +308,28 @@ def test_a_record_is_written_within_the_flush_interval(path: Path) -> None:
     w.write(record(1))
     wait_until(lambda: [r["id"] for r in read_trace(path)] == ["flow-0001"], 10, "written")
     w.close()
+
+
+@pytest.mark.parametrize(
+    ("extra", "shown", "hidden"),
+    [
+        (
+            {"scope": "model:gpt-4o-mini", "stream": True},
+            ["streamed", "scope model:gpt-4o-mini"],
+            [],
+        ),
+        ({"scope": None}, [], ["scope"]),
+        ({}, [], ["scope"]),  # a line written before records had a scope
+        ({"scope": 7}, [], ["scope"]),  # not what kmi-rotor writes: left out, not an error
+    ],
+)
+def test_a_trace_line_for_people_names_its_scope(extra, shown, hidden) -> None:
+    from kmi_rotor.cli_trace import render_record
+
+    base = {"ts": 1.0, "pool": "p", "key": "a", "method": "POST", "path": "/v1/x", "status": 200}
+    text = render_record({**base, "outcome": "ok", **extra})
+    assert "p/a" in text and "POST /v1/x" in text
+    for part in shown:
+        assert part in text
+    for part in hidden:
+        assert part not in text

@@ -289,6 +289,7 @@
     const req = add(el("td", "path", null, { title: str(r.path) }),
       el("span", "method", str(r.method)), el("span", "mono", str(r.path)));
     if (r.stream === true) add(req, el("span", "tag", "stream"));
+    if (r.scope) add(req, el("span", "tag", str(r.scope)));
     const dur = add(el("td", "num"), durCell(ms, maxMs));
     return add(tr, time, key, req, add(el("td"), statusCode(r.status)),
       el("td", "outcome", str(r.outcome) || "—"),
