@@ -23,8 +23,9 @@ Cases:
 - decision: in process, CPU µs per admission + selection (+ settle) with 1,000 keys
   (`bench_admission.measure_cost`).
 
-`--profile DIR` also records both mitmdumps, bare and with kmi-rotor, in the reverse and stream
-cases with py-spy (200 Hz, raw collapsed stacks by thread, `DIR/{bare,rotor}-CASE.txt`) and
+`--profile DIR` also records each mitmdump (bare, with kmi-rotor, and `--before`'s) in the
+reverse and stream cases with py-spy (200 Hz, raw collapsed stacks by thread,
+`DIR/{bare,rotor,before}-CASE.txt`) and
 prints the heaviest frames (kmi-rotor's own, and any function's by self time);
 `bench_overhead.py summarise FILE` prints them again.
 
@@ -251,8 +252,7 @@ def run_case(setup: Setup, case: str, args: argparse.Namespace) -> CaseResult:
                 getattr(result, name).append(run)
                 print(f"  {case:9} run {i + 1} {name:5} {_fmt_run(run)}", flush=True)
         if args.profile is not None and case in ("reverse", "stream"):
-            for name in ("bare", "rotor"):
-                child = proxies[name]
+            for name, child in proxies.items():  # bare, rotor and, with --before, before
                 profile(child, _target(setup, child, case), args, f"{name}-{case}")
     finally:
         for child in proxies.values():
