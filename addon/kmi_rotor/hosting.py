@@ -15,6 +15,7 @@ from wsgiref.types import StartResponse, WSGIEnvironment
 from mitmproxy import http
 from mitmproxy.addons.asgiapp import WSGIApp
 
+from .core.header_fields import field_value
 from .web import make_app
 
 WEB_HOST = "kmi-rotor.local"
@@ -48,8 +49,16 @@ class StatusPage(WSGIApp):
         if path.startswith(WEB_PREFIX) and path[len(WEB_PREFIX) : len(WEB_PREFIX) + 1] in _AFTER:
             return True
         req = flow.request
-        named = req.host_header or req.host  # parsed below only if it can be the status host
+        named = _host_header(req) or req.host  # parsed below only if it can be the status host
         return WEB_HOST in named.lower() and req.pretty_host == WEB_HOST
+
+
+def _host_header(req: http.Request) -> str | None:
+    """What `req.host_header` gives (the :authority, else the Host field), the Host field read
+    from the raw fields in one pass: mitmproxy's `headers.get` converts every field's name."""
+    if (req.is_http2 or req.is_http3) and req.data.authority:
+        return req.authority
+    return field_value(req.data.headers.fields, b"host")
 
 
 def on_loop(

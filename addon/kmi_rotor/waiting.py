@@ -25,6 +25,8 @@ UPSTREAM_SETUP_WAIT = 10.0
 class Waiting:
     def __init__(self, clock: Callable[[], float]) -> None:
         self.clock = clock
+        # Each is set to wake whoever waits on it, and replaced by a fresh one only when the
+        # next request comes to wait: most wakes find nobody waiting, and cost no new event.
         self._upstream = asyncio.Event()
         self._capacity = asyncio.Event()
 
@@ -39,7 +41,7 @@ class Waiting:
                 return
             if server.timestamp_end is not None or not flow.client_conn.connected:
                 return
-            event = self._upstream
+            event = self._upstream = _unset(self._upstream)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(event.wait(), WAIT_SLICE)
 
@@ -50,7 +52,7 @@ class Waiting:
         while (left := end - self.clock()) > 0:
             if not client.connected:
                 return False
-            event = self._capacity
+            event = self._capacity = _unset(self._capacity)
             try:
                 await asyncio.wait_for(event.wait(), min(left, WAIT_SLICE))
                 return True
@@ -61,16 +63,20 @@ class Waiting:
     def wake(self) -> None:
         """Let waiting requests look again (a slot was freed or a key came back)."""
         self._capacity.set()
-        self._capacity = asyncio.Event()
 
     # -- hooks --------------------------------------------------------------------------------
 
     def server_connected(self, data: Any) -> None:
         self._upstream.set()
-        self._upstream = asyncio.Event()
 
     def tls_established_server(self, data: Any) -> None:
         self.server_connected(data)
 
     def server_connect_error(self, data: Any) -> None:
         self.server_connected(data)
+
+
+def _unset(event: asyncio.Event) -> asyncio.Event:
+    """`event`, or a fresh one if it was set: a request that comes to wait after a wake is
+    not woken by it."""
+    return asyncio.Event() if event.is_set() else event

@@ -349,6 +349,20 @@ def test_every_response_updates_the_windows() -> None:
     }
 
 
+def test_recorded_windows_read_back_from_the_state_file_unchanged() -> None:
+    odd = (
+        Window("requests", None, float("nan"), float("inf"), NOW + 1),
+        Window("tokens", "minute", 30000, -float("inf"), None),
+    )
+    h = apply(KeyHealth(), sig(OK, windows=odd), NOW)
+    assert h.windows == {
+        "requests": WindowState(limit=None, remaining=None, reset_at=NOW + 1, seen_at=NOW),
+        "tokens:minute": WindowState(limit=30000.0, remaining=None, reset_at=None, seen_at=NOW),
+    }
+    assert KeyHealth.model_validate_json(h.model_dump_json()) == h
+    assert all(type(v) is float for w in h.windows.values() for v in (w.limit, w.seen_at) if v)
+
+
 USABLE_CASES = [
     # (id, health, usable, next_usable_at, headroom)
     ("fresh", KeyHealth(), True, NOW, 1.0),

@@ -9,6 +9,8 @@ import random
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from kmi_rotor.core import signals
 from kmi_rotor.core.classify import BODY_LIMIT
@@ -940,10 +942,83 @@ def test_headers_of_an_unexpected_shape_never_raise(headers: object) -> None:
         ("١s", None),  # Arabic-Indic digit
         ("9" * 400 + "h", None),
         ("1s" * 100, None),
+        ("17ms", 0.017),
+        ("1h2m3.5s", 3723.5),
+        ("\t17ms\n", 0.017),
+        ("1.s", 1.0),
+        ("0.5ms", 0.0005),
+        ("1h1h", 7200.0),
+        ("9" * 18 + "h", 9.99999999999999999e17 * 3600),
+        ("9" * 19 + "h", None),
+        ("1.1234567890123s", None),
+        (" ", None),
+        ("ms", None),
+        (".s", None),
+        ("1ms1", None),
+        ("1m-1s", None),
+        ("-6m0s", None),
+        ("1S", None),
+        ("1 s", None),
+        ("١٢ms", None),
+        ("1e400s", None),
+        ("0x1s", None),
+        ("1s" * 32, 32.0),
     ],
 )
 def test_parse_go_duration(text: str, seconds: float | None) -> None:
     assert parse_go_duration(text) == pytest.approx(seconds)
+
+
+def _go_duration_part_by_part(text: str) -> float | None:
+    """The reference reading: one part at a time, from the left."""
+    s = text.strip()
+    if s == "0":
+        return 0.0
+    total, pos = 0.0, 0
+    while pos < len(s) and pos < 64:
+        m = signals._GO_PART.match(s, pos)
+        if m is None:
+            return None
+        total += float(m.group(1)) * signals._GO_UNITS[m.group(2)]
+        pos = m.end()
+    return total if pos == len(s) and pos else None
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.one_of(st.from_regex(r"[0-9]{0,20}(\.[0-9]{0,14})?", fullmatch=True), st.text()),
+            st.sampled_from(["h", "m", "s", "ms", "us", "µs", "μs", "ns", "", "x", " "]),
+        ),
+        max_size=4,
+    ).map(lambda parts: "".join(n + u for n, u in parts))
+)
+def test_parse_go_duration_reads_as_part_by_part(text: str) -> None:
+    assert parse_go_duration(text) == _go_duration_part_by_part(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "count"),
+    [
+        ("0", 0.0),
+        ("999999", 999999.0),
+        (" 42 ", 42.0),
+        ("1.5", 1.5),
+        ("1" * 15, 1e15 / 9),
+        ("1" * 16, None),  # beyond any real count
+        ("9" * 19, None),
+        ("", None),
+        ("-1", None),
+        ("+1", None),
+        ("1e3", None),
+        ("١٢", None),
+        ("²", None),
+        ("12abc", None),
+        (None, None),
+    ],
+)
+def test_count(text: str | None, count: float | None) -> None:
+    assert signals._count(text) == pytest.approx(count)
 
 
 @pytest.mark.parametrize(

@@ -250,9 +250,10 @@ def _merge_windows(
         key = w.dimension if w.period is None else f"{w.dimension}:{w.period}"
         # A response may omit the limit (Azure sends only what remains); limits rarely change.
         limit = w.limit if w.limit is not None else (out[key].limit if key in out else None)
-        # Built without validation (on every answer): the values are finite numbers already,
-        # as `_finite` makes sure; validation is for what is read back from the state file.
-        out[key] = WindowState.model_construct(
+        # Validated, as what the state file holds: `_finite` turns what validation would drop
+        # (NaN, infinity) into None first. (Pydantic's validation is faster here than
+        # `model_construct`, which walks every field in Python.)
+        out[key] = WindowState(
             limit=_finite(limit), remaining=_finite(w.remaining), reset_at=_finite(w.reset_at),
             seen_at=now,
         )  # fmt: skip

@@ -120,6 +120,9 @@ _GO_UNITS = {"h": 3600, "m": 60, "s": 1, "ms": 1e-3, "us": 1e-6, "Âµs": 1e-6, "Î
 def parse_go_duration(text: str) -> float | None:
     """Seconds in a Go duration (`6m0s`, `2m59.56s`, `12ms`, `500us`); None for anything else."""
     s = text.strip() if isinstance(text, str) else ""
+    one = _GO_PART.fullmatch(s)
+    if one is not None:  # one part, as most resets are ("1s", "17ms"): a single match decides
+        return float(one.group(1)) * _GO_UNITS[one.group(2)]
     if s == "0":
         return 0.0
     total, pos = 0.0, 0
@@ -162,10 +165,15 @@ def _clamp(at: float, now: float, horizon: float) -> float | None:
 
 
 def _number(s: str) -> float | None:
+    if len(s) <= 18 and s.isdigit() and s.isascii():  # a plain count, the usual case
+        return float(s)
     return float(s) if _NUMBER.fullmatch(s) else None
 
 
-def _count(s: str) -> float | None:
+def _count(s: str | None) -> float | None:
+    """A count as a header states it (None when absent, malformed or beyond belief)."""
+    if s is None:
+        return None
     n = _number(s.strip())
     return n if n is not None and n <= _MAX_COUNT else None
 
@@ -247,8 +255,13 @@ def _field[T](
     value = h.get(name)
     if value is None:
         return None
-    parsed = parse(value)
-    if parsed is None:
+    return _checked(name, value, parse(value), label)
+
+
+def _checked[T](name: str, value: str | None, parsed: T | None, label: str | None) -> T | None:
+    """`parsed`, the parse of the header `name`'s `value`; a value present but unparsable is
+    reported under `label`."""
+    if parsed is None and value is not None:
         _malformed(label or name, value)
     return parsed
 
@@ -262,11 +275,13 @@ def _window(
     horizon: float,
     label: str | None = None,
 ) -> Window | None:
-    if names[0] not in h and names[1] not in h and names[2] not in h:
+    limit_text, remaining_text, reset_text = h.get(names[0]), h.get(names[1]), h.get(names[2])
+    if limit_text is None and remaining_text is None and reset_text is None:
         return None
-    limit = _field(h, names[0], _count, label)
-    remaining = _field(h, names[1], _count, label)
-    reset = _field(h, names[2], lambda v: _parse_reset(v, now, horizon), label)
+    limit = _checked(names[0], limit_text, _count(limit_text), label)
+    remaining = _checked(names[1], remaining_text, _count(remaining_text), label)
+    reset = None if reset_text is None else _parse_reset(reset_text, now, horizon)
+    reset = _checked(names[2], reset_text, reset, label)
     if limit is None and remaining is None and reset is None:
         return None
     return Window(dim, period, limit, remaining, reset)
@@ -283,14 +298,15 @@ def _windows(found: Iterable[Window | None]) -> tuple[Window, ...]:
 def _openai_windows(
     h: Mapping[str, str], now: float, horizon: float, provider: str
 ) -> tuple[Window, ...]:
-    # Groq reuses the names, but its request budget is per day and its token budget per minute.
-    periods = {"requests": "day", "tokens": "minute"} if provider == "groq" else {}
-    return _windows(
-        _window(h, dim, periods.get(dim), names, now, horizon) for dim, names in _OPENAI_NAMES
-    )
+    periods = _GROQ_PERIODS if provider == "groq" else _NO_PERIODS
+    found = [_window(h, dim, periods.get(dim), names, now, horizon) for dim, names in _OPENAI_NAMES]
+    return _windows(found)
 
 
 _OPENAI_NAMES: Final = tuple((d, _names("x-ratelimit-", f"-{d}")) for d in ("requests", "tokens"))
+_GROQ_PERIODS: Final = {"requests": "day", "tokens": "minute"}
+"""Groq reuses the names, but its request budget is per day and its token budget per minute."""
+_NO_PERIODS: Final[dict[str, str]] = {}
 
 
 def _anthropic_windows(h: Mapping[str, str], now: float, horizon: float) -> tuple[Window, ...]:
