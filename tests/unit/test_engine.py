@@ -12,7 +12,15 @@ from kmi_rotor.config import Settings, from_dict
 from kmi_rotor.core.health import KeyHealth
 from kmi_rotor.core.refusal import Refusal
 from kmi_rotor.core.signals import FailureKind, Signal, Window
-from kmi_rotor.engine import OUTAGE_WINDOW, Chosen, Decision, Engine, Wait, pool_available_at
+from kmi_rotor.engine import (
+    OUTAGE_WINDOW,
+    Chosen,
+    Decision,
+    Engine,
+    Wait,
+    _unique,
+    pool_available_at,
+)
 
 T0 = 1_000_000.0
 SOURCE = Path("/tmp/x/rotor.toml")
@@ -836,3 +844,19 @@ def test_pacing_follows_the_configuration_and_the_key_object_asked_about() -> No
     assert b.engine.usable(old_a, T0 + 1)  # a request of the old configuration: its own limits
     b.engine.reconfigure(paced)
     assert b.engine.usable(next(k for k in b.engine.keys.values() if k.label == "a"), T0 + 1)
+
+
+@pytest.mark.parametrize(
+    ("first", "rest", "expected"),
+    [
+        (None, ["a", "b"], ["a", "b"]),
+        ("b", ["a", "b", "c"], ["b", "a", "c"]),  # the affinity's key once, first
+        ("", ["a"], ["a"]),
+        (None, ["a", "a", "b"], ["a", "b"]),
+        ("x", [], ["x"]),
+    ],
+)
+def test_candidates_are_unique_with_the_first_first(
+    first: str | None, rest: list[str], expected: list[str]
+) -> None:
+    assert list(_unique(first, iter(rest))) == expected
