@@ -103,8 +103,9 @@ class Engine:
         self._affinity: dict[str, OrderedDict[str, str]] = {}
         self._overloads: dict[str, float] = {}
         self.budgets = Budgets(settings.limits.guard)
-        # In-flight reservations: key, scope, admitted at.
-        self._open: dict[int, tuple[str, str, float]] = {}
+        # In-flight reservations by key (fingerprint), then by id: scope, admitted at. By key,
+        # so that an answer looks only at its own key's requests, not at every one in flight.
+        self._open: dict[str, dict[int, tuple[str, float]]] = {}
         self._strategy_names: dict[str, str] = {}
         self._now = 0.0  # the decision's clock and scope, for strategies that ask for headroom
         self._scope = ""
@@ -238,7 +239,7 @@ class Engine:
         key = self.keys[result.key]
         self.strategies[plan.pool.name].chose(plan.pool.keys, key)
         self.budgets.admitted(key.fingerprint, now, plan.scope)
-        self._open[id(result.reservation)] = (key.fingerprint, plan.scope, now)
+        self._open.setdefault(key.fingerprint, {})[id(result.reservation)] = (plan.scope, now)
         if plan.affinity:
             self._remember(plan.pool, plan.affinity, key.fingerprint)
         return Chosen(key, result.reservation)
@@ -324,7 +325,11 @@ class Engine:
         """The request is over (whatever happened): correct its tokens and free its slot."""
         if reservation is None:
             return
-        self._open.pop(id(reservation), None)
+        mine = self._open.get(reservation.key)
+        if mine is not None:
+            mine.pop(id(reservation), None)
+            if not mine:
+                del self._open[reservation.key]
         if tokens is not None:
             self.adjust(reservation, tokens)
         self.limiter_of(reservation).release(reservation)
@@ -352,12 +357,11 @@ class Engine:
         reported, whenever it was admitted: transit times differ, so an earlier one can arrive
         later."""
         if sig.windows and "requests" not in self._paced_of(key):
+            skip = None if answered is None else id(answered)
             after = [
                 at
-                for rid, (fp, sc, at) in self._open.items()
-                if fp == key.fingerprint
-                and (not scope or sc == scope)
-                and (answered is None or rid != id(answered))
+                for rid, (sc, at) in self._open.get(key.fingerprint, {}).items()
+                if (not scope or sc == scope) and rid != skip
             ]
             self.budgets.observe(key.fingerprint, sig.windows, after, now, scope)
             self.budgets.prune(key.fingerprint, now, SCOPE_TTL)

@@ -794,6 +794,22 @@ def test_requests_in_flight_when_the_provider_answered_count_against_its_remaini
     assert not b.engine.usable(b.keys["a"], T0 + 0.2)
 
 
+def test_only_the_keys_own_requests_still_in_flight_count_against_its_remaining() -> None:
+    b = Bench(settings(2))
+    held = [b.take(T0) for _ in range(6)]  # a, b, a, b, a, b in flight
+    assert [h.key.label for h in held] == list("ababab")
+    for done in (held[2], held[1], held[3]):  # one of a's and two of b's are over
+        b.engine.settle(done.key, done.reservation, None)
+        b.engine.settle(done.key, done.reservation, None)  # twice: nothing more is forgotten
+    window = (Window("requests", "minute", 10, 2, T0 + 30),)
+    answered = held[0].reservation
+    b.engine.observe(b.keys["a"], sig(FailureKind.OK, windows=window), T0 + 0.1, answered)
+    # Two left by the report, less a's one request still in flight (held[4]); b's do not count.
+    assert b.engine.usable(b.keys["a"], T0 + 0.2)
+    assert b.take(T0 + 0.2, exclude="b").key.label == "a"  # its last one
+    assert not b.engine.usable(b.keys["a"], T0 + 0.3)
+
+
 def test_local_request_limits_pace_a_key_instead_of_the_providers_reports() -> None:
     b = Bench(settings(2, per_key={"a": {"limits": {"requests_per_minute": 100}}}))
     b.signal("a", FailureKind.OK, T0, windows=(Window("requests", "minute", 10, 0, T0 + 30),))
