@@ -8,7 +8,6 @@ where it says so; tests drive it with a fake clock.
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -42,8 +41,11 @@ OUTAGE_WINDOW = 30.0
 AFFINITY_SIZE = 10_000
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Chosen:
+    """The key a request was admitted on and what it holds there. Not changed once made (not
+    frozen: made for every request, and a frozen dataclass costs about four times more)."""
+
     key: Key
     reservation: Reservation
 
@@ -51,9 +53,10 @@ class Chosen:
 Decision = Chosen | Wait | Refusal
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Plan:
-    """One admission's candidates, in order, and what chose them."""
+    """One admission's candidates, in order, and what chose them. Not changed once made (not
+    frozen, for the cost: see `Chosen`)."""
 
     pool: Pool
     candidates: Sequence[str]
@@ -100,8 +103,9 @@ class Engine:
         self._affinity: dict[str, OrderedDict[str, str]] = {}
         self._overloads: dict[str, float] = {}
         self.budgets = Budgets(settings.limits.guard)
-        # In-flight reservations: key, scope, admitted at.
-        self._open: dict[int, tuple[str, str, float]] = {}
+        # In-flight reservations by key (fingerprint), then by id: scope, admitted at. By key,
+        # so that an answer looks only at its own key's requests, not at every one in flight.
+        self._open: dict[str, dict[int, tuple[str, float]]] = {}
         self._strategy_names: dict[str, str] = {}
         self._now = 0.0  # the decision's clock and scope, for strategies that ask for headroom
         self._scope = ""
@@ -153,11 +157,14 @@ class Engine:
         h = self.health.get(key.fingerprint)
         if h is None:
             return True
-        known = self._paced.get(key.fingerprint)
-        paced = known[1] if known is not None and known[0] is key else _paced(key)
-        if hl.usable(h, now, paced, self.policy.max_cooldown_seconds, scope):
+        if hl.usable(h, now, self._paced_of(key), self.policy.max_cooldown_seconds, scope):
             return True
         return self._recheck_due(h, now)
+
+    def _paced_of(self, key: Key) -> frozenset[str]:
+        """`_paced(key)`, as worked out for this configuration when `key` is one of its keys."""
+        known = self._paced.get(key.fingerprint)
+        return known[1] if known is not None and known[0] is key else _paced(key)
 
     def _recheck_due(self, h: KeyHealth, now: float) -> bool:
         at = hl.next_usable_at(h, now, self.policy) if h.disabled_reason else None
@@ -207,7 +214,7 @@ class Engine:
 
         order = (k.fingerprint for k in strategy.candidates(pool.keys, ok))
         sticky = self._affine(pool, affinity, ok)
-        candidates = _Lazy(_unique(([sticky] if sticky else []), order))
+        candidates = _Lazy(_unique(sticky, order))
         return Plan(pool, candidates, exclude, affinity, sticky is not None, scope, model)
 
     def conclude(
@@ -232,7 +239,7 @@ class Engine:
         key = self.keys[result.key]
         self.strategies[plan.pool.name].chose(plan.pool.keys, key)
         self.budgets.admitted(key.fingerprint, now, plan.scope)
-        self._open[id(result.reservation)] = (key.fingerprint, plan.scope, now)
+        self._open.setdefault(key.fingerprint, {})[id(result.reservation)] = (plan.scope, now)
         if plan.affinity:
             self._remember(plan.pool, plan.affinity, key.fingerprint)
         return Chosen(key, result.reservation)
@@ -318,7 +325,11 @@ class Engine:
         """The request is over (whatever happened): correct its tokens and free its slot."""
         if reservation is None:
             return
-        self._open.pop(id(reservation), None)
+        mine = self._open.get(reservation.key)
+        if mine is not None:
+            mine.pop(id(reservation), None)
+            if not mine:
+                del self._open[reservation.key]
         if tokens is not None:
             self.adjust(reservation, tokens)
         self.limiter_of(reservation).release(reservation)
@@ -345,13 +356,12 @@ class Engine:
         request of the scope in flight on the key may be missing from what the provider
         reported, whenever it was admitted: transit times differ, so an earlier one can arrive
         later."""
-        if sig.windows and "requests" not in _paced(key):
+        if sig.windows and "requests" not in self._paced_of(key):
+            skip = None if answered is None else id(answered)
             after = [
                 at
-                for rid, (fp, sc, at) in self._open.items()
-                if fp == key.fingerprint
-                and (not scope or sc == scope)
-                and (answered is None or rid != id(answered))
+                for rid, (sc, at) in self._open.get(key.fingerprint, {}).items()
+                if (not scope or sc == scope) and rid != skip
             ]
             self.budgets.observe(key.fingerprint, sig.windows, after, now, scope)
             self.budgets.prune(key.fingerprint, now, SCOPE_TTL)
@@ -506,9 +516,13 @@ def _paced_by(limits: LimitsConfig) -> frozenset[str]:
     return paced(limits)
 
 
-def _unique(first: Iterable[str], rest: Iterable[str]) -> Iterator[str]:
+def _unique(first: str | None, rest: Iterable[str]) -> Iterator[str]:
+    """`first` (when given), then `rest`, each once."""
     seen: set[str] = set()
-    for x in itertools.chain(first, rest):
+    if first:
+        seen.add(first)
+        yield first
+    for x in rest:
         if x not in seen:
             seen.add(x)
             yield x

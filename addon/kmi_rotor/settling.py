@@ -13,10 +13,13 @@ from . import relay
 from .bookkeeping import Bookkeeping
 from .core import outcome as oc
 from .core import tokens as tk
-from .core.scrub import only_own_words
+from .core.scrub import Scrubber, only_own_words
 from .core.signals import FailureKind, Signal, parse_signal
 from .scrubbing import scrubber
 from .served import Served
+
+OWN_OK = "ok"
+"""The reason `parse_signal` gives every success: kmi-rotor's own word, nothing to scrub."""
 
 
 class Settling:
@@ -39,10 +42,8 @@ class Settling:
             sig, outcome = oc.stream_signal(sig, stream)
         else:
             served.tokens = tk.reported_usage(body)
-        scrub = scrubber(run.settings)
-        reason, detail = scrub(sig.reason, 120), scrub(sig.detail)
-        if reason != sig.reason or detail != sig.detail:  # most answers have nothing to hide
-            sig = dataclasses.replace(sig, reason=reason, detail=detail)
+        if sig.reason != OWN_OK or sig.detail:  # a success's reason is our own word: no secret
+            sig = _scrubbed(sig, scrubber(run.settings))
         h = run.engine.observe(served.key, sig, now, served.reservation, served.scope)
         run.engine.settle(served.key, served.reservation, oc.total(served.tokens))
         run.state.observed(run.engine, served.key, now, served.scope)
@@ -84,3 +85,11 @@ class Settling:
         self.books.failed(flow, served, outcome, reason)
         self.books.trace(run, flow, served.pool, served, outcome, served.wall)
         return outcome
+
+
+def _scrubbed(sig: Signal, scrub: Scrubber) -> Signal:
+    """`sig` with its reason and detail scrubbed (itself when they had nothing to hide)."""
+    reason, detail = scrub(sig.reason, 120), scrub(sig.detail)
+    if reason != sig.reason or detail != sig.detail:  # most answers have nothing to hide
+        return dataclasses.replace(sig, reason=reason, detail=detail)
+    return sig

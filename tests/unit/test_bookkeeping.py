@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from kmi_rotor.bookkeeping import RECENT, Bookkeeping, RecentRequests
+from kmi_rotor.core.scrub import Scrubber
+from kmi_rotor.core.signals import parse_signal
+from kmi_rotor.settling import OWN_OK
 from kmi_rotor.trace import TraceRecord
 
 
@@ -54,3 +57,13 @@ def test_bookkeeping_lists_up_to_recent_requests() -> None:
         books.recent.add(record(i))
     rows = list(books.recent)
     assert len(rows) == RECENT and rows[-1]["id"] == f"flow-{RECENT + 4}"
+
+
+def test_a_success_reason_needs_no_scrubbing() -> None:
+    """Settling skips the scrubber for the reason every success gets: it must stay the one
+    parse_signal gives, whatever the answer's body or headers quote."""
+    secret = "sk-echoed-" + "x" * 30
+    for status in (200, 201, 304):
+        sig = parse_signal(status, [("x-note", secret)], secret.encode(), 0.0)
+        assert (sig.reason, sig.detail) == (OWN_OK, "")
+    assert Scrubber([secret])(OWN_OK, 120) == OWN_OK

@@ -12,7 +12,15 @@ from kmi_rotor.config import Settings, from_dict
 from kmi_rotor.core.health import KeyHealth
 from kmi_rotor.core.refusal import Refusal
 from kmi_rotor.core.signals import FailureKind, Signal, Window
-from kmi_rotor.engine import OUTAGE_WINDOW, Chosen, Decision, Engine, Wait, pool_available_at
+from kmi_rotor.engine import (
+    OUTAGE_WINDOW,
+    Chosen,
+    Decision,
+    Engine,
+    Wait,
+    _unique,
+    pool_available_at,
+)
 
 T0 = 1_000_000.0
 SOURCE = Path("/tmp/x/rotor.toml")
@@ -786,6 +794,22 @@ def test_requests_in_flight_when_the_provider_answered_count_against_its_remaini
     assert not b.engine.usable(b.keys["a"], T0 + 0.2)
 
 
+def test_only_the_keys_own_requests_still_in_flight_count_against_its_remaining() -> None:
+    b = Bench(settings(2))
+    held = [b.take(T0) for _ in range(6)]  # a, b, a, b, a, b in flight
+    assert [h.key.label for h in held] == list("ababab")
+    for done in (held[2], held[1], held[3]):  # one of a's and two of b's are over
+        b.engine.settle(done.key, done.reservation, None)
+        b.engine.settle(done.key, done.reservation, None)  # twice: nothing more is forgotten
+    window = (Window("requests", "minute", 10, 2, T0 + 30),)
+    answered = held[0].reservation
+    b.engine.observe(b.keys["a"], sig(FailureKind.OK, windows=window), T0 + 0.1, answered)
+    # Two left by the report, less a's one request still in flight (held[4]); b's do not count.
+    assert b.engine.usable(b.keys["a"], T0 + 0.2)
+    assert b.take(T0 + 0.2, exclude="b").key.label == "a"  # its last one
+    assert not b.engine.usable(b.keys["a"], T0 + 0.3)
+
+
 def test_local_request_limits_pace_a_key_instead_of_the_providers_reports() -> None:
     b = Bench(settings(2, per_key={"a": {"limits": {"requests_per_minute": 100}}}))
     b.signal("a", FailureKind.OK, T0, windows=(Window("requests", "minute", 10, 0, T0 + 30),))
@@ -836,3 +860,19 @@ def test_pacing_follows_the_configuration_and_the_key_object_asked_about() -> No
     assert b.engine.usable(old_a, T0 + 1)  # a request of the old configuration: its own limits
     b.engine.reconfigure(paced)
     assert b.engine.usable(next(k for k in b.engine.keys.values() if k.label == "a"), T0 + 1)
+
+
+@pytest.mark.parametrize(
+    ("first", "rest", "expected"),
+    [
+        (None, ["a", "b"], ["a", "b"]),
+        ("b", ["a", "b", "c"], ["b", "a", "c"]),  # the affinity's key once, first
+        ("", ["a"], ["a"]),
+        (None, ["a", "a", "b"], ["a", "b"]),
+        ("x", [], ["x"]),
+    ],
+)
+def test_candidates_are_unique_with_the_first_first(
+    first: str | None, rest: list[str], expected: list[str]
+) -> None:
+    assert list(_unique(first, iter(rest))) == expected

@@ -235,3 +235,40 @@ def test_huge_response_reports_nothing() -> None:
     raw = b'{"usage": {"prompt_tokens": 1, "completion_tokens": 2}, "pad": "'
     raw += b"p" * MAX_BODY + b'"}'
     assert reported_usage(raw) == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        # usage last, as OpenAI and Anthropic send it: read from the tail
+        (b'{"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 2}}', (9, 2)),
+        (b'{"usage": {"input_tokens": 5, "output_tokens": 1}, "id": "x"}  \n', (5, 1)),
+        # a nested "usage" after the outermost one: the outermost one counts
+        (
+            b'{"usage": {"prompt_tokens": 3}, "content": [{"type": "tool_use",'
+            b' "input": {"usage": {"prompt_tokens": 99}}}]}',
+            (3, None),
+        ),
+        # only a nested "usage": none reported, as when the whole body is read
+        (b'{"content": [{"input": {"usage": {"prompt_tokens": 99}}}]}', (None, None)),
+        (b'{"a": {"usage": {"prompt_tokens": 99}}, "usage": 1}', (None, None)),
+        # "usage" quoted inside a string is no key
+        (b'{"usage": {"prompt_tokens": 4}, "text": "say \\"usage\\": {}"}', (4, None)),
+        (b'{"text": "\\"usage\\": {\\"prompt_tokens\\": 8}"}', (None, None)),
+        # a key that ends in usage, or the outermost usage not an object
+        (b'{"x\\"usage": {"prompt_tokens": 8}}', (None, None)),
+        (b'{"usageMetadata": {"promptTokenCount": 6}, "usage": null}', (6, None)),
+        (b'{"usage": null, "usageMetadata": {"promptTokenCount": 6}}', (6, None)),
+        # the last of duplicate keys, as json.loads keeps
+        (b'{"usage": {"prompt_tokens": 1}, "usage": {"prompt_tokens": 2}}', (2, None)),
+    ],
+)
+def test_reported_usage_read_from_the_tail(raw: bytes, expected: tuple[int | None, ...]) -> None:
+    assert reported_usage(raw) == expected
+
+
+def test_usage_after_a_long_answer_is_read_without_the_answer() -> None:
+    # The tail alone is read: content before it is never parsed (here, broken on purpose).
+    raw = b'{"choices": [{"message": {"content": "' + b"\xff" * 4096 + b'"}}],'
+    raw += b' "usage": {"prompt_tokens": 12, "completion_tokens": 700}}'
+    assert reported_usage(raw) == (12, 700)

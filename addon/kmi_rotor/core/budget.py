@@ -164,7 +164,9 @@ class Budgets:
 
     def _binding(self, fp: str, scope: str) -> list[Budget]:
         """The budgets a request of `scope` spends from: the key's, and the scope's own."""
-        scopes = self._by_key.get(fp, {})
+        scopes = self._by_key.get(fp)
+        if not scopes:  # a key no answer reported on (asked for every candidate)
+            return []
         found = list(scopes.get("", {}).values())
         if scope:
             found.extend(scopes.get(scope, {}).values())
@@ -172,9 +174,12 @@ class Budgets:
 
     def blocked_until(self, fp: str, now: float, scope: str = "") -> float | None:
         """None when every window binding `scope` has room; else when the last spent one ends."""
-        ends = [b.blocked_until(now) for b in self._binding(fp, scope)]
-        known = [e for e in ends if e is not None]
-        return max(known) if known else None
+        latest = None
+        for b in self._binding(fp, scope):
+            end = b.blocked_until(now)
+            if end is not None and (latest is None or end > latest):
+                latest = end
+        return latest
 
     def fraction(self, fp: str, now: float, scope: str = "") -> float:
         """Remaining fraction of the tightest window binding `scope` (1.0 when none known)."""

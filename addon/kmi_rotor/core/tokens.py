@@ -77,10 +77,12 @@ def reported_usage(body: bytes | None) -> tuple[int | None, int | None]:
     """(input, output) tokens from a JSON response's `usage` (OpenAI or Anthropic)."""
     if not body or len(body) > MAX_BODY:
         return None, None
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return None, None
+    data = _usage_tail(body)
+    if data is None:
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            return None, None
     usage = data.get("usage") if isinstance(data, dict) else None
     if not isinstance(usage, dict):
         meta = data.get("usageMetadata") if isinstance(data, dict) else None  # Gemini
@@ -90,6 +92,27 @@ def reported_usage(body: bytes | None) -> tuple[int | None, int | None]:
     tokens_in = _int(usage.get("prompt_tokens", usage.get("input_tokens")))
     tokens_out = _int(usage.get("completion_tokens", usage.get("output_tokens")))
     return tokens_in, tokens_out
+
+
+def _usage_tail(body: bytes) -> dict[str, Any] | None:
+    """The end of a JSON object body from its last `"usage"` key on, read as an object of its
+    own, when that key belongs to the outermost object; None otherwise (the whole body must
+    then be read).
+
+    OpenAI and Anthropic put `usage` after the answer's content, so this reads a few dozen
+    bytes instead of the whole completion. The key belongs to the outermost object exactly
+    when `{` + the rest is one JSON object: a nested key leaves a closing brace too many. A
+    quote inside a JSON string is escaped, so a `"usage"` not preceded by a backslash opens a
+    key. What comes before the key is not read: a body broken there still has its usage read.
+    """
+    at = body.rfind(b'"usage"')
+    if at <= 0 or body[at - 1] == 0x5C:  # a backslash: inside a string, or an odd key
+        return None
+    try:
+        data = json.loads(b"{" + body[at:])
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("usage"), dict) else None
 
 
 def _int(v: object) -> int | None:
