@@ -6,7 +6,8 @@ mitmdump and a mitmdump with kmi-rotor started with the same options. Runs alter
 the two (the order flips each round) so that a shared machine's noise falls on both; one
 asyncio load generator keeps `--concurrency` keep-alive requests in flight against one of them
 at a time. Per run: throughput, p50/p99 latency, and mitmdump's own CPU time per request
-(/proc/PID/stat, all its threads), which the load generator's cost does not blur.
+(/proc/PID/stat, all its threads), which the load generator's cost does not blur; of it, the
+CPU of the threads other than the event loop's (kmi-rotor's trace and state writers).
 
 Cases:
 - reverse: `--mode reverse:https://upstream`, plain HTTP from the client; 2 keys.
@@ -71,8 +72,12 @@ class Child:
 
     def cpu_seconds(self) -> float:
         """utime + stime of the process, all its threads."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / TICK
+        return _stat_cpu(Path(f"/proc/{self.proc.pid}/stat"))
+
+    def cpu_split(self) -> tuple[float, float]:
+        """`cpu_seconds` split: the main thread's (the event loop, where the hooks run) and the
+        other threads' (the trace and state writers, `to_thread`'s workers)."""
+        return thread_cpu(self.proc.pid)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -82,6 +87,27 @@ class Child:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def _stat_cpu(stat: Path) -> float:
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def thread_cpu(pid: int) -> tuple[float, float]:
+    """CPU seconds of process `pid`: its main thread's, and its other threads' together (a
+    thread that ended meanwhile is not counted)."""
+    main, others = 0.0, 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            spent = _stat_cpu(task / "stat")
+        except (OSError, IndexError, ValueError):  # the thread ended while being read
+            continue
+        if task.name == str(pid):
+            main = spent
+        else:
+            others += spent
+    return main, others
 
 
 def launch(argv: Sequence[str], log: Path, ready: re.Pattern[str], timeout: float = 30) -> Child:
@@ -185,6 +211,8 @@ class Run:
     p99_ms: float
     cpu_us: float
     errors: int
+    threads_us: float = float("nan")
+    """Of `cpu_us`, the CPU of threads other than the event loop's (the writers' threads)."""
     p50_1_ms: float = float("nan")
     """p50 with one connection: the time a request spends in the proxy, without queueing."""
 
@@ -193,15 +221,17 @@ def measure(child: Child, target: Target, args: argparse.Namespace, stream: bool
     async def go() -> tuple[Load, float]:
         async def window() -> float:
             await asyncio.sleep(args.warmup)
-            before = child.cpu_seconds()
+            before = child.cpu_split()
             await asyncio.sleep(args.seconds)
-            return child.cpu_seconds() - before
+            after = child.cpu_split()
+            return after[0] - before[0], after[1] - before[1]
 
         kw = dict(seconds=args.seconds, warmup=args.warmup, concurrency=args.concurrency)
         load, cpu = await asyncio.gather(drive(target, stream=stream, **kw), window())
         return load, cpu
 
-    load, cpu = asyncio.run(go())
+    load, (loop_cpu, threads_cpu) = asyncio.run(go())
+    cpu = loop_cpu + threads_cpu
     lat = sorted(load.latencies) or [float("nan")]
     n = len(load.latencies)
     one = asyncio.run(
@@ -214,6 +244,7 @@ def measure(child: Child, target: Target, args: argparse.Namespace, stream: bool
         p99_ms=lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000,
         cpu_us=cpu / n * 1e6 if n else float("nan"),
         errors=load.errors + one.errors,
+        threads_us=threads_cpu / n * 1e6 if n else float("nan"),
         p50_1_ms=lat1[len(lat1) // 2] * 1000,
     )
 
@@ -270,10 +301,17 @@ def _target(setup: Setup, child: Child, case: str) -> Target:
 # -- the profile ----------------------------------------------------------------------------------
 
 
+def py_spy() -> str | None:
+    """py-spy beside this Python (the `bench` extra installs it), else on PATH; None if neither."""
+    beside = Path(sys.executable).parent / "py-spy"
+    return str(beside) if beside.is_file() else shutil.which("py-spy")
+
+
 def profile(child: Child, target: Target, args: argparse.Namespace, case: str) -> None:
     """py-spy on `child` while it carries the load (`case` names the file, `bare-reverse`,
     `rotor-stream`...); prints the heaviest frames."""
-    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    spy = py_spy()
+    assert spy is not None  # checked before the first run
     out = args.profile / f"{case}.txt"
     args.profile.mkdir(parents=True, exist_ok=True)
     seconds = max(args.seconds, 8)
@@ -335,7 +373,7 @@ def _short(frame: str) -> str:
 def _fmt_run(r: Run) -> str:
     return (
         f"{r.rps:7.1f} req/s  p50 {r.p50_ms:6.2f} ms  p99 {r.p99_ms:6.2f} ms  "
-        f"cpu {r.cpu_us:6.0f} µs/req  p50@1 {r.p50_1_ms:5.2f} ms  errors {r.errors}"
+        f"cpu {r.cpu_us:6.0f} µs/req (other threads {r.threads_us:3.0f})  p50@1 {r.p50_1_ms:5.2f} ms  errors {r.errors}"
     )
 
 
@@ -411,6 +449,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "kmi-rotor runs as a third proxy in the same rounds, for a before/after in one run",
     )
     args = parser.parse_args(argv)
+    if args.profile is not None and py_spy() is None:
+        parser.error("--profile needs py-spy: pip install -e '.[bench]'")
     args.runs = args.runs or (3 if args.quick else 4)
     args.seconds = args.seconds or (3.0 if args.quick else 6.0)
     args.warmup = args.warmup or (1.0 if args.quick else 2.0)
