@@ -1037,6 +1037,16 @@ def test_parse_reset(value: str, expected: float | None) -> None:
     assert signals._parse_reset(value, NOW, DEFAULT_HORIZON) == pytest.approx(expected)
 
 
+def test_only_short_go_durations_are_remembered() -> None:
+    signals._short_go_duration.cache_clear()
+    long = "1s" * 16  # a real duration, but as long as a key: read each time, not kept
+    assert signals._parse_reset(long, NOW, DEFAULT_HORIZON) == NOW + 16
+    assert signals._short_go_duration.cache_info().currsize == 0
+    for _ in range(2):
+        assert signals._parse_reset("2m30s", NOW, DEFAULT_HORIZON) == NOW + 150
+    assert signals._short_go_duration.cache_info()[:4] == (1, 1, 256, 1)  # hits, misses, ...
+
+
 @given(
     st.one_of(
         st.from_regex(r"[0-9]{0,14}(\.[0-9]{0,4})?(h|m|s|ms|us|µs|ns|)?", fullmatch=True),

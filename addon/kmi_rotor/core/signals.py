@@ -136,9 +136,18 @@ def parse_go_duration(text: str) -> float | None:
     return total if pos == len(s) and pos and math.isfinite(total) else None
 
 
-@functools.lru_cache(maxsize=256)
 def _go_duration(text: str) -> float | None:
-    """`parse_go_duration`, remembered: a provider sends the same few resets ("1s", "6m0s")."""
+    """`parse_go_duration`, remembered for short values: a provider sends the same few resets
+    ("1s", "6m0s"). A longer value is no real duration, and may be anything an upstream
+    echoed (a key, even): it is read, not kept."""
+    return _short_go_duration(text) if len(text) <= _REMEMBERED else parse_go_duration(text)
+
+
+_REMEMBERED = 24
+
+
+@functools.lru_cache(maxsize=256)
+def _short_go_duration(text: str) -> float | None:
     return parse_go_duration(text)
 
 
