@@ -10,11 +10,13 @@ from kmi_rotor.core.health import (
     KeyHealth,
     KeyStatus,
     Policy,
+    ScopedHealth,
     WindowState,
     apply_network_error,
     apply_signal,
     decayed_score,
     headroom,
+    held_back,
     next_usable_at,
     operator_reset,
     status,
@@ -447,6 +449,51 @@ def test_usable_next_usable_at_headroom(
     assert usable(h, NOW) is is_usable
     assert next_usable_at(h, NOW) == at
     assert headroom(h, NOW) == pytest.approx(room)
+
+
+_SPENT = WindowState(limit=3, remaining=0, reset_at=NOW + 40, seen_at=NOW - 10)
+
+
+@pytest.mark.parametrize(
+    ("h", "kwargs", "held"),
+    [
+        (KeyHealth(), {}, False),
+        (KeyHealth(windows={"requests": _SPENT}), {}, True),
+        (KeyHealth(windows={"requests": _SPENT}), {"paced": frozenset({"requests"})}, False),
+        (KeyHealth(windows={"requests:day": _SPENT}), {"paced": frozenset({"requests"})}, False),
+        (KeyHealth(windows={"requests": _SPENT}), {"cap": 5.0}, False),  # seen 10 s ago
+        (KeyHealth(windows={"requests": _SPENT}), {"cap": 60.0}, True),
+        (KeyHealth(windows={"requests": _SPENT.model_copy(update={"reset_at": NOW})}), {}, False),
+        (KeyHealth(windows={"requests": _SPENT.model_copy(update={"reset_at": None})}), {}, False),
+        (KeyHealth(windows={"requests": _SPENT.model_copy(update={"remaining": -1})}), {}, True),
+        (KeyHealth(windows={"requests": _SPENT.model_copy(update={"remaining": None})}), {}, False),
+        (KeyHealth(windows={"requests": _SPENT.model_copy(update={"remaining": 1})}), {}, False),
+        # A cooling key's exhausted window still holds it back: the two are asked apart.
+        (KeyHealth(cooling_until=NOW + 5, windows={"tokens": _SPENT}), {}, True),
+        (
+            KeyHealth(scopes={"model:m": ScopedHealth(windows={"tokens": _SPENT})}),
+            {"scope": "model:m"},
+            True,
+        ),
+        (KeyHealth(scopes={"model:m": ScopedHealth(windows={"tokens": _SPENT})}), {}, False),
+        (
+            KeyHealth(scopes={"model:m": ScopedHealth(windows={"tokens": _SPENT})}),
+            {"scope": "model:n"},
+            False,
+        ),
+    ],
+)
+def test_held_back(h: KeyHealth, kwargs: dict[str, object], held: bool) -> None:
+    assert held_back(h, NOW, **kwargs) is held  # type: ignore[arg-type]
+    ready = status(h, NOW, str(kwargs.get("scope", ""))).state == "ready"
+    assert usable(h, NOW, **kwargs) is (ready and not held)  # type: ignore[arg-type]
+
+
+def test_a_ready_status_carries_no_time_or_reason() -> None:
+    assert status(KeyHealth(), NOW) == KeyStatus("ready", None, None)
+    assert status(KeyHealth(cooling_until=NOW - 1, cooling_reason="429"), NOW) == KeyStatus(
+        "ready", None, None
+    )
 
 
 def test_status_picks_the_longer_of_block_and_cooldown() -> None:

@@ -997,6 +997,71 @@ def test_parse_go_duration_reads_as_part_by_part(text: str) -> None:
     assert parse_go_duration(text) == _go_duration_part_by_part(text)
 
 
+def _reset_as_read_in_turn(value: str, now: float, horizon: float) -> float | None:
+    """The reference reading of a reset: a number, else a Go duration, else a date."""
+    s = value.strip()
+    n = signals._number(s)
+    if n is not None:
+        at = n / 1000 if n > 1e12 else n if n > 1e9 else now + n
+    elif (d := parse_go_duration(s)) is not None:
+        at = now + d
+    else:
+        at = signals._date(s)
+    return None if at is None else signals._clamp(at, now, horizon)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("1ms", NOW + 0.001),
+        (" 6m0s ", NOW + 360),
+        ("6m0s", NOW + 360),  # again: remembered, the same
+        ("0", NOW),
+        ("0s", NOW),
+        ("30", NOW + 30),
+        ("1.5", NOW + 1.5),
+        (str(NOW + 60), NOW + 60),  # epoch seconds
+        (str(int((NOW + 60) * 1000)), NOW + 60),  # epoch milliseconds
+        ("2026-11-27T15:32:00", NOW + 120),  # a date ending in a digit
+        ("2026-11-27T15:32:00Z", NOW + 120),
+        ("Fri, 27 Nov 2026 15:32:00 GMT", NOW + 120),
+        ("١٢", None),  # other scripts' digits: not a number, nor anything else
+        ("12١", None),
+        ("1.2.3", None),
+        ("", None),
+        ("s", None),
+        ("1 s", None),
+    ],
+)
+def test_parse_reset(value: str, expected: float | None) -> None:
+    assert signals._parse_reset(value, NOW, DEFAULT_HORIZON) == pytest.approx(expected)
+
+
+def test_only_short_go_durations_are_remembered() -> None:
+    signals._short_go_duration.cache_clear()
+    long = "1s" * 16  # a real duration, but as long as a key: read each time, not kept
+    assert signals._parse_reset(long, NOW, DEFAULT_HORIZON) == NOW + 16
+    assert signals._short_go_duration.cache_info().currsize == 0
+    for _ in range(2):
+        assert signals._parse_reset("2m30s", NOW, DEFAULT_HORIZON) == NOW + 150
+    assert signals._short_go_duration.cache_info()[:4] == (1, 1, 256, 1)  # hits, misses, ...
+
+
+@given(
+    st.one_of(
+        st.from_regex(r"[0-9]{0,14}(\.[0-9]{0,4})?(h|m|s|ms|us|µs|ns|)?", fullmatch=True),
+        st.text(alphabet="0123456789.:-TZhmsun ١", max_size=24),
+        st.text(max_size=24),
+    )
+)
+def test_parse_reset_reads_as_each_format_in_turn(value: str) -> None:
+    """A number is tried only on what ends in a digit, and Go durations are remembered: the
+    same results as trying a number, a Go duration and a date in turn."""
+    for _ in range(2):  # the second reading comes from what was remembered
+        got = signals._parse_reset(value, NOW, DEFAULT_HORIZON)
+        assert got == _reset_as_read_in_turn(value, NOW, DEFAULT_HORIZON)
+
+
 @pytest.mark.parametrize(
     ("text", "count"),
     [

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from kmi_rotor.core.sse import SSEReader
 
@@ -75,3 +77,83 @@ def test_only_the_first_line_of_the_stream_loses_a_bom() -> None:
     dropped = b"x" * 30 + b"\n" + bom + b"data: c\n\n"
     assert read([dropped], max_line=20) == ([], 1)
     assert read([dropped[:10], dropped[10:]], max_line=20) == ([], 1)
+
+
+class _LineByLine(SSEReader):
+    """The reference: every chunk through the general path, split into lines."""
+
+    def _one_data_event(self, chunk: bytes) -> bool:
+        return False
+
+
+def _both(chunks: list[bytes], max_line: int) -> list[tuple[object, ...]]:
+    out = []
+    for cls in (SSEReader, _LineByLine):
+        seen: list[tuple[bytes, bytes | None]] = []
+        reader = cls(lambda t, d, seen=seen: seen.append((t, d)), max_line=max_line)
+        states = []
+        for c in chunks:
+            reader.feed(c)
+            states.append((list(seen), reader.pending(), reader.buffered, reader.discarded))
+        out.append(states)
+    return out
+
+
+_WHOLE = [b"data: {}\n\n", b"data:x\n\n", b"data: \n\n", b"data:\n\n"]
+"""Chunks the shortcut may take, depending on what came before."""
+_PIECES = [
+    *_WHOLE,
+    b"data: ab\r\n\r\n",
+    b"data: a\nb\n\n",
+    b"data: a",
+    b"data: " + b"x" * 30 + b"\n\n",
+    b"event: e\n",
+    b"event: message_stop\n",
+    b": comment\n",
+    b"\xef\xbb\xbf",
+    b"\n",
+    b"\r",
+    b"\n\n",
+    b"x" * 25,
+    b"data",
+]
+
+
+@given(
+    st.lists(
+        st.one_of(
+            st.sampled_from(_WHOLE),
+            st.sampled_from(_PIECES),
+            st.lists(st.sampled_from(_PIECES), min_size=2, max_size=3).map(b"".join),
+            st.binary(max_size=12),
+        ),
+        max_size=12,
+    ),
+    st.sampled_from([4, 12, 24, 1 << 20]),
+)
+def test_a_whole_data_event_in_one_chunk_reads_as_line_by_line(
+    chunks: list[bytes], max_line: int
+) -> None:
+    """The shortcut for a chunk that is one whole `data:` event gives, after every chunk,
+    the same events, pending event, buffer and discarded count as splitting it into lines."""
+    fast, reference = _both(chunks, max_line)
+    assert fast == reference
+
+
+@pytest.mark.parametrize(
+    ("chunks", "events"),
+    [
+        ([b"data: a\n\n", b"data:b\n\n"], [(b"", b"a"), (b"", b"b")]),
+        ([b"data: \n\n"], [(b"", b"")]),
+        ([b"event: e\n", b"data: a\n\n"], [(b"e", b"a")]),  # an event begun before
+        ([b"data: a\n", b"data: b\n\n"], [(b"", b"a\nb")]),
+        ([b"da", b"data: a\n\n"], []),  # a partial line before: "dadata: a" is no field
+        ([b"data: a\r", b"data: b\n\n"], [(b"", b"a\nb")]),  # a CR ended the line before
+        ([b"data: a\r\n\r\n"], [(b"", b"a")]),
+        ([b"data: 0123456789abcdef\n\n"], []),  # a line longer than max_line is dropped
+    ],
+)
+def test_whole_data_events_after_what_came_before(
+    chunks: list[bytes], events: list[tuple[bytes, bytes | None]]
+) -> None:
+    assert read(chunks, max_line=18)[0] == events

@@ -150,7 +150,7 @@ def from_state(disabled_in_config: bool, h: KeyHealth | None, now: float) -> Ver
         return Verdict(Outcome.NO_QUOTA, _known(st.reason), st.until, probed=False)
     if st.state == "cooling":
         return Verdict(Outcome.RATE_LIMITED, _known(st.reason), st.until, probed=False)
-    if st.state == "ready" and not hl.usable(h, now):
+    if st.state == "ready" and hl.held_back(h, now):
         spent = [
             (name, w)
             for name, w in h.windows.items()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Final, Literal
 
 # The records live apart (the state file's shapes); importers find them here too.
 from .health_records import MAX_SCOPES as MAX_SCOPES
@@ -289,7 +289,11 @@ def status(h: KeyHealth, now: float, scope: str = "") -> KeyStatus:
         return KeyStatus("blocked", blocked, h.blocked_reason)
     if cooling is not None:
         return KeyStatus("cooling", cooling, reason)
-    return KeyStatus("ready", None, None)
+    return _READY
+
+
+_READY: Final = KeyStatus("ready", None, None)
+"""A ready key's status, the usual answer: one value (it is frozen), not one per call."""
 
 
 def _cooling_for(h: KeyHealth, now: float, scope: str) -> tuple[float | None, str | None]:
@@ -315,7 +319,19 @@ def usable(
     """Ready for a request of `scope`, and no known window (the key's or the scope's) is
     exhausted until a reset still to come (a report holds the key back at most `cap` seconds
     after it was seen)."""
-    return status(h, now, scope).state == "ready" and not _exhausted(h, now, paced, cap, scope)
+    return status(h, now, scope).state == "ready" and not held_back(h, now, paced, cap, scope)
+
+
+def held_back(
+    h: KeyHealth,
+    now: float,
+    paced: frozenset[str] = frozenset(),
+    cap: float = math.inf,
+    scope: str = "",
+) -> bool:
+    """Whether a known window (the key's or the scope's) is exhausted until a reset still to
+    come: what keeps a ready key from being `usable` (same arguments)."""
+    return bool(_exhausted(h, now, paced, cap, scope))
 
 
 def next_usable_at(

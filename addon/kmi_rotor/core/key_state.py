@@ -85,7 +85,7 @@ def key_state(
     st = hl.status(h, now, scope)
     state, until, reason = st.state, st.until, st.reason
     cap = policy.max_cooldown_seconds if policy else math.inf
-    if state == "ready" and not hl.usable(h, now, cap=cap, scope=scope):
+    if state == "ready" and hl.held_back(h, now, cap=cap, scope=scope):
         state, until = "cooling", hl.next_usable_at(h, now, policy, scope=scope)
         reason = "provider reports no remaining quota"
     if state == "ready" and spent_until is not None and spent_until > now:

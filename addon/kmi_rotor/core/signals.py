@@ -6,6 +6,7 @@ ignored (and its header name logged once), never raised, and no time lies outsid
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -135,6 +136,21 @@ def parse_go_duration(text: str) -> float | None:
     return total if pos == len(s) and pos and math.isfinite(total) else None
 
 
+def _go_duration(text: str) -> float | None:
+    """`parse_go_duration`, remembered for short values: a provider sends the same few resets
+    ("1s", "6m0s"). A longer value is no real duration, and may be anything an upstream
+    echoed (a key, even): it is read, not kept."""
+    return _short_go_duration(text) if len(text) <= _REMEMBERED else parse_go_duration(text)
+
+
+_REMEMBERED = 24
+
+
+@functools.lru_cache(maxsize=256)
+def _short_go_duration(text: str) -> float | None:
+    return parse_go_duration(text)
+
+
 def parse_retry_after(value: str, now: float, *, horizon: float = DEFAULT_HORIZON) -> float | None:
     """`Retry-After` (delta seconds or HTTP-date) as absolute epoch seconds, clamped to >= now."""
     s = value.strip() if isinstance(value, str) else ""
@@ -147,10 +163,10 @@ def _parse_reset(value: str, now: float, horizon: float) -> float | None:
     """A reset in any format seen: delta or epoch seconds or epoch ms (by magnitude), Go
     duration, RFC 3339 or HTTP date."""
     s = value.strip()
-    n = _number(s)
+    n = _number(s) if s[-1:].isdigit() else None  # a Go duration ends in its unit: no number
     if n is not None:
         at = n / 1000 if n > 1e12 else n if n > 1e9 else now + n
-    elif (d := parse_go_duration(s)) is not None:
+    elif (d := _go_duration(s)) is not None:
         at = now + d
     else:
         at = _date(s)

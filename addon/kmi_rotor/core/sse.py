@@ -63,6 +63,8 @@ class SSEReader:
 
     def feed(self, chunk: bytes) -> None:
         """Split `chunk` into lines and dispatch every event it completes."""
+        if self._one_data_event(chunk):
+            return
         if self._skip_lf and chunk[:1] == b"\n":
             chunk = chunk[1:]  # second half of a CRLF split across chunks
         # A trailing CR ends its line now (it is a line end on its own); remember it so that
@@ -90,6 +92,27 @@ class SSEReader:
             else:
                 self._line(line)
         self._keep_partial(tail)
+
+    def _one_data_event(self, chunk: bytes) -> bool:
+        """Dispatch `chunk` if it is the usual one, a whole event of one `data:` line
+        (`data: {...}\\n\\n`, no CR, within `max_line`) with nothing held from the chunks
+        before; False, having done nothing, for any other. The same as `feed`'s general path,
+        without splitting the chunk into lines."""
+        if not (
+            chunk.endswith(b"\n\n")
+            and chunk.find(b"\n") == len(chunk) - 2
+            and chunk.startswith(b"data:")
+            and len(chunk) <= self._max
+            and b"\r" not in chunk
+        ):
+            return False
+        # Nothing held: no partial line, no line being dropped, no event begun (nor dropped:
+        # a dropped event's data still counts in `_data_len`).
+        if self._buf or self._discarding or self._data_len or self._type:
+            return False
+        self._first_line = self._skip_lf = False  # a first line that opens with `data:` has no BOM
+        self._on_event(b"", chunk[6:-2] if chunk[5:6] == b" " else chunk[5:-2])
+        return True
 
     def _keep_partial(self, part: bytes) -> None:
         if not part or self._discarding:
