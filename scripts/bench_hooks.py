@@ -6,7 +6,9 @@ A configured addon (one pool, `--keys` keys, the openai preset) sees `--requests
 small chat request through `requestheaders`, `request`, `responseheaders` and `response`,
 answered 200 with OpenAI's rate-limit headers (or, with `--stream`, an SSE stream of
 `--events` events fed through the stream tap). Reported: CPU µs per request in the hooks
-(best of `--rounds`), and per event for streams; the flows' construction is not counted.
+(best of `--rounds`), and per event for streams. Requests and answers are built before the
+clock starts, and bodies are stored as mitmproxy stores them (`.data.content`), so the figure
+is the hooks' work alone.
 
     .venv/bin/python scripts/bench_hooks.py [--keys 2] [--stream] [--events 50]
 """
@@ -63,24 +65,31 @@ def make_flow(body: bytes) -> http.HTTPFlow:
     return f
 
 
-async def one(rotor: Rotor, f: http.HTTPFlow, answer: bytes, events: list[bytes]) -> None:
+def make_response(stream: bool) -> http.Response:
+    """An answer as mitmproxy hands it to `responseheaders`: headers read, body not yet."""
+    r = tutils.tresp(status_code=200, headers=_answer_headers(stream), content=b"")
+    r.data.content = None
+    return r
+
+
+async def one(
+    rotor: Rotor, f: http.HTTPFlow, r: http.Response, answer: bytes, events: list[bytes]
+) -> None:
     body, f.request.data.content = f.request.data.content, None
     await rotor.requestheaders(f)
     f.request.data.content = body
     await rotor.request(f)
-    f.response = tutils.tresp(status_code=200, headers=_HEADERS[bool(events)], content=b"")
+    f.response = r
     rotor.responseheaders(f)
-    stream = f.response.stream
+    stream = r.stream
     if callable(stream):
         for chunk in events:
             stream(chunk)
         stream(b"")
+        r.data.content = b""
     else:
-        f.response.content = answer
+        r.data.content = answer  # as mitmproxy stores a body it has read
     await rotor.response(f)
-
-
-_HEADERS: dict[bool, http.Headers] = {}
 
 
 def measure(rotor: Rotor, args: argparse.Namespace) -> float:
@@ -91,12 +100,13 @@ def measure(rotor: Rotor, args: argparse.Namespace) -> float:
     events = _dechunk(raw) if args.stream else []
     answer = b'{"choices":[],"usage":{"prompt_tokens":9,"completion_tokens":2}}'
     flows = [make_flow(body) for _ in range(args.requests)]
+    responses = [make_response(args.stream) for _ in flows]
     clock: Callable[[], float] = time.thread_time
 
     async def run() -> float:
         start = clock()
-        for f in flows:
-            await one(rotor, f, answer, events)
+        for f, r in zip(flows, responses, strict=True):
+            await one(rotor, f, r, answer, events)
         return clock() - start
 
     spent = asyncio.run(run())
@@ -126,7 +136,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stream", action="store_true")
     parser.add_argument("--events", type=int, default=50)
     args = parser.parse_args(argv)
-    _HEADERS.update({s: _answer_headers(s) for s in (False, True)})
     logging.getLogger("kmi_rotor").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="bench-hooks-") as d:
         keys = {f"k{i}": f"sk-bench-hooks-{i:05d}-{'x' * 24}" for i in range(args.keys)}
