@@ -113,8 +113,9 @@ class Gatekeeper:
         try:
             pool = self._pool_of(flow.request.host, flow.request.port)
             kind: access.Kind = "connect_pool" if pool is not None else "other"
-            refusal = self._who(flow, kind, pool) or await self._where(
-                flow, flow.request.host, flow.request.port, pool, everyone=True
+            loopback = _client_loopback(flow)
+            refusal = self._who(flow, kind, pool, loopback) or await self._where(
+                flow, flow.request.host, flow.request.port, pool, loopback, everyone=True
             )
         except Exception:
             log.exception("kmi-rotor: internal error while checking a tunnel")
@@ -208,10 +209,13 @@ class Gatekeeper:
             return Refusal(403, "host_not_allowed", why)
         kind: access.Kind = "page" if page else "pool" if pool is not None else "other"
         if not replay:
-            req = flow.request
-            refusal = self._who(flow, kind, pool) or await self._where(
-                flow, req.host, req.port, pool, everyone=False
-            )
+            loopback = _client_loopback(flow)  # asked once, for both checks
+            refusal = self._who(flow, kind, pool, loopback)
+            if refusal is None and not loopback:  # a loopback client's destination: server_connect
+                req = flow.request
+                refusal = await self._where(
+                    flow, req.host, req.port, pool, loopback, everyone=False
+                )
             if refusal is not None:
                 return refusal
         if page:
@@ -220,9 +224,10 @@ class Gatekeeper:
             return Refusal(503, "not_configured", f"not serving: {self._not_serving()}")
         return None if pool is None else self._route(flow, pool)
 
-    def _who(self, flow: http.HTTPFlow, kind: access.Kind, pool: Pool | None) -> Refusal | None:
-        peer = flow.client_conn.peername[0] if flow.client_conn.peername else ""
-        loopback = access.is_loopback(peer)
+    def _who(
+        self, flow: http.HTTPFlow, kind: access.Kind, pool: Pool | None, loopback: bool
+    ) -> Refusal | None:
+        """Whether the client may have what it asks for; `loopback`: `_client_loopback(flow)`."""
         token = False
         clients = self.settings.clients if self.settings else ()
         if kind in ("pool", "page") and clients and not loopback:
@@ -243,12 +248,18 @@ class Gatekeeper:
         return None if why is None else Refusal(403, "client_not_allowed", why)
 
     async def _where(
-        self, flow: http.HTTPFlow, host: str, port: int, pool: Pool | None, *, everyone: bool
+        self,
+        flow: http.HTTPFlow,
+        host: str,
+        port: int,
+        pool: Pool | None,
+        loopback: bool,
+        *,
+        everyone: bool,
     ) -> Refusal | None:
         """The destination check of `server_connect`, answered as a local 403 before anything
-        opens: for tunnels from everyone, for requests from clients not on loopback."""
-        peer = flow.client_conn.peername[0] if flow.client_conn.peername else ""
-        loopback = access.is_loopback(peer)
+        opens: for tunnels from everyone, for requests from clients not on loopback
+        (`loopback`: `_client_loopback(flow)`)."""
         if loopback and not everyone:
             return None
         try:
@@ -378,6 +389,12 @@ class Gatekeeper:
         tokens = [(c.label, c.token.get_secret_value()) for c in clients]
         label = access.match_token(presented, tokens)
         return next((c for c in clients if c.label == label), None)
+
+
+def _client_loopback(flow: http.HTTPFlow) -> bool:
+    """Whether the flow's client connected from a loopback address (no address: it did not)."""
+    peer = flow.client_conn.peername[0] if flow.client_conn.peername else ""
+    return access.is_loopback(peer)
 
 
 @functools.lru_cache(maxsize=1024)

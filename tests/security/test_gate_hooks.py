@@ -210,3 +210,32 @@ async def test_server_connect_is_the_last_word(rotor: Rotor, peer, address, refu
 )
 def test_is_own_address(ip: str, own: bool) -> None:
     assert is_own_address(ipaddress.ip_address(ip)) is own
+
+
+@pytest.mark.parametrize(
+    ("peer", "address", "refused"),
+    [
+        ("10.231.0.2", ("127.0.0.2", 6379), True),  # a remote client, a service of this machine
+        ("10.231.0.2", ("[::ffff:127.0.0.1]", 6379), True),
+        ("10.231.0.2", ("192.0.2.1", 80), False),  # elsewhere
+        ("::ffff:10.231.0.2", ("127.0.0.2", 6379), True),
+        ("127.0.0.1", ("127.0.0.2", 6379), False),  # loopback clients: server_connect decides
+        ("::1", ("127.0.0.2", 6379), False),
+        ("::ffff:127.0.0.1", ("127.0.0.2", 6379), False),
+        ("", ("127.0.0.2", 6379), True),  # no address: not loopback
+    ],
+)
+async def test_a_request_checks_the_destination_of_clients_not_on_loopback(
+    rotor: Rotor, peer, address, refused
+) -> None:
+    """The gate asks the client's address once for both checks; a client not on loopback (with
+    proxyauth, so that it may go elsewhere) is refused a destination on this machine."""
+    host, port = address
+    f = make_flow(host=host, port=port, scheme="http", headers=(("host", host),))
+    f.client_conn.peername = (peer, 5555) if peer else None
+    f.metadata["proxyauth"] = ("user", "pass")
+    await send(rotor, f)
+    if refused:
+        assert refusal(f) == (403, "destination_not_allowed")
+    else:
+        assert f.response is None
