@@ -19,6 +19,8 @@ def field_value(fields: Iterable[tuple[bytes, bytes]], name: bytes) -> str | Non
     values = [v for k, v in fields if k.lower() == name]
     if not values:
         return None
+    if len(values) == 1:  # the usual case: nothing to join
+        return values[0].decode("utf-8", "surrogateescape")
     return ", ".join(v.decode("utf-8", "surrogateescape") for v in values)
 
 
