@@ -65,8 +65,9 @@ class Gatekeeper:
         self.clock = clock
         self.exposure = access.Exposure("local")
         self._listen_hosts: tuple[str, ...] = ()
-        self._pools: HostLookup[Pool | None] | None = None
-        """The pool of each host:port, remembered for the configuration in force."""
+        self._pools: HostLookup[tuple[Pool | None, bool]] | None = None
+        """The pool of each host:port, and whether it allows keys over plain HTTP there,
+        remembered for the configuration in force."""
         self._owns_host_header = False
         """True when kmi-rotor turned on keep_host_header to see reverse-mode clients' own Host
         (mitmproxy would replace it before any hook), and so rewrites it itself afterwards."""
@@ -229,7 +230,8 @@ class Gatekeeper:
     ) -> Refusal | None:
         """Whether the client may have what it asks for; `loopback`: `_client_loopback(flow)`."""
         token = False
-        clients = self.settings.clients if self.settings else ()
+        settings = self.settings
+        clients = settings.clients if settings else ()
         if kind in ("pool", "page") and clients and not loopback:
             client = self._token_client(flow, clients)
             if client is not None and access.token_allows(
@@ -292,7 +294,7 @@ class Gatekeeper:
             (*hosts, authority) if authority else tuple(hosts),
             flow.server_conn.sni,
             flow.server_conn.tls_established,
-            pool.plain_http_allowed(req.host, req.port),
+            self._plain_http_allowed(pool, req.host, req.port),
         )
         if r.refusal is not None:
             return Refusal(*r.refusal)
@@ -356,11 +358,26 @@ class Gatekeeper:
 
     def _pool_of(self, host: str, port: int) -> Pool | None:
         """The pool of host:port, looked up once per configuration."""
+        found = self._pool_entry(host, port)
+        return None if found is None else found[0]
+
+    def _plain_http_allowed(self, pool: Pool, host: str, port: int) -> bool:
+        """`pool.plain_http_allowed(host, port)`, remembered with the pool of host:port (for
+        a pool of another configuration than the one in force, worked out)."""
+        found = self._pool_entry(host, port)
+        if found is not None and found[0] is pool:
+            return found[1]
+        return pool.plain_http_allowed(host, port)
+
+    def _pool_entry(self, host: str, port: int) -> tuple[Pool | None, bool] | None:
+        """`_pool_and_plain(settings, host, port)` for the configuration in force, looked up
+        once per configuration; None without one."""
         settings = self.settings
         if settings is None:
             return None
         if self._pools is None or self._pools.source is not settings:
-            self._pools = HostLookup(settings.pool_for, source=settings)
+            find = functools.partial(_pool_and_plain, settings)
+            self._pools = HostLookup(find, source=settings)
         return self._pools(host, port)
 
     def listen_ports(self, flow: http.HTTPFlow | None = None) -> set[int]:
@@ -389,6 +406,12 @@ class Gatekeeper:
         tokens = [(c.label, c.token.get_secret_value()) for c in clients]
         label = access.match_token(presented, tokens)
         return next((c for c in clients if c.label == label), None)
+
+
+def _pool_and_plain(settings: Settings, host: str, port: int) -> tuple[Pool | None, bool]:
+    """The pool of host:port, and whether it allows keys over plain HTTP there."""
+    pool = settings.pool_for(host, port)
+    return pool, pool is not None and pool.plain_http_allowed(host, port)
 
 
 def _client_loopback(flow: http.HTTPFlow) -> bool:

@@ -17,7 +17,9 @@ from mitmproxy.proxy.layers import tls
 from mitmproxy.test import taddons, tflow, tutils
 
 from kmi_rotor.addon import META, Rotor
-from kmi_rotor.gatekeeper import is_own_address
+from kmi_rotor.config import Settings, from_dict
+from kmi_rotor.gatekeeper import Gatekeeper, is_own_address
+from kmi_rotor.hosting import StatusPage
 
 KEY = "sk-gate-hooks-000000000000000000000001"
 
@@ -239,3 +241,57 @@ async def test_a_request_checks_the_destination_of_clients_not_on_loopback(
         assert refusal(f) == (403, "destination_not_allowed")
     else:
         assert f.response is None
+
+
+def _settings(hosts: list[str]) -> Settings:
+    raw = {
+        "state_dir": "/tmp/kmi-rotor-gate-test-state",
+        "pools": [
+            {
+                "name": "p",
+                "provider": "generic",
+                "hosts": hosts,
+                "keys": [{"label": "k", "key": KEY}],
+            },
+        ],
+    }
+    return from_dict(raw, Path("/tmp/rotor.toml"), env={})
+
+
+@pytest.mark.parametrize(
+    ("hosts", "host", "port", "expected"),
+    [
+        (["http://plain.test"], "plain.test", 80, True),
+        (["http://plain.test"], "PLAIN.test.", 80, True),
+        (["https://plain.test"], "plain.test", 80, False),
+        (["plain.test"], "plain.test", 80, False),
+        (["http://plain.test:8080", "plain.test"], "plain.test", 8080, True),
+        (["http://plain.test:8080", "plain.test"], "plain.test", 80, False),
+        (["http://*.plain.test"], "a.plain.test", 80, True),
+        (["*.plain.test", "http://a.plain.test"], "a.plain.test", 80, True),
+    ],
+)
+def test_plain_http_is_remembered_as_the_pool_says(hosts, host, port, expected) -> None:
+    s = _settings(hosts)
+    gk = Gatekeeper(StatusPage(dict), lambda: s, lambda: None, lambda: 0.0)
+    pool = gk._pool_of(host, port)
+    assert pool is not None
+    for _ in range(2):  # worked out, then remembered
+        assert gk._plain_http_allowed(pool, host, port) is expected
+        assert pool.plain_http_allowed(host, port) is expected
+
+
+def test_plain_http_follows_a_new_configuration_and_a_pool_of_the_old_one() -> None:
+    old, new = _settings(["http://plain.test"]), _settings(["https://plain.test"])
+    current = old
+    gk = Gatekeeper(StatusPage(dict), lambda: current, lambda: None, lambda: 0.0)
+    old_pool = gk._pool_of("plain.test", 80)
+    assert old_pool is not None and gk._plain_http_allowed(old_pool, "plain.test", 80)
+    current = new
+    new_pool = gk._pool_of("plain.test", 80)
+    assert new_pool is not None and new_pool is not old_pool
+    assert gk._plain_http_allowed(new_pool, "plain.test", 80) is False  # renewed
+    assert gk._plain_http_allowed(old_pool, "plain.test", 80) is True  # its own answer
+    current = None
+    assert gk._pool_of("plain.test", 80) is None
+    assert gk._plain_http_allowed(old_pool, "plain.test", 80) is True
