@@ -21,7 +21,7 @@ from .core.header_fields import has_field
 from .core.refusal import Refusal
 from .core.scope import model_of_request, scope_of
 from .engine import Chosen, Wait
-from .masking import put
+from .masking import put_all
 from .names import META
 from .running import Running
 from .served import Served
@@ -133,8 +133,7 @@ class Admission:
             }
         )
         secret = key.secret.get_secret_value()
-        for p in where:
-            put(flow.request, p, p.render(secret))
+        put_all(flow.request, [(p, p.render(secret)) for p in where])
         flow.comment = f"key {key.label}" + (f" · attempt {attempt}" if attempt > 1 else "")
         self.books.counters(run, key).add("requests")
         failed = run.engine.keys.get(meta.get("retry", {}).get("after", ""))

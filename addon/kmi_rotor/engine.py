@@ -71,19 +71,32 @@ class Plan:
 
 
 class _Lazy:
-    """A sequence over an iterator, materialised only as far as it is read (twice at most)."""
+    """`first` (when given), then the fingerprint of each key of `keys` (or each item itself,
+    with `fingerprints=False`), each once: a sequence over an iterator, materialised only as
+    far as it is read (twice at most). One object, not a chain of generators: a plan's first
+    candidate is read for every request."""
 
-    def __init__(self, it: Iterator[str]) -> None:
-        self._it, self._seen = it, []  # type: tuple[Iterator[str], list[str]]
+    __slots__ = ("_fingerprints", "_given", "_it", "_seen")
+
+    def __init__(self, first: str | None, keys: Iterable[Any], *, fingerprints: bool = True):
+        self._it = iter(keys)
+        self._fingerprints = fingerprints
+        self._seen: list[str] = [first] if first else []
+        self._given: set[str] = set(self._seen)
 
     def __iter__(self) -> Iterator[str]:
         yield from self._seen
+        seen, given, fingerprints = self._seen, self._given, self._fingerprints
         for item in self._it:
-            self._seen.append(item)
-            yield item
+            name = item.fingerprint if fingerprints else item
+            if name not in given:
+                given.add(name)
+                seen.append(name)
+                yield name
 
     def __len__(self) -> int:
-        self._seen.extend(self._it)
+        for _ in self:  # read to the end
+            pass
         return len(self._seen)
 
     def __getitem__(self, i: int) -> str:
@@ -212,9 +225,8 @@ class Engine:
         def ok(k: Any) -> bool:
             return k.fingerprint not in exclude and self.usable(k, now, scope)
 
-        order = (k.fingerprint for k in strategy.candidates(pool.keys, ok))
-        sticky = self._affine(pool, affinity, ok)
-        candidates = _Lazy(_unique(sticky, order))
+        sticky = self._affine(pool, affinity, ok) if affinity else None
+        candidates = _Lazy(sticky, strategy.candidates(pool.keys, ok))
         return Plan(pool, candidates, exclude, affinity, sticky is not None, scope, model)
 
     def conclude(
@@ -518,14 +530,7 @@ def _paced_by(limits: LimitsConfig) -> frozenset[str]:
 
 def _unique(first: str | None, rest: Iterable[str]) -> Iterator[str]:
     """`first` (when given), then `rest`, each once."""
-    seen: set[str] = set()
-    if first:
-        seen.add(first)
-        yield first
-    for x in rest:
-        if x not in seen:
-            seen.add(x)
-            yield x
+    return iter(_Lazy(first, rest, fingerprints=False))
 
 
 def _scope_name(scope: str, keys: dict[str, Key]) -> str:

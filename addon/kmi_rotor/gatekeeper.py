@@ -65,8 +65,9 @@ class Gatekeeper:
         self.clock = clock
         self.exposure = access.Exposure("local")
         self._listen_hosts: tuple[str, ...] = ()
-        self._pools: HostLookup[Pool | None] | None = None
-        """The pool of each host:port, remembered for the configuration in force."""
+        self._pools: HostLookup[tuple[Pool | None, bool]] | None = None
+        """The pool of each host:port, and whether it allows keys over plain HTTP there,
+        remembered for the configuration in force."""
         self._owns_host_header = False
         """True when kmi-rotor turned on keep_host_header to see reverse-mode clients' own Host
         (mitmproxy would replace it before any hook), and so rewrites it itself afterwards."""
@@ -113,8 +114,9 @@ class Gatekeeper:
         try:
             pool = self._pool_of(flow.request.host, flow.request.port)
             kind: access.Kind = "connect_pool" if pool is not None else "other"
-            refusal = self._who(flow, kind, pool) or await self._where(
-                flow, flow.request.host, flow.request.port, pool, everyone=True
+            loopback = _client_loopback(flow)
+            refusal = self._who(flow, kind, pool, loopback) or await self._where(
+                flow, flow.request.host, flow.request.port, pool, loopback, everyone=True
             )
         except Exception:
             log.exception("kmi-rotor: internal error while checking a tunnel")
@@ -208,10 +210,13 @@ class Gatekeeper:
             return Refusal(403, "host_not_allowed", why)
         kind: access.Kind = "page" if page else "pool" if pool is not None else "other"
         if not replay:
-            req = flow.request
-            refusal = self._who(flow, kind, pool) or await self._where(
-                flow, req.host, req.port, pool, everyone=False
-            )
+            loopback = _client_loopback(flow)  # asked once, for both checks
+            refusal = self._who(flow, kind, pool, loopback)
+            if refusal is None and not loopback:  # a loopback client's destination: server_connect
+                req = flow.request
+                refusal = await self._where(
+                    flow, req.host, req.port, pool, loopback, everyone=False
+                )
             if refusal is not None:
                 return refusal
         if page:
@@ -220,11 +225,13 @@ class Gatekeeper:
             return Refusal(503, "not_configured", f"not serving: {self._not_serving()}")
         return None if pool is None else self._route(flow, pool)
 
-    def _who(self, flow: http.HTTPFlow, kind: access.Kind, pool: Pool | None) -> Refusal | None:
-        peer = flow.client_conn.peername[0] if flow.client_conn.peername else ""
-        loopback = access.is_loopback(peer)
+    def _who(
+        self, flow: http.HTTPFlow, kind: access.Kind, pool: Pool | None, loopback: bool
+    ) -> Refusal | None:
+        """Whether the client may have what it asks for; `loopback`: `_client_loopback(flow)`."""
         token = False
-        clients = self.settings.clients if self.settings else ()
+        settings = self.settings
+        clients = settings.clients if settings else ()
         if kind in ("pool", "page") and clients and not loopback:
             client = self._token_client(flow, clients)
             if client is not None and access.token_allows(
@@ -243,12 +250,18 @@ class Gatekeeper:
         return None if why is None else Refusal(403, "client_not_allowed", why)
 
     async def _where(
-        self, flow: http.HTTPFlow, host: str, port: int, pool: Pool | None, *, everyone: bool
+        self,
+        flow: http.HTTPFlow,
+        host: str,
+        port: int,
+        pool: Pool | None,
+        loopback: bool,
+        *,
+        everyone: bool,
     ) -> Refusal | None:
         """The destination check of `server_connect`, answered as a local 403 before anything
-        opens: for tunnels from everyone, for requests from clients not on loopback."""
-        peer = flow.client_conn.peername[0] if flow.client_conn.peername else ""
-        loopback = access.is_loopback(peer)
+        opens: for tunnels from everyone, for requests from clients not on loopback
+        (`loopback`: `_client_loopback(flow)`)."""
         if loopback and not everyone:
             return None
         try:
@@ -281,7 +294,7 @@ class Gatekeeper:
             (*hosts, authority) if authority else tuple(hosts),
             flow.server_conn.sni,
             flow.server_conn.tls_established,
-            pool.plain_http_allowed(req.host, req.port),
+            self._plain_http_allowed(pool, req.host, req.port),
         )
         if r.refusal is not None:
             return Refusal(*r.refusal)
@@ -345,11 +358,26 @@ class Gatekeeper:
 
     def _pool_of(self, host: str, port: int) -> Pool | None:
         """The pool of host:port, looked up once per configuration."""
+        found = self._pool_entry(host, port)
+        return None if found is None else found[0]
+
+    def _plain_http_allowed(self, pool: Pool, host: str, port: int) -> bool:
+        """`pool.plain_http_allowed(host, port)`, remembered with the pool of host:port (for
+        a pool of another configuration than the one in force, worked out)."""
+        found = self._pool_entry(host, port)
+        if found is not None and found[0] is pool:
+            return found[1]
+        return pool.plain_http_allowed(host, port)
+
+    def _pool_entry(self, host: str, port: int) -> tuple[Pool | None, bool] | None:
+        """`_pool_and_plain(settings, host, port)` for the configuration in force, looked up
+        once per configuration; None without one."""
         settings = self.settings
         if settings is None:
             return None
         if self._pools is None or self._pools.source is not settings:
-            self._pools = HostLookup(settings.pool_for, source=settings)
+            find = functools.partial(_pool_and_plain, settings)
+            self._pools = HostLookup(find, source=settings)
         return self._pools(host, port)
 
     def listen_ports(self, flow: http.HTTPFlow | None = None) -> set[int]:
@@ -378,6 +406,18 @@ class Gatekeeper:
         tokens = [(c.label, c.token.get_secret_value()) for c in clients]
         label = access.match_token(presented, tokens)
         return next((c for c in clients if c.label == label), None)
+
+
+def _pool_and_plain(settings: Settings, host: str, port: int) -> tuple[Pool | None, bool]:
+    """The pool of host:port, and whether it allows keys over plain HTTP there."""
+    pool = settings.pool_for(host, port)
+    return pool, pool is not None and pool.plain_http_allowed(host, port)
+
+
+def _client_loopback(flow: http.HTTPFlow) -> bool:
+    """Whether the flow's client connected from a loopback address (no address: it did not)."""
+    peer = flow.client_conn.peername[0] if flow.client_conn.peername else ""
+    return access.is_loopback(peer)
 
 
 @functools.lru_cache(maxsize=1024)

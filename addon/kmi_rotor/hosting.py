@@ -21,8 +21,12 @@ from .web import make_app
 WEB_HOST = "kmi-rotor.local"
 WEB_PREFIX = "/_kmi-rotor"
 SNAPSHOT_TIMEOUT = 5.0
-_AFTER = ("", "/", "?")
+_PREFIX = WEB_PREFIX.encode()
+_PREFIX_LEN = len(_PREFIX)
+_AFTER = (b"", b"/", b"?")
 """What may follow the prefix in a status path: nothing, a subpath or a query string."""
+_AUTHORITY_VERSIONS = (b"HTTP/2.0", b"HTTP/3")
+"""The versions whose :authority is the request's host header (`Request.is_http2`, `is_http3`)."""
 
 
 class StatusPage(WSGIApp):
@@ -45,20 +49,28 @@ class StatusPage(WSGIApp):
         Asked of every request, twice: the cheap tests first."""
         if flow.response or flow.error or not flow.live:
             return False
-        path = flow.request.path
-        if path.startswith(WEB_PREFIX) and path[len(WEB_PREFIX) : len(WEB_PREFIX) + 1] in _AFTER:
-            return True
         req = flow.request
-        named = _host_header(req) or req.host  # parsed below only if it can be the status host
+        data = req.data
+        if is_status_path(data.path):
+            return True
+        named = _host_header(req) or data.host  # parsed below only if it can be the status host
         return WEB_HOST in named.lower() and req.pretty_host == WEB_HOST
+
+
+def is_status_path(path: bytes) -> bool:
+    """Whether a request's raw path is under the status prefix: the prefix, then nothing, a
+    subpath or a query string. Read on the bytes: what `Request.path` decodes them to starts
+    with the (ASCII) prefix, and has one of those after it, exactly when the bytes do."""
+    return path.startswith(_PREFIX) and path[_PREFIX_LEN : _PREFIX_LEN + 1] in _AFTER
 
 
 def _host_header(req: http.Request) -> str | None:
     """What `req.host_header` gives (the :authority, else the Host field), the Host field read
     from the raw fields in one pass: mitmproxy's `headers.get` converts every field's name."""
-    if (req.is_http2 or req.is_http3) and req.data.authority:
+    data = req.data
+    if data.authority and data.http_version in _AUTHORITY_VERSIONS:
         return req.authority
-    return field_value(req.data.headers.fields, b"host")
+    return field_value(data.headers.fields, b"host")
 
 
 def on_loop(

@@ -3,6 +3,8 @@ every client credential dropped or masked in a request that goes out without one
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from mitmproxy import http
 
 from .core.credentials import CREDENTIAL_HEADERS, CREDENTIAL_QUERY, Placement
@@ -17,6 +19,21 @@ def put(request: http.Request, placement: Placement, value: str) -> None:
         request.headers[placement.name] = value
     else:
         request.query[placement.name] = value
+
+
+def put_all(request: http.Request, slots: Iterable[tuple[Placement, str]]) -> None:
+    """`put` of each (slot, value), the headers' in one pass over the raw fields (each
+    `headers[name] = value` walks and rebuilds them all); a header name that is not lower-case
+    (none of kmi-rotor's) is written by `put`, which keeps its spelling in a new field."""
+    updates: dict[bytes, bytes] = {}
+    for placement, value in slots:
+        name = placement.name.encode("utf-8", "surrogateescape")
+        if placement.kind == "header" and name == name.lower():
+            updates[name] = value.encode("utf-8", "surrogateescape")
+        else:
+            put(request, placement, value)
+    if updates:
+        request.headers.fields = with_fields(request.headers.fields, updates)
 
 
 def mask_request(flow: http.HTTPFlow) -> None:

@@ -17,7 +17,9 @@ from mitmproxy.proxy.layers import tls
 from mitmproxy.test import taddons, tflow, tutils
 
 from kmi_rotor.addon import META, Rotor
-from kmi_rotor.gatekeeper import is_own_address
+from kmi_rotor.config import Settings, from_dict
+from kmi_rotor.gatekeeper import Gatekeeper, is_own_address
+from kmi_rotor.hosting import StatusPage
 
 KEY = "sk-gate-hooks-000000000000000000000001"
 
@@ -210,3 +212,86 @@ async def test_server_connect_is_the_last_word(rotor: Rotor, peer, address, refu
 )
 def test_is_own_address(ip: str, own: bool) -> None:
     assert is_own_address(ipaddress.ip_address(ip)) is own
+
+
+@pytest.mark.parametrize(
+    ("peer", "address", "refused"),
+    [
+        ("10.231.0.2", ("127.0.0.2", 6379), True),  # a remote client, a service of this machine
+        ("10.231.0.2", ("[::ffff:127.0.0.1]", 6379), True),
+        ("10.231.0.2", ("192.0.2.1", 80), False),  # elsewhere
+        ("::ffff:10.231.0.2", ("127.0.0.2", 6379), True),
+        ("127.0.0.1", ("127.0.0.2", 6379), False),  # loopback clients: server_connect decides
+        ("::1", ("127.0.0.2", 6379), False),
+        ("::ffff:127.0.0.1", ("127.0.0.2", 6379), False),
+        ("", ("127.0.0.2", 6379), True),  # no address: not loopback
+    ],
+)
+async def test_a_request_checks_the_destination_of_clients_not_on_loopback(
+    rotor: Rotor, peer, address, refused
+) -> None:
+    """The gate asks the client's address once for both checks; a client not on loopback (with
+    proxyauth, so that it may go elsewhere) is refused a destination on this machine."""
+    host, port = address
+    f = make_flow(host=host, port=port, scheme="http", headers=(("host", host),))
+    f.client_conn.peername = (peer, 5555) if peer else None
+    f.metadata["proxyauth"] = ("user", "pass")
+    await send(rotor, f)
+    if refused:
+        assert refusal(f) == (403, "destination_not_allowed")
+    else:
+        assert f.response is None
+
+
+def _settings(hosts: list[str]) -> Settings:
+    raw = {
+        "state_dir": "/tmp/kmi-rotor-gate-test-state",
+        "pools": [
+            {
+                "name": "p",
+                "provider": "generic",
+                "hosts": hosts,
+                "keys": [{"label": "k", "key": KEY}],
+            },
+        ],
+    }
+    return from_dict(raw, Path("/tmp/rotor.toml"), env={})
+
+
+@pytest.mark.parametrize(
+    ("hosts", "host", "port", "expected"),
+    [
+        (["http://plain.test"], "plain.test", 80, True),
+        (["http://plain.test"], "PLAIN.test.", 80, True),
+        (["https://plain.test"], "plain.test", 80, False),
+        (["plain.test"], "plain.test", 80, False),
+        (["http://plain.test:8080", "plain.test"], "plain.test", 8080, True),
+        (["http://plain.test:8080", "plain.test"], "plain.test", 80, False),
+        (["http://*.plain.test"], "a.plain.test", 80, True),
+        (["*.plain.test", "http://a.plain.test"], "a.plain.test", 80, True),
+    ],
+)
+def test_plain_http_is_remembered_as_the_pool_says(hosts, host, port, expected) -> None:
+    s = _settings(hosts)
+    gk = Gatekeeper(StatusPage(dict), lambda: s, lambda: None, lambda: 0.0)
+    pool = gk._pool_of(host, port)
+    assert pool is not None
+    for _ in range(2):  # worked out, then remembered
+        assert gk._plain_http_allowed(pool, host, port) is expected
+        assert pool.plain_http_allowed(host, port) is expected
+
+
+def test_plain_http_follows_a_new_configuration_and_a_pool_of_the_old_one() -> None:
+    old, new = _settings(["http://plain.test"]), _settings(["https://plain.test"])
+    current = old
+    gk = Gatekeeper(StatusPage(dict), lambda: current, lambda: None, lambda: 0.0)
+    old_pool = gk._pool_of("plain.test", 80)
+    assert old_pool is not None and gk._plain_http_allowed(old_pool, "plain.test", 80)
+    current = new
+    new_pool = gk._pool_of("plain.test", 80)
+    assert new_pool is not None and new_pool is not old_pool
+    assert gk._plain_http_allowed(new_pool, "plain.test", 80) is False  # renewed
+    assert gk._plain_http_allowed(old_pool, "plain.test", 80) is True  # its own answer
+    current = None
+    assert gk._pool_of("plain.test", 80) is None
+    assert gk._plain_http_allowed(old_pool, "plain.test", 80) is True

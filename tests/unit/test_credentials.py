@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
 from kmi_rotor.core.credentials import Placement, placements, placements_of_fields
@@ -117,3 +119,24 @@ def test_placements_are_made_once_per_combination() -> None:
     again = placements(["authorization"], [], PRESETS["openai"])
     assert first == again == [Placement("header", "authorization", bearer=True)]
     assert first[0] is again[0]
+
+
+@pytest.mark.parametrize(
+    "query_names",
+    [[], (), ["key"], iter(["alt", "key"]), iter([]), {"key": 1}.keys(), {}.keys(), ["Key"]],
+)
+def test_placements_of_fields_reads_any_query_names(query_names) -> None:
+    names = list(query_names)
+    fields = [(b"X-API-KEY", b"v"), (b"\xff\xfe", b"v")]
+    again = iter(names) if isinstance(query_names, Iterator) else query_names  # read up above
+    assert placements_of_fields(fields, again, OPENAI) == placements(["X-API-KEY"], names, OPENAI)
+
+
+def test_placements_of_fields_are_made_once_per_combination() -> None:
+    first = placements_of_fields([(b"Authorization", b"a"), (b"accept", b"b")], [], OPENAI)
+    again = placements_of_fields([(b"authorization", b"c")], (), OPENAI)
+    assert first == again and first[0] is again[0]
+    other = placements_of_fields([(b"authorization", b"c")], (), PRESETS["anthropic"])
+    assert other == [Placement("header", "authorization", bearer=True)]
+    fallback = placements_of_fields([], (), PRESETS["anthropic"])
+    assert fallback == [Placement("header", "x-api-key")]

@@ -46,18 +46,28 @@ def placements_of_fields(
 ) -> list[Placement]:
     """`placements`, from a request's raw header fields (name, value) as mitmproxy holds them:
     one pass over the names, none of them decoded."""
-    present = {name.lower() for name, _ in fields}
-    queries = set(query_names)
-    return list(
-        _placements(
-            tuple(name for name, raw in _HEADER_BYTES if raw in present),
-            tuple(name for name in CREDENTIAL_QUERY if name in queries),
-            preset,
-        )
-    )
+    present = frozenset({name.lower() for name, _ in fields} & _HEADER_SET)
+    if query_names:  # most requests have no query string: nothing to look for
+        found = set(query_names)
+        queries = tuple(name for name in CREDENTIAL_QUERY if name in found)
+    else:
+        queries = ()
+    return list(_placements_present(present, queries, preset))
 
 
 _HEADER_BYTES = tuple((name, name.encode()) for name in CREDENTIAL_HEADERS)
+_HEADER_SET = frozenset(raw for _, raw in _HEADER_BYTES)
+
+
+@functools.lru_cache(maxsize=256)
+def _placements_present(
+    present: frozenset[bytes], queries: tuple[str, ...], preset: Preset
+) -> tuple[Placement, ...]:
+    """`_placements` of the credential headers in `present` (lower-case names), in their
+    order of `CREDENTIAL_HEADERS`: worked out once per combination, not per request."""
+    return _placements(
+        tuple(name for name, raw in _HEADER_BYTES if raw in present), queries, preset
+    )
 
 
 @functools.lru_cache(maxsize=256)

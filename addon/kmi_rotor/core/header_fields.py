@@ -19,6 +19,8 @@ def field_value(fields: Iterable[tuple[bytes, bytes]], name: bytes) -> str | Non
     values = [v for k, v in fields if k.lower() == name]
     if not values:
         return None
+    if len(values) == 1:  # the usual case: nothing to join
+        return values[0].decode("utf-8", "surrogateescape")
     return ", ".join(v.decode("utf-8", "surrogateescape") for v in values)
 
 
@@ -35,13 +37,14 @@ def with_fields(
     later ones go, a new one is appended), or removed for None, as `headers.pop(name)` does."""
     pending = dict(updates)
     out: list[tuple[bytes, bytes]] = []
-    for k, v in fields:
-        low = k.lower()
+    for field in fields:  # a field kept is kept as it is, not rebuilt
+        low = field[0].lower()
         if low not in updates:
-            out.append((k, v))
+            out.append(field)
         elif low in pending:
             new = pending.pop(low)
             if new is not None:
-                out.append((k, new))
-    out.extend((k, v) for k, v in pending.items() if v is not None)
+                out.append((field[0], new))
+    if pending:  # names not there yet, appended
+        out.extend((k, v) for k, v in pending.items() if v is not None)
     return tuple(out)

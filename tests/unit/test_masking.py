@@ -1,0 +1,49 @@
+"""Writing a key into a request's credential slots: `put_all` gives what `put` one slot at a
+time gives."""
+
+from __future__ import annotations
+
+import pytest
+from mitmproxy import http
+from mitmproxy.test import tutils
+
+from kmi_rotor.core.credentials import Placement
+from kmi_rotor.masking import put, put_all
+
+AUTH = Placement("header", "authorization", bearer=True)
+API_KEY = Placement("header", "x-api-key")
+QUERY = Placement("query", "key")
+
+
+def request(fields: tuple[tuple[bytes, bytes], ...], path: bytes = b"/v1/x") -> http.Request:
+    return tutils.treq(headers=http.Headers(fields), path=path)
+
+
+@pytest.mark.parametrize(
+    ("fields", "path", "slots"),
+    [
+        (((b"Authorization", b"Bearer own"), (b"accept", b"*/*")), b"/v1/x", [AUTH]),
+        (((b"accept", b"*/*"),), b"/v1/x", [AUTH]),  # appended
+        (
+            ((b"authorization", b"a"), (b"x", b"y"), (b"AUTHORIZATION", b"b")),
+            b"/v1/x",
+            [AUTH],
+        ),  # repeated: the first keeps its place and spelling, the rest go
+        (((b"X-Api-Key", b"own"), (b"authorization", b"o")), b"/v1/x", [AUTH, API_KEY]),
+        (((b"accept", b"*/*"),), b"/v1/x?key=own&alt=json", [QUERY]),
+        (((b"x-api-key", b"own"),), b"/v1/x?key=own", [API_KEY, QUERY]),
+        (((b"accept", b"*/*"),), b"/v1/x", [Placement("header", "X-Custom-Key")]),  # spelled
+        (((b"x-custom-key", b"own"),), b"/v1/x", [Placement("header", "X-Custom-Key")]),
+        ((), b"/v1/x", []),
+    ],
+)
+@pytest.mark.parametrize("secret", ["sk-secret", "sk-caf\xe9", "sk-\udcff-odd"])
+def test_put_all_is_put_one_by_one(
+    fields: tuple[tuple[bytes, bytes], ...], path: bytes, slots: list[Placement], secret: str
+) -> None:
+    expected, got = request(fields, path), request(fields, path)
+    for p in slots:
+        put(expected, p, p.render(secret))
+    put_all(got, [(p, p.render(secret)) for p in slots])
+    assert got.headers.fields == expected.headers.fields
+    assert got.path == expected.path
