@@ -12,6 +12,8 @@ from kmi_rotor.core.health import (
     Policy,
     ScopedHealth,
     WindowState,
+    _finite,
+    _merge_windows,
     apply_network_error,
     apply_signal,
     decayed_score,
@@ -604,3 +606,36 @@ def test_from_response_to_state(
     h = apply(KeyHealth(), parse_signal(code, headers, raw, NOW))
     got = status(h, NOW)
     assert (got.state, got.until) == (state, until)
+
+
+ODD_NUMBERS = [0, 1, -1, 10**15, 10**300, 1e308, -1e308, 0.5, float("nan"), float("inf"), None]
+
+
+@pytest.mark.parametrize("value", ODD_NUMBERS)
+@pytest.mark.parametrize("now", [NOW, 0, 17, float("nan"), float("inf")])
+def test_windows_merged_are_those_validation_makes(value: float | None, now: float) -> None:
+    # Merged windows are built without validating again: each must equal, field for field
+    # (types and fields set included), what validating the same values would give.
+    new = (Window("requests", None, value, value, value), Window("tokens", "day", 5, value, None))
+    merged = _merge_windows({}, new, now)
+    for key, w in merged.items():
+        src = next(x for x in new if key.startswith(x.dimension))
+        fields = {"limit": src.limit, "remaining": src.remaining, "reset_at": src.reset_at}
+        # What validation makes of them once NaN and infinities are None (as merging does).
+        fields = {k: _finite(v) for k, v in fields.items()}
+        valid = WindowState.model_validate({**fields, "seen_at": now})
+        assert w == valid
+        assert w.model_dump() == valid.model_dump()
+        assert [type(v) for v in w.__dict__.values()] == [type(v) for v in valid.__dict__.values()]
+        assert w.model_fields_set == valid.model_fields_set
+        assert w.model_dump_json() == valid.model_dump_json()
+        assert WindowState.model_validate_json(w.model_dump_json()) == w
+
+
+def test_window_built_unvalidated_is_a_model_of_its_own() -> None:
+    a = WindowState.of(1.0, 2.0, 3.0, 4.0)
+    b = WindowState.of(1.0, 2.0, 3.0, 4.0)
+    a.limit = 9.0  # one window's change touches no other
+    assert (b.limit, b.model_fields_set) == (1.0, {"limit", "remaining", "reset_at", "seen_at"})
+    assert a.model_copy(update={"remaining": 0.0}).remaining == 0.0
+    assert repr(b) == repr(WindowState(limit=1.0, remaining=2.0, reset_at=3.0, seen_at=4.0))

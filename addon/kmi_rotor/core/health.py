@@ -246,17 +246,21 @@ def _merge_windows(
 ) -> dict[str, WindowState]:
     """Windows as last reported; those whose reset has passed are dropped."""
     out = {k: w for k, w in old.items() if w.reset_at is None or w.reset_at > now}
+    # Built as validation would leave them, not validated again: `_finite` turns what
+    # validation would drop (NaN, infinity) into None. A clock that is not finite (never
+    # seen) takes the validated path, which leaves `seen_at` unset.
+    seen_at = _finite(now)
     for w in new:
         key = w.dimension if w.period is None else f"{w.dimension}:{w.period}"
         # A response may omit the limit (Azure sends only what remains); limits rarely change.
         limit = w.limit if w.limit is not None else (out[key].limit if key in out else None)
-        # Validated, as what the state file holds: `_finite` turns what validation would drop
-        # (NaN, infinity) into None first. (Pydantic's validation is faster here than
-        # `model_construct`, which walks every field in Python.)
-        out[key] = WindowState(
-            limit=_finite(limit), remaining=_finite(w.remaining), reset_at=_finite(w.reset_at),
-            seen_at=now,
-        )  # fmt: skip
+        values = _finite(limit), _finite(w.remaining), _finite(w.reset_at)
+        if seen_at is not None:
+            out[key] = WindowState.of(*values, seen_at)
+        else:
+            out[key] = WindowState(
+                limit=values[0], remaining=values[1], reset_at=values[2], seen_at=now
+            )
     return out
 
 

@@ -32,6 +32,29 @@ class WindowState(Persisted):
     reset_at: float | None = None
     seen_at: float = 0.0
 
+    @classmethod
+    def of(
+        cls, limit: float | None, remaining: float | None, reset_at: float | None, seen_at: float
+    ) -> WindowState:
+        """A window from values already as validation leaves them (each a finite float, or
+        None), not validated again: what `WindowState(...)` would give, in half the time.
+        What comes from elsewhere (a file, a caller's dict) goes through validation."""
+        w = _new(cls)
+        _set(
+            w,
+            "__dict__",
+            {"limit": limit, "remaining": remaining, "reset_at": reset_at, "seen_at": seen_at},
+        )
+        _set(w, "__pydantic_fields_set__", set(_WINDOW_FIELDS))
+        _set(w, "__pydantic_extra__", None)
+        _set(w, "__pydantic_private__", None)
+        return w
+
+
+_new = object.__new__
+_set = object.__setattr__
+_WINDOW_FIELDS = frozenset(WindowState.model_fields)
+
 
 SCOPE_TTL = 86400.0
 """A scope not seen for this long is forgotten."""
