@@ -9,6 +9,7 @@ import pytest
 from kmi_rotor.core.health import (
     KeyHealth,
     KeyStatus,
+    Persisted,
     Policy,
     ScopedHealth,
     WindowState,
@@ -24,6 +25,7 @@ from kmi_rotor.core.health import (
     status,
     usable,
 )
+from kmi_rotor.core.health_records import updated
 from kmi_rotor.core.signals import FailureKind, Signal, Window, parse_signal
 
 NOW = 1795793400.0  # Fri, 27 Nov 2026 15:30:00 GMT
@@ -639,3 +641,39 @@ def test_window_built_unvalidated_is_a_model_of_its_own() -> None:
     assert (b.limit, b.model_fields_set) == (1.0, {"limit", "remaining", "reset_at", "seen_at"})
     assert a.model_copy(update={"remaining": 0.0}).remaining == 0.0
     assert repr(b) == repr(WindowState(limit=1.0, remaining=2.0, reset_at=3.0, seen_at=4.0))
+
+
+_RECORDS = [
+    KeyHealth(),
+    KeyHealth(cooling_until=NOW, windows={"requests": WindowState(limit=3, seen_at=NOW)}),
+    KeyHealth.model_validate_json('{"error_score": 2.5, "unknown": 1, "score_at": NaN}'),
+    ScopedHealth(rate_limit_streak=2, windows={"tokens": WindowState.of(1.0, 0.0, None, NOW)}),
+    WindowState.of(1.0, 2.0, None, NOW),
+]
+_UPDATES = [
+    {},
+    {"updated_at": NOW},
+    {"error_score": float("nan"), "score_at": -float("inf")},  # as given: not validated
+    {"windows": {}, "scopes": {"model:m": ScopedHealth()}, "rate_limit_streak": 10**30},
+    {"limit": None, "remaining": -1.0},
+]
+
+
+@pytest.mark.parametrize("record", _RECORDS)
+@pytest.mark.parametrize("update", _UPDATES)
+def test_a_record_updated_is_what_model_copy_gives(
+    record: Persisted, update: dict[str, object]
+) -> None:
+    update = {k: v for k, v in update.items() if k in type(record).model_fields}
+    mine, theirs = updated(record, update), record.model_copy(update=update)
+    assert type(mine) is type(theirs)
+    assert mine.__dict__.keys() == theirs.__dict__.keys()
+    assert repr(mine) == repr(theirs)  # NaN is not equal to itself: compared as text
+    assert mine.model_fields_set == theirs.model_fields_set
+    assert (mine.__pydantic_extra__, mine.__pydantic_private__) == (None, None)
+    assert mine.model_dump_json() == theirs.model_dump_json()
+    # A copy of its own: changing it leaves the record as it was.
+    before = repr(record), set(record.model_fields_set)
+    mine.__dict__["seen_at"] = 1.0
+    mine.__pydantic_fields_set__.add("seen_at")
+    assert (repr(record), record.model_fields_set) == before

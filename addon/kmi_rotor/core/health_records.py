@@ -39,21 +39,31 @@ class WindowState(Persisted):
         """A window from values already as validation leaves them (each a finite float, or
         None), not validated again: what `WindowState(...)` would give, in half the time.
         What comes from elsewhere (a file, a caller's dict) goes through validation."""
-        w = _new(cls)
-        _set(
-            w,
-            "__dict__",
-            {"limit": limit, "remaining": remaining, "reset_at": reset_at, "seen_at": seen_at},
-        )
-        _set(w, "__pydantic_fields_set__", set(_WINDOW_FIELDS))
-        _set(w, "__pydantic_extra__", None)
-        _set(w, "__pydantic_private__", None)
-        return w
+        values = {"limit": limit, "remaining": remaining, "reset_at": reset_at, "seen_at": seen_at}
+        return _built(cls, values, set(_WINDOW_FIELDS))
+
+
+_WINDOW_FIELDS = frozenset(WindowState.model_fields)
+
+
+def updated[M: Persisted](m: M, update: dict[str, Any]) -> M:
+    """`m.model_copy(update=update)` (its values taken as they are, not validated), in half
+    the time: no copy of what these records never hold (extra fields, private attributes)."""
+    return _built(type(m), {**m.__dict__, **update}, m.__pydantic_fields_set__ | update.keys())
+
+
+def _built[M: Persisted](cls: type[M], values: dict[str, Any], fields_set: set[str]) -> M:
+    """A record of `values` and `fields_set`, as pydantic lays one out, not validated."""
+    m = _new(cls)
+    _set(m, "__dict__", values)
+    _set(m, "__pydantic_fields_set__", fields_set)
+    _set(m, "__pydantic_extra__", None)  # `extra="ignore"`: none is ever kept
+    _set(m, "__pydantic_private__", None)  # no private attributes
+    return m
 
 
 _new = object.__new__
 _set = object.__setattr__
-_WINDOW_FIELDS = frozenset(WindowState.model_fields)
 
 
 SCOPE_TTL = 86400.0
