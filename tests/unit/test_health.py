@@ -9,9 +9,12 @@ import pytest
 from kmi_rotor.core.health import (
     KeyHealth,
     KeyStatus,
+    Persisted,
     Policy,
     ScopedHealth,
     WindowState,
+    _finite,
+    _merge_windows,
     apply_network_error,
     apply_signal,
     decayed_score,
@@ -22,6 +25,7 @@ from kmi_rotor.core.health import (
     status,
     usable,
 )
+from kmi_rotor.core.health_records import updated
 from kmi_rotor.core.signals import FailureKind, Signal, Window, parse_signal
 
 NOW = 1795793400.0  # Fri, 27 Nov 2026 15:30:00 GMT
@@ -604,3 +608,72 @@ def test_from_response_to_state(
     h = apply(KeyHealth(), parse_signal(code, headers, raw, NOW))
     got = status(h, NOW)
     assert (got.state, got.until) == (state, until)
+
+
+ODD_NUMBERS = [0, 1, -1, 10**15, 10**300, 1e308, -1e308, 0.5, float("nan"), float("inf"), None]
+
+
+@pytest.mark.parametrize("value", ODD_NUMBERS)
+@pytest.mark.parametrize("now", [NOW, 0, 17, float("nan"), float("inf")])
+def test_windows_merged_are_those_validation_makes(value: float | None, now: float) -> None:
+    # Merged windows are built without validating again: each must equal, field for field
+    # (types and fields set included), what validating the same values would give.
+    new = (Window("requests", None, value, value, value), Window("tokens", "day", 5, value, None))
+    merged = _merge_windows({}, new, now)
+    for key, w in merged.items():
+        src = next(x for x in new if key.startswith(x.dimension))
+        fields = {"limit": src.limit, "remaining": src.remaining, "reset_at": src.reset_at}
+        # What validation makes of them once NaN and infinities are None (as merging does).
+        fields = {k: _finite(v) for k, v in fields.items()}
+        valid = WindowState.model_validate({**fields, "seen_at": now})
+        assert w == valid
+        assert w.model_dump() == valid.model_dump()
+        assert [type(v) for v in w.__dict__.values()] == [type(v) for v in valid.__dict__.values()]
+        assert w.model_fields_set == valid.model_fields_set
+        assert w.model_dump_json() == valid.model_dump_json()
+        assert WindowState.model_validate_json(w.model_dump_json()) == w
+
+
+def test_window_built_unvalidated_is_a_model_of_its_own() -> None:
+    a = WindowState.of(1.0, 2.0, 3.0, 4.0)
+    b = WindowState.of(1.0, 2.0, 3.0, 4.0)
+    a.limit = 9.0  # one window's change touches no other
+    assert (b.limit, b.model_fields_set) == (1.0, {"limit", "remaining", "reset_at", "seen_at"})
+    assert a.model_copy(update={"remaining": 0.0}).remaining == 0.0
+    assert repr(b) == repr(WindowState(limit=1.0, remaining=2.0, reset_at=3.0, seen_at=4.0))
+
+
+_RECORDS = [
+    KeyHealth(),
+    KeyHealth(cooling_until=NOW, windows={"requests": WindowState(limit=3, seen_at=NOW)}),
+    KeyHealth.model_validate_json('{"error_score": 2.5, "unknown": 1, "score_at": NaN}'),
+    ScopedHealth(rate_limit_streak=2, windows={"tokens": WindowState.of(1.0, 0.0, None, NOW)}),
+    WindowState.of(1.0, 2.0, None, NOW),
+]
+_UPDATES = [
+    {},
+    {"updated_at": NOW},
+    {"error_score": float("nan"), "score_at": -float("inf")},  # as given: not validated
+    {"windows": {}, "scopes": {"model:m": ScopedHealth()}, "rate_limit_streak": 10**30},
+    {"limit": None, "remaining": -1.0},
+]
+
+
+@pytest.mark.parametrize("record", _RECORDS)
+@pytest.mark.parametrize("update", _UPDATES)
+def test_a_record_updated_is_what_model_copy_gives(
+    record: Persisted, update: dict[str, object]
+) -> None:
+    update = {k: v for k, v in update.items() if k in type(record).model_fields}
+    mine, theirs = updated(record, update), record.model_copy(update=update)
+    assert type(mine) is type(theirs)
+    assert mine.__dict__.keys() == theirs.__dict__.keys()
+    assert repr(mine) == repr(theirs)  # NaN is not equal to itself: compared as text
+    assert mine.model_fields_set == theirs.model_fields_set
+    assert (mine.__pydantic_extra__, mine.__pydantic_private__) == (None, None)
+    assert mine.model_dump_json() == theirs.model_dump_json()
+    # A copy of its own: changing it leaves the record as it was.
+    before = repr(record), set(record.model_fields_set)
+    mine.__dict__["seen_at"] = 1.0
+    mine.__pydantic_fields_set__.add("seen_at")
+    assert (repr(record), record.model_fields_set) == before

@@ -157,3 +157,25 @@ def test_whole_data_events_after_what_came_before(
     chunks: list[bytes], events: list[tuple[bytes, bytes | None]]
 ) -> None:
     assert read(chunks, max_line=18)[0] == events
+
+
+@pytest.mark.parametrize(
+    ("chunk", "data"),
+    [
+        (b"data: a\n\n", b"a"),
+        (b"data:a\n\n", b"a"),
+        (b"data:\n\n", b""),
+        (b"data: a\r\n\n", None),  # a CR anywhere: the general path
+        (b"data: \ra\n\n", None),
+        (b"\rdata: a\n\n", None),
+        (b"data: a\n\r\n", None),
+        (b"data: a\nb\n\n", None),
+        (b"data: a\n", None),
+        (b"event: e\n\n", None),
+    ],
+)
+def test_whole_data_takes_one_data_line_and_no_cr(chunk: bytes, data: bytes | None) -> None:
+    events: list[tuple[bytes, bytes | None]] = []
+    reader = SSEReader(lambda t, d: events.append((t, d)))
+    assert reader.whole_data(chunk) == data
+    assert events == []  # what it takes is the caller's to dispatch

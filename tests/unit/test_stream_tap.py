@@ -9,6 +9,8 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from kmi_rotor.core.classify import FailureKind, StreamFailure
 from kmi_rotor.core.sse import SSEReader
@@ -431,3 +433,113 @@ def test_ten_thousand_events_are_cheap(dialect: str) -> None:
 )
 def test_worth_parsing(data: bytes, worth: bool) -> None:
     assert _worth_parsing(data) is worth
+
+
+# -- the usual chunk, read in `__call__` --------------------------------------------------
+
+_TAP_PIECES = [
+    _chunk({"content": TEXT}).encode(),
+    _chunk({"content": "x"}, usage=None).encode(),
+    _chunk({}, finish="stop", usage=OPENAI_USAGE).encode(),
+    _chunk({}, finish="error").encode(),
+    _data({"error": {"code": "rate_limit_exceeded", "message": "slow down"}}).encode(),
+    _data({"type": "message_stop"}).encode(),
+    _data({"type": "message_delta", "usage": {"output_tokens": 3}}).encode(),
+    _data({"usage" + "x" * 20: 1}).encode(),  # the key only resembles one
+    OPENAI_DONE.encode(),
+    b"data: [DONE]   \n\n",
+    b"data:\n\n",
+    b"data: not json, long enough to be tested\n\n",
+    b"data: {}\n\n",
+    b'data: {"a": "\xff\xfe"}\n\n',
+    b"data: a\r\n\r\n",
+    b"data: a\n",
+    b"event: error\n",
+    b"event: message_stop\n",
+    b"\n",
+    b"\r",
+    b"\xef\xbb\xbf",
+    b"data",
+]
+
+
+@given(
+    st.lists(
+        st.one_of(
+            st.sampled_from(_TAP_PIECES),
+            st.lists(st.sampled_from(_TAP_PIECES), min_size=2, max_size=3).map(b"".join),
+            st.binary(max_size=12),
+        ),
+        max_size=10,
+    ),
+    st.sampled_from([20, 64, MAX_LINE]),
+)
+def test_a_chunk_called_in_reads_as_fed(chunks: list[bytes], max_line: int) -> None:
+    """`tap(chunk)` reads the usual chunk (one whole `data:` event) itself: after every
+    chunk, the same outcome as `feed`, which hands it to the reader's events."""
+    called, fed = SSETap(max_line=max_line), SSETap(max_line=max_line)
+    for c in chunks:
+        if c:
+            assert called(c) is c
+            fed.feed(c)
+        assert called.outcome == fed.outcome
+        assert (called.buffered, called.discarded_lines) == (fed.buffered, fed.discarded_lines)
+    assert called.finish() == fed.finish()
+
+
+@pytest.mark.parametrize(
+    ("piece", "events", "usage", "dialect", "terminal", "error"),
+    [
+        (_chunk({"content": TEXT}).encode(), 1, None, "openai", False, None),
+        (b"data:\n\n", 1, None, None, False, None),
+        (b"data: [DONE]\n\n", 1, None, "openai", True, None),
+        (b"data: not json, long enough to be tested\n\n", 1, None, None, False, None),
+        (_chunk({}, usage=OPENAI_USAGE).encode(), 1, Usage(12, 7), "openai", False, None),
+        (_data({"type": "message_stop"}).encode(), 1, None, "anthropic", True, None),
+        (
+            _data({"error": {"code": "insufficient_quota"}}).encode(),
+            1,
+            None,
+            "openai",
+            False,
+            FailureKind.QUOTA,
+        ),
+    ],
+)
+def test_the_usual_chunk_read_in_call(
+    piece: bytes,
+    events: int,
+    usage: Usage | None,
+    dialect: str | None,
+    terminal: bool,
+    error: FailureKind | None,
+) -> None:
+    tap = SSETap()
+    assert tap(piece) is piece
+    out = tap.outcome
+    assert (out.events, out.usage, out.dialect, out.terminal_seen) == (
+        events,
+        usage,
+        dialect,
+        terminal,
+    )
+    assert (out.error.kind if out.error else None) == error
+    assert out.bytes == len(piece)
+
+
+def test_the_usual_chunk_after_the_end_or_a_bug_is_only_passed_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    piece = _chunk({}, usage=OPENAI_USAGE).encode()
+    done = SSETap()
+    done.finish()
+    assert done(piece) is piece and done.outcome.bytes == 0 and done.outcome.usage is None
+
+    def bug(self: SSEReader, chunk: bytes) -> bytes | None:
+        raise KeyError("bug")
+
+    monkeypatch.setattr(SSEReader, "whole_data", bug)
+    broken = SSETap()
+    assert broken(piece) is piece and broken(piece) is piece
+    assert broken.internal_error is not None and "bug" in broken.internal_error
+    assert broken.outcome.bytes == 2 * len(piece) and broken.outcome.events == 0

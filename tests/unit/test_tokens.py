@@ -11,6 +11,7 @@ from kmi_rotor.core.tokens import (
     CHARS_PER_TOKEN,
     DEFAULT_COMPLETION,
     MAX_BODY,
+    _usage_tail,
     estimate_from_body,
     estimate_from_length,
     reported_usage,
@@ -272,3 +273,38 @@ def test_usage_after_a_long_answer_is_read_without_the_answer() -> None:
     raw = b'{"choices": [{"message": {"content": "' + b"\xff" * 4096 + b'"}}],'
     raw += b' "usage": {"prompt_tokens": 12, "completion_tokens": 700}}'
     assert reported_usage(raw) == (12, 700)
+
+
+def _tail_as_json_loads_reads_it(raw: bytes) -> dict[str, Any] | None:
+    """What `_usage_tail` gives, with `json.loads` reading the tail's bytes itself."""
+    at = raw.rfind(b'"usage"')
+    if at <= 0 or raw[at - 1] == 0x5C:
+        return None
+    try:
+        data = json.loads(b"{" + raw[at:])
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("usage"), dict) else None
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"usage": {"prompt_tokens": 9, "completion_tokens": 2}}',
+        b'{"x": 1, "usage": {"prompt_tokens": -1, "completion_tokens": 1e400}}',
+        b'{"x": 1, "usage": {"prompt_tokens": NaN, "completion_tokens": Infinity}}',
+        b'{"x": 1, "usage": {"prompt_tokens": ' + b"9" * 5000 + b"}}",
+        b'{"x": 1, "usage": {"prompt_tokens": 1}, "usage": {"prompt_tokens": 2}}',
+        b'{"x": 1, "usage": {"note": "caf\xc3\xa9 \\ud800"}}',
+        b'{"x": 1, "usage": {"note": "\xed\xa0\x80"}}',  # a surrogate as raw UTF-8
+        b'{"x": 1, "usage": {"note": "\xff"}}',  # no UTF-8
+        b'{"x": 1, "usage": {"note": "\x00\x00"}}',
+        b'{"x": 1, "usage": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",  # too deep
+        b'{"x": 1, "usage": {}}  \n\t',
+        b'{"x": 1, "usage": {}} trailing',
+        b"\xef\xbb\xbf" + b'{"x": 1, "usage": {"prompt_tokens": 3}}',
+        b'{"x": 1, "usage": {"prompt_tokens": 3}',
+    ],
+)
+def test_the_tail_is_read_as_json_loads_reads_it(raw: bytes) -> None:
+    assert _usage_tail(raw) == _tail_as_json_loads_reads_it(raw)

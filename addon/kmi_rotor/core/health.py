@@ -23,6 +23,7 @@ from .health_records import KeyHealth as KeyHealth
 from .health_records import Persisted as Persisted
 from .health_records import ScopedHealth as ScopedHealth
 from .health_records import WindowState as WindowState
+from .health_records import updated
 from .signals import FailureKind, Signal, Window
 
 _MAX_DOUBLINGS = 30
@@ -69,8 +70,8 @@ def apply_signal(
     ok = sig.kind is FailureKind.OK
     seen = _seen(h, sig.windows, now, scope, succeeded=ok)
     if ok:  # every answer that went well: one copy of the record, not one per step
-        return h.model_copy(update={**seen, **_succeeded(h, now, policy), "updated_at": now})
-    h = h.model_copy(update=seen)
+        return updated(h, {**seen, **_succeeded(h, now, policy), "updated_at": now})
+    h = updated(h, seen)
     match sig.kind:
         case FailureKind.RATE_LIMITED:
             h = (
@@ -84,7 +85,7 @@ def apply_signal(
             h = _failed(h, now, policy, disabled_reason=sig.reason, disabled_at=now)
         case FailureKind.OVERLOADED:
             h = _overloaded(h, now, policy, sig.reason, sig.retry_at, outage)
-    return h.model_copy(update={"updated_at": now})
+    return updated(h, {"updated_at": now})
 
 
 def apply_network_error(
@@ -96,7 +97,7 @@ def apply_network_error(
     reason: str = "network error",
 ) -> KeyHealth:
     """The key's health after a request that got no answer: treated like an overload."""
-    return _overloaded(h, now, policy, reason, None, outage).model_copy(update={"updated_at": now})
+    return updated(_overloaded(h, now, policy, reason, None, outage), {"updated_at": now})
 
 
 def operator_reset(h: KeyHealth, now: float) -> KeyHealth:
@@ -105,8 +106,9 @@ def operator_reset(h: KeyHealth, now: float) -> KeyHealth:
     Windows go too: an operator resets a key after fixing what made it fail (a top-up, a plan
     change), and the next response reports them afresh. The score is history and just decays.
     """
-    return h.model_copy(
-        update={
+    return updated(
+        h,
+        {
             "cooling_until": None,
             "cooling_reason": None,
             "blocked_until": None,
@@ -118,7 +120,7 @@ def operator_reset(h: KeyHealth, now: float) -> KeyHealth:
             "windows": {},
             "scopes": {},
             "updated_at": now,
-        }
+        },
     )
 
 
@@ -156,7 +158,7 @@ def _scoped_rate_limit(
     update: dict[str, object] = {"rate_limit_streak": s.rate_limit_streak + 1}
     if s.cooling_until is None or s.cooling_until < until:
         update |= {"cooling_until": until, "cooling_reason": sig.reason}
-    scopes = {**h.scopes, scope: s.model_copy(update=update)}
+    scopes = {**h.scopes, scope: updated(s, update)}
     return _failed(h, now, policy, scopes=scopes)
 
 
@@ -178,7 +180,7 @@ def _seen(
     update: dict[str, object] = {"windows": merged, "seen_at": now}
     if succeeded and old.rate_limit_streak:
         update["rate_limit_streak"] = 0
-    return {"scopes": _live_scopes({**h.scopes, scope: old.model_copy(update=update)}, now)}
+    return {"scopes": _live_scopes({**h.scopes, scope: updated(old, update)}, now)}
 
 
 def prune_scopes(h: KeyHealth, now: float, ttl: float = SCOPE_TTL) -> KeyHealth:
@@ -186,7 +188,7 @@ def prune_scopes(h: KeyHealth, now: float, ttl: float = SCOPE_TTL) -> KeyHealth:
     live = _live_scopes(h.scopes, now, ttl)
     if len(live) == len(h.scopes):
         return h
-    return h.model_copy(update={"scopes": live})
+    return updated(h, {"scopes": live})
 
 
 def _live_scopes(
@@ -238,7 +240,7 @@ def _cooling(h: KeyHealth, until: float, reason: str) -> dict[str, object]:
 def _failed(h: KeyHealth, now: float, policy: Policy, **update: object) -> KeyHealth:
     """`update` applied, and one more error on the decayed score."""
     score = decayed_score(h, now, policy.half_life_seconds) + 1.0
-    return h.model_copy(update={**update, "error_score": score, "score_at": now})
+    return updated(h, {**update, "error_score": score, "score_at": now})
 
 
 def _merge_windows(
@@ -246,17 +248,21 @@ def _merge_windows(
 ) -> dict[str, WindowState]:
     """Windows as last reported; those whose reset has passed are dropped."""
     out = {k: w for k, w in old.items() if w.reset_at is None or w.reset_at > now}
+    # Built as validation would leave them, not validated again: `_finite` turns what
+    # validation would drop (NaN, infinity) into None. A clock that is not finite (never
+    # seen) takes the validated path, which leaves `seen_at` unset.
+    seen_at = _finite(now)
     for w in new:
         key = w.dimension if w.period is None else f"{w.dimension}:{w.period}"
         # A response may omit the limit (Azure sends only what remains); limits rarely change.
         limit = w.limit if w.limit is not None else (out[key].limit if key in out else None)
-        # Validated, as what the state file holds: `_finite` turns what validation would drop
-        # (NaN, infinity) into None first. (Pydantic's validation is faster here than
-        # `model_construct`, which walks every field in Python.)
-        out[key] = WindowState(
-            limit=_finite(limit), remaining=_finite(w.remaining), reset_at=_finite(w.reset_at),
-            seen_at=now,
-        )  # fmt: skip
+        values = _finite(limit), _finite(w.remaining), _finite(w.reset_at)
+        if seen_at is not None:
+            out[key] = WindowState.of(*values, seen_at)
+        else:
+            out[key] = WindowState(
+                limit=values[0], remaining=values[1], reset_at=values[2], seen_at=now
+            )
     return out
 
 
@@ -437,4 +443,4 @@ def _recheck_at(h: KeyHealth, recheck_seconds: float | None) -> float | None:
 def observe_windows(h: KeyHealth, windows: tuple[Window, ...], now: float) -> KeyHealth:
     """The key's health with quota windows learnt outside a request (a usage endpoint)."""
     merged = _merge_windows(h.windows, windows, now)
-    return h.model_copy(update={"windows": merged, "updated_at": now})
+    return updated(h, {"windows": merged, "updated_at": now})

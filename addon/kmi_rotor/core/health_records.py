@@ -32,6 +32,39 @@ class WindowState(Persisted):
     reset_at: float | None = None
     seen_at: float = 0.0
 
+    @classmethod
+    def of(
+        cls, limit: float | None, remaining: float | None, reset_at: float | None, seen_at: float
+    ) -> WindowState:
+        """A window from values already as validation leaves them (each a finite float, or
+        None), not validated again: what `WindowState(...)` would give, in half the time.
+        What comes from elsewhere (a file, a caller's dict) goes through validation."""
+        values = {"limit": limit, "remaining": remaining, "reset_at": reset_at, "seen_at": seen_at}
+        return _built(cls, values, set(_WINDOW_FIELDS))
+
+
+_WINDOW_FIELDS = frozenset(WindowState.model_fields)
+
+
+def updated[M: Persisted](m: M, update: dict[str, Any]) -> M:
+    """`m.model_copy(update=update)` (its values taken as they are, not validated), in half
+    the time: no copy of what these records never hold (extra fields, private attributes)."""
+    return _built(type(m), {**m.__dict__, **update}, m.__pydantic_fields_set__ | update.keys())
+
+
+def _built[M: Persisted](cls: type[M], values: dict[str, Any], fields_set: set[str]) -> M:
+    """A record of `values` and `fields_set`, as pydantic lays one out, not validated."""
+    m = _new(cls)
+    _set(m, "__dict__", values)
+    _set(m, "__pydantic_fields_set__", fields_set)
+    _set(m, "__pydantic_extra__", None)  # `extra="ignore"`: none is ever kept
+    _set(m, "__pydantic_private__", None)  # no private attributes
+    return m
+
+
+_new = object.__new__
+_set = object.__setattr__
+
 
 SCOPE_TTL = 86400.0
 """A scope not seen for this long is forgotten."""

@@ -20,6 +20,9 @@ MAX_LINE = 1 << 20
 """Default cap, in bytes, on one line and on one event's data."""
 
 _BOM = b"\xef\xbb\xbf"
+_CR = 0x0D
+"""A CR, as the byte value `in` looks for: `b"\\r" in chunk` first tries to read its operand
+as an integer, and the error it raises and drops costs more than the search itself."""
 
 
 class SSEReader:
@@ -63,14 +66,16 @@ class SSEReader:
 
     def feed(self, chunk: bytes) -> None:
         """Split `chunk` into lines and dispatch every event it completes."""
-        if self._one_data_event(chunk):
+        data = self.whole_data(chunk)
+        if data is not None:
+            self._on_event(b"", data)
             return
         if self._skip_lf and chunk[:1] == b"\n":
             chunk = chunk[1:]  # second half of a CRLF split across chunks
         # A trailing CR ends its line now (it is a line end on its own); remember it so that
         # an LF opening the next chunk is not read as a second, empty line.
         self._skip_lf = chunk.endswith(b"\r")
-        if b"\r" in chunk:
+        if _CR in chunk:
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         lines = chunk.split(b"\n")
         tail = lines.pop()
@@ -93,26 +98,26 @@ class SSEReader:
                 self._line(line)
         self._keep_partial(tail)
 
-    def _one_data_event(self, chunk: bytes) -> bool:
-        """Dispatch `chunk` if it is the usual one, a whole event of one `data:` line
+    def whole_data(self, chunk: bytes) -> bytes | None:
+        """The data of `chunk` if it is the usual one, a whole event of one `data:` line
         (`data: {...}\\n\\n`, no CR, within `max_line`) with nothing held from the chunks
-        before; False, having done nothing, for any other. The same as `feed`'s general path,
-        without splitting the chunk into lines."""
+        before: the chunk is then read, and its event is the caller's to handle as `feed`
+        would dispatch it (type b""). None, having done nothing, for any other chunk. The same
+        as `feed`'s general path, without splitting the chunk into lines."""
         if not (
             chunk.endswith(b"\n\n")
             and chunk.find(b"\n") == len(chunk) - 2
             and chunk.startswith(b"data:")
             and len(chunk) <= self._max
-            and b"\r" not in chunk
+            and _CR not in chunk
         ):
-            return False
+            return None
         # Nothing held: no partial line, no line being dropped, no event begun (nor dropped:
         # a dropped event's data still counts in `_data_len`).
         if self._buf or self._discarding or self._data_len or self._type:
-            return False
+            return None
         self._first_line = self._skip_lf = False  # a first line that opens with `data:` has no BOM
-        self._on_event(b"", chunk[6:-2] if chunk[5:6] == b" " else chunk[5:-2])
-        return True
+        return chunk[6:-2] if chunk[5:6] == b" " else chunk[5:-2]
 
     def _keep_partial(self, part: bytes) -> None:
         if not part or self._discarding:

@@ -13,6 +13,8 @@ DEFAULT_COMPLETION = 256
 """Completion budget assumed when the request names none (max_tokens is optional for OpenAI)."""
 MAX_TOKENS = 100_000_000
 """More than any model's context: a larger count is garbage, and is capped to this."""
+_DECODE = json.JSONDecoder().decode
+"""`json.loads` of a text, as `json.loads` itself decodes it (default options)."""
 
 
 def estimate_from_length(content_length: int | None) -> int:
@@ -109,7 +111,9 @@ def _usage_tail(body: bytes) -> dict[str, Any] | None:
     if at <= 0 or body[at - 1] == 0x5C:  # a backslash: inside a string, or an odd key
         return None
     try:
-        data = json.loads(b"{" + body[at:])
+        # What `json.loads` makes of these bytes, without its guess at their encoding (a
+        # Python function): text opening with `{"` is UTF-8 to it, whatever follows.
+        data = _DECODE((b"{" + body[at:]).decode("utf-8", "surrogatepass"))
     except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     return data if isinstance(data, dict) and isinstance(data.get("usage"), dict) else None
