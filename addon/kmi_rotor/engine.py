@@ -71,24 +71,22 @@ class Plan:
 
 
 class _Lazy:
-    """`first` (when given), then the fingerprint of each key of `keys` (or each item itself,
-    with `fingerprints=False`), each once: a sequence over an iterator, materialised only as
-    far as it is read (twice at most). One object, not a chain of generators: a plan's first
-    candidate is read for every request."""
+    """`first` (when given), then the fingerprint of each key of `keys`, each once: a sequence
+    over an iterator, materialised only as far as it is read (twice at most). One object, not
+    a chain of generators: a plan's first candidate is read for every request."""
 
-    __slots__ = ("_fingerprints", "_given", "_it", "_seen")
+    __slots__ = ("_given", "_it", "_seen")
 
-    def __init__(self, first: str | None, keys: Iterable[Any], *, fingerprints: bool = True):
+    def __init__(self, first: str | None, keys: Iterable[Any]):
         self._it = iter(keys)
-        self._fingerprints = fingerprints
         self._seen: list[str] = [first] if first else []
         self._given: set[str] = set(self._seen)
 
     def __iter__(self) -> Iterator[str]:
         yield from self._seen
-        seen, given, fingerprints = self._seen, self._given, self._fingerprints
-        for item in self._it:
-            name = item.fingerprint if fingerprints else item
+        seen, given = self._seen, self._given
+        for key in self._it:
+            name = key.fingerprint
             if name not in given:
                 given.add(name)
                 seen.append(name)
@@ -526,11 +524,6 @@ def _paced_by(limits: LimitsConfig) -> frozenset[str]:
     # Asked on every answer and for every key a selection looks at: the limits are frozen
     # (hashed by their values), and a configuration has few different ones.
     return paced(limits)
-
-
-def _unique(first: str | None, rest: Iterable[str]) -> Iterator[str]:
-    """`first` (when given), then `rest`, each once."""
-    return iter(_Lazy(first, rest, fingerprints=False))
 
 
 def _scope_name(scope: str, keys: dict[str, Key]) -> str:

@@ -18,7 +18,6 @@ from kmi_rotor.engine import (
     Decision,
     Engine,
     Wait,
-    _unique,
     pool_available_at,
 )
 
@@ -860,19 +859,3 @@ def test_pacing_follows_the_configuration_and_the_key_object_asked_about() -> No
     assert b.engine.usable(old_a, T0 + 1)  # a request of the old configuration: its own limits
     b.engine.reconfigure(paced)
     assert b.engine.usable(next(k for k in b.engine.keys.values() if k.label == "a"), T0 + 1)
-
-
-@pytest.mark.parametrize(
-    ("first", "rest", "expected"),
-    [
-        (None, ["a", "b"], ["a", "b"]),
-        ("b", ["a", "b", "c"], ["b", "a", "c"]),  # the affinity's key once, first
-        ("", ["a"], ["a"]),
-        (None, ["a", "a", "b"], ["a", "b"]),
-        ("x", [], ["x"]),
-    ],
-)
-def test_candidates_are_unique_with_the_first_first(
-    first: str | None, rest: list[str], expected: list[str]
-) -> None:
-    assert list(_unique(first, iter(rest))) == expected

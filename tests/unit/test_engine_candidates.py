@@ -55,7 +55,3 @@ def test_candidates_are_read_only_as_far_as_asked() -> None:
     assert [next(it), next(it)] == ["c", "a"] and pulled == ["a"]
     assert len(c) == 4 and pulled == ["a", "b", "c", "d"]
     assert c[3] == "d" and list(c) == ["c", "a", "b", "d"]
-
-
-def test_candidates_of_names() -> None:
-    assert list(_Lazy("b", iter(["a", "b", "a"]), fingerprints=False)) == ["b", "a"]
