@@ -105,23 +105,8 @@ class SSETap:
     def __call__(self, chunk: bytes) -> bytes:
         """Observe `chunk` and hand it back unchanged; `b""` marks the end of the stream."""
         try:
-            if type(chunk) is bytes and chunk and self._final is None and self._broken is None:
-                # Nearly every call: `feed`'s work, and the usual chunk (one whole `data:`
-                # event, of content only) read here without a call per step.
-                self._bytes += len(chunk)
-                try:
-                    data = self._reader.whole_data(chunk)
-                    if data is None:
-                        self._reader.feed(chunk)
-                    else:
-                        self._events += 1
-                        if len(data) < 16 or _WORTH_PARSING.search(data) is not None:
-                            self._inspect_unnamed(data)
-                        elif self._dialect is None and data[:1] == b"{":
-                            self._dialect = "openai"  # what `_inspect_unnamed` does with it
-                except Exception as exc:
-                    self._break(exc)
-            elif not chunk and isinstance(chunk, bytes | bytearray | memoryview):
+            # `not chunk` first: a non-empty chunk (nearly every call) skips the type test.
+            if not chunk and isinstance(chunk, bytes | bytearray | memoryview):
                 self.finish()
             else:
                 self.feed(chunk)
