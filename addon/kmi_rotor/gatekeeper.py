@@ -35,7 +35,7 @@ from .core.credentials import CREDENTIAL_HEADERS, CREDENTIAL_QUERY
 from .core.hosts import HostLookup
 from .core.refusal import Refusal
 from .core.secrets import mask_credential_value
-from .hosting import WEB_HOST, StatusPage
+from .hosting import WEB_HOST, StatusPage, host_header
 from .masking import drop_credentials
 from .names import ALLOW_REMOTE_OPTION, CONFIG_OPTION, META
 from .request_body import header_values
@@ -314,9 +314,10 @@ class Gatekeeper:
         if not isinstance(mode, ReverseMode):
             return None
         req = flow.request
+        named = host_header(req)
         local = flow.client_conn.sockname
         why = routing.reverse_host_verdict(
-            req.host_header,
+            named,
             "https" if flow.client_conn.tls else "http",
             (str(local[0]), int(local[1])) if local else None,
             self._listen_hosts,
@@ -327,7 +328,7 @@ class Gatekeeper:
         if self._owns_host_header:
             scheme = "https" if mode.scheme in ("https", "http3", "tls", "quic") else "http"
             upstream = url.hostport(scheme, mode.address[0], mode.address[1])
-            if req.host_header != upstream:  # a header write rebuilds the header list
+            if named != upstream:  # a header write rebuilds the header list
                 req.host_header = upstream
         return None
 

@@ -53,7 +53,7 @@ class StatusPage(WSGIApp):
         data = req.data
         if is_status_path(data.path):
             return True
-        named = _host_header(req) or data.host  # parsed below only if it can be the status host
+        named = host_header(req) or data.host  # parsed below only if it can be the status host
         return WEB_HOST in named.lower() and req.pretty_host == WEB_HOST
 
 
@@ -64,7 +64,7 @@ def is_status_path(path: bytes) -> bool:
     return path.startswith(_PREFIX) and path[_PREFIX_LEN : _PREFIX_LEN + 1] in _AFTER
 
 
-def _host_header(req: http.Request) -> str | None:
+def host_header(req: http.Request) -> str | None:
     """What `req.host_header` gives (the :authority, else the Host field), the Host field read
     from the raw fields in one pass: mitmproxy's `headers.get` converts every field's name."""
     data = req.data

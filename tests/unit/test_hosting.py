@@ -6,7 +6,7 @@ import pytest
 from mitmproxy import http
 from mitmproxy.test import tflow, tutils
 
-from kmi_rotor.hosting import WEB_PREFIX, StatusPage, _host_header, is_status_path
+from kmi_rotor.hosting import WEB_PREFIX, StatusPage, host_header, is_status_path
 
 
 def _request(version: bytes, fields: list[tuple[bytes, bytes]], authority: bytes = b""):
@@ -33,7 +33,7 @@ def _request(version: bytes, fields: list[tuple[bytes, bytes]], authority: bytes
 )
 def test_host_header_as_mitmproxy_reads_it(version, fields, authority) -> None:
     req = _request(version, fields, authority)
-    assert _host_header(req) == req.host_header
+    assert host_header(req) == req.host_header
 
 
 @pytest.mark.parametrize(
