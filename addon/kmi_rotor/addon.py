@@ -17,6 +17,7 @@ registered from `OperatorCommands` when `Rotor` loads.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from typing import Any
@@ -226,6 +227,7 @@ class Rotor:
             run.keeper.start()
             self.poller.start(run)
         self.watcher.start()
+        _freeze_startup_heap()
 
     def done(self) -> None:
         """Every flow still holding a key is masked first: scripts run before mitmproxy's own
@@ -451,6 +453,21 @@ class Rotor:
             return False
         mask_request(flow)
         return True
+
+
+_frozen = False
+
+
+def _freeze_startup_heap() -> None:
+    """Once per process, when the proxy starts serving: what was loaded to start (mitmproxy,
+    pydantic's schemas, the configuration) goes to the collector's permanent generation, so
+    that the full collections request traffic triggers no longer walk it. Garbage is
+    collected first, so none of it is kept for good."""
+    global _frozen
+    if not _frozen:
+        _frozen = True
+        gc.collect()
+        gc.freeze()
 
 
 __all__ = ["META", "Rotor", "Served"]

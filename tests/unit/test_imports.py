@@ -140,3 +140,34 @@ def test_loads_without_the_addon(module: str) -> None:
     loaded = json.loads(out.stdout.strip().splitlines()[-1])
     assert module in loaded
     assert "kmi_rotor.addon" not in loaded
+
+
+def test_nothing_the_proxy_loads_installs_an_audit_hook() -> None:
+    """A Python audit hook runs on every audited call in the process (`id()`, sockets...),
+    mitmproxy's included: about 45 per request. filelock 3.30 and later install one, hence the
+    pin; this finds any module the proxy loads that calls `sys.addaudithook`."""
+    code = (
+        "import json, sys\n"
+        "import kmi_rotor.addon, kmi_rotor.store, kmi_rotor.cluster.state\n"
+        "import mitmproxy.tools.main, mitmproxy.tools.dump\n"
+        "hits = []\n"
+        "for name, m in list(sys.modules.items()):\n"
+        "    f = getattr(m, '__file__', None) or ''\n"
+        "    if f.endswith('.py'):\n"
+        "        with open(f, encoding='utf-8', errors='replace') as fh:\n"
+        "            if 'addaudithook(' in fh.read():\n"
+        "                hits.append(name)\n"
+        "print(json.dumps([len(sys.modules), sorted(hits)]))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=PACKAGE.parent,
+        env={"PYTHONPATH": str(PACKAGE.parent), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    loaded, hits = json.loads(out.stdout.strip().splitlines()[-1])
+    assert loaded > 200  # the addon, mitmproxy and their dependencies were read
+    assert hits == []
