@@ -24,10 +24,11 @@ Cases:
 - decision: in process, CPU µs per admission + selection (+ settle) with 1,000 keys
   (`bench_admission.measure_cost`).
 
-`--profile DIR` also records each mitmdump (bare, with kmi-rotor, and `--before`'s) in the
-reverse and stream cases with py-spy (200 Hz, raw collapsed stacks by thread,
-`DIR/{bare,rotor,before}-CASE.txt`) and
-prints the heaviest frames (kmi-rotor's own, and any function's by self time);
+`--profile DIR` also samples each mitmdump (bare, with kmi-rotor, and `--before`'s) in the
+reverse and stream cases, after the measured rounds: every proxy of those cases then loads
+`sampler.py` (a profiler inside the process, idle until a signal starts it; one sample per
+millisecond of CPU, collapsed stacks in `DIR/{bare,rotor,before}-CASE.txt`), and the heaviest
+frames are printed (kmi-rotor's own, and any function's by self time).
 `bench_overhead.py summarise FILE` prints them again.
 
     .venv/bin/python scripts/bench_overhead.py [--quick] [--cases reverse,stream] [--profile DIR]
@@ -39,7 +40,7 @@ import argparse
 import asyncio
 import os
 import re
-import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -110,11 +111,19 @@ def thread_cpu(pid: int) -> tuple[float, float]:
     return main, others
 
 
-def launch(argv: Sequence[str], log: Path, ready: re.Pattern[str], timeout: float = 30) -> Child:
+def launch(
+    argv: Sequence[str],
+    log: Path,
+    ready: re.Pattern[str],
+    timeout: float = 30,
+    env: dict[str, str] | None = None,
+) -> Child:
     """A child writing to `log` (no pipe to pump), once a line of its output matches `ready`
-    (whose last group is the port)."""
+    (whose last group is the port); `env` is added to the clean environment."""
     with log.open("wb") as out:
-        proc = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT, env=clean_env())
+        proc = subprocess.Popen(
+            list(argv), stdout=out, stderr=subprocess.STDOUT, env={**clean_env(), **(env or {})}
+        )
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         m = ready.search(log.read_text(errors="replace"))
@@ -182,9 +191,10 @@ def start_proxy(
     config: Path | None,
     extra: Sequence[str],
     tree: Path = ROOT,
+    samples: Path | None = None,
 ) -> Child:
     """mitmdump on a free loopback port; with `config`, kmi-rotor too (from `tree`, a checkout
-    of this repository). Options otherwise equal."""
+    of this repository); with `samples`, the sampler, writing there. Options otherwise equal."""
     confdir = setup.tmp / "confdir"  # one CA for every proxy, trusted by the regular clients
     argv = [MITMDUMP, "--listen-host", "127.0.0.1", "-p", "0", "--mode", mode]
     argv += [
@@ -194,9 +204,13 @@ def start_proxy(
         f"ssl_verify_upstream_trusted_ca={setup.ca_pem}",
     ]
     argv += ["--set", "flow_detail=0", *extra]
+    env = None
+    if samples is not None:
+        argv += ["-s", str(ROOT / "scripts" / "sampler.py")]
+        env = {"KMI_ROTOR_SAMPLES": str(samples)}
     if config is not None:
         argv += ["-s", str(tree / "addon" / "rotor.py"), "--set", f"rotor_config={config}"]
-    child = launch(argv, setup.tmp / f"{name}.log", LISTEN_RE)
+    child = launch(argv, setup.tmp / f"{name}.log", LISTEN_RE, env=env)
     setup.children.append(child)
     return child
 
@@ -274,6 +288,7 @@ def run_case(setup: Setup, case: str, args: argparse.Namespace) -> CaseResult:
     if args.before is not None:
         proxies["before"] = start_proxy(setup, f"{case}-before", mode, config, [], args.before)
     result = CaseResult(case, [], [])
+    profiled = args.profile is not None and case in ("reverse", "stream")
     try:
         for i in range(args.runs):
             order = list(proxies.items())
@@ -282,12 +297,22 @@ def run_case(setup: Setup, case: str, args: argparse.Namespace) -> CaseResult:
                 run = measure(child, target, args, stream=case == "stream")
                 getattr(result, name).append(run)
                 print(f"  {case:9} run {i + 1} {name:5} {_fmt_run(run)}", flush=True)
-        if args.profile is not None and case in ("reverse", "stream"):
-            for name, child in proxies.items():  # bare, rotor and, with --before, before
-                profile(child, _target(setup, child, case), args, f"{name}-{case}")
     finally:
         for child in proxies.values():
             child.stop()
+    if profiled:  # after the measured rounds, in proxies of their own: the sampler is loaded
+        for name in proxies:  # bare, rotor and, with --before, before
+            samples = setup.tmp / f"samples-{name}-{case}.txt"
+            extra = bare_extra if name == "bare" else []
+            tree = args.before if name == "before" else ROOT
+            child = start_proxy(
+                setup, f"{case}-{name}-profiled", mode, None if name == "bare" else config,
+                extra, tree, samples,
+            )  # fmt: skip
+            try:
+                profile(child, _target(setup, child, case), args, f"{name}-{case}", samples)
+            finally:
+                child.stop()
     return result
 
 
@@ -301,27 +326,26 @@ def _target(setup: Setup, child: Child, case: str) -> Target:
 # -- the profile ----------------------------------------------------------------------------------
 
 
-def py_spy() -> str | None:
-    """py-spy beside this Python (the `bench` extra installs it), else on PATH; None if neither."""
-    beside = Path(sys.executable).parent / "py-spy"
-    return str(beside) if beside.is_file() else shutil.which("py-spy")
-
-
-def profile(child: Child, target: Target, args: argparse.Namespace, case: str) -> None:
-    """py-spy on `child` while it carries the load (`case` names the file, `bare-reverse`,
-    `rotor-stream`...); prints the heaviest frames."""
-    spy = py_spy()
-    assert spy is not None  # checked before the first run
-    out = args.profile / f"{case}.txt"
-    args.profile.mkdir(parents=True, exist_ok=True)
+def profile(
+    child: Child, target: Target, args: argparse.Namespace, case: str, samples: Path
+) -> None:
+    """Sample `child` (started with the sampler writing to `samples`) while it carries the
+    load (`case` names the copy in the profile folder, `bare-reverse`, `rotor-stream`...);
+    print the heaviest frames."""
     seconds = max(args.seconds, 8)
-    argv = [spy, "record", "-r", "200", "-d", str(seconds), "--pid", str(child.proc.pid)]
-    argv += ["-f", "raw", "-o", str(out), "--nonblocking", "--threads"]
-    spy_proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     quick = argparse.Namespace(**{**vars(args), "seconds": seconds, "warmup": 0.5})
-    measure(child, target, quick, stream=case.endswith("stream"))
-    spy_proc.wait(60)
-    print(f"{case}: " + summarise(out.read_text() if out.exists() else ""))
+    stream = case.endswith("stream")
+    asyncio.run(drive(target, seconds=1.0, warmup=0.5, concurrency=args.concurrency, stream=stream))
+    os.kill(child.proc.pid, signal.SIGUSR1)
+    measure(child, target, quick, stream=stream)
+    os.kill(child.proc.pid, signal.SIGUSR2)
+    end = time.monotonic() + 30
+    while not samples.exists() and time.monotonic() < end and child.proc.poll() is None:
+        time.sleep(0.05)
+    raw = samples.read_text() if samples.exists() else ""
+    args.profile.mkdir(parents=True, exist_ok=True)
+    (args.profile / f"{case}.txt").write_text(raw)
+    print(f"{case}: " + summarise(raw))
 
 
 PASS_THROUGH = ("_wrap.<locals>.open_connection",)
@@ -330,6 +354,7 @@ connection runs under `opening.py`'s wrapper): not counted as kmi-rotor's."""
 
 
 IDLE = ("Condition.wait (", "Event.wait (", "SimpleQueue.get (", "Queue.get (")
+"""Frames of a thread asleep (an outside profiler may count a timed wait as running)."""
 
 
 def summarise(raw: str, top: int = 25) -> str:
@@ -343,7 +368,7 @@ def summarise(raw: str, top: int = 25) -> str:
         n = int(count)
         frames = stack.split(";")
         if frames[-1].startswith(IDLE):
-            continue  # a thread asleep (py-spy counts a timed wait as running)
+            continue  # a thread asleep
         total += n
         mine = [f for f in frames if "kmi_rotor" in f and not f.startswith(PASS_THROUGH)]
         if mine:
@@ -440,7 +465,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=None, help="before each run (default 2)")
     parser.add_argument("--concurrency", type=int, default=20)
     parser.add_argument("--events", type=int, default=50, help="content events per stream")
-    parser.add_argument("--profile", type=Path, default=None, help="py-spy output folder")
+    parser.add_argument("--profile", type=Path, default=None, help="folder for the samples")
     parser.add_argument(
         "--before",
         type=Path,
@@ -449,8 +474,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "kmi-rotor runs as a third proxy in the same rounds, for a before/after in one run",
     )
     args = parser.parse_args(argv)
-    if args.profile is not None and py_spy() is None:
-        parser.error("--profile needs py-spy: pip install -e '.[bench]'")
     args.runs = args.runs or (3 if args.quick else 4)
     args.seconds = args.seconds or (3.0 if args.quick else 6.0)
     args.warmup = args.warmup or (1.0 if args.quick else 2.0)

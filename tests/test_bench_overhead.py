@@ -1,9 +1,10 @@
-"""Tests for scripts/bench_overhead.py's CPU accounting: the event loop's thread apart from the
-others."""
+"""Tests for scripts/bench_overhead.py's CPU accounting (the event loop's thread apart from the
+others) and its sampler."""
 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -47,3 +48,37 @@ def test_thread_cpu_splits_the_main_thread_from_the_others() -> None:
     assert main_after - main_before < 0.1  # the main thread only waited
     _burn(0.2)
     assert thread_cpu(pid)[0] - main_after >= 0.1
+
+
+def test_the_sampler_records_where_the_cpu_goes(tmp_path: Path) -> None:
+    """`sampler.py` as `--profile` uses it, in a process of its own: idle until SIGUSR1,
+    collapsed stacks written on SIGUSR2, the busy function in nearly every sample."""
+    out = tmp_path / "samples.txt"
+    code = (
+        "import os, signal, sys, time\n"
+        f"sys.path.insert(0, {str(SCRIPTS)!r})\n"
+        "import sampler\n"
+        "sampler.load(None)\n"
+        "def busy_for_the_sampler():\n"
+        "    end = time.process_time() + 0.4\n"
+        "    while time.process_time() < end:\n"
+        "        pass\n"
+        "busy_for_the_sampler()  # before SIGUSR1: not sampled\n"
+        "os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "busy_for_the_sampler()\n"
+        "os.kill(os.getpid(), signal.SIGUSR2)\n"
+    )
+    env = {**os.environ, "KMI_ROTOR_SAMPLES": str(out)}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=60)
+    stacks = {}
+    for line in out.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        stacks[stack] = int(n)
+    total = sum(stacks.values())
+    busy = sum(n for s, n in stacks.items() if s.split(";")[-1].startswith("busy_for_the_sampler"))
+    assert total >= 50  # about 400 samples of 1 ms of CPU; a loaded machine loses some
+    assert busy >= 0.9 * total
+    assert all(s.startswith("<module> (<string>:") for s in stacks)
+    from bench_overhead import summarise
+
+    assert "0.0% under kmi-rotor frames" in summarise(out.read_text())
