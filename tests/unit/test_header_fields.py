@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from mitmproxy import http
 
 from kmi_rotor.core.header_fields import field_value, has_field, with_fields
@@ -47,3 +49,34 @@ def test_with_fields_is_set_and_pop(updates: dict[str, str | None]) -> None:
             expected[name] = value
     raw = {k.encode(): None if v is None else v.encode() for k, v in updates.items()}
     assert with_fields(FIELDS, raw) == expected.fields
+
+
+_NAMES = st.sampled_from(["a", "A", "ab", "aB", "ba", "Ab", "b", "content-type", "Content-Type"])
+_FIELD_LISTS = st.lists(st.tuples(_NAMES.map(str.encode), st.binary(max_size=3)), max_size=8).map(
+    tuple
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    fields=_FIELD_LISTS,
+    updates=st.dictionaries(
+        _NAMES.map(lambda n: n.lower().encode()), st.none() | st.binary(max_size=3), max_size=4
+    ),
+)
+def test_any_fields_read_and_rewritten_as_headers_would(
+    fields: tuple[tuple[bytes, bytes], ...], updates: dict[bytes, bytes | None]
+) -> None:
+    """Names of the same length that differ, names in any case, repeats, names absent."""
+    expected = http.Headers(fields)
+    for name, value in updates.items():
+        if value is None:
+            expected.pop(name.decode(), None)
+        else:
+            expected[name.decode()] = value.decode("latin-1")
+    raw = {k: None if v is None else v.decode("latin-1").encode() for k, v in updates.items()}
+    assert with_fields(fields, raw) == expected.fields
+    assert with_fields(list(fields), raw) == expected.fields  # any iterable of pairs
+    for name in {n.lower() for n, _ in fields} | {b"absent", b"ab"}:
+        assert field_value(fields, name) == http.Headers(fields).get(name.decode())
+        assert has_field(fields, name) is (name.decode() in http.Headers(fields))

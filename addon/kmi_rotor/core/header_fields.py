@@ -16,7 +16,8 @@ Fields = tuple[tuple[bytes, bytes], ...]
 def field_value(fields: Iterable[tuple[bytes, bytes]], name: bytes) -> str | None:
     """What `Headers.get(name)` gives: every value of `name` (lower-case) joined with ", ",
     decoded as mitmproxy does; None when there is none."""
-    values = [v for k, v in fields if k.lower() == name]
+    n = len(name)  # a name of another length is not lowered (no new bytes per field)
+    values = [v for k, v in fields if len(k) == n and k.lower() == name]
     if not values:
         return None
     if len(values) == 1:  # the usual case: nothing to join
@@ -26,7 +27,8 @@ def field_value(fields: Iterable[tuple[bytes, bytes]], name: bytes) -> str | Non
 
 def has_field(fields: Iterable[tuple[bytes, bytes]], name: bytes) -> bool:
     """What `name in headers` gives (`name` lower-case)."""
-    return any(k.lower() == name for k, _ in fields)
+    n = len(name)
+    return any(len(k) == n and k.lower() == name for k, _ in fields)
 
 
 def with_fields(
@@ -35,16 +37,17 @@ def with_fields(
     """The fields with each name of `updates` (lower-case) set to its value, as
     `headers[name] = value` does (the first field of that name keeps its place and spelling,
     later ones go, a new one is appended), or removed for None, as `headers.pop(name)` does."""
+    lengths = {len(k) for k in updates}  # a name of another length is not lowered
     pending = dict(updates)
     out: list[tuple[bytes, bytes]] = []
     for field in fields:  # a field kept is kept as it is, not rebuilt
-        low = field[0].lower()
-        if low not in updates:
+        name = field[0]
+        if len(name) not in lengths or (low := name.lower()) not in updates:
             out.append(field)
         elif low in pending:
             new = pending.pop(low)
             if new is not None:
-                out.append((field[0], new))
+                out.append((name, new))
     if pending:  # names not there yet, appended
         out.extend((k, v) for k, v in pending.items() if v is not None)
     return tuple(out)
