@@ -69,6 +69,25 @@ def parse_signal(
     for an unknown or generic one. An answer below 400 is a success whatever its body says:
     only an error's body is read (for its kind, Gemini's quota details and the rate-limit
     headers OpenRouter copies into it)."""
+    if 100 <= status < 400 and type(headers) is tuple:  # a success, as raw pairs: the usual
+        name = provider.lower() if provider else ""
+        if name in _OPENAI_SPEAKERS:
+            windows = _openai_success(headers, now, horizon, name)
+            if windows is not None:
+                return _signal(status, FailureKind.OK, None, windows, "ok")
+    return _parse_signal(status, headers, body, now, provider, horizon)
+
+
+def _parse_signal(
+    status: int,
+    headers: Iterable[tuple[str, str]] | Mapping[str, str],
+    body: bytes | None,
+    now: float,
+    provider: str | None,
+    horizon: float,
+) -> Signal:
+    """`parse_signal` for any answer: what `_openai_success` gives its answers, read the
+    general way."""
     facts = read_body(body) if status >= 400 else _NO_FACTS
     h = _header_map(headers)
     if facts.headers:  # the rate-limit headers OpenRouter copies into an error's body
@@ -86,7 +105,50 @@ def parse_signal(
     if facts.violations:
         windows += _gemini_windows(facts, now, horizon)
     retry_at = None if kind is FailureKind.OK else _retry_at(kind, h, facts, windows, now, horizon)
-    return Signal(status, kind, retry_at, windows, reason[:120])
+    return _signal(status, kind, retry_at, windows, reason[:120])
+
+
+_new = object.__new__
+_set = object.__setattr__
+
+
+def _signal(
+    status: int,
+    kind: FailureKind,
+    retry_at: float | None,
+    windows: tuple[Window, ...],
+    reason: str,
+) -> Signal:
+    """`Signal(status, kind, retry_at, windows, reason)`, made without the frozen dataclass's
+    `__init__` (an `object.__setattr__` per field): a third of the time, the same object."""
+    sig = _new(Signal)
+    _set(
+        sig,
+        "__dict__",
+        {
+            "status": status,
+            "kind": kind,
+            "retry_at": retry_at,
+            "windows": windows,
+            "reason": reason,
+            "detail": "",
+        },
+    )
+    return sig
+
+
+def _window_of(
+    dim: str, period: str | None, limit: float | None, remaining: float | None, reset: float | None
+) -> Window:
+    """`Window(dim, period, limit, remaining, reset)`, made as `_signal` makes a signal."""
+    w = _new(Window)
+    _set(
+        w,
+        "__dict__",
+        {"dimension": dim, "period": period, "limit": limit, "remaining": remaining,
+         "reset_at": reset},
+    )  # fmt: skip
+    return w
 
 
 _NO_FACTS = BodyFacts()
@@ -192,6 +254,14 @@ def _count(s: str | None) -> float | None:
         return None
     n = _number(s.strip())
     return n if n is not None and n <= _MAX_COUNT else None
+
+
+def _plain_count(s: str) -> float | None:
+    """`_count(s)`: a count of at most 15 ASCII digits (below `_MAX_COUNT`, nothing to strip:
+    the usual header) read at once."""
+    if s.isdigit() and s.isascii() and len(s) <= 15:
+        return float(s)
+    return _count(s)
 
 
 def _date(s: str) -> float | None:
@@ -300,7 +370,7 @@ def _window(
     reset = _checked(names[2], reset_text, reset, label)
     if limit is None and remaining is None and reset is None:
         return None
-    return Window(dim, period, limit, remaining, reset)
+    return _window_of(dim, period, limit, remaining, reset)
 
 
 def _names(prefix: str, dim: str) -> tuple[str, str, str]:
@@ -320,6 +390,57 @@ def _openai_windows(
 
 
 _OPENAI_NAMES: Final = tuple((d, _names("x-ratelimit-", f"-{d}")) for d in ("requests", "tokens"))
+_OPENAI_SPEAKERS: Final = frozenset(p for p, spoken in _SPOKEN.items() if spoken == ("openai",))
+"""The providers whose answers are read in OpenAI's dialect alone."""
+_OPENAI_SLOTS: Final = {
+    n.encode(): i for i, n in enumerate(n for _, names in _OPENAI_NAMES for n in names)
+}
+"""The raw (lower-cased) names of OpenAI's rate-limit headers, each with its place in
+`_OPENAI_NAMES` (requests' limit, remaining, reset; then tokens')."""
+
+
+def _openai_success(
+    fields: tuple[tuple[bytes, bytes], ...], now: float, horizon: float, provider: str
+) -> tuple[Window, ...] | None:
+    """The windows of a success in OpenAI's dialect, read from its raw header pairs in one
+    pass that keeps only the six names the dialect reads; what `_header_map` and
+    `_openai_windows` give. None when the pairs hold anything this pass does not read exactly
+    as they do (a name that is one of these only once stripped, a pair that is not two byte
+    strings): the general path then reads them."""
+    texts: list[str | None] = [None, None, None, None, None, None]
+    try:
+        for name, value in fields:
+            lowered = name.lower()
+            # What `_header_map` could turn into one of the six (`in` would be no safer, and
+            # costs ten times more on bytes: it tries the operand as an integer first).
+            if lowered.lstrip().startswith(b"x-ratelimit-"):
+                i = _OPENAI_SLOTS.get(lowered)
+                if i is None or type(value) is not bytes:
+                    return None
+                if texts[i] is None:  # a repeat keeps the first, as `_header_map` does
+                    # latin-1 maps each byte to one character: cutting before decoding is the same.
+                    texts[i] = value[:_VALUE_LIMIT].decode("latin-1")
+    except (AttributeError, TypeError, ValueError):
+        return None  # a name or a pair of an unexpected shape
+    periods = _GROQ_PERIODS if provider == "groq" else _NO_PERIODS
+    found = []
+    for at, (dim, names) in ((0, _OPENAI_NAMES[0]), (3, _OPENAI_NAMES[1])):
+        limit_text, remaining_text, reset_text = texts[at], texts[at + 1], texts[at + 2]
+        if limit_text is None and remaining_text is None and reset_text is None:
+            continue
+        # What `_window` does with these texts, without its calls for what is absent.
+        limit = remaining = reset = None
+        if limit_text is not None and (limit := _plain_count(limit_text)) is None:
+            _malformed(names[0], limit_text)
+        if remaining_text is not None and (remaining := _plain_count(remaining_text)) is None:
+            _malformed(names[1], remaining_text)
+        if reset_text is not None and (reset := _parse_reset(reset_text, now, horizon)) is None:
+            _malformed(names[2], reset_text)
+        if limit is not None or remaining is not None or reset is not None:
+            found.append(_window_of(dim, periods.get(dim), limit, remaining, reset))
+    return tuple(found)
+
+
 _GROQ_PERIODS: Final = {"requests": "day", "tokens": "minute"}
 """Groq reuses the names, but its request budget is per day and its token budget per minute."""
 _NO_PERIODS: Final[dict[str, str]] = {}
