@@ -23,7 +23,7 @@ from .health_records import KeyHealth as KeyHealth
 from .health_records import Persisted as Persisted
 from .health_records import ScopedHealth as ScopedHealth
 from .health_records import WindowState as WindowState
-from .health_records import updated
+from .health_records import updated, window_state
 from .signals import FailureKind, Signal, Window
 
 _MAX_DOUBLINGS = 30
@@ -70,7 +70,9 @@ def apply_signal(
     ok = sig.kind is FailureKind.OK
     seen = _seen(h, sig.windows, now, scope, succeeded=ok)
     if ok:  # every answer that went well: one copy of the record, not one per step
-        return updated(h, {**seen, **_succeeded(h, now, policy), "updated_at": now})
+        _succeeded(h, now, policy, seen)
+        seen["updated_at"] = now
+        return updated(h, seen)
     h = updated(h, seen)
     match sig.kind:
         case FailureKind.RATE_LIMITED:
@@ -124,15 +126,18 @@ def operator_reset(h: KeyHealth, now: float) -> KeyHealth:
     )
 
 
-def _succeeded(h: KeyHealth, now: float, policy: Policy) -> dict[str, object]:
-    """What a success changes key-wide (the scope's streak ends in `_seen`)."""
-    update: dict[str, object] = {"rate_limit_streak": 0, "overload_streak": 0}
+def _succeeded(h: KeyHealth, now: float, policy: Policy, update: dict[str, object]) -> None:
+    """What a success changes key-wide, added to `update` (the scope's streak ends in
+    `_seen`)."""
+    update["rate_limit_streak"] = 0
+    update["overload_streak"] = 0
     # Only the planned recheck re-enables a key: a request that was already in flight when the
     # key was disabled may still succeed, and must not undo the disable.
-    recheck = _recheck_at(h, policy.auth_recheck_seconds)
-    if recheck is not None and now >= recheck:
-        update |= {"disabled_reason": None, "disabled_at": None}
-    return update
+    if h.disabled_reason is not None:
+        recheck = _recheck_at(h, policy.auth_recheck_seconds)
+        if recheck is not None and now >= recheck:
+            update["disabled_reason"] = None
+            update["disabled_at"] = None
 
 
 def _rate_limited(h: KeyHealth, sig: Signal, now: float, policy: Policy) -> KeyHealth:
@@ -180,7 +185,9 @@ def _seen(
     update: dict[str, object] = {"windows": merged, "seen_at": now}
     if succeeded and old.rate_limit_streak:
         update["rate_limit_streak"] = 0
-    return {"scopes": _live_scopes({**h.scopes, scope: updated(old, update)}, now)}
+    scopes = h.scopes.copy()
+    scopes[scope] = updated(old, update)
+    return {"scopes": _live_scopes(scopes, now)}
 
 
 def prune_scopes(h: KeyHealth, now: float, ttl: float = SCOPE_TTL) -> KeyHealth:
@@ -196,6 +203,13 @@ def _live_scopes(
 ) -> dict[str, ScopedHealth]:
     """`scopes` without those not seen for `ttl`, at most MAX_SCOPES (the most recently seen);
     `scopes` itself when none goes."""
+    if len(scopes) <= MAX_SCOPES:  # the usual answer, found without a copy: all are live
+        since = now - ttl
+        for s in scopes.values():
+            if not (s.seen_at > since or _still_cooling(s, now)):
+                break
+        else:
+            return scopes
     live = {k: s for k, s in scopes.items() if s.seen_at > now - ttl or _still_cooling(s, now)}
     if len(live) > MAX_SCOPES:
         newest = sorted(live, key=lambda k: live[k].seen_at, reverse=True)[:MAX_SCOPES]
@@ -258,7 +272,7 @@ def _merge_windows(
         limit = w.limit if w.limit is not None else (out[key].limit if key in out else None)
         values = _finite(limit), _finite(w.remaining), _finite(w.reset_at)
         if seen_at is not None:
-            out[key] = WindowState.of(*values, seen_at)
+            out[key] = window_state(*values, seen_at)
         else:
             out[key] = WindowState(
                 limit=values[0], remaining=values[1], reset_at=values[2], seen_at=now
