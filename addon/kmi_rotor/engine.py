@@ -340,9 +340,10 @@ class Engine:
             mine.pop(id(reservation), None)
             if not mine:
                 del self._open[reservation.key]
+        limiter = self.limiter_of(reservation)  # what `adjust` would look up again
         if tokens is not None:
-            self.adjust(reservation, tokens)
-        self.limiter_of(reservation).release(reservation)
+            limiter.adjust(reservation, min(max(0, tokens), MAX_TOKENS))
+        limiter.release(reservation)
 
     def adjust(self, reservation: Reservation, tokens: int) -> None:
         """Correct a reservation's tokens, at its original time."""

@@ -136,10 +136,17 @@ class Budgets:
             name = w.dimension if w.period is None else f"{w.dimension}:{w.period}"
             old = budgets.get(name)
             longest = old.period if old is not None else 0.0
-            b = Budget(w.limit, w.remaining, w.reset_at, now, sorted(in_flight_after), longest)
-            b.guard = min(self.guard * b.period, 0.25)
-            b.cap = self.cap
-            budgets[name] = b
+            period = max(1.0, longest, w.reset_at - now)  # the new budget's `period`
+            budgets[name] = Budget(
+                w.limit,
+                w.remaining,
+                w.reset_at,
+                now,
+                sorted(in_flight_after),
+                longest,
+                min(self.guard * period, 0.25),
+                self.cap,
+            )
         if len(scopes) > MAX_SCOPES:
             oldest = min((s for s in scopes if s), key=lambda s: _last_report(scopes[s]))
             del scopes[oldest]
