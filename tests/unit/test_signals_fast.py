@@ -63,6 +63,8 @@ CASES: list[tuple[str, tuple[Any, ...]]] = [
     ("a pair of three", ((b"x-ratelimit-remaining-requests", b"3", b"4"),)),
     ("after a bad pair", ((b"x-ratelimit-limit-requests", b"3"), None, *OPENAI)),
     ("a name that is no string", ((7, b"3"), *OPENAI)),
+    ("a name that cannot be hashed", (([1], b"3"), *OPENAI)),
+    ("a bytes name among str ones", (("content-type", "x"), *OPENAI)),
 ]
 
 

@@ -410,16 +410,21 @@ def _openai_success(
     texts: list[str | None] = [None, None, None, None, None, None]
     try:
         for name, value in fields:
-            lowered = name.lower()
-            # What `_header_map` could turn into one of the six (`in` would be no safer, and
-            # costs ten times more on bytes: it tries the operand as an integer first).
-            if lowered.lstrip().startswith(b"x-ratelimit-"):
+            i = _OPENAI_SLOTS.get(name)  # one of the six as they are usually sent
+            if i is None:
+                lowered = name.lower()
+                # What `_header_map` could turn into one of the six (`in` would be no safer,
+                # and costs ten times more on bytes: it tries the operand as an integer first).
+                if not lowered.lstrip().startswith(b"x-ratelimit-"):
+                    continue
                 i = _OPENAI_SLOTS.get(lowered)
-                if i is None or type(value) is not bytes:
+                if i is None:
                     return None
-                if texts[i] is None:  # a repeat keeps the first, as `_header_map` does
-                    # latin-1 maps each byte to one character: cutting before decoding is the same.
-                    texts[i] = value[:_VALUE_LIMIT].decode("latin-1")
+            if type(value) is not bytes:
+                return None
+            if texts[i] is None:  # a repeat keeps the first, as `_header_map` does
+                # latin-1 maps each byte to one character: cutting before decoding is the same.
+                texts[i] = value[:_VALUE_LIMIT].decode("latin-1")
     except (AttributeError, TypeError, ValueError):
         return None  # a name or a pair of an unexpected shape
     periods = _GROQ_PERIODS if provider == "groq" else _NO_PERIODS
