@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Final
 
 from mitmproxy import http
 
@@ -32,10 +33,11 @@ class Settling:
         state), its tokens (correcting the reservation), the flow's notes and trace line."""
         run, now = served.run, self.clock()
         body = None if served.tap else resp.raw_content
+        status = resp.status_code
         sig = parse_signal(  # the raw pairs: reading Headers by name is quadratic
-            resp.status_code, resp.headers.fields, body, now, provider=served.pool.preset.name
+            status, resp.headers.fields, body, now, provider=served.pool.preset.name
         )
-        outcome = sig.kind.value
+        outcome = _OUTCOMES[sig.kind]
         if served.tap is not None:
             stream = served.tap.finish()
             served.tokens = oc.stream_tokens(stream)
@@ -50,7 +52,7 @@ class Settling:
         counters = self.books.counters(run, served.key)
         counters.delta.health = h
         reason = None if sig.kind is FailureKind.OK else sig.reason
-        counters.delta.observe(now, resp.status_code, reason)
+        counters.delta.observe(now, status, reason)
         counters.answer(sig, served.tokens)
         self.books.annotate(flow, served, sig, outcome)
         self.books.trace(run, flow, served.pool, served, outcome, served.wall)
@@ -85,6 +87,11 @@ class Settling:
         self.books.failed(flow, served, outcome, reason)
         self.books.trace(run, flow, served.pool, served, outcome, served.wall)
         return outcome
+
+
+_OUTCOMES: Final = {kind: kind.value for kind in FailureKind}
+"""Each kind's value, the outcome of an answer of that kind: found without the enum's
+`value` property."""
 
 
 def _scrubbed(sig: Signal, scrub: Scrubber) -> Signal:
