@@ -348,3 +348,22 @@ def test_an_object_is_decoded_as_the_decoder_decodes_it(text: str) -> None:
             return "not json"
 
     assert outcome(_decode_object) == outcome(_DECODE)
+
+
+class _Count(int):
+    pass
+
+
+@pytest.mark.parametrize(
+    "value",
+    [0, 1, 9, -1, 10**8, 10**8 + 1, 10**30, -(10**30), True, False, _Count(5), 1.0, "3", None],
+)
+def test_a_count_is_read_as_the_general_rule_reads_it(value: object) -> None:
+    from kmi_rotor.core.tokens import MAX_TOKENS, _int
+
+    general = (
+        min(value, MAX_TOKENS)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        else None
+    )
+    assert _int(value) == general and type(_int(value)) is type(general)

@@ -82,12 +82,14 @@ def reported_usage(body: bytes | None) -> tuple[int | None, int | None]:
     if not body or len(body) > MAX_BODY:
         return None, None
     data = _usage_tail(body)
-    if data is None:
+    if data is not None:  # an object whose usage is an object: the usual answer
+        usage = data["usage"]
+    else:
         try:
             data = json.loads(body)
         except (ValueError, UnicodeDecodeError, RecursionError):
             return None, None
-    usage = data.get("usage") if isinstance(data, dict) else None
+        usage = data.get("usage") if isinstance(data, dict) else None
     if not isinstance(usage, dict):
         meta = data.get("usageMetadata") if isinstance(data, dict) else None  # Gemini
         if isinstance(meta, dict):
@@ -134,6 +136,8 @@ def _decode_object(text: str) -> Any:
 
 
 def _int(v: object) -> int | None:
+    if type(v) is int:  # what JSON gives a count as: no bool to rule out, no call to make
+        return None if v < 0 else v if v <= MAX_TOKENS else MAX_TOKENS
     if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
         return min(v, MAX_TOKENS)
     return None
