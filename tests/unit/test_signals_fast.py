@@ -184,3 +184,30 @@ def test_any_raw_pairs_read_alike(pairs: list[tuple[bytes, bytes]], provider: st
     fast, general, fast_warned, general_warned = _both(200, tuple(pairs), provider)
     assert fast == general
     assert fast_warned == general_warned
+
+
+def _reset_as_before(value: str, now: float, horizon: float) -> float | None:
+    """`_parse_reset` as written before its calls were written out."""
+    s = value.strip()
+    n = signals._number(s) if s[-1:].isdigit() else None
+    if n is not None:
+        at = n / 1000 if n > 1e12 else n if n > 1e9 else now + n
+    elif (d := signals._go_duration(s)) is not None:
+        at = now + d
+    else:
+        at = signals._date(s)
+    return None if at is None else signals._clamp(at, now, horizon)
+
+
+RESETS = ["1ms", "6m0s", " 2s ", "0", "0.5", "17", "1795793460", "1795793460000", "1e3", "-1",
+          "Fri, 27 Nov 2026 15:31:00 GMT", "2026-11-27T15:31:00Z", "2026-11-27T15:31:00",
+          "soon", "", " ", "9" * 18, "1s" * 16, "99999999h", "1.5h", "٣s"]  # fmt: skip
+
+
+@pytest.mark.parametrize("now", [NOW, 0.0, -0.0, 1e300, float("inf"), float("nan")])
+@pytest.mark.parametrize("value", RESETS)
+def test_a_reset_is_read_as_before(value: str, now: float) -> None:
+    for horizon in (signals.DEFAULT_HORIZON, 0.0, float("inf")):
+        mine = signals._parse_reset(value, now, horizon)
+        theirs = _reset_as_before(value, now, horizon)
+        assert repr(mine) == repr(theirs), (value, now, horizon)

@@ -228,11 +228,18 @@ def _parse_reset(value: str, now: float, horizon: float) -> float | None:
     n = _number(s) if s[-1:].isdigit() else None  # a Go duration ends in its unit: no number
     if n is not None:
         at = n / 1000 if n > 1e12 else n if n > 1e9 else now + n
-    elif (d := _go_duration(s)) is not None:
+    elif (
+        d := _short_go_duration(s) if len(s) <= _REMEMBERED else parse_go_duration(s)
+    ) is not None:  # `_go_duration(s)`, on every answer: one call fewer
         at = now + d
     else:
         at = _date(s)
-    return None if at is None else _clamp(at, now, horizon)
+        if at is None:
+            return None
+    # `_clamp(at, now, horizon)`, written out for the same reason.
+    if not math.isfinite(at) or at > now + horizon:
+        return None
+    return now if now > at else at  # max(at, now), the same float whichever is equal
 
 
 def _clamp(at: float, now: float, horizon: float) -> float | None:
@@ -254,14 +261,6 @@ def _count(s: str | None) -> float | None:
         return None
     n = _number(s.strip())
     return n if n is not None and n <= _MAX_COUNT else None
-
-
-def _plain_count(s: str) -> float | None:
-    """`_count(s)`: a count of at most 15 ASCII digits (below `_MAX_COUNT`, nothing to strip:
-    the usual header) read at once."""
-    if s.isdigit() and s.isascii() and len(s) <= 15:
-        return float(s)
-    return _count(s)
 
 
 def _date(s: str) -> float | None:
@@ -435,10 +434,18 @@ def _openai_success(
             continue
         # What `_window` does with these texts, without its calls for what is absent.
         limit = remaining = reset = None
-        if limit_text is not None and (limit := _plain_count(limit_text)) is None:
-            _malformed(names[0], limit_text)
-        if remaining_text is not None and (remaining := _plain_count(remaining_text)) is None:
-            _malformed(names[1], remaining_text)
+        if limit_text is not None:
+            # `_count`; a count of at most 15 ASCII digits (below `_MAX_COUNT`, nothing to
+            # strip: the usual header) read at once.
+            if limit_text.isdigit() and limit_text.isascii() and len(limit_text) <= 15:
+                limit = float(limit_text)
+            elif (limit := _count(limit_text)) is None:
+                _malformed(names[0], limit_text)
+        if remaining_text is not None:
+            if remaining_text.isdigit() and remaining_text.isascii() and len(remaining_text) <= 15:
+                remaining = float(remaining_text)
+            elif (remaining := _count(remaining_text)) is None:
+                _malformed(names[1], remaining_text)
         if reset_text is not None and (reset := _parse_reset(reset_text, now, horizon)) is None:
             _malformed(names[2], reset_text)
         if limit is not None or remaining is not None or reset is not None:
