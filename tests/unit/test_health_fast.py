@@ -130,3 +130,32 @@ def test_a_success_is_applied_as_before(
     assert mine == theirs
     assert mine.model_fields_set == theirs.model_fields_set
     assert mine.model_dump_json() == theirs.model_dump_json()
+
+
+HELD = [
+    KeyHealth(),
+    KeyHealth(
+        windows={"requests": WindowState(limit=10, remaining=0, reset_at=NOW + 5, seen_at=NOW)}
+    ),
+    KeyHealth(
+        windows={"tokens": WindowState(limit=10, remaining=3, reset_at=NOW + 5, seen_at=NOW)}
+    ),
+    KeyHealth(scopes={"model:a": ScopedHealth(seen_at=NOW)}),
+    KeyHealth(
+        scopes={
+            "model:a": ScopedHealth(
+                windows={"requests": WindowState(remaining=0, reset_at=NOW + 5, seen_at=NOW)}
+            )
+        }
+    ),
+]
+
+
+@pytest.mark.parametrize("cap", [math.inf, 1.0])
+@pytest.mark.parametrize("paced", [frozenset(), frozenset({"requests"})])
+@pytest.mark.parametrize("scope", ["", "model:a", "model:b"])
+@pytest.mark.parametrize("h", HELD)
+def test_held_back_is_whether_any_window_is_exhausted(
+    h: KeyHealth, scope: str, paced: frozenset[str], cap: float
+) -> None:
+    assert hl.held_back(h, NOW, paced, cap, scope) == bool(hl._exhausted(h, NOW, paced, cap, scope))

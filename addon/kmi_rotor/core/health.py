@@ -354,6 +354,8 @@ def held_back(
 ) -> bool:
     """Whether a known window (the key's or the scope's) is exhausted until a reset still to
     come: what keeps a ready key from being `usable` (same arguments)."""
+    if not h.windows and (not scope or scope not in h.scopes or not h.scopes[scope].windows):
+        return False  # no window known to hold it back: asked on every answer and admission
     return bool(_exhausted(h, now, paced, cap, scope))
 
 
