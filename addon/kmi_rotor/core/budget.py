@@ -127,9 +127,14 @@ class Budgets:
         """A response to a request of `scope` reported these windows; `in_flight_after` are
         the admission times of the key's requests of that scope still in flight that were
         admitted after the answered one."""
-        scopes = self._by_key.setdefault(fp, {})
-        new_scope = scope not in scopes
-        budgets = scopes.setdefault(scope, {})
+        # Not `setdefault(…, {})`: that makes a dict on every answer, to throw it away.
+        scopes = self._by_key.get(fp)
+        if scopes is None:
+            scopes = self._by_key[fp] = {}
+        budgets = scopes.get(scope)
+        new_scope = budgets is None
+        if budgets is None:
+            budgets = scopes[scope] = {}
         for w in windows:
             if w.dimension not in COUNTED or w.remaining is None or w.reset_at is None:
                 continue
