@@ -100,7 +100,7 @@ class Bookkeeping:
             comment += f" · {key_status}{left}"
         flow.comment = comment
         kind = sig.kind  # a StrEnum: equal to its value, read without the enum's property
-        if (kind is not FailureKind.OK and kind is not FailureKind.CLIENT_ERROR) or outcome != kind:
+        if kind not in (FailureKind.OK, FailureKind.CLIENT_ERROR) or outcome != kind:
             flow.marked = ":warning:"
         # Set one by one, in the order they are listed: no dict made to update from.
         meta = flow.metadata[META]

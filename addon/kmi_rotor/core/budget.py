@@ -179,9 +179,10 @@ class Budgets:
         scopes = self._by_key.get(fp)
         if not scopes:  # a key no answer reported on (asked for every candidate)
             return []
-        found = list(scopes.get("", {}).values())
-        if scope:
-            found.extend(scopes.get(scope, {}).values())
+        own = scopes.get("")  # not `get("", {})`: no dict made for nothing
+        found = list(own.values()) if own else []
+        if scope and (mine := scopes.get(scope)):
+            found.extend(mine.values())
         return found
 
     def blocked_until(self, fp: str, now: float, scope: str = "") -> float | None:

@@ -396,6 +396,8 @@ _OPENAI_SLOTS: Final = {
 }
 """The raw (lower-cased) names of OpenAI's rate-limit headers, each with its place in
 `_OPENAI_NAMES` (requests' limit, remaining, reset; then tokens')."""
+_OPENAI_PLACES: Final = tuple((3 * i, dim, names) for i, (dim, names) in enumerate(_OPENAI_NAMES))
+"""Each dimension with where its three texts start among those places, and their names."""
 
 
 def _openai_success(
@@ -428,7 +430,7 @@ def _openai_success(
         return None  # a name or a pair of an unexpected shape
     periods = _GROQ_PERIODS if provider == "groq" else _NO_PERIODS
     found = []
-    for at, (dim, names) in ((0, _OPENAI_NAMES[0]), (3, _OPENAI_NAMES[1])):
+    for at, dim, names in _OPENAI_PLACES:
         limit_text, remaining_text, reset_text = texts[at], texts[at + 1], texts[at + 2]
         if limit_text is None and remaining_text is None and reset_text is None:
             continue
