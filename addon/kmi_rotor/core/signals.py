@@ -397,7 +397,7 @@ _OPENAI_SLOTS: Final = {
 """The raw (lower-cased) names of OpenAI's rate-limit headers, each with its place in
 `_OPENAI_NAMES` (requests' limit, remaining, reset; then tokens')."""
 _OPENAI_PLACES: Final = tuple((3 * i, dim, names) for i, (dim, names) in enumerate(_OPENAI_NAMES))
-"""Each dimension with where its three texts start among those places, and their names."""
+"""Each dimension with where its three values start among those places, and their names."""
 
 
 def _openai_success(
@@ -408,7 +408,7 @@ def _openai_success(
     `_openai_windows` give. None when the pairs hold anything this pass does not read exactly
     as they do (a name that is one of these only once stripped, a pair that is not two byte
     strings): the general path then reads them."""
-    texts: list[str | None] = [None, None, None, None, None, None]
+    raws: list[bytes | None] = [None, None, None, None, None, None]
     try:
         for name, value in fields:
             i = _OPENAI_SLOTS.get(name)  # one of the six as they are usually sent
@@ -423,33 +423,37 @@ def _openai_success(
                     return None
             if type(value) is not bytes:
                 return None
-            if texts[i] is None:  # a repeat keeps the first, as `_header_map` does
-                # latin-1 maps each byte to one character: cutting before decoding is the same.
-                texts[i] = value[:_VALUE_LIMIT].decode("latin-1")
+            if raws[i] is None:  # a repeat keeps the first, as `_header_map` does
+                raws[i] = value
     except (AttributeError, TypeError, ValueError):
         return None  # a name or a pair of an unexpected shape
     periods = _GROQ_PERIODS if provider == "groq" else _NO_PERIODS
     found = []
     for at, dim, names in _OPENAI_PLACES:
-        limit_text, remaining_text, reset_text = texts[at], texts[at + 1], texts[at + 2]
-        if limit_text is None and remaining_text is None and reset_text is None:
+        limit_raw, remaining_raw, reset_raw = raws[at], raws[at + 1], raws[at + 2]
+        if limit_raw is None and remaining_raw is None and reset_raw is None:
             continue
-        # What `_window` does with these texts, without its calls for what is absent.
+        # What `_window` does with the values as `_header_map` decodes them (latin-1, cut at
+        # _VALUE_LIMIT), without its calls for what is absent. A count of at most 15 ASCII
+        # digits (below `_MAX_COUNT`, nothing to strip: the usual header) is read from its
+        # bytes at once, as `_count` reads the same digits decoded.
         limit = remaining = reset = None
-        if limit_text is not None:
-            # `_count`; a count of at most 15 ASCII digits (below `_MAX_COUNT`, nothing to
-            # strip: the usual header) read at once.
-            if limit_text.isdigit() and limit_text.isascii() and len(limit_text) <= 15:
-                limit = float(limit_text)
-            elif (limit := _count(limit_text)) is None:
-                _malformed(names[0], limit_text)
-        if remaining_text is not None:
-            if remaining_text.isdigit() and remaining_text.isascii() and len(remaining_text) <= 15:
-                remaining = float(remaining_text)
-            elif (remaining := _count(remaining_text)) is None:
-                _malformed(names[1], remaining_text)
-        if reset_text is not None and (reset := _parse_reset(reset_text, now, horizon)) is None:
-            _malformed(names[2], reset_text)
+        if limit_raw is not None:
+            if limit_raw.isdigit() and len(limit_raw) <= 15:  # bytes: ASCII digits only
+                limit = float(limit_raw)
+            elif (limit := _count(text := limit_raw[:_VALUE_LIMIT].decode("latin-1"))) is None:
+                _malformed(names[0], text)
+        if remaining_raw is not None:
+            if remaining_raw.isdigit() and len(remaining_raw) <= 15:
+                remaining = float(remaining_raw)
+            elif (
+                remaining := _count(text := remaining_raw[:_VALUE_LIMIT].decode("latin-1"))
+            ) is None:
+                _malformed(names[1], text)
+        if reset_raw is not None:
+            text = reset_raw[:_VALUE_LIMIT].decode("latin-1")
+            if (reset := _parse_reset(text, now, horizon)) is None:
+                _malformed(names[2], text)
         if limit is not None or remaining is not None or reset is not None:
             found.append(_window_of(dim, periods.get(dim), limit, remaining, reset))
     return tuple(found)
