@@ -159,3 +159,44 @@ def test_held_back_is_whether_any_window_is_exhausted(
     h: KeyHealth, scope: str, paced: frozenset[str], cap: float
 ) -> None:
     assert hl.held_back(h, NOW, paced, cap, scope) == bool(hl._exhausted(h, NOW, paced, cap, scope))
+
+
+def _status_as_before(h: KeyHealth, now: float, scope: str) -> hl.KeyStatus:
+    """`status` as written before its shortcut for a key with nothing running."""
+    if h.disabled_reason is not None:
+        return hl.KeyStatus("disabled", None, h.disabled_reason)
+    blocked = hl._running(h.blocked_until, now)
+    cooling, reason = hl._cooling_for(h, now, scope)
+    if blocked is not None and (cooling is None or blocked >= cooling):
+        return hl.KeyStatus("blocked", blocked, h.blocked_reason)
+    if cooling is not None:
+        return hl.KeyStatus("cooling", cooling, reason)
+    return hl._READY
+
+
+STATUSES = [
+    KeyHealth(),
+    KeyHealth(disabled_reason="invalid key (401)"),
+    KeyHealth(blocked_until=NOW + 5, blocked_reason="quota"),
+    KeyHealth(blocked_until=NOW - 5, blocked_reason="quota"),
+    KeyHealth(cooling_until=NOW + 5, cooling_reason="rate limited"),
+    KeyHealth(cooling_until=NOW, cooling_reason="rate limited"),
+    KeyHealth(cooling_reason="left over"),
+    KeyHealth(blocked_until=NOW + 5, cooling_until=NOW + 9, cooling_reason="r", blocked_reason="q"),
+    KeyHealth(scopes={"model:a": ScopedHealth(cooling_until=NOW + 3, cooling_reason="scoped")}),
+    KeyHealth(scopes={"model:a": ScopedHealth(cooling_until=NOW - 3, cooling_reason="over")}),
+    KeyHealth(
+        cooling_until=NOW + 1,
+        cooling_reason="key",
+        scopes={"model:a": ScopedHealth(cooling_until=NOW + 3, cooling_reason="scoped")},
+    ),
+    KeyHealth(scopes={"model:a": ScopedHealth(seen_at=NOW)}),
+]
+
+
+@pytest.mark.parametrize("now", [NOW, NOW + 10, math.nan])
+@pytest.mark.parametrize("scope", ["", "model:a", "model:b"])
+@pytest.mark.parametrize("h", STATUSES)
+def test_status_is_what_it_was(h: KeyHealth, scope: str, now: float) -> None:
+    mine, theirs = hl.status(h, now, scope), _status_as_before(h, now, scope)
+    assert repr(mine) == repr(theirs)

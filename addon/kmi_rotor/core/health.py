@@ -306,6 +306,12 @@ def status(h: KeyHealth, now: float, scope: str = "") -> KeyStatus:
     else ready."""
     if h.disabled_reason is not None:
         return KeyStatus("disabled", None, h.disabled_reason)
+    if (
+        h.blocked_until is None
+        and h.cooling_until is None
+        and (not scope or (s := h.scopes.get(scope)) is None or s.cooling_until is None)
+    ):
+        return _READY  # nothing was ever running: the usual key, on every answer and admission
     blocked = _running(h.blocked_until, now)
     cooling, reason = _cooling_for(h, now, scope)
     if blocked is not None and (cooling is None or blocked >= cooling):
