@@ -340,9 +340,10 @@ class Engine:
             mine.pop(id(reservation), None)
             if not mine:
                 del self._open[reservation.key]
+        limiter = self.limiter_of(reservation)  # what `adjust` would look up again
         if tokens is not None:
-            self.adjust(reservation, tokens)
-        self.limiter_of(reservation).release(reservation)
+            limiter.adjust(reservation, min(max(0, tokens), MAX_TOKENS))
+        limiter.release(reservation)
 
     def adjust(self, reservation: Reservation, tokens: int) -> None:
         """Correct a reservation's tokens, at its original time."""
@@ -366,25 +367,24 @@ class Engine:
         request of the scope in flight on the key may be missing from what the provider
         reported, whenever it was admitted: transit times differ, so an earlier one can arrive
         later."""
+        fp = key.fingerprint
         if sig.windows and "requests" not in self._paced_of(key):
             skip = None if answered is None else id(answered)
             after = [
                 at
-                for rid, (sc, at) in self._open.get(key.fingerprint, {}).items()
+                for rid, (sc, at) in self._open.get(fp, {}).items()
                 if (not scope or sc == scope) and rid != skip
             ]
-            self.budgets.observe(key.fingerprint, sig.windows, after, now, scope)
-            self.budgets.prune(key.fingerprint, now, SCOPE_TTL)
+            self.budgets.observe(fp, sig.windows, after, now, scope)
+            self.budgets.prune(fp, now, SCOPE_TTL)
             if answered is not None and self.shared is not None and self.shared.owns(answered):
                 # Every process counts its requests against the same report.
                 self.shared.report(
                     answered, sig.windows, now, guard=self.budgets.guard, cap=self.budgets.cap
                 )
         outage = sig.kind is FailureKind.OVERLOADED and self._is_outage(key, now)
-        h = hl.apply_signal(
-            self.health_of(key.fingerprint), sig, now, self.policy, outage=outage, scope=scope
-        )
-        self.health[key.fingerprint] = h
+        h = hl.apply_signal(self.health_of(fp), sig, now, self.policy, outage=outage, scope=scope)
+        self.health[fp] = h
         return h
 
     def network_error(self, key: Key, now: float, reason: str) -> KeyHealth:

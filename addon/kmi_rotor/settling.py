@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Final
 
 from mitmproxy import http
 
@@ -32,28 +33,31 @@ class Settling:
         state), its tokens (correcting the reservation), the flow's notes and trace line."""
         run, now = served.run, self.clock()
         body = None if served.tap else resp.raw_content
+        status = resp.status_code
         sig = parse_signal(  # the raw pairs: reading Headers by name is quadratic
-            resp.status_code, resp.headers.fields, body, now, provider=served.pool.preset.name
+            status, resp.headers.fields, body, now, provider=served.pool.preset.name
         )
-        outcome = sig.kind.value
+        outcome = _OUTCOMES[sig.kind]
         if served.tap is not None:
             stream = served.tap.finish()
-            served.tokens = oc.stream_tokens(stream)
+            served.tokens = tokens = oc.stream_tokens(stream)
             sig, outcome = oc.stream_signal(sig, stream)
         else:
-            served.tokens = tk.reported_usage(body)
+            served.tokens = tokens = tk.reported_usage(body)
         if sig.reason != OWN_OK or sig.detail:  # a success's reason is our own word: no secret
             sig = _scrubbed(sig, scrubber(run.settings))
-        h = run.engine.observe(served.key, sig, now, served.reservation, served.scope)
-        run.engine.settle(served.key, served.reservation, oc.total(served.tokens))
-        run.state.observed(run.engine, served.key, now, served.scope)
-        counters = self.books.counters(run, served.key)
-        counters.delta.health = h
-        reason = None if sig.kind is FailureKind.OK else sig.reason
-        counters.delta.observe(now, resp.status_code, reason)
-        counters.answer(sig, served.tokens)
-        self.books.annotate(flow, served, sig, outcome)
-        self.books.trace(run, flow, served.pool, served, outcome, served.wall)
+        engine, key, reservation, scope = run.engine, served.key, served.reservation, served.scope
+        h = engine.observe(key, sig, now, reservation, scope)
+        engine.settle(key, reservation, oc.total(tokens))
+        run.state.observed(engine, key, now, scope)
+        books = self.books
+        counters = books.counters(run, key)
+        delta = counters.delta
+        delta.health = h
+        delta.observe(now, status, None if sig.kind is FailureKind.OK else sig.reason)
+        counters.answer(sig, tokens)
+        books.annotate(flow, served, sig, outcome)
+        books.trace(run, flow, served.pool, served, outcome, served.wall)
         return sig
 
     def failed(self, flow: http.HTTPFlow, served: Served) -> str:
@@ -85,6 +89,11 @@ class Settling:
         self.books.failed(flow, served, outcome, reason)
         self.books.trace(run, flow, served.pool, served, outcome, served.wall)
         return outcome
+
+
+_OUTCOMES: Final = {kind: kind.value for kind in FailureKind}
+"""Each kind's value, the outcome of an answer of that kind: found without the enum's
+`value` property."""
 
 
 def _scrubbed(sig: Signal, scrub: Scrubber) -> Signal:

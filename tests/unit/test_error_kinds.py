@@ -444,3 +444,19 @@ def _finished(data: bytes) -> Any:
     tap = SSETap()
     tap(data)
     return tap.finish()
+
+
+@pytest.mark.parametrize(
+    "tokens", [(None, None), (7, None), (None, 5), (3, 4), (0, 0), (0, None), (None, 0)]
+)
+def test_total_tokens_are_what_the_sum_of_the_known_ones_was(tokens: tuple[Any, Any]) -> None:
+    known = [t for t in tokens if t is not None]
+    expected = sum(known) if known else None
+    assert oc.total(tokens) == expected and type(oc.total(tokens)) is type(expected)
+
+
+def test_an_answers_outcome_is_its_kinds_value() -> None:
+    from kmi_rotor.settling import _OUTCOMES
+
+    for kind in FailureKind:
+        assert _OUTCOMES[kind] == kind.value and type(_OUTCOMES[kind]) is str

@@ -8,9 +8,11 @@ from typing import Any
 import pytest
 
 from kmi_rotor.core.tokens import (
+    _DECODE,
     CHARS_PER_TOKEN,
     DEFAULT_COMPLETION,
     MAX_BODY,
+    _decode_object,
     _usage_tail,
     estimate_from_body,
     estimate_from_length,
@@ -302,9 +304,66 @@ def _tail_as_json_loads_reads_it(raw: bytes) -> dict[str, Any] | None:
         b'{"x": 1, "usage": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",  # too deep
         b'{"x": 1, "usage": {}}  \n\t',
         b'{"x": 1, "usage": {}} trailing',
+        b'{"x": 1, "usage": {}}\x0b',
+        b'{"x": 1, "usage": {}}\xc2\xa0',
+        b'{"x": 1, "usage": {}}\r\n\r\n',
+        b'{"x": 1, "usage": {}}}',
+        b'{"x": 1, "usage"',
+        b'{"x": 1, "usage":',
         b"\xef\xbb\xbf" + b'{"x": 1, "usage": {"prompt_tokens": 3}}',
         b'{"x": 1, "usage": {"prompt_tokens": 3}',
     ],
 )
 def test_the_tail_is_read_as_json_loads_reads_it(raw: bytes) -> None:
     assert _usage_tail(raw) == _tail_as_json_loads_reads_it(raw)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{}",
+        '{"usage": {"prompt_tokens": 9}}',
+        '{"usage": {}}  \n\t\r',
+        '{"usage": {}} x',
+        '{"usage": {}}\x0b',
+        '{"usage": {}}\x0c',
+        '{"usage": {}}\u00a0',
+        '{"usage": {}}\u2028',
+        '{"usage": {}}{}',
+        "{",
+        '{"usage"',
+        '{"usage": }',
+        '{"usage": NaN}',
+        '{"usage": ' + "[" * 100_000 + "]" * 100_000 + "}",
+        '{"a": "\\ud800"}',
+    ],
+)
+def test_an_object_is_decoded_as_the_decoder_decodes_it(text: str) -> None:
+    def outcome(decode: Any) -> object:
+        try:
+            return ("value", decode(text))
+        except RecursionError:
+            return "too deep"
+        except ValueError:
+            return "not json"
+
+    assert outcome(_decode_object) == outcome(_DECODE)
+
+
+class _Count(int):
+    pass
+
+
+@pytest.mark.parametrize(
+    "value",
+    [0, 1, 9, -1, 10**8, 10**8 + 1, 10**30, -(10**30), True, False, _Count(5), 1.0, "3", None],
+)
+def test_a_count_is_read_as_the_general_rule_reads_it(value: object) -> None:
+    from kmi_rotor.core.tokens import MAX_TOKENS, _int
+
+    general = (
+        min(value, MAX_TOKENS)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        else None
+    )
+    assert _int(value) == general and type(_int(value)) is type(general)

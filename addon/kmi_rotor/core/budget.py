@@ -127,19 +127,31 @@ class Budgets:
         """A response to a request of `scope` reported these windows; `in_flight_after` are
         the admission times of the key's requests of that scope still in flight that were
         admitted after the answered one."""
-        scopes = self._by_key.setdefault(fp, {})
-        new_scope = scope not in scopes
-        budgets = scopes.setdefault(scope, {})
+        # Not `setdefault(…, {})`: that makes a dict on every answer, to throw it away.
+        scopes = self._by_key.get(fp)
+        if scopes is None:
+            scopes = self._by_key[fp] = {}
+        budgets = scopes.get(scope)
+        new_scope = budgets is None
+        if budgets is None:
+            budgets = scopes[scope] = {}
         for w in windows:
             if w.dimension not in COUNTED or w.remaining is None or w.reset_at is None:
                 continue
             name = w.dimension if w.period is None else f"{w.dimension}:{w.period}"
             old = budgets.get(name)
             longest = old.period if old is not None else 0.0
-            b = Budget(w.limit, w.remaining, w.reset_at, now, sorted(in_flight_after), longest)
-            b.guard = min(self.guard * b.period, 0.25)
-            b.cap = self.cap
-            budgets[name] = b
+            period = max(1.0, longest, w.reset_at - now)  # the new budget's `period`
+            budgets[name] = Budget(
+                w.limit,
+                w.remaining,
+                w.reset_at,
+                now,
+                sorted(in_flight_after),
+                longest,
+                min(self.guard * period, 0.25),
+                self.cap,
+            )
         if len(scopes) > MAX_SCOPES:
             oldest = min((s for s in scopes if s), key=lambda s: _last_report(scopes[s]))
             del scopes[oldest]
@@ -167,9 +179,10 @@ class Budgets:
         scopes = self._by_key.get(fp)
         if not scopes:  # a key no answer reported on (asked for every candidate)
             return []
-        found = list(scopes.get("", {}).values())
-        if scope:
-            found.extend(scopes.get(scope, {}).values())
+        own = scopes.get("")  # not `get("", {})`: no dict made for nothing
+        found = list(own.values()) if own else []
+        if scope and (mine := scopes.get(scope)):
+            found.extend(mine.values())
         return found
 
     def blocked_until(self, fp: str, now: float, scope: str = "") -> float | None:

@@ -23,7 +23,7 @@ from .health_records import KeyHealth as KeyHealth
 from .health_records import Persisted as Persisted
 from .health_records import ScopedHealth as ScopedHealth
 from .health_records import WindowState as WindowState
-from .health_records import updated
+from .health_records import updated, window_state
 from .signals import FailureKind, Signal, Window
 
 _MAX_DOUBLINGS = 30
@@ -70,7 +70,9 @@ def apply_signal(
     ok = sig.kind is FailureKind.OK
     seen = _seen(h, sig.windows, now, scope, succeeded=ok)
     if ok:  # every answer that went well: one copy of the record, not one per step
-        return updated(h, {**seen, **_succeeded(h, now, policy), "updated_at": now})
+        _succeeded(h, now, policy, seen)
+        seen["updated_at"] = now
+        return updated(h, seen)
     h = updated(h, seen)
     match sig.kind:
         case FailureKind.RATE_LIMITED:
@@ -124,15 +126,18 @@ def operator_reset(h: KeyHealth, now: float) -> KeyHealth:
     )
 
 
-def _succeeded(h: KeyHealth, now: float, policy: Policy) -> dict[str, object]:
-    """What a success changes key-wide (the scope's streak ends in `_seen`)."""
-    update: dict[str, object] = {"rate_limit_streak": 0, "overload_streak": 0}
+def _succeeded(h: KeyHealth, now: float, policy: Policy, update: dict[str, object]) -> None:
+    """What a success changes key-wide, added to `update` (the scope's streak ends in
+    `_seen`)."""
+    update["rate_limit_streak"] = 0
+    update["overload_streak"] = 0
     # Only the planned recheck re-enables a key: a request that was already in flight when the
     # key was disabled may still succeed, and must not undo the disable.
-    recheck = _recheck_at(h, policy.auth_recheck_seconds)
-    if recheck is not None and now >= recheck:
-        update |= {"disabled_reason": None, "disabled_at": None}
-    return update
+    if h.disabled_reason is not None:
+        recheck = _recheck_at(h, policy.auth_recheck_seconds)
+        if recheck is not None and now >= recheck:
+            update["disabled_reason"] = None
+            update["disabled_at"] = None
 
 
 def _rate_limited(h: KeyHealth, sig: Signal, now: float, policy: Policy) -> KeyHealth:
@@ -180,7 +185,9 @@ def _seen(
     update: dict[str, object] = {"windows": merged, "seen_at": now}
     if succeeded and old.rate_limit_streak:
         update["rate_limit_streak"] = 0
-    return {"scopes": _live_scopes({**h.scopes, scope: updated(old, update)}, now)}
+    scopes = h.scopes.copy()
+    scopes[scope] = updated(old, update)
+    return {"scopes": _live_scopes(scopes, now)}
 
 
 def prune_scopes(h: KeyHealth, now: float, ttl: float = SCOPE_TTL) -> KeyHealth:
@@ -196,6 +203,13 @@ def _live_scopes(
 ) -> dict[str, ScopedHealth]:
     """`scopes` without those not seen for `ttl`, at most MAX_SCOPES (the most recently seen);
     `scopes` itself when none goes."""
+    if len(scopes) <= MAX_SCOPES:  # the usual answer, found without a copy: all are live
+        since = now - ttl
+        for s in scopes.values():
+            if not (s.seen_at > since or _still_cooling(s, now)):
+                break
+        else:
+            return scopes
     live = {k: s for k, s in scopes.items() if s.seen_at > now - ttl or _still_cooling(s, now)}
     if len(live) > MAX_SCOPES:
         newest = sorted(live, key=lambda k: live[k].seen_at, reverse=True)[:MAX_SCOPES]
@@ -252,17 +266,20 @@ def _merge_windows(
     # validation would drop (NaN, infinity) into None. A clock that is not finite (never
     # seen) takes the validated path, which leaves `seen_at` unset.
     seen_at = _finite(now)
+    isfinite = math.isfinite
     for w in new:
         key = w.dimension if w.period is None else f"{w.dimension}:{w.period}"
         # A response may omit the limit (Azure sends only what remains); limits rarely change.
         limit = w.limit if w.limit is not None else (out[key].limit if key in out else None)
-        values = _finite(limit), _finite(w.remaining), _finite(w.reset_at)
+        remaining, reset_at = w.remaining, w.reset_at
+        # `_finite` of each, written out: three calls saved per window of every answer.
+        limit = float(limit) if limit is not None and isfinite(limit) else None
+        remaining = float(remaining) if remaining is not None and isfinite(remaining) else None
+        reset_at = float(reset_at) if reset_at is not None and isfinite(reset_at) else None
         if seen_at is not None:
-            out[key] = WindowState.of(*values, seen_at)
+            out[key] = window_state(limit, remaining, reset_at, seen_at)
         else:
-            out[key] = WindowState(
-                limit=values[0], remaining=values[1], reset_at=values[2], seen_at=now
-            )
+            out[key] = WindowState(limit=limit, remaining=remaining, reset_at=reset_at, seen_at=now)
     return out
 
 
@@ -289,6 +306,12 @@ def status(h: KeyHealth, now: float, scope: str = "") -> KeyStatus:
     else ready."""
     if h.disabled_reason is not None:
         return KeyStatus("disabled", None, h.disabled_reason)
+    if (
+        h.blocked_until is None
+        and h.cooling_until is None
+        and (not scope or (s := h.scopes.get(scope)) is None or s.cooling_until is None)
+    ):
+        return _READY  # nothing was ever running: the usual key, on every answer and admission
     blocked = _running(h.blocked_until, now)
     cooling, reason = _cooling_for(h, now, scope)
     if blocked is not None and (cooling is None or blocked >= cooling):
@@ -337,6 +360,8 @@ def held_back(
 ) -> bool:
     """Whether a known window (the key's or the scope's) is exhausted until a reset still to
     come: what keeps a ready key from being `usable` (same arguments)."""
+    if not h.windows and (not scope or scope not in h.scopes or not h.scopes[scope].windows):
+        return False  # no window known to hold it back: asked on every answer and admission
     return bool(_exhausted(h, now, paced, cap, scope))
 
 

@@ -46,6 +46,23 @@ class WindowState(Persisted):
 _WINDOW_FIELDS = frozenset(WindowState.model_fields)
 
 
+def window_state(
+    limit: float | None, remaining: float | None, reset_at: float | None, seen_at: float
+) -> WindowState:
+    """`WindowState.of(limit, remaining, reset_at, seen_at)`, without its calls: one per
+    window of every answer."""
+    m = _new(WindowState)
+    _set(
+        m,
+        "__dict__",
+        {"limit": limit, "remaining": remaining, "reset_at": reset_at, "seen_at": seen_at},
+    )
+    _set(m, "__pydantic_fields_set__", set(_WINDOW_FIELDS))
+    _set(m, "__pydantic_extra__", None)
+    _set(m, "__pydantic_private__", None)
+    return m
+
+
 def updated[M: Persisted](m: M, update: dict[str, Any]) -> M:
     """`m.model_copy(update=update)` (its values taken as they are, not validated), in half
     the time: no copy of what these records never hold (extra fields, private attributes)."""

@@ -47,5 +47,7 @@ def stream_signal(sig: Signal, stream: StreamOutcome) -> tuple[Signal, str]:
 
 def total(tokens: Tokens) -> int | None:
     """Input and output together; None when neither is known."""
-    known = [t for t in tokens if t is not None]
-    return sum(known) if known else None
+    tokens_in, tokens_out = tokens
+    if tokens_in is None:
+        return tokens_out
+    return tokens_in if tokens_out is None else tokens_in + tokens_out

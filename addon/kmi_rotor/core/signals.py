@@ -69,6 +69,25 @@ def parse_signal(
     for an unknown or generic one. An answer below 400 is a success whatever its body says:
     only an error's body is read (for its kind, Gemini's quota details and the rate-limit
     headers OpenRouter copies into it)."""
+    if 100 <= status < 400 and type(headers) is tuple:  # a success, as raw pairs: the usual
+        name = provider.lower() if provider else ""
+        if name in _OPENAI_SPEAKERS:
+            windows = _openai_success(headers, now, horizon, name)
+            if windows is not None:
+                return _signal(status, FailureKind.OK, None, windows, "ok")
+    return _parse_signal(status, headers, body, now, provider, horizon)
+
+
+def _parse_signal(
+    status: int,
+    headers: Iterable[tuple[str, str]] | Mapping[str, str],
+    body: bytes | None,
+    now: float,
+    provider: str | None,
+    horizon: float,
+) -> Signal:
+    """`parse_signal` for any answer: what `_openai_success` gives its answers, read the
+    general way."""
     facts = read_body(body) if status >= 400 else _NO_FACTS
     h = _header_map(headers)
     if facts.headers:  # the rate-limit headers OpenRouter copies into an error's body
@@ -86,7 +105,50 @@ def parse_signal(
     if facts.violations:
         windows += _gemini_windows(facts, now, horizon)
     retry_at = None if kind is FailureKind.OK else _retry_at(kind, h, facts, windows, now, horizon)
-    return Signal(status, kind, retry_at, windows, reason[:120])
+    return _signal(status, kind, retry_at, windows, reason[:120])
+
+
+_new = object.__new__
+_set = object.__setattr__
+
+
+def _signal(
+    status: int,
+    kind: FailureKind,
+    retry_at: float | None,
+    windows: tuple[Window, ...],
+    reason: str,
+) -> Signal:
+    """`Signal(status, kind, retry_at, windows, reason)`, made without the frozen dataclass's
+    `__init__` (an `object.__setattr__` per field): a third of the time, the same object."""
+    sig = _new(Signal)
+    _set(
+        sig,
+        "__dict__",
+        {
+            "status": status,
+            "kind": kind,
+            "retry_at": retry_at,
+            "windows": windows,
+            "reason": reason,
+            "detail": "",
+        },
+    )
+    return sig
+
+
+def _window_of(
+    dim: str, period: str | None, limit: float | None, remaining: float | None, reset: float | None
+) -> Window:
+    """`Window(dim, period, limit, remaining, reset)`, made as `_signal` makes a signal."""
+    w = _new(Window)
+    _set(
+        w,
+        "__dict__",
+        {"dimension": dim, "period": period, "limit": limit, "remaining": remaining,
+         "reset_at": reset},
+    )  # fmt: skip
+    return w
 
 
 _NO_FACTS = BodyFacts()
@@ -166,11 +228,18 @@ def _parse_reset(value: str, now: float, horizon: float) -> float | None:
     n = _number(s) if s[-1:].isdigit() else None  # a Go duration ends in its unit: no number
     if n is not None:
         at = n / 1000 if n > 1e12 else n if n > 1e9 else now + n
-    elif (d := _go_duration(s)) is not None:
+    elif (
+        d := _short_go_duration(s) if len(s) <= _REMEMBERED else parse_go_duration(s)
+    ) is not None:  # `_go_duration(s)`, on every answer: one call fewer
         at = now + d
     else:
         at = _date(s)
-    return None if at is None else _clamp(at, now, horizon)
+        if at is None:
+            return None
+    # `_clamp(at, now, horizon)`, written out for the same reason.
+    if not math.isfinite(at) or at > now + horizon:
+        return None
+    return now if now > at else at  # max(at, now), the same float whichever is equal
 
 
 def _clamp(at: float, now: float, horizon: float) -> float | None:
@@ -300,7 +369,7 @@ def _window(
     reset = _checked(names[2], reset_text, reset, label)
     if limit is None and remaining is None and reset is None:
         return None
-    return Window(dim, period, limit, remaining, reset)
+    return _window_of(dim, period, limit, remaining, reset)
 
 
 def _names(prefix: str, dim: str) -> tuple[str, str, str]:
@@ -320,6 +389,76 @@ def _openai_windows(
 
 
 _OPENAI_NAMES: Final = tuple((d, _names("x-ratelimit-", f"-{d}")) for d in ("requests", "tokens"))
+_OPENAI_SPEAKERS: Final = frozenset(p for p, spoken in _SPOKEN.items() if spoken == ("openai",))
+"""The providers whose answers are read in OpenAI's dialect alone."""
+_OPENAI_SLOTS: Final = {
+    n.encode(): i for i, n in enumerate(n for _, names in _OPENAI_NAMES for n in names)
+}
+"""The raw (lower-cased) names of OpenAI's rate-limit headers, each with its place in
+`_OPENAI_NAMES` (requests' limit, remaining, reset; then tokens')."""
+_OPENAI_PLACES: Final = tuple((3 * i, dim, names) for i, (dim, names) in enumerate(_OPENAI_NAMES))
+"""Each dimension with where its three values start among those places, and their names."""
+
+
+def _openai_success(
+    fields: tuple[tuple[bytes, bytes], ...], now: float, horizon: float, provider: str
+) -> tuple[Window, ...] | None:
+    """The windows of a success in OpenAI's dialect, read from its raw header pairs in one
+    pass that keeps only the six names the dialect reads; what `_header_map` and
+    `_openai_windows` give. None when the pairs hold anything this pass does not read exactly
+    as they do (a name that is one of these only once stripped, a pair that is not two byte
+    strings): the general path then reads them."""
+    raws: list[bytes | None] = [None, None, None, None, None, None]
+    try:
+        for name, value in fields:
+            i = _OPENAI_SLOTS.get(name)  # one of the six as they are usually sent
+            if i is None:
+                lowered = name.lower()
+                # What `_header_map` could turn into one of the six (`in` would be no safer,
+                # and costs ten times more on bytes: it tries the operand as an integer first).
+                if not lowered.lstrip().startswith(b"x-ratelimit-"):
+                    continue
+                i = _OPENAI_SLOTS.get(lowered)
+                if i is None:
+                    return None
+            if type(value) is not bytes:
+                return None
+            if raws[i] is None:  # a repeat keeps the first, as `_header_map` does
+                raws[i] = value
+    except (AttributeError, TypeError, ValueError):
+        return None  # a name or a pair of an unexpected shape
+    periods = _GROQ_PERIODS if provider == "groq" else _NO_PERIODS
+    found = []
+    for at, dim, names in _OPENAI_PLACES:
+        limit_raw, remaining_raw, reset_raw = raws[at], raws[at + 1], raws[at + 2]
+        if limit_raw is None and remaining_raw is None and reset_raw is None:
+            continue
+        # What `_window` does with the values as `_header_map` decodes them (latin-1, cut at
+        # _VALUE_LIMIT), without its calls for what is absent. A count of at most 15 ASCII
+        # digits (below `_MAX_COUNT`, nothing to strip: the usual header) is read from its
+        # bytes at once, as `_count` reads the same digits decoded.
+        limit = remaining = reset = None
+        if limit_raw is not None:
+            if limit_raw.isdigit() and len(limit_raw) <= 15:  # bytes: ASCII digits only
+                limit = float(limit_raw)
+            elif (limit := _count(text := limit_raw[:_VALUE_LIMIT].decode("latin-1"))) is None:
+                _malformed(names[0], text)
+        if remaining_raw is not None:
+            if remaining_raw.isdigit() and len(remaining_raw) <= 15:
+                remaining = float(remaining_raw)
+            elif (
+                remaining := _count(text := remaining_raw[:_VALUE_LIMIT].decode("latin-1"))
+            ) is None:
+                _malformed(names[1], text)
+        if reset_raw is not None:
+            text = reset_raw[:_VALUE_LIMIT].decode("latin-1")
+            if (reset := _parse_reset(text, now, horizon)) is None:
+                _malformed(names[2], text)
+        if limit is not None or remaining is not None or reset is not None:
+            found.append(_window_of(dim, periods.get(dim), limit, remaining, reset))
+    return tuple(found)
+
+
 _GROQ_PERIODS: Final = {"requests": "day", "tokens": "minute"}
 """Groq reuses the names, but its request budget is per day and its token budget per minute."""
 _NO_PERIODS: Final[dict[str, str]] = {}

@@ -15,6 +15,8 @@ MAX_TOKENS = 100_000_000
 """More than any model's context: a larger count is garbage, and is capped to this."""
 _DECODE = json.JSONDecoder().decode
 """`json.loads` of a text, as `json.loads` itself decodes it (default options)."""
+_SCAN = json.JSONDecoder().scan_once
+"""What `_DECODE` calls for the value at an index (`(value, end)`; StopIteration for none)."""
 
 
 def estimate_from_length(content_length: int | None) -> int:
@@ -80,12 +82,14 @@ def reported_usage(body: bytes | None) -> tuple[int | None, int | None]:
     if not body or len(body) > MAX_BODY:
         return None, None
     data = _usage_tail(body)
-    if data is None:
+    if data is not None:  # an object whose usage is an object: the usual answer
+        usage = data["usage"]
+    else:
         try:
             data = json.loads(body)
         except (ValueError, UnicodeDecodeError, RecursionError):
             return None, None
-    usage = data.get("usage") if isinstance(data, dict) else None
+        usage = data.get("usage") if isinstance(data, dict) else None
     if not isinstance(usage, dict):
         meta = data.get("usageMetadata") if isinstance(data, dict) else None  # Gemini
         if isinstance(meta, dict):
@@ -113,13 +117,27 @@ def _usage_tail(body: bytes) -> dict[str, Any] | None:
     try:
         # What `json.loads` makes of these bytes, without its guess at their encoding (a
         # Python function): text opening with `{"` is UTF-8 to it, whatever follows.
-        data = _DECODE((b"{" + body[at:]).decode("utf-8", "surrogatepass"))
+        data = _decode_object((b"{" + body[at:]).decode("utf-8", "surrogatepass"))
     except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     return data if isinstance(data, dict) and isinstance(data.get("usage"), dict) else None
 
 
+def _decode_object(text: str) -> Any:
+    """`_DECODE(text)` for a text that opens with `{`, without its two whitespace matches and
+    Python-level calls: the value at 0, then nothing but JSON whitespace (ValueError else)."""
+    try:
+        data, end = _SCAN(text, 0)
+    except StopIteration:
+        raise ValueError("Expecting value") from None
+    if end != len(text) and text[end:].strip(" \t\n\r"):
+        raise ValueError("Extra data")
+    return data
+
+
 def _int(v: object) -> int | None:
+    if type(v) is int:  # what JSON gives a count as: no bool to rule out, no call to make
+        return None if v < 0 else v if v <= MAX_TOKENS else MAX_TOKENS
     if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
         return min(v, MAX_TOKENS)
     return None
