@@ -12,7 +12,7 @@ from mitmproxy import ctx, http
 from . import request_body
 from .answers import answer_locally
 from .bookkeeping import Bookkeeping
-from .cluster.state import Ask
+from .cluster.state import Ask, LocalState
 from .config import Pool
 from .core import tokens as tk
 from .core.body_json import BodyJSON, read_json
@@ -84,10 +84,24 @@ class Admission:
         model = model_of_request(flow.request.path, body, parsed)
         scope = scope_of(pool.limit_scope, pool.preset.name, model)
         await self.waiting.upstream_ready(flow)
+        # In one process the state's `decide` is the engine's, asked without a coroutine.
+        local = type(run.state) is LocalState
         while True:
             now = self.clock()
-            ask = Ask(pool, tokens, now, deadline, exclude, affinity, scope, model)
-            d = await run.state.decide(run.engine, ask)
+            if local:
+                d = run.engine.decide(
+                    pool,
+                    tokens,
+                    now,
+                    deadline=deadline,
+                    exclude=exclude,
+                    affinity=affinity,
+                    scope=scope,
+                    model=model,
+                )
+            else:
+                ask = Ask(pool, tokens, now, deadline, exclude, affinity, scope, model)
+                d = await run.state.decide(run.engine, ask)
             if isinstance(d, Chosen):
                 served = self._inject(run, flow, pool, d, retry["attempt"] if retry else 1, arrived)
                 served.estimated_from_size = body is None

@@ -58,6 +58,10 @@ class RoundRobin(_Base):
     ) -> Iterator[KeyLike]:
         return _cycle(keys, self._next, usable)
 
+    def first(self, keys: Sequence[KeyLike], usable: Callable[[KeyLike], bool]) -> KeyLike | None:
+        """The first of `candidates` (None when there is none), without a generator."""
+        return _first(keys, self._next, usable)
+
     def chose(self, keys: Sequence[KeyLike], key: KeyLike) -> None:
         self._next = _index(keys, key) + 1
 
@@ -72,6 +76,10 @@ class Sticky(_Base):
         self, keys: Sequence[KeyLike], usable: Callable[[KeyLike], bool]
     ) -> Iterator[KeyLike]:
         return _cycle(keys, self._active, usable)
+
+    def first(self, keys: Sequence[KeyLike], usable: Callable[[KeyLike], bool]) -> KeyLike | None:
+        """The first of `candidates` (None when there is none), without a generator."""
+        return _first(keys, self._active, usable)
 
     def chose(self, keys: Sequence[KeyLike], key: KeyLike) -> None:
         self._active = _index(keys, key)
@@ -139,6 +147,18 @@ def _cycle(
         key = keys[(start + step) % n]
         if usable(key):
             yield key
+
+
+def _first(
+    keys: Sequence[KeyLike], start: int, usable: Callable[[KeyLike], bool]
+) -> KeyLike | None:
+    """The first key `_cycle` yields, or None."""
+    n = len(keys)
+    for step in range(n):
+        key = keys[(start + step) % n]
+        if usable(key):
+            return key
+    return None
 
 
 def _label(key: KeyLike) -> str:
