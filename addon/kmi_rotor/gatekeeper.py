@@ -32,6 +32,7 @@ from .core import access, routing
 from .core.access import IP
 from .core.calls import is_api_call
 from .core.credentials import CREDENTIAL_HEADERS, CREDENTIAL_QUERY
+from .core.header_fields import Fields, with_fields
 from .core.hosts import HostLookup
 from .core.refusal import Refusal
 from .core.secrets import mask_credential_value
@@ -185,9 +186,11 @@ class Gatekeeper:
         replay = flow.is_replay == "request"
         refusal = None if replay else self._reverse_host(flow)
         page = self.page.should_serve(flow)
-        pool = self._pool_of(req.host, req.port)
+        entry = self._pool_entry(req.host, req.port)
+        pool = None if entry is None else entry[0]
         if refusal is None:
-            refusal = await self._refusal(flow, page, pool, replay=replay)
+            plain = None if entry is None else entry[1]
+            refusal = await self._refusal(flow, page, pool, replay=replay, plain=plain)
         self._scrub_tokens(flow)
         if refusal is not None:
             answer_locally(flow, refusal, self.clock())
@@ -201,10 +204,18 @@ class Gatekeeper:
         return pool
 
     async def _refusal(
-        self, flow: http.HTTPFlow, page: bool, pool: Pool | None, *, replay: bool
+        self,
+        flow: http.HTTPFlow,
+        page: bool,
+        pool: Pool | None,
+        *,
+        replay: bool,
+        plain: bool | None = None,
     ) -> Refusal | None:
         """The first check (after the Host's) that the request fails, in order: the status
-        page's host, who the client is, where it goes, a configuration, the pool's route."""
+        page's host, who the client is, where it goes, a configuration, the pool's route.
+        `plain`: whether `pool` allows keys over plain HTTP at the request's host:port, when
+        known (looked up with the pool)."""
         if page and not self._page_host_ok(flow):
             why = f"the status page is served on {WEB_HOST} and the proxy's own addresses only"
             return Refusal(403, "host_not_allowed", why)
@@ -223,7 +234,7 @@ class Gatekeeper:
             return None
         if self.settings is None:
             return Refusal(503, "not_configured", f"not serving: {self._not_serving()}")
-        return None if pool is None else self._route(flow, pool)
+        return None if pool is None else self._route(flow, pool, plain)
 
     def _who(
         self, flow: http.HTTPFlow, kind: access.Kind, pool: Pool | None, loopback: bool
@@ -281,27 +292,34 @@ class Gatekeeper:
         )
         return None if why is None else Refusal(403, "destination_not_allowed", why)
 
-    def _route(self, flow: http.HTTPFlow, pool: Pool) -> Refusal | None:
+    def _route(self, flow: http.HTTPFlow, pool: Pool, plain: bool | None = None) -> Refusal | None:
         """The key follows the connection target: Host and authority rewritten to it, or a
-        refusal when the request cannot reach the pool's host over an acceptable transport."""
+        refusal when the request cannot reach the pool's host over an acceptable transport.
+        `plain`: `_plain_http_allowed(pool, host, port)` when the caller has it."""
         req = flow.request
-        hosts = header_values(req.headers.fields, b"host")
-        authority = req.authority
+        data = req.data
+        headers = data.headers
+        fields = headers.fields
+        hosts = header_values(fields, b"host")
+        authority = _authority(data.authority) if data.authority else ""  # `req.authority`
+        host, port = data.host, data.port
+        if plain is None:
+            plain = self._plain_http_allowed(pool, host, port)
         r = _route(
             req.scheme,
-            req.host,
-            req.port,
+            host,
+            port,
             (*hosts, authority) if authority else tuple(hosts),
             flow.server_conn.sni,
             flow.server_conn.tls_established,
-            self._plain_http_allowed(pool, req.host, req.port),
+            plain,
         )
         if r.refusal is not None:
             return Refusal(*r.refusal)
-        if hosts != [r.authority] and (hosts or not (req.is_http2 or req.is_http3)):
-            req.headers.set_all("Host", [r.authority])
+        if hosts != [r.authority] and (hosts or data.http_version not in _AUTHORITY_VERSIONS):
+            headers.fields = _host_set(fields, r.authority, bool(hosts))
         if authority:
-            req.authority = r.authority
+            data.authority = _authority_bytes(r.authority)  # what `req.authority = ...` stores
         if r.mismatches:
             shown = [routing.canonical_host(v)[:100] for v in r.mismatches]
             flow.metadata.setdefault(META, {})["host_rewritten"] = shown
@@ -413,6 +431,37 @@ def _pool_and_plain(settings: Settings, host: str, port: int) -> tuple[Pool | No
     """The pool of host:port, and whether it allows keys over plain HTTP there."""
     pool = settings.pool_for(host, port)
     return pool, pool is not None and pool.plain_http_allowed(host, port)
+
+
+_AUTHORITY_VERSIONS = (b"HTTP/2.0", b"HTTP/3")
+"""The versions whose :authority stands for the Host field (`Request.is_http2`, `is_http3`)."""
+
+
+def _host_set(fields: Fields, value: str, present: bool) -> Fields:
+    """The raw fields after `headers.set_all("Host", [value])`, in one pass (`present`:
+    whether they hold a Host field): the first Host field takes the value, keeping its name's
+    spelling, later ones go; without one, `Host` is appended."""
+    raw = value.encode("utf-8", "surrogateescape")
+    return with_fields(fields, {b"host": raw}) if present else (*fields, (b"Host", raw))
+
+
+@functools.lru_cache(maxsize=1024)
+def _authority(raw: bytes) -> str:
+    """`Request.authority` of a request whose raw authority is `raw`, remembered: the same
+    few come with every request, and the IDNA codec is slow."""
+    try:
+        return raw.decode("idna")
+    except UnicodeError:
+        return raw.decode("utf8", "surrogateescape")
+
+
+@functools.lru_cache(maxsize=1024)
+def _authority_bytes(value: str) -> bytes:
+    """What `Request.authority = value` stores, remembered (see `_authority`)."""
+    try:
+        return value.encode("idna", "strict")
+    except UnicodeError:
+        return value.encode("utf8", "surrogateescape")
 
 
 def _client_loopback(flow: http.HTTPFlow) -> bool:

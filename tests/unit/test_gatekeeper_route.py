@@ -1,0 +1,44 @@
+"""The route check's writes on the raw fields give what mitmproxy's own setters give."""
+
+from __future__ import annotations
+
+import pytest
+from mitmproxy import http
+from mitmproxy.test import tutils
+
+from kmi_rotor.gatekeeper import _authority, _authority_bytes, _host_set
+
+FIELDS = [
+    (),
+    ((b"Host", b"llm.test"),),
+    ((b"HOST", b"other.test"), (b"accept", b"*/*")),
+    ((b"accept", b"*/*"), (b"host", b"a.test"), (b"x", b"1"), (b"Host", b"b.test")),
+    ((b"authorization", b"Bearer x"), (b"content-length", b"2")),
+    ((b"hOsT", b"\xff\xfe"),),
+]
+
+
+@pytest.mark.parametrize("fields", FIELDS)
+@pytest.mark.parametrize("value", ["llm.test", "llm.test:8443", "[::1]:443", "bücher.test"])
+def test_host_set_is_set_all(fields: tuple[tuple[bytes, bytes], ...], value: str) -> None:
+    headers = http.Headers(list(fields))
+    headers.set_all("Host", [value])
+    present = any(k.lower() == b"host" for k, _ in fields)
+    assert _host_set(fields, value, present) == headers.fields
+
+
+@pytest.mark.parametrize(
+    "raw", [b"llm.test", b"LLM.Test:443", b"xn--bcher-kva.test", b"\xff.test", b"[::1]:8080"]
+)
+def test_authority_is_the_requests(raw: bytes) -> None:
+    req = tutils.treq(authority=raw)
+    assert _authority(raw) == req.authority
+
+
+@pytest.mark.parametrize(
+    "value", ["llm.test", "LLM.test:443", "bücher.test", "\udcff.test", "a..b", "[::1]:8080"]
+)
+def test_authority_bytes_are_what_the_setter_stores(value: str) -> None:
+    req = tutils.treq()
+    req.authority = value
+    assert _authority_bytes(value) == req.data.authority
