@@ -25,6 +25,9 @@ class BodyJSON:
 
 
 NOTHING = BodyJSON(None)
+_DECODER = json.JSONDecoder()
+"""What `json.loads` decodes with when given no options."""
+_BRACE = ord("{")
 
 
 def read_json(body: bytes | None) -> BodyJSON:
@@ -32,7 +35,12 @@ def read_json(body: bytes | None) -> BodyJSON:
     if not body or len(body) > MAX_BODY:
         return NOTHING
     try:
-        data = json.loads(body)
+        if body[0] == _BRACE and body[1:2] != b"\x00":
+            # What `json.loads` does with bytes it detects as UTF-8 (an object's `{` first,
+            # no BOM, not UTF-16/32), without its detection and checks: the body is one.
+            data = _DECODER.decode(body.decode("utf-8", "surrogatepass"))
+        else:
+            data = json.loads(body)
     except RecursionError:
         return BodyJSON(None, too_deep=True)
     except (ValueError, UnicodeDecodeError):
