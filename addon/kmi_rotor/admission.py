@@ -16,8 +16,8 @@ from .cluster.state import Ask, LocalState
 from .config import Pool
 from .core import tokens as tk
 from .core.body_json import BodyJSON, read_json
-from .core.credentials import placements_of_fields
-from .core.header_fields import has_field
+from .core.credentials import Writes, writes_of_fields
+from .core.header_fields import has_field, with_fields
 from .core.refusal import Refusal
 from .core.scope import model_of_request, scope_of
 from .engine import Chosen, Wait
@@ -26,6 +26,18 @@ from .names import META
 from .running import Running
 from .served import Served
 from .waiting import Waiting
+
+
+def put_key(request: http.Request, writes: Writes, secret: str) -> None:
+    """`put_all` of `secret` rendered for each of `writes.placements`; for header slots of
+    lower-case names (the usual ones), their values made and written in one pass."""
+    headers = writes.headers
+    if headers is None:
+        put_all(request, [(p, p.render(secret)) for p in writes.placements])
+        return
+    raw = secret.encode("utf-8", "surrogateescape")
+    updates = {name: b"Bearer " + raw if bearer else raw for name, bearer in headers}
+    request.headers.fields = with_fields(request.headers.fields, updates)
 
 
 def before_body(flow: http.HTTPFlow) -> bool:
@@ -134,20 +146,16 @@ class Admission:
             run, pool, key, chosen.reservation, attempt, time.monotonic(), arrived, flow=flow
         )
         self.served[flow.id] = served
-        query = flow.request.query.keys() if "?" in flow.request.path else ()
-        where = placements_of_fields(flow.request.headers.fields, query, pool.preset)
+        req = flow.request
+        query = req.query.keys() if b"?" in req.data.path else ()  # `"?" in req.path`
+        writes = writes_of_fields(req.data.headers.fields, query, pool.preset)
         meta = flow.metadata.setdefault(META, {})
-        meta.update(
-            {
-                "pool": pool.name,
-                "key": key.label,
-                "fingerprint": key.fingerprint,
-                "attempt": attempt,
-                "placements": [[p.kind, p.name] for p in where],
-            }
-        )
-        secret = key.secret.get_secret_value()
-        put_all(flow.request, [(p, p.render(secret)) for p in where])
+        meta["pool"] = pool.name
+        meta["key"] = key.label
+        meta["fingerprint"] = key.fingerprint
+        meta["attempt"] = attempt
+        meta["placements"] = [[kind, name] for kind, name in writes.shown]
+        put_key(req, writes, key.secret.get_secret_value())
         flow.comment = f"key {key.label}" + (f" · attempt {attempt}" if attempt > 1 else "")
         self.books.counters(run, key).add("requests")
         failed = run.engine.keys.get(meta.get("retry", {}).get("after", ""))
