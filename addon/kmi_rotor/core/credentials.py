@@ -72,13 +72,27 @@ def writes_of_fields(
     fields: Iterable[tuple[bytes, bytes]], query_names: Iterable[str], preset: Preset
 ) -> Writes:
     """`placements_of_fields` and how to write them (see `Writes`)."""
-    present = _HEADER_SET.intersection({name.lower() for name, _ in fields})
-    if query_names:
+    if query_names:  # rare: the general way
+        present = _HEADER_SET.intersection({name.lower() for name, _ in fields})
         found = set(query_names)
         queries = tuple(name for name in CREDENTIAL_QUERY if name in found)
-    else:
-        queries = ()
-    return _writes_present(present, queries, preset)
+        return _writes_present(present, queries, preset)
+    # Which credential headers are there, as bits; each preset's combinations by those bits
+    # (a preset is hashed by all its fields: looked up by identity instead).
+    mask = 0
+    bits = _HEADER_BITS
+    for name, _ in fields:
+        mask |= bits.get(name.lower(), 0)
+    table = _WRITES.get(id(preset))
+    if table is None or table[0] is not preset:
+        if len(_WRITES) > 64:  # presets are few; those of an old configuration go
+            _WRITES.clear()
+        table = _WRITES[id(preset)] = (preset, {})
+    writes = table[1].get(mask)
+    if writes is None:
+        present = frozenset(raw for raw, bit in bits.items() if mask & bit)
+        writes = table[1][mask] = _writes_present(present, (), preset)
+    return writes
 
 
 @functools.lru_cache(maxsize=256)
@@ -95,6 +109,10 @@ def _writes_present(present: frozenset[bytes], queries: tuple[str, ...], preset:
 
 _HEADER_BYTES = tuple((name, name.encode()) for name in CREDENTIAL_HEADERS)
 _HEADER_SET = frozenset(raw for _, raw in _HEADER_BYTES)
+_HEADER_BITS = {raw: 1 << i for i, (_, raw) in enumerate(_HEADER_BYTES)}
+_WRITES: dict[int, tuple[Preset, dict[int, Writes]]] = {}
+"""By preset (its id, kept alive with it): its `Writes` by the bits of the credential headers
+present (`_HEADER_BITS`)."""
 
 
 @functools.lru_cache(maxsize=256)
