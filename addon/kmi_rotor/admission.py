@@ -17,7 +17,7 @@ from .config import Pool
 from .core import tokens as tk
 from .core.body_json import BodyJSON, read_json
 from .core.credentials import Writes, writes_of_fields
-from .core.header_fields import has_field, with_fields
+from .core.header_fields import with_fields
 from .core.refusal import Refusal
 from .core.scope import model_of_request, scope_of
 from .engine import Chosen, Wait
@@ -45,8 +45,10 @@ def before_body(flow: http.HTTPFlow) -> bool:
     (stream_large_bodies) leaves with its headers, before the `request` hook."""
     if flow.request.stream:
         return True
-    chunked = not has_field(flow.request.headers.fields, b"content-length")
-    return chunked and bool(getattr(ctx.options, "stream_large_bodies", None))
+    for name, _ in flow.request.data.headers.fields:  # `has_field`, inline: every request
+        if name.lower() == b"content-length":
+            return False  # not chunked
+    return bool(getattr(ctx.options, "stream_large_bodies", None))
 
 
 class Admission:

@@ -47,6 +47,13 @@ EXPOSURE_OPTIONS = {"listen_host", "mode", "proxyauth", ALLOW_REMOTE_OPTION, CON
 RESOLVE_TIMEOUT = 10.0
 
 
+class _Where:
+    """The request's destination is to be checked (`Gatekeeper._where`)."""
+
+
+_WHERE = _Where
+
+
 class Gatekeeper:
     """Loopback clients, and remote ones once authenticated (proxyauth or a client token);
     keys only to their pool's host."""
@@ -190,46 +197,49 @@ class Gatekeeper:
         pool = None if entry is None else entry[0]
         if refusal is None:
             plain = None if entry is None else entry[1]
-            refusal = await self._refusal(flow, page, pool, replay=replay, plain=plain)
+            refusal = self._refusal_before(flow, page, pool, replay)
+            if refusal is _WHERE:  # a client not on loopback: where it goes, then the rest
+                refusal = await self._where(flow, req.host, req.port, pool, False, everyone=False)
+            if refusal is None:
+                refusal = self._refusal_after(flow, page, pool, plain)
         self._scrub_tokens(flow)
         if refusal is not None:
             answer_locally(flow, refusal, self.clock())
             return None
         if page or pool is None:
             return None
-        if not is_api_call(req.method, req.path):
+        if not _api_call(req.data.method, req.data.path):
             drop_credentials(flow)  # a probe needs no key, and the client's own never leaves
             flow.comment = "kmi-rotor: not an API call, sent without a key"
             return None
         return pool
 
-    async def _refusal(
-        self,
-        flow: http.HTTPFlow,
-        page: bool,
-        pool: Pool | None,
-        *,
-        replay: bool,
-        plain: bool | None = None,
-    ) -> Refusal | None:
-        """The first check (after the Host's) that the request fails, in order: the status
-        page's host, who the client is, where it goes, a configuration, the pool's route.
-        `plain`: whether `pool` allows keys over plain HTTP at the request's host:port, when
-        known (looked up with the pool)."""
+    def _refusal_before(
+        self, flow: http.HTTPFlow, page: bool, pool: Pool | None, replay: bool
+    ) -> Refusal | type[_Where] | None:
+        """The first check (after the Host's) that the request fails, of those before where
+        it goes: the status page's host, who the client is. `_WHERE` when they pass and the
+        destination must be checked next (`_where`: a client not on loopback, no replay);
+        then, or when this is None, `_refusal_after`. In all, in order: the status page's
+        host, who the client is, where it goes, a configuration, the pool's route."""
         if page and not self._page_host_ok(flow):
             why = f"the status page is served on {WEB_HOST} and the proxy's own addresses only"
             return Refusal(403, "host_not_allowed", why)
+        if replay:
+            return None
         kind: access.Kind = "page" if page else "pool" if pool is not None else "other"
-        if not replay:
-            loopback = _client_loopback(flow)  # asked once, for both checks
-            refusal = self._who(flow, kind, pool, loopback)
-            if refusal is None and not loopback:  # a loopback client's destination: server_connect
-                req = flow.request
-                refusal = await self._where(
-                    flow, req.host, req.port, pool, loopback, everyone=False
-                )
-            if refusal is not None:
-                return refusal
+        loopback = _client_loopback(flow)  # asked once, for both checks
+        refusal = self._who(flow, kind, pool, loopback)
+        if refusal is None and not loopback:  # a loopback client's destination: server_connect
+            return _WHERE
+        return refusal
+
+    def _refusal_after(
+        self, flow: http.HTTPFlow, page: bool, pool: Pool | None, plain: bool | None
+    ) -> Refusal | None:
+        """The checks after where the request goes (see `_refusal_before`): a configuration,
+        the pool's route. `plain`: whether `pool` allows keys over plain HTTP at the request's
+        host:port, when known (looked up with the pool)."""
         if page:
             return None
         if self.settings is None:
@@ -431,6 +441,14 @@ def _pool_and_plain(settings: Settings, host: str, port: int) -> tuple[Pool | No
     """The pool of host:port, and whether it allows keys over plain HTTP there."""
     pool = settings.pool_for(host, port)
     return pool, pool is not None and pool.plain_http_allowed(host, port)
+
+
+@functools.lru_cache(maxsize=1024)
+def _api_call(method: bytes, path: bytes) -> bool:
+    """`is_api_call(req.method, req.path)` from the raw method and path, remembered: the same
+    few come with every request."""
+    text = method.decode("utf-8", "surrogateescape").upper()
+    return is_api_call(text, path.decode("utf-8", "surrogateescape"))
 
 
 _AUTHORITY_VERSIONS = (b"HTTP/2.0", b"HTTP/3")

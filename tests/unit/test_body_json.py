@@ -138,3 +138,18 @@ def test_read_json_is_json_loads(raw: bytes) -> None:
     want = BodyJSON(data) if isinstance(data, dict) else NOTHING
     got = read_json(raw)
     assert got == want or (repr(got) == repr(want))  # NaN is not equal to itself
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        b"/v1beta/models/gemini-1.5-pro:streamGenerateContent?alt=sse",
+        b"/v1beta/models/gemini-1.5-pro:generateContent",
+        b"/\xff/streamGenerateContent",
+        b"/x?q=streamGenerateContent",
+        b"/streamgeneratecontent",
+    ],
+)
+def test_a_streaming_method_in_the_path(path: bytes) -> None:
+    req = tutils.treq(path=path, content=b"{}")
+    assert wants_stream(req, b"{}") is ("streamGenerateContent" in req.path)

@@ -6,7 +6,8 @@ import pytest
 from mitmproxy import http
 from mitmproxy.test import tutils
 
-from kmi_rotor.gatekeeper import _authority, _authority_bytes, _host_set
+from kmi_rotor.core.calls import is_api_call
+from kmi_rotor.gatekeeper import _api_call, _authority, _authority_bytes, _host_set
 
 FIELDS = [
     (),
@@ -42,3 +43,12 @@ def test_authority_bytes_are_what_the_setter_stores(value: str) -> None:
     req = tutils.treq()
     req.authority = value
     assert _authority_bytes(value) == req.data.authority
+
+
+@pytest.mark.parametrize("method", [b"GET", b"post", b"HEAD", b"OPTIONS", b"Patch", b"\xff"])
+@pytest.mark.parametrize(
+    "path", [b"/", b"", b"/?x=1", b"/v1/chat/completions", b"/favicon.ico?a", b"/\xff", b"*"]
+)
+def test_api_call_of_raw_method_and_path(method: bytes, path: bytes) -> None:
+    req = tutils.treq(method=method, path=path)
+    assert _api_call(method, path) is is_api_call(req.method, req.path)
