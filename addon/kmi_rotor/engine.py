@@ -242,16 +242,18 @@ class Engine:
         (the limiter remembers what stopped it, as it would anyway) and the general path
         decides."""
         strategy = self.strategies[pool.name]
-        first = getattr(strategy, "first", None)
-        if first is None:
+        start = getattr(strategy, "start", None)
+        if start is None:
             return None
         self._now, self._scope = now, scope
-        usable = self.usable
-        if exclude:
-            key = first(pool.keys, lambda k: k.fingerprint not in exclude and usable(k, now, scope))
+        # The strategy's first candidate: the first usable key of its cycle (`rotation._cycle`)
+        keys, usable = pool.keys, self.usable
+        n, at = len(keys), start()
+        for step in range(n):
+            key = keys[(at + step) % n]
+            if key.fingerprint not in exclude and usable(key, now, scope):
+                break
         else:
-            key = first(pool.keys, lambda k: usable(k, now, scope))
-        if key is None:
             return None
         fp = key.fingerprint
         reservation = self.limiter.admit_on(fp, tokens, now, model)

@@ -202,7 +202,7 @@ async def test_internal_error_fails_closed(rotor, monkeypatch):
         raise RuntimeError("bug")
 
     # Whichever way the engine asks the strategy (its first candidate alone, or them all)
-    for name in ("candidates", "first"):
+    for name in ("candidates", "start"):
         monkeypatch.setattr(addon.serving.engine.strategies["p"], name, boom)
     f = tflow.tflow(req=req(headers=[("authorization", "Bearer client-own")]))
     await addon.requestheaders(f)

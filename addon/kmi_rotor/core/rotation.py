@@ -58,9 +58,11 @@ class RoundRobin(_Base):
     ) -> Iterator[KeyLike]:
         return _cycle(keys, self._next, usable)
 
-    def first(self, keys: Sequence[KeyLike], usable: Callable[[KeyLike], bool]) -> KeyLike | None:
-        """The first of `candidates` (None when there is none), without a generator."""
-        return _first(keys, self._next, usable)
+    def start(self) -> int:
+        """Where `candidates` begins its cycle: they are the usable keys of
+        `keys[(start + i) % len(keys)]` for i = 0, 1, ... (for a caller that walks them
+        itself, without a generator)."""
+        return self._next
 
     def chose(self, keys: Sequence[KeyLike], key: KeyLike) -> None:
         self._next = _index(keys, key) + 1
@@ -77,9 +79,11 @@ class Sticky(_Base):
     ) -> Iterator[KeyLike]:
         return _cycle(keys, self._active, usable)
 
-    def first(self, keys: Sequence[KeyLike], usable: Callable[[KeyLike], bool]) -> KeyLike | None:
-        """The first of `candidates` (None when there is none), without a generator."""
-        return _first(keys, self._active, usable)
+    def start(self) -> int:
+        """Where `candidates` begins its cycle: they are the usable keys of
+        `keys[(start + i) % len(keys)]` for i = 0, 1, ... (for a caller that walks them
+        itself, without a generator)."""
+        return self._active
 
     def chose(self, keys: Sequence[KeyLike], key: KeyLike) -> None:
         self._active = _index(keys, key)
@@ -147,18 +151,6 @@ def _cycle(
         key = keys[(start + step) % n]
         if usable(key):
             yield key
-
-
-def _first(
-    keys: Sequence[KeyLike], start: int, usable: Callable[[KeyLike], bool]
-) -> KeyLike | None:
-    """The first key `_cycle` yields, or None."""
-    n = len(keys)
-    for step in range(n):
-        key = keys[(start + step) % n]
-        if usable(key):
-            return key
-    return None
 
 
 def _label(key: KeyLike) -> str:
