@@ -263,7 +263,10 @@ class Engine:
         key = self.keys[fp]
         strategy.chose(pool.keys, key)
         self.budgets.admitted(fp, now, scope)
-        self._open.setdefault(fp, {})[id(reservation)] = (scope, now)
+        mine = self._open.get(fp)
+        if mine is None:  # (not `setdefault`, which makes a dict for every request)
+            mine = self._open[fp] = {}
+        mine[id(reservation)] = (scope, now)
         return Chosen(key, reservation)
 
     def plan(

@@ -196,3 +196,10 @@ def test_admit_on_is_try_admit_of_one_key(
     # a key never configured is unlimited, as in `try_admit`
     got, want = a.admit_on("new", 0, T0 + 9), b.try_admit(["new"], 0, T0 + 9)
     assert _shown_reservation(got) == _shown_reservation(getattr(want, "reservation", None))
+
+
+def test_a_reservation_compares_and_hashes_by_its_fields_as_a_frozen_one() -> None:
+    a, b = Reservation("k", 1.0, 10, object()), Reservation("k", 1.0, 10, object())
+    assert a == b and hash(a) == hash(b) == hash(("k", 1.0, 10))
+    assert a != Reservation("k", 1.0, 11, a.handle)
+    assert "handle" not in repr(a)

@@ -87,9 +87,12 @@ class Exhausted:
     free_at: float | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Reservation:
-    """What one admission holds: its concurrency slots and its token entries. Opaque `handle`."""
+    """What one admission holds: its concurrency slots and its token entries. Opaque `handle`.
+    Not changed once made, and hashed and compared by its fields as a frozen one would be (not
+    frozen: one is made for every request, and a frozen dataclass costs about twice as much
+    to make)."""
 
     key: str
     at: float
