@@ -27,6 +27,8 @@ from .running import Running
 from .served import Served
 from .waiting import Waiting
 
+_NONE: frozenset[str] = frozenset()
+
 
 def put_key(request: http.Request, writes: Writes, secret: str) -> None:
     """`put_all` of `secret` rendered for each of `writes.placements`; for header slots of
@@ -77,7 +79,7 @@ class Admission:
         or answer locally why not. `body`: None before it arrived; `parsed`: its parse
         (`read_json(body)`) when the caller has it."""
         retry = flow.metadata.get(META, {}).get("retry") if flow.is_replay else None
-        exclude = frozenset(retry["exclude"]) if retry else frozenset()
+        exclude = frozenset(retry["exclude"]) if retry else _NONE
         arrived = self.clock()
         # A failover attempt may wait as long as what is left of its request's own wait.
         deadline = retry.get("deadline", arrived) if retry else arrived
@@ -160,9 +162,10 @@ class Admission:
         put_key(req, writes, key.secret.get_secret_value())
         flow.comment = f"key {key.label}" + (f" · attempt {attempt}" if attempt > 1 else "")
         self.books.counters(run, key).add("requests")
-        failed = run.engine.keys.get(meta.get("retry", {}).get("after", ""))
-        if attempt > 1 and failed is not None:  # counted on the key the request failed on
-            self.books.counters(run, failed).add("retries")
+        if attempt > 1:  # counted on the key the request failed on
+            failed = run.engine.keys.get(meta.get("retry", {}).get("after", ""))
+            if failed is not None:
+                self.books.counters(run, failed).add("retries")
         return served
 
     def _refused(

@@ -36,7 +36,7 @@ from .core.header_fields import Fields, with_fields
 from .core.hosts import HostLookup
 from .core.refusal import Refusal
 from .core.secrets import mask_credential_value
-from .hosting import WEB_HOST, StatusPage, host_header
+from .hosting import WEB_HOST, StatusPage, authority_text, host_header
 from .masking import drop_credentials
 from .names import ALLOW_REMOTE_OPTION, CONFIG_OPTION, META
 from .request_body import header_values
@@ -311,7 +311,7 @@ class Gatekeeper:
         headers = data.headers
         fields = headers.fields
         hosts = header_values(fields, b"host")
-        authority = _authority(data.authority) if data.authority else ""  # `req.authority`
+        authority = authority_text(data.authority) if data.authority else ""  # `req.authority`
         host, port = data.host, data.port
         if plain is None:
             plain = self._plain_http_allowed(pool, host, port)
@@ -464,18 +464,8 @@ def _host_set(fields: Fields, value: str, present: bool) -> Fields:
 
 
 @functools.lru_cache(maxsize=1024)
-def _authority(raw: bytes) -> str:
-    """`Request.authority` of a request whose raw authority is `raw`, remembered: the same
-    few come with every request, and the IDNA codec is slow."""
-    try:
-        return raw.decode("idna")
-    except UnicodeError:
-        return raw.decode("utf8", "surrogateescape")
-
-
-@functools.lru_cache(maxsize=1024)
 def _authority_bytes(value: str) -> bytes:
-    """What `Request.authority = value` stores, remembered (see `_authority`)."""
+    """What `Request.authority = value` stores, remembered (see `hosting.authority_text`)."""
     try:
         return value.encode("idna", "strict")
     except UnicodeError:

@@ -7,7 +7,8 @@ from mitmproxy import http
 from mitmproxy.test import tutils
 
 from kmi_rotor.core.calls import is_api_call
-from kmi_rotor.gatekeeper import _api_call, _authority, _authority_bytes, _host_set
+from kmi_rotor.gatekeeper import _api_call, _authority_bytes, _host_set
+from kmi_rotor.hosting import authority_text
 
 FIELDS = [
     (),
@@ -33,7 +34,7 @@ def test_host_set_is_set_all(fields: tuple[tuple[bytes, bytes], ...], value: str
 )
 def test_authority_is_the_requests(raw: bytes) -> None:
     req = tutils.treq(authority=raw)
-    assert _authority(raw) == req.authority
+    assert authority_text(raw) == req.authority
 
 
 @pytest.mark.parametrize(
