@@ -153,3 +153,10 @@ def test_read_json_is_json_loads(raw: bytes) -> None:
 def test_a_streaming_method_in_the_path(path: bytes) -> None:
     req = tutils.treq(path=path, content=b"{}")
     assert wants_stream(req, b"{}") is ("streamGenerateContent" in req.path)
+
+
+def test_a_parse_compares_and_hashes_by_its_fields() -> None:
+    assert read_json(b'{"a": 1}') == BodyJSON({"a": 1}) != BodyJSON({"a": 1}, too_deep=True)
+    assert hash(NOTHING) == hash(BodyJSON(None)) == hash((None, False))
+    with pytest.raises(TypeError):
+        hash(BodyJSON({"a": 1}))  # a dict in it: not hashable, as before

@@ -13,9 +13,11 @@ MAX_BODY = 8 * 1024 * 1024
 """Larger bodies are not parsed: they count by their size."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class BodyJSON:
-    """What one parse of a request body found. Read it, never change it: it is shared."""
+    """What one parse of a request body found. Read it, never change it: it is shared. (Not
+    frozen, for the cost: one is made for every request, and a frozen dataclass costs about
+    three times more to make; compared and hashed as a frozen one.)"""
 
     data: dict[str, Any] | None
     """The body's JSON object; None when the body is empty, larger than `MAX_BODY`, not JSON,
