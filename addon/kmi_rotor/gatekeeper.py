@@ -339,7 +339,7 @@ class Gatekeeper:
         """Reverse mode: the Host must name this proxy (DNS rebinding); then it becomes the
         upstream's, as mitmproxy would have made it."""
         mode = flow.client_conn.proxy_mode
-        if not isinstance(mode, ReverseMode):
+        if not _is_reverse(mode):
             return None
         req = flow.request
         named = host_header(req)
@@ -441,6 +441,19 @@ def _pool_and_plain(settings: Settings, host: str, port: int) -> tuple[Pool | No
     """The pool of host:port, and whether it allows keys over plain HTTP there."""
     pool = settings.pool_for(host, port)
     return pool, pool is not None and pool.plain_http_allowed(host, port)
+
+
+_REVERSE: dict[type, bool] = {}
+
+
+def _is_reverse(mode: ProxyMode) -> bool:
+    """`isinstance(mode, ReverseMode)`, by the mode's type, remembered: modes are of an
+    abstract class, whose `isinstance` is slow, and of a handful of types."""
+    kind = type(mode)
+    known = _REVERSE.get(kind)
+    if known is None:
+        known = _REVERSE[kind] = isinstance(mode, ReverseMode)
+    return known
 
 
 @functools.lru_cache(maxsize=1024)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 from mitmproxy import http
+from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 from mitmproxy.test import tutils
 
 from kmi_rotor.core.calls import is_api_call
-from kmi_rotor.gatekeeper import _api_call, _authority_bytes, _host_set
+from kmi_rotor.gatekeeper import _api_call, _authority_bytes, _host_set, _is_reverse
 from kmi_rotor.hosting import authority_text
 
 FIELDS = [
@@ -53,3 +54,22 @@ def test_authority_bytes_are_what_the_setter_stores(value: str) -> None:
 def test_api_call_of_raw_method_and_path(method: bytes, path: bytes) -> None:
     req = tutils.treq(method=method, path=path)
     assert _api_call(method, path) is is_api_call(req.method, req.path)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "regular",
+        "reverse:https://llm.test",
+        "reverse:http://127.0.0.1:8080",
+        "transparent",
+        "upstream:http://proxy.test:3128",
+        "socks5",
+        "wireguard",
+        "local",
+    ],
+)
+def test_is_reverse_is_isinstance(spec: str) -> None:
+    mode = ProxyMode.parse(spec)
+    assert _is_reverse(mode) is isinstance(mode, ReverseMode)
+    assert _is_reverse(mode) is isinstance(mode, ReverseMode)  # remembered: the same
