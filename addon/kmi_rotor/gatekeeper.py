@@ -208,7 +208,7 @@ class Gatekeeper:
             return None
         if page or pool is None:
             return None
-        if not _api_call(req.data.method, req.data.path):
+        if not _api_call(req.data.method, req.data.path.split(b"?", 1)[0]):
             drop_credentials(flow)  # a probe needs no key, and the client's own never leaves
             flow.comment = "kmi-rotor: not an API call, sent without a key"
             return None
@@ -459,7 +459,8 @@ def _is_reverse(mode: ProxyMode) -> bool:
 @functools.lru_cache(maxsize=1024)
 def _api_call(method: bytes, path: bytes) -> bool:
     """`is_api_call(req.method, req.path)` from the raw method and path, remembered: the same
-    few come with every request."""
+    few come with every request. Given the path without its query string (what the test
+    reads of it), so that no client credential in a query is kept here."""
     text = method.decode("utf-8", "surrogateescape").upper()
     return is_api_call(text, path.decode("utf-8", "surrogateescape"))
 
