@@ -12,12 +12,12 @@ from mitmproxy import ctx, http
 from . import request_body
 from .answers import answer_locally
 from .bookkeeping import Bookkeeping
-from .cluster.state import Ask
+from .cluster.state import Ask, LocalState
 from .config import Pool
 from .core import tokens as tk
 from .core.body_json import BodyJSON, read_json
-from .core.credentials import placements_of_fields
-from .core.header_fields import has_field
+from .core.credentials import Writes, writes_of_fields
+from .core.header_fields import with_fields
 from .core.refusal import Refusal
 from .core.scope import model_of_request, scope_of
 from .engine import Chosen, Wait
@@ -27,14 +27,30 @@ from .running import Running
 from .served import Served
 from .waiting import Waiting
 
+_NONE: frozenset[str] = frozenset()
+
+
+def put_key(request: http.Request, writes: Writes, secret: str) -> None:
+    """`put_all` of `secret` rendered for each of `writes.placements`; for header slots of
+    lower-case names (the usual ones), their values made and written in one pass."""
+    headers = writes.headers
+    if headers is None:
+        put_all(request, [(p, p.render(secret)) for p in writes.placements])
+        return
+    raw = secret.encode("utf-8", "surrogateescape")
+    updates = {name: b"Bearer " + raw if bearer else raw for name, bearer in headers}
+    request.headers.fields = with_fields(request.headers.fields, updates)
+
 
 def before_body(flow: http.HTTPFlow) -> bool:
     """Whether the key must be chosen before the body arrives: a request body that streams
     (stream_large_bodies) leaves with its headers, before the `request` hook."""
     if flow.request.stream:
         return True
-    chunked = not has_field(flow.request.headers.fields, b"content-length")
-    return chunked and bool(getattr(ctx.options, "stream_large_bodies", None))
+    for name, _ in flow.request.data.headers.fields:  # `has_field`, inline: every request
+        if name.lower() == b"content-length":
+            return False  # not chunked
+    return bool(getattr(ctx.options, "stream_large_bodies", None))
 
 
 class Admission:
@@ -63,7 +79,7 @@ class Admission:
         or answer locally why not. `body`: None before it arrived; `parsed`: its parse
         (`read_json(body)`) when the caller has it."""
         retry = flow.metadata.get(META, {}).get("retry") if flow.is_replay else None
-        exclude = frozenset(retry["exclude"]) if retry else frozenset()
+        exclude = frozenset(retry["exclude"]) if retry else _NONE
         arrived = self.clock()
         # A failover attempt may wait as long as what is left of its request's own wait.
         deadline = retry.get("deadline", arrived) if retry else arrived
@@ -84,10 +100,24 @@ class Admission:
         model = model_of_request(flow.request.path, body, parsed)
         scope = scope_of(pool.limit_scope, pool.preset.name, model)
         await self.waiting.upstream_ready(flow)
+        # In one process the state's `decide` is the engine's, asked without a coroutine.
+        local = type(run.state) is LocalState
         while True:
             now = self.clock()
-            ask = Ask(pool, tokens, now, deadline, exclude, affinity, scope, model)
-            d = await run.state.decide(run.engine, ask)
+            if local:
+                d = run.engine.decide(
+                    pool,
+                    tokens,
+                    now,
+                    deadline=deadline,
+                    exclude=exclude,
+                    affinity=affinity,
+                    scope=scope,
+                    model=model,
+                )
+            else:
+                ask = Ask(pool, tokens, now, deadline, exclude, affinity, scope, model)
+                d = await run.state.decide(run.engine, ask)
             if isinstance(d, Chosen):
                 served = self._inject(run, flow, pool, d, retry["attempt"] if retry else 1, arrived)
                 served.estimated_from_size = body is None
@@ -120,25 +150,22 @@ class Admission:
             run, pool, key, chosen.reservation, attempt, time.monotonic(), arrived, flow=flow
         )
         self.served[flow.id] = served
-        query = flow.request.query.keys() if "?" in flow.request.path else ()
-        where = placements_of_fields(flow.request.headers.fields, query, pool.preset)
+        req = flow.request
+        query = req.query.keys() if b"?" in req.data.path else ()  # `"?" in req.path`
+        writes = writes_of_fields(req.data.headers.fields, query, pool.preset)
         meta = flow.metadata.setdefault(META, {})
-        meta.update(
-            {
-                "pool": pool.name,
-                "key": key.label,
-                "fingerprint": key.fingerprint,
-                "attempt": attempt,
-                "placements": [[p.kind, p.name] for p in where],
-            }
-        )
-        secret = key.secret.get_secret_value()
-        put_all(flow.request, [(p, p.render(secret)) for p in where])
+        meta["pool"] = pool.name
+        meta["key"] = key.label
+        meta["fingerprint"] = key.fingerprint
+        meta["attempt"] = attempt
+        meta["placements"] = [[kind, name] for kind, name in writes.shown]
+        put_key(req, writes, key.secret.get_secret_value())
         flow.comment = f"key {key.label}" + (f" · attempt {attempt}" if attempt > 1 else "")
         self.books.counters(run, key).add("requests")
-        failed = run.engine.keys.get(meta.get("retry", {}).get("after", ""))
-        if attempt > 1 and failed is not None:  # counted on the key the request failed on
-            self.books.counters(run, failed).add("retries")
+        if attempt > 1:  # counted on the key the request failed on
+            failed = run.engine.keys.get(meta.get("retry", {}).get("after", ""))
+            if failed is not None:
+                self.books.counters(run, failed).add("retries")
         return served
 
     def _refused(

@@ -163,12 +163,15 @@ class Engine:
     def usable(self, key: Key, now: float, scope: str = "") -> bool:
         """Whether the key may take a request of `scope` now (its and the scope's cooldowns,
         reports and budgets)."""
-        if key.disabled or self.budgets.blocked_until(key.fingerprint, now, scope) is not None:
+        fp = key.fingerprint
+        if key.disabled or self.budgets.blocked_until(fp, now, scope) is not None:
             return False
-        h = self.health.get(key.fingerprint)
+        h = self.health.get(fp)
         if h is None:
             return True
-        if hl.usable(h, now, self._paced_of(key), self.policy.max_cooldown_seconds, scope):
+        known = self._paced.get(fp)  # `_paced_of(key)`, inline: asked for every candidate
+        paced = known[1] if known is not None and known[0] is key else _paced(key)
+        if hl.usable(h, now, paced, self.policy.max_cooldown_seconds, scope):
             return True
         return self._recheck_due(h, now)
 
@@ -201,9 +204,70 @@ class Engine:
     ) -> Decision:
         """Admit a request of `scope` (asking for `model`) on a key, say how long to wait, or
         refuse it (never blocks)."""
+        if not affinity:
+            chosen = self._first_fit(pool, tokens, now, exclude, scope, model)
+            if chosen is not None:
+                return chosen
+        return self._decide_planned(pool, tokens, now, deadline, exclude, affinity, scope, model)
+
+    def _decide_planned(
+        self,
+        pool: Pool,
+        tokens: int,
+        now: float,
+        deadline: float,
+        exclude: frozenset[str],
+        affinity: str | None,
+        scope: str,
+        model: str | None,
+    ) -> Decision:
+        """`decide` in general: a plan, the limiter's answer on its candidates, and what
+        that means for the request."""
         plan = self.plan(pool, now, exclude=exclude, affinity=affinity, scope=scope, model=model)
         result = self.limiter.try_admit(plan.candidates, tokens, now, plan.model)
         return self.conclude(plan, result, now, deadline=deadline)
+
+    def _first_fit(
+        self,
+        pool: Pool,
+        tokens: int,
+        now: float,
+        exclude: frozenset[str],
+        scope: str,
+        model: str | None,
+    ) -> Chosen | None:
+        """The usual case of `decide` without affinity, decided as `_decide_planned` would
+        decide it, without a plan: the strategy's first usable key has room. None when it has
+        not, or when the strategy cannot name its first candidate alone: nothing is taken then
+        (the limiter remembers what stopped it, as it would anyway) and the general path
+        decides."""
+        strategy = self.strategies[pool.name]
+        start = getattr(strategy, "start", None)
+        if start is None:
+            return None
+        self._now, self._scope = now, scope
+        # The strategy's first candidate: the first usable key of its cycle (`rotation._cycle`)
+        keys, usable = pool.keys, self.usable
+        n, at = len(keys), start()
+        for step in range(n):
+            key = keys[(at + step) % n]
+            if key.fingerprint not in exclude and usable(key, now, scope):
+                break
+        else:
+            return None
+        fp = key.fingerprint
+        reservation = self.limiter.admit_on(fp, tokens, now, model)
+        if reservation is None:
+            return None
+        # What `_chosen` does with the limiter's answer, for a request without affinity.
+        key = self.keys[fp]
+        strategy.chose(pool.keys, key)
+        self.budgets.admitted(fp, now, scope)
+        mine = self._open.get(fp)
+        if mine is None:  # (not `setdefault`, which makes a dict for every request)
+            mine = self._open[fp] = {}
+        mine[id(reservation)] = (scope, now)
+        return Chosen(key, reservation)
 
     def plan(
         self,

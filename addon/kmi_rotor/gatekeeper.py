@@ -32,10 +32,11 @@ from .core import access, routing
 from .core.access import IP
 from .core.calls import is_api_call
 from .core.credentials import CREDENTIAL_HEADERS, CREDENTIAL_QUERY
+from .core.header_fields import Fields, with_fields
 from .core.hosts import HostLookup
 from .core.refusal import Refusal
 from .core.secrets import mask_credential_value
-from .hosting import WEB_HOST, StatusPage, host_header
+from .hosting import WEB_HOST, StatusPage, authority_text, host_header
 from .masking import drop_credentials
 from .names import ALLOW_REMOTE_OPTION, CONFIG_OPTION, META
 from .request_body import header_values
@@ -44,6 +45,13 @@ log = logging.getLogger("kmi_rotor")
 
 EXPOSURE_OPTIONS = {"listen_host", "mode", "proxyauth", ALLOW_REMOTE_OPTION, CONFIG_OPTION}
 RESOLVE_TIMEOUT = 10.0
+
+
+class _Where:
+    """The request's destination is to be checked (`Gatekeeper._where`)."""
+
+
+_WHERE = _Where
 
 
 class Gatekeeper:
@@ -185,45 +193,58 @@ class Gatekeeper:
         replay = flow.is_replay == "request"
         refusal = None if replay else self._reverse_host(flow)
         page = self.page.should_serve(flow)
-        pool = self._pool_of(req.host, req.port)
+        entry = self._pool_entry(req.host, req.port)
+        pool = None if entry is None else entry[0]
         if refusal is None:
-            refusal = await self._refusal(flow, page, pool, replay=replay)
+            plain = None if entry is None else entry[1]
+            refusal = self._refusal_before(flow, page, pool, replay)
+            if refusal is _WHERE:  # a client not on loopback: where it goes, then the rest
+                refusal = await self._where(flow, req.host, req.port, pool, False, everyone=False)
+            if refusal is None:
+                refusal = self._refusal_after(flow, page, pool, plain)
         self._scrub_tokens(flow)
         if refusal is not None:
             answer_locally(flow, refusal, self.clock())
             return None
         if page or pool is None:
             return None
-        if not is_api_call(req.method, req.path):
+        if not _api_call(req.data.method, req.data.path.split(b"?", 1)[0]):
             drop_credentials(flow)  # a probe needs no key, and the client's own never leaves
             flow.comment = "kmi-rotor: not an API call, sent without a key"
             return None
         return pool
 
-    async def _refusal(
-        self, flow: http.HTTPFlow, page: bool, pool: Pool | None, *, replay: bool
-    ) -> Refusal | None:
-        """The first check (after the Host's) that the request fails, in order: the status
-        page's host, who the client is, where it goes, a configuration, the pool's route."""
+    def _refusal_before(
+        self, flow: http.HTTPFlow, page: bool, pool: Pool | None, replay: bool
+    ) -> Refusal | type[_Where] | None:
+        """The first check (after the Host's) that the request fails, of those before where
+        it goes: the status page's host, who the client is. `_WHERE` when they pass and the
+        destination must be checked next (`_where`: a client not on loopback, no replay);
+        then, or when this is None, `_refusal_after`. In all, in order: the status page's
+        host, who the client is, where it goes, a configuration, the pool's route."""
         if page and not self._page_host_ok(flow):
             why = f"the status page is served on {WEB_HOST} and the proxy's own addresses only"
             return Refusal(403, "host_not_allowed", why)
+        if replay:
+            return None
         kind: access.Kind = "page" if page else "pool" if pool is not None else "other"
-        if not replay:
-            loopback = _client_loopback(flow)  # asked once, for both checks
-            refusal = self._who(flow, kind, pool, loopback)
-            if refusal is None and not loopback:  # a loopback client's destination: server_connect
-                req = flow.request
-                refusal = await self._where(
-                    flow, req.host, req.port, pool, loopback, everyone=False
-                )
-            if refusal is not None:
-                return refusal
+        loopback = _client_loopback(flow)  # asked once, for both checks
+        refusal = self._who(flow, kind, pool, loopback)
+        if refusal is None and not loopback:  # a loopback client's destination: server_connect
+            return _WHERE
+        return refusal
+
+    def _refusal_after(
+        self, flow: http.HTTPFlow, page: bool, pool: Pool | None, plain: bool | None
+    ) -> Refusal | None:
+        """The checks after where the request goes (see `_refusal_before`): a configuration,
+        the pool's route. `plain`: whether `pool` allows keys over plain HTTP at the request's
+        host:port, when known (looked up with the pool)."""
         if page:
             return None
         if self.settings is None:
             return Refusal(503, "not_configured", f"not serving: {self._not_serving()}")
-        return None if pool is None else self._route(flow, pool)
+        return None if pool is None else self._route(flow, pool, plain)
 
     def _who(
         self, flow: http.HTTPFlow, kind: access.Kind, pool: Pool | None, loopback: bool
@@ -281,27 +302,34 @@ class Gatekeeper:
         )
         return None if why is None else Refusal(403, "destination_not_allowed", why)
 
-    def _route(self, flow: http.HTTPFlow, pool: Pool) -> Refusal | None:
+    def _route(self, flow: http.HTTPFlow, pool: Pool, plain: bool | None = None) -> Refusal | None:
         """The key follows the connection target: Host and authority rewritten to it, or a
-        refusal when the request cannot reach the pool's host over an acceptable transport."""
+        refusal when the request cannot reach the pool's host over an acceptable transport.
+        `plain`: `_plain_http_allowed(pool, host, port)` when the caller has it."""
         req = flow.request
-        hosts = header_values(req.headers.fields, b"host")
-        authority = req.authority
+        data = req.data
+        headers = data.headers
+        fields = headers.fields
+        hosts = header_values(fields, b"host")
+        authority = authority_text(data.authority) if data.authority else ""  # `req.authority`
+        host, port = data.host, data.port
+        if plain is None:
+            plain = self._plain_http_allowed(pool, host, port)
         r = _route(
             req.scheme,
-            req.host,
-            req.port,
+            host,
+            port,
             (*hosts, authority) if authority else tuple(hosts),
             flow.server_conn.sni,
             flow.server_conn.tls_established,
-            self._plain_http_allowed(pool, req.host, req.port),
+            plain,
         )
         if r.refusal is not None:
             return Refusal(*r.refusal)
-        if hosts != [r.authority] and (hosts or not (req.is_http2 or req.is_http3)):
-            req.headers.set_all("Host", [r.authority])
+        if hosts != [r.authority] and (hosts or data.http_version not in _AUTHORITY_VERSIONS):
+            headers.fields = _host_set(fields, r.authority, bool(hosts))
         if authority:
-            req.authority = r.authority
+            data.authority = _authority_bytes(r.authority)  # what `req.authority = ...` stores
         if r.mismatches:
             shown = [routing.canonical_host(v)[:100] for v in r.mismatches]
             flow.metadata.setdefault(META, {})["host_rewritten"] = shown
@@ -311,7 +339,7 @@ class Gatekeeper:
         """Reverse mode: the Host must name this proxy (DNS rebinding); then it becomes the
         upstream's, as mitmproxy would have made it."""
         mode = flow.client_conn.proxy_mode
-        if not isinstance(mode, ReverseMode):
+        if not _is_reverse(mode):
             return None
         req = flow.request
         named = host_header(req)
@@ -413,6 +441,49 @@ def _pool_and_plain(settings: Settings, host: str, port: int) -> tuple[Pool | No
     """The pool of host:port, and whether it allows keys over plain HTTP there."""
     pool = settings.pool_for(host, port)
     return pool, pool is not None and pool.plain_http_allowed(host, port)
+
+
+_REVERSE: dict[type, bool] = {}
+
+
+def _is_reverse(mode: ProxyMode) -> bool:
+    """`isinstance(mode, ReverseMode)`, by the mode's type, remembered: modes are of an
+    abstract class, whose `isinstance` is slow, and of a handful of types."""
+    kind = type(mode)
+    known = _REVERSE.get(kind)
+    if known is None:
+        known = _REVERSE[kind] = isinstance(mode, ReverseMode)
+    return known
+
+
+@functools.lru_cache(maxsize=1024)
+def _api_call(method: bytes, path: bytes) -> bool:
+    """`is_api_call(req.method, req.path)` from the raw method and path, remembered: the same
+    few come with every request. Given the path without its query string (what the test
+    reads of it), so that no client credential in a query is kept here."""
+    text = method.decode("utf-8", "surrogateescape").upper()
+    return is_api_call(text, path.decode("utf-8", "surrogateescape"))
+
+
+_AUTHORITY_VERSIONS = (b"HTTP/2.0", b"HTTP/3")
+"""The versions whose :authority stands for the Host field (`Request.is_http2`, `is_http3`)."""
+
+
+def _host_set(fields: Fields, value: str, present: bool) -> Fields:
+    """The raw fields after `headers.set_all("Host", [value])`, in one pass (`present`:
+    whether they hold a Host field): the first Host field takes the value, keeping its name's
+    spelling, later ones go; without one, `Host` is appended."""
+    raw = value.encode("utf-8", "surrogateescape")
+    return with_fields(fields, {b"host": raw}) if present else (*fields, (b"Host", raw))
+
+
+@functools.lru_cache(maxsize=1024)
+def _authority_bytes(value: str) -> bytes:
+    """What `Request.authority = value` stores, remembered (see `hosting.authority_text`)."""
+    try:
+        return value.encode("idna", "strict")
+    except UnicodeError:
+        return value.encode("utf8", "surrogateescape")
 
 
 def _client_loopback(flow: http.HTTPFlow) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 from wsgiref.types import StartResponse, WSGIEnvironment
@@ -51,8 +52,9 @@ class StatusPage(WSGIApp):
             return False
         req = flow.request
         data = req.data
-        if is_status_path(data.path):
-            return True
+        path = data.path
+        if path.startswith(_PREFIX) and path[_PREFIX_LEN : _PREFIX_LEN + 1] in _AFTER:
+            return True  # `is_status_path(path)`, inline
         named = host_header(req) or data.host  # parsed below only if it can be the status host
         return WEB_HOST in named.lower() and req.pretty_host == WEB_HOST
 
@@ -69,8 +71,18 @@ def host_header(req: http.Request) -> str | None:
     from the raw fields in one pass: mitmproxy's `headers.get` converts every field's name."""
     data = req.data
     if data.authority and data.http_version in _AUTHORITY_VERSIONS:
-        return req.authority
+        return authority_text(data.authority)
     return field_value(data.headers.fields, b"host")
+
+
+@functools.lru_cache(maxsize=1024)
+def authority_text(raw: bytes) -> str:
+    """`Request.authority` of a request whose raw authority is `raw`, remembered: the same
+    few come with every request, and the IDNA codec is slow."""
+    try:
+        return raw.decode("idna")
+    except UnicodeError:
+        return raw.decode("utf8", "surrogateescape")
 
 
 def on_loop(

@@ -36,7 +36,7 @@ def wants_stream(request: http.Request, body: bytes, parsed: BodyJSON | None = N
         stream = _object(body, parsed).get("stream")
         if isinstance(stream, bool):
             return stream
-    if "streamGenerateContent" in request.path:
+    if b"streamGenerateContent" in request.data.path:  # in `request.path`: ASCII, as bytes
         return True
     return "text/event-stream" in (field_value(request.headers.fields, b"accept") or "")
 

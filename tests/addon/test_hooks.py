@@ -19,6 +19,7 @@ from testkit import Clock
 import kmi_rotor.request_body
 from kmi_rotor.addon import META, Rotor
 from kmi_rotor.config import load
+from kmi_rotor.core import body_json
 from kmi_rotor.core import tokens as tk
 from kmi_rotor.core.secrets import mask_credential_value
 from kmi_rotor.core.state import Delta, KeyRecord, Operator
@@ -756,7 +757,14 @@ async def test_the_request_body_is_parsed_once(make: Make, monkeypatch: pytest.M
         parses += 1
         return loads(*args, **kwargs)
 
+    class Decoder(json.JSONDecoder):  # what `read_json` parses an object's body with
+        def decode(self, *args: Any, **kwargs: Any) -> Any:
+            nonlocal parses
+            parses += 1
+            return super().decode(*args, **kwargs)
+
     monkeypatch.setattr(json, "loads", counting)
+    monkeypatch.setattr(body_json, "_DECODER", Decoder())
     await send(addon, f)
     monkeypatch.undo()
     assert f.response is None

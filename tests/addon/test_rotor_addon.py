@@ -201,7 +201,9 @@ async def test_internal_error_fails_closed(rotor, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("bug")
 
-    monkeypatch.setattr(addon.serving.engine.strategies["p"], "candidates", boom)
+    # Whichever way the engine asks the strategy (its first candidate alone, or them all)
+    for name in ("candidates", "start"):
+        monkeypatch.setattr(addon.serving.engine.strategies["p"], name, boom)
     f = tflow.tflow(req=req(headers=[("authorization", "Bearer client-own")]))
     await addon.requestheaders(f)
     assert f.response is not None and f.response.status_code == 500

@@ -101,3 +101,62 @@ FIELDS = [
 def test_header_values_read_the_raw_fields_as_mitmproxy_does(name: str) -> None:
     headers = http.Headers(FIELDS)
     assert header_values(headers.fields, name.encode()) == headers.get_all(name)
+
+
+FAST_EDGES: list[bytes] = [
+    b"{",
+    b"{}",
+    b"{\x00",
+    b"{\x00\x00\x00",
+    b"{\x00}\x00",
+    b'{"a": 1}   \n',
+    b'{"a": 1} x',
+    b'{"a": 1}{"b": 2}',
+    b'{"a": "\xed\xa0\x80"}',  # a lone surrogate, as json.loads reads it (surrogatepass)
+    b'{"a": "\xff"}',
+    b'{"a": "\\ud800"}',
+    b'{"\xc3\xa9": "\xe2\x82\xac"}',
+    b'{"a": NaN, "b": Infinity}',
+    b'{"a": 1, "a": 2}',
+    b'{"a": 1e999}',
+    b"{\t\r\n}",
+]
+
+
+@pytest.mark.parametrize("raw", [b for b in BODIES if b] + FAST_EDGES)
+def test_read_json_is_json_loads(raw: bytes) -> None:
+    """The parse of a body that starts with `{` (read without `json.loads`' detection) and of
+    any other is what `json.loads` gives, errors included."""
+    try:
+        data = json.loads(raw)
+    except RecursionError:
+        assert read_json(raw) == BodyJSON(None, too_deep=True)
+        return
+    except (ValueError, UnicodeDecodeError):
+        assert read_json(raw) == NOTHING
+        return
+    want = BodyJSON(data) if isinstance(data, dict) else NOTHING
+    got = read_json(raw)
+    assert got == want or (repr(got) == repr(want))  # NaN is not equal to itself
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        b"/v1beta/models/gemini-1.5-pro:streamGenerateContent?alt=sse",
+        b"/v1beta/models/gemini-1.5-pro:generateContent",
+        b"/\xff/streamGenerateContent",
+        b"/x?q=streamGenerateContent",
+        b"/streamgeneratecontent",
+    ],
+)
+def test_a_streaming_method_in_the_path(path: bytes) -> None:
+    req = tutils.treq(path=path, content=b"{}")
+    assert wants_stream(req, b"{}") is ("streamGenerateContent" in req.path)
+
+
+def test_a_parse_compares_and_hashes_by_its_fields() -> None:
+    assert read_json(b'{"a": 1}') == BodyJSON({"a": 1}) != BodyJSON({"a": 1}, too_deep=True)
+    assert hash(NOTHING) == hash(BodyJSON(None)) == hash((None, False))
+    with pytest.raises(TypeError):
+        hash(BodyJSON({"a": 1}))  # a dict in it: not hashable, as before

@@ -6,7 +6,12 @@ from collections.abc import Iterator
 
 import pytest
 
-from kmi_rotor.core.credentials import Placement, placements, placements_of_fields
+from kmi_rotor.core.credentials import (
+    Placement,
+    placements,
+    placements_of_fields,
+    writes_of_fields,
+)
 from kmi_rotor.core.presets import PRESETS
 
 OPENAI = PRESETS["openai"]
@@ -59,6 +64,14 @@ def test_placements(
     assert [(p.kind, p.name, p.bearer) for p in found] == expected
     fields = [(name.encode(), b"v") for name in headers]
     assert placements_of_fields(fields, query, OPENAI) == found  # from raw header fields
+    writes = writes_of_fields(fields, query, OPENAI)
+    assert list(writes.placements) == found
+    assert list(writes.shown) == [(p.kind, p.name) for p in found]
+    assert writes.headers == (
+        None
+        if any(p.kind == "query" for p in found)
+        else tuple((p.name.encode(), p.bearer) for p in found)
+    )
 
 
 @pytest.mark.parametrize("preset", ["anthropic", "gemini"])
@@ -140,3 +153,20 @@ def test_placements_of_fields_are_made_once_per_combination() -> None:
     assert other == [Placement("header", "authorization", bearer=True)]
     fallback = placements_of_fields([], (), PRESETS["anthropic"])
     assert fallback == [Placement("header", "x-api-key")]
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize(
+    "names", [[], ["authorization"], ["X-Api-Key", "accept"], ["x-goog-api-key", "AUTHORIZATION"]]
+)
+@pytest.mark.parametrize("query", [(), ("key",), ("alt",)])
+def test_writes_of_fields_are_the_placements(
+    preset: str, names: list[str], query: tuple[str, ...]
+) -> None:
+    fields = [(n.encode(), b"v") for n in names]
+    found = placements_of_fields(fields, query, PRESETS[preset])
+    writes = writes_of_fields(fields, query, PRESETS[preset])
+    assert list(writes.placements) == found
+    assert list(writes.shown) == [(p.kind, p.name) for p in found]
+    simple = all(p.kind == "header" and p.name == p.name.lower() for p in found)
+    assert writes.headers == (tuple((p.name.encode(), p.bearer) for p in found) if simple else None)

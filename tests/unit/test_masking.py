@@ -7,7 +7,8 @@ import pytest
 from mitmproxy import http
 from mitmproxy.test import tutils
 
-from kmi_rotor.core.credentials import Placement
+from kmi_rotor.admission import put_key
+from kmi_rotor.core.credentials import Placement, Writes
 from kmi_rotor.masking import put, put_all
 
 AUTH = Placement("header", "authorization", bearer=True)
@@ -47,3 +48,11 @@ def test_put_all_is_put_one_by_one(
     put_all(got, [(p, p.render(secret)) for p in slots])
     assert got.headers.fields == expected.headers.fields
     assert got.path == expected.path
+    if slots:  # admission's writer, from the slots' `Writes`, gives the same again
+        shown = tuple((p.kind, p.name) for p in slots)
+        simple = all(p.kind == "header" and p.name == p.name.lower() for p in slots)
+        headers = tuple((p.name.encode(), p.bearer) for p in slots) if simple else None
+        written = request(fields, path)
+        put_key(written, Writes(tuple(slots), shown, headers), secret)
+        assert written.headers.fields == expected.headers.fields
+        assert written.path == expected.path

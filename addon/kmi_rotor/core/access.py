@@ -60,8 +60,10 @@ def parse_address(host: str) -> IP | None:
     return ip
 
 
+@functools.lru_cache(maxsize=4096)
 def is_loopback(host: str) -> bool:
-    """Whether a client address is loopback (IPv4, IPv6, and IPv4 mapped into IPv6)."""
+    """Whether a client address is loopback (IPv4, IPv6, and IPv4 mapped into IPv6).
+    Remembered: asked for every request, of the same few client addresses."""
     ip = parse_address(host)
     if ip is None:
         return host.lower() == "localhost"

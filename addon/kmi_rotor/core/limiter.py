@@ -87,9 +87,12 @@ class Exhausted:
     free_at: float | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Reservation:
-    """What one admission holds: its concurrency slots and its token entries. Opaque `handle`."""
+    """What one admission holds: its concurrency slots and its token entries. Opaque `handle`.
+    Not changed once made, and hashed and compared by its fields as a frozen one would be (not
+    frozen: one is made for every request, and a frozen dataclass costs about twice as much
+    to make)."""
 
     key: str
     at: float
@@ -374,13 +377,41 @@ class Limiter:
         glob = self._global
         if glob.fits(tokens, now):
             for key in candidates:
-                scopes = self._scopes_of(key, model)
-                if all(s.fits(tokens, now) for s in scopes):
-                    held = _Held((glob, *scopes), tokens)
-                    for s in held.scopes:
-                        s.reserve(tokens, now, held.marks)
-                    return Admitted(Reservation(key, now, tokens, held), key)
+                reservation = self._take(glob, key, tokens, now, model)
+                if reservation is not None:
+                    return Admitted(reservation, key)
         return self._reject(candidates, tokens, now, model)
+
+    def admit_on(
+        self, key: str, tokens: int, now: float, model: str | None = None
+    ) -> Reservation | None:
+        """`try_admit([key], ...)`'s reservation when it admits; None when it would not (and
+        nothing is reserved; what stops it is remembered, as `try_admit` does). For a caller
+        that tries its first candidate alone before any list of candidates is made."""
+        if tokens < 0:
+            raise ValueError("tokens must be >= 0")
+        glob = self._global
+        return self._take(glob, key, tokens, now, model) if glob.fits(tokens, now) else None
+
+    def _take(
+        self, glob: _Scope, key: str, tokens: int, now: float, model: str | None
+    ) -> Reservation | None:
+        """A reservation on `key` when its scopes (its own, then the one for `model`) fit
+        (`glob` fits already); None, reserving nothing, when one does not."""
+        own = self._keys.get(key) or self._key(key)
+        if not own.fits(tokens, now):
+            return None
+        scoped = self._models.get((key, model)) if model is not None else None
+        if scoped is None:
+            held = _Held((glob, own), tokens)
+        elif scoped.fits(tokens, now):
+            held = _Held((glob, own, scoped), tokens)
+        else:
+            return None
+        marks = held.marks
+        for s in held.scopes:
+            s.reserve(tokens, now, marks)
+        return Reservation(key, now, tokens, held)
 
     def _scopes_of(self, key: str, model: str | None) -> tuple[_Scope, ...]:
         """The key's scope, and its scope for `model` when it has limits for that model."""

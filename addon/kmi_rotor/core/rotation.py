@@ -58,6 +58,12 @@ class RoundRobin(_Base):
     ) -> Iterator[KeyLike]:
         return _cycle(keys, self._next, usable)
 
+    def start(self) -> int:
+        """Where `candidates` begins its cycle: they are the usable keys of
+        `keys[(start + i) % len(keys)]` for i = 0, 1, ... (for a caller that walks them
+        itself, without a generator)."""
+        return self._next
+
     def chose(self, keys: Sequence[KeyLike], key: KeyLike) -> None:
         self._next = _index(keys, key) + 1
 
@@ -72,6 +78,12 @@ class Sticky(_Base):
         self, keys: Sequence[KeyLike], usable: Callable[[KeyLike], bool]
     ) -> Iterator[KeyLike]:
         return _cycle(keys, self._active, usable)
+
+    def start(self) -> int:
+        """Where `candidates` begins its cycle: they are the usable keys of
+        `keys[(start + i) % len(keys)]` for i = 0, 1, ... (for a caller that walks them
+        itself, without a generator)."""
+        return self._active
 
     def chose(self, keys: Sequence[KeyLike], key: KeyLike) -> None:
         self._active = _index(keys, key)
