@@ -280,9 +280,11 @@ class Rotor:
 
     async def request(self, flow: http.HTTPFlow) -> None:
         """Admit a request whose body was awaited, read its body; then the status page answers
-        its own paths (after the gate in `requestheaders` let the request through)."""
+        its own paths (after the gate in `requestheaders` let the request through). A request
+        that holds a key was not the status page's in `requestheaders`: it goes upstream."""
         await self._request(flow)
-        await self.page.request(flow)
+        if flow.id not in self.served:
+            await self.page.request(flow)
 
     async def _request(self, flow: http.HTTPFlow) -> None:
         pool = self._deferred.pop(flow.id, None)

@@ -13,7 +13,7 @@ from .core.stream_tap import SSETap
 from .running import Running
 
 
-@dataclass
+@dataclass(slots=True)
 class Served:
     """A flow that holds a key: it is settled (its slot freed, its answer recorded) through the
     `Running` that admitted it, whatever configuration applies by then."""
