@@ -348,6 +348,7 @@ class Rotor:
             served.ttfb = time.monotonic() - served.started
             if self._key_header:
                 label_answer(flow.response, served.key.label, served.attempt)
+                served.labelled = flow.response
             self._stream_if_wanted(flow.response, flow.id, served)
         except Exception:
             # The body is still to come: the local answer replaces it once it is read.
@@ -389,7 +390,13 @@ class Rotor:
                 await failover.run(
                     run.engine, run.settings, flow, served, sig.kind.value, sig.reason, self.clock
                 )
-            if self._key_header and flow.response is not None and not is_labelled(flow.response):
+            answer = flow.response  # a failover's, or a local one, is labelled now
+            if (
+                self._key_header
+                and answer is not None
+                and answer is not served.labelled
+                and not is_labelled(answer)
+            ):
                 label_answer(flow.response, served.key.label, served.attempt)  # a new answer
         except Exception:
             log.exception("kmi-rotor: internal error while reading a response")

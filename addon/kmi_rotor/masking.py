@@ -47,12 +47,24 @@ def mask_request(flow: http.HTTPFlow) -> None:
 
 
 def _mask_header(headers: http.Headers, name: bytes) -> None:
-    """`headers[name] = mask(headers[name])` when present, on the raw pairs (two passes, not
-    the four of `Headers`' own look-ups)."""
-    value = field_value(headers.fields, name)
-    if value is not None:
-        masked = mask_credential_value(value).encode("utf-8", "surrogateescape")
-        headers.fields = with_fields(headers.fields, {name: masked})
+    """`headers[name] = mask(headers[name])` when present, on the raw pairs: one pass for the
+    one field a key is written to (two when the name is repeated), not the four of `Headers`'
+    own look-ups."""
+    fields, n = headers.fields, len(name)
+    at = [i for i, (k, _) in enumerate(fields) if len(k) == n and k.lower() == name]
+    if len(at) == 1:
+        i = at[0]
+        k, value = fields[i]
+        masked = mask_credential_value(value.decode("utf-8", "surrogateescape"))
+        headers.fields = (
+            *fields[:i],
+            (k, masked.encode("utf-8", "surrogateescape")),
+            *fields[i + 1 :],
+        )
+    elif at:
+        joined = field_value(fields, name) or ""
+        masked = mask_credential_value(joined).encode("utf-8", "surrogateescape")
+        headers.fields = with_fields(fields, {name: masked})
 
 
 def mask_credentials(flow: http.HTTPFlow) -> None:

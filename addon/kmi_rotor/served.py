@@ -36,3 +36,5 @@ class Served:
     """The flow the key went into, so that it can be masked at shutdown whatever its stage."""
     scope: str = ""
     """The request's limit scope (`core/scope.py`): where its answer's windows and 429 go."""
+    labelled: http.Response | None = None
+    """The answer `responseheaders` named the key on (a failover's comes later, unnamed)."""

@@ -9,7 +9,8 @@ from mitmproxy.test import tutils
 
 from kmi_rotor.admission import put_key
 from kmi_rotor.core.credentials import Placement, Writes
-from kmi_rotor.masking import put, put_all
+from kmi_rotor.core.secrets import mask_credential_value
+from kmi_rotor.masking import _mask_header, put, put_all
 
 AUTH = Placement("header", "authorization", bearer=True)
 API_KEY = Placement("header", "x-api-key")
@@ -56,3 +57,25 @@ def test_put_all_is_put_one_by_one(
         put_key(written, Writes(tuple(slots), shown, headers), secret)
         assert written.headers.fields == expected.headers.fields
         assert written.path == expected.path
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        ((b"Authorization", b"Bearer sk-secret-0123456789"), (b"accept", b"*/*")),
+        ((b"accept", b"*/*"), (b"authorization", b"Bearer sk-caf\xc3\xa9-0123456789")),
+        ((b"authorization", b"sk-a-0123456789"), (b"x", b"y"), (b"AUTHORIZATION", b"sk-b")),
+        ((b"accept", b"*/*"),),  # nothing to mask
+        ((b"authorizatio", b"same length but one"), (b"x-authorization", b"k")),
+        (),
+    ],
+)
+def test_mask_header_is_headers_get_then_set(fields: tuple[tuple[bytes, bytes], ...]) -> None:
+    """One pass for the usual single field; what `headers[name] = mask(headers[name])` gives
+    in every case (a repeated name joined, then set once)."""
+    fields = tuple(f for f in fields if f)
+    expected, got = http.Headers(fields), http.Headers(fields)
+    if "authorization" in expected:
+        expected["authorization"] = mask_credential_value(expected["authorization"])
+    _mask_header(got, b"authorization")
+    assert got.fields == expected.fields
