@@ -249,3 +249,16 @@ def test_any_raw_pairs_read_alike(pairs: list[tuple[bytes, bytes]], provider: st
     fast, general, fast_warned, general_warned = _both(200, tuple(pairs), provider)
     assert fast == general
     assert fast_warned == general_warned
+
+
+DATES = ["2026-12-04T18:00:00Z", "2026-12-04T18:00:00", "2026-12-04T18:00:00+02:00",
+         "2026-12-04T18:00:00.5Z", "2026-13-04T18:00:00Z", "Fri, 27 Nov 2026 15:31:00 GMT",
+         "27 Nov 2026 15:31 GMT", "", " ", "soon", "2026-12-04", "x" * 24, "x" * 25,
+         "2026-12-04T18:00:00.123456+00:00"]  # fmt: skip
+
+
+@pytest.mark.parametrize("value", DATES)
+def test_a_date_is_read_alike_remembered_or_not(value: str) -> None:
+    for _ in range(2):  # read, then remembered
+        assert repr(signals._date(value)) == repr(signals._read_date(value))
+    assert signals._short_date.cache_info().maxsize == 256

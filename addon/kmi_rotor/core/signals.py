@@ -266,7 +266,18 @@ def _count(s: str | None) -> float | None:
 
 
 def _date(s: str) -> float | None:
-    """An RFC 3339 or HTTP date as epoch seconds; a date without a zone is UTC."""
+    """An RFC 3339 or HTTP date as epoch seconds; a date without a zone is UTC. Remembered for
+    short values as `_go_duration` remembers them: Anthropic states each reset in RFC 3339
+    (`2026-12-04T18:00:00Z`), the same one in several headers and answers."""
+    return _short_date(s) if len(s) <= _REMEMBERED else _read_date(s)
+
+
+@functools.lru_cache(maxsize=256)
+def _short_date(s: str) -> float | None:
+    return _read_date(s)
+
+
+def _read_date(s: str) -> float | None:
     try:
         dt = datetime.fromisoformat(s) if s[4:5] == "-" else parsedate_to_datetime(s)
         return (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp()
