@@ -810,7 +810,10 @@ _READERS: Final[dict[str, Callable[[Mapping[str, str], float, float], tuple[Wind
     "simple": _simple_windows,
     "ietf": _ietf_windows,
 }
-_SUCCESS_READS: Final = {p: _reads(spoken) for p, spoken in _SPOKEN.items()}
-"""What `_success` reads for each provider listed (OpenAI's speakers aside)."""
+_SUCCESS_READS: Final = {
+    p: _reads(spoken) for p, spoken in _SPOKEN.items() if p not in _OPENAI_SPEAKERS
+}
+"""What `_success` reads for each provider listed but OpenAI's speakers (`_openai_success`
+reads theirs, with Groq's periods)."""
 _EVERY_DIALECT: Final = _reads(DIALECTS)
 """What `_success` reads for `generic` and any provider not listed."""
