@@ -2,15 +2,16 @@
 helpers, without a proxy, sockets or other processes, so that a shared machine's noise hardly
 touches it. What `bench_overhead.py` measures end to end, this isolates to the addon.
 
-A configured addon (one pool, `--keys` keys, the openai preset) sees `--requests` flows of a
-small chat request through `requestheaders`, `request`, `responseheaders` and `response`,
-answered 200 with OpenAI's rate-limit headers (or, with `--stream`, an SSE stream of
-`--events` events fed through the stream tap). Reported: CPU µs per request in the hooks
+A configured addon (one pool, `--keys` keys, the `--provider` preset, openai by default) sees
+`--requests` flows of a small chat request through `requestheaders`, `request`,
+`responseheaders` and `response`, answered 200 with that provider's own rate-limit headers
+as `fake_provider.py` sends them (OpenAI's for a provider without its own dialect; or, with
+`--stream`, an SSE stream of `--events` events fed through the stream tap). Reported: CPU µs per request in the hooks
 (best of `--rounds`), and per event for streams. Requests and answers are built before the
 clock starts, and bodies are stored as mitmproxy stores them (`.data.content`), so the figure
 is the hooks' work alone.
 
-    .venv/bin/python scripts/bench_hooks.py [--keys 2] [--stream] [--events 50]
+    .venv/bin/python scripts/bench_hooks.py [--keys 2] [--stream] [--events 50] [--provider openai]
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,15 +37,36 @@ from mitmproxy.test import taddons, tflow, tutils  # noqa: E402
 from rotor_toml import pool, rotor_config  # noqa: E402
 
 from kmi_rotor.addon import Rotor  # noqa: E402
+from kmi_rotor.core.presets import PRESETS  # noqa: E402
 
 HOST = "llm.test"
 
 
-def _answer_headers(stream: bool) -> http.Headers:
-    lines = RATE_HEADERS.decode().strip().split("\r\n")
-    fields = [tuple(x.encode() for x in line.split(": ", 1)) for line in lines]
+def _rate_fields(provider: str, wall: float) -> list[tuple[bytes, bytes]]:
+    """A success's rate-limit headers in `provider`'s own dialect, as `fake_provider.py` sends
+    them (its reset times a minute after `wall`); OpenAI's (`RATE_HEADERS`) for the others."""
+    if provider in ("kimi-code", "moonshot", "openrouter"):  # X-RateLimit-*, reset in epoch ms
+        reset = str(int((wall + 60) * 1000))
+        lines = [("X-RateLimit-Limit", "1000000"), ("X-RateLimit-Remaining", "999999"),
+                 ("X-RateLimit-Reset", reset)]  # fmt: skip
+    elif provider == "anthropic":  # anthropic-ratelimit-*, reset in RFC 3339
+        at = datetime.fromtimestamp(wall + 60, UTC).isoformat(timespec="seconds")
+        at = at.replace("+00:00", "Z")
+        lines = []
+        for kind, limit in (("requests", 1000000), ("tokens", 100000000)):
+            lines += [(f"anthropic-ratelimit-{kind}-limit", str(limit)),
+                      (f"anthropic-ratelimit-{kind}-remaining", str(limit - 10)),
+                      (f"anthropic-ratelimit-{kind}-reset", at)]  # fmt: skip
+    else:
+        raw = RATE_HEADERS.decode().strip().split("\r\n")
+        lines = [(n, v) for n, _, v in (line.partition(": ") for line in raw)]
+    return [(n.encode(), v.encode()) for n, v in lines]
+
+
+def _answer_headers(stream: bool, provider: str = "openai") -> http.Headers:
+    fields = _rate_fields(provider, time.time())
     ctype = b"text/event-stream" if stream else b"application/json"
-    return http.Headers([(b"content-type", ctype), *fields])  # type: ignore[arg-type]
+    return http.Headers([(b"content-type", ctype), *fields])
 
 
 def make_flow(body: bytes) -> http.HTTPFlow:
@@ -65,9 +88,9 @@ def make_flow(body: bytes) -> http.HTTPFlow:
     return f
 
 
-def make_response(stream: bool) -> http.Response:
+def make_response(stream: bool, provider: str = "openai") -> http.Response:
     """An answer as mitmproxy hands it to `responseheaders`: headers read, body not yet."""
-    r = tutils.tresp(status_code=200, headers=_answer_headers(stream), content=b"")
+    r = tutils.tresp(status_code=200, headers=_answer_headers(stream, provider), content=b"")
     r.data.content = None
     return r
 
@@ -100,7 +123,7 @@ def measure(rotor: Rotor, args: argparse.Namespace) -> float:
     events = _dechunk(raw) if args.stream else []
     answer = b'{"choices":[],"usage":{"prompt_tokens":9,"completion_tokens":2}}'
     flows = [make_flow(body) for _ in range(args.requests)]
-    responses = [make_response(args.stream) for _ in flows]
+    responses = [make_response(args.stream, args.provider) for _ in flows]
     clock: Callable[[], float] = time.thread_time
 
     async def run() -> float:
@@ -135,12 +158,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--stream", action="store_true")
     parser.add_argument("--events", type=int, default=50)
+    parser.add_argument("--provider", default="openai", choices=sorted(PRESETS))
     args = parser.parse_args(argv)
     logging.getLogger("kmi_rotor").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="bench-hooks-") as d:
         keys = {f"k{i}": f"sk-bench-hooks-{i:05d}-{'x' * 24}" for i in range(args.keys)}
         config = rotor_config(
-            Path(d) / "rotor.toml", Path(d) / "state", [pool("p", [HOST], keys, provider="openai")]
+            Path(d) / "rotor.toml",
+            Path(d) / "state",
+            [pool("p", [HOST], keys, provider=args.provider)],
         )
         rotor = Rotor()
         with taddons.context(rotor) as tctx:
@@ -150,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 rotor.done()
     kind = f"streamed, {args.events + 2} events" if args.stream else "plain"
-    print(f"kmi-rotor hooks, {args.keys} keys, {kind}: {best:.1f} µs CPU per request")
+    who = f"{args.keys} keys, {args.provider}"
+    print(f"kmi-rotor hooks, {who}, {kind}: {best:.1f} µs CPU per request")
     if args.stream:
         print(f"  {best / (args.events + 2):.2f} µs per event, the request's own work included")
     return 0

@@ -73,8 +73,10 @@ def parse_signal(
         name = provider.lower() if provider else ""
         if name in _OPENAI_SPEAKERS:
             windows = _openai_success(headers, now, horizon, name)
-            if windows is not None:
-                return _signal(status, FailureKind.OK, None, windows, "ok")
+        else:
+            windows = _success(headers, _SUCCESS_READS.get(name, _EVERY_DIALECT), now, horizon)
+        if windows is not None:
+            return _signal(status, FailureKind.OK, None, windows, "ok")
     return _parse_signal(status, headers, body, now, provider, horizon)
 
 
@@ -264,7 +266,18 @@ def _count(s: str | None) -> float | None:
 
 
 def _date(s: str) -> float | None:
-    """An RFC 3339 or HTTP date as epoch seconds; a date without a zone is UTC."""
+    """An RFC 3339 or HTTP date as epoch seconds; a date without a zone is UTC. Remembered for
+    short values as `_go_duration` remembers them: Anthropic states each reset in RFC 3339
+    (`2026-12-04T18:00:00Z`), the same one in several headers and answers."""
+    return _short_date(s) if len(s) <= _REMEMBERED else _read_date(s)
+
+
+@functools.lru_cache(maxsize=256)
+def _short_date(s: str) -> float | None:
+    return _read_date(s)
+
+
+def _read_date(s: str) -> float | None:
     try:
         dt = datetime.fromisoformat(s) if s[4:5] == "-" else parsedate_to_datetime(s)
         return (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp()
@@ -459,16 +472,164 @@ def _openai_success(
     return tuple(found)
 
 
+@dataclass(frozen=True, slots=True)
+class _Reads:
+    """What a success's raw header pairs are read for in the dialects a provider speaks
+    (other than OpenAI's alone, which `_openai_success` reads): see `_success`."""
+
+    slots: dict[bytes, int]
+    """The raw (lower-cased) names read, each with its place among the values kept."""
+    prefixes: tuple[bytes, ...]
+    """What begins every name read, and `bail`'s: a name without any is passed over."""
+    bail: tuple[bytes, ...]
+    """What begins a name that this pass does not read (IETF's): the general path reads it."""
+    places: tuple[tuple[int, str, tuple[str, str, str]], ...]
+    """Each window in order, with where its limit, remaining and reset start and their names."""
+    unified: int | None
+    """Where Anthropic's unified status and reset are, if read; its window follows its others."""
+    after: tuple[tuple[int, str, tuple[str, str, str]], ...] = ()
+    """The windows that follow the unified one (the simple dialect's, for every dialect)."""
+
+
+def _reads(dialects: tuple[str, ...]) -> _Reads:
+    """The `_Reads` of the dialects that `_parse_signal` reads in this order, on a success:
+    OpenAI's (without Groq's periods), Anthropic's, the simple one and IETF's (bailed on)."""
+    names: list[str] = []
+    places: list[tuple[int, str, tuple[str, str, str]]] = []
+    after: list[tuple[int, str, tuple[str, str, str]]] = []
+    unified = None
+    prefixes: list[bytes] = []
+    for dialect in dialects:
+        if dialect == "openai":
+            for dim, three in _OPENAI_NAMES:
+                places.append((len(names), dim, three))
+                names += three
+            prefixes.append(b"x-ratelimit-")
+        elif dialect == "anthropic":
+            for dim in _ANTHROPIC_DIMENSIONS:
+                three = _names(f"anthropic-ratelimit-{dim}-", "")
+                places.append((len(names), dim.replace("-", "_"), three))
+                names += three
+            unified = len(names)
+            names += _UNIFIED
+            prefixes.append(b"anthropic-ratelimit-")
+        elif dialect == "simple":
+            (after if unified is not None else places).append((len(names), "requests", _SIMPLE))
+            names += _SIMPLE
+            prefixes.append(b"x-ratelimit-")
+    bail = (b"ratelimit",) if "ietf" in dialects else ()
+    slots = {n.encode(): i for i, n in enumerate(names)}
+    return _Reads(
+        slots, tuple(dict.fromkeys(prefixes)) + bail, bail, (*places,), unified, (*after,)
+    )
+
+
+_SPACES: Final = bytes(c for c in range(256) if chr(c).isspace())
+"""The bytes that `str.strip` takes off a name decoded from latin-1, as `_header_map` does."""
+
+
+def _success(
+    fields: tuple[tuple[bytes, bytes], ...], reads: _Reads, now: float, horizon: float
+) -> tuple[Window, ...] | None:
+    """The windows of a success in the dialects `reads` stands for, read from its raw header
+    pairs in one pass that keeps only the names they read, as `_openai_success` does for
+    OpenAI's: what `_header_map` and the dialects' readers give. None when the pairs hold
+    anything this pass does not read exactly as they do (a name that is one of these only once
+    stripped, an IETF one, a pair that is not two byte strings): the general path then reads
+    them."""
+    slots, prefixes = reads.slots, reads.prefixes
+    raws: list[bytes | None] = [None] * len(slots)
+    try:
+        for name, value in fields:
+            i = slots.get(name)  # one of the names as they are usually sent
+            if i is None:
+                lowered = name.lower()
+                # What `_header_map` could keep under one of the names, or an IETF one.
+                stripped = lowered.lstrip()
+                if not stripped.startswith(prefixes):
+                    continue
+                i = slots.get(lowered)
+                if i is None:
+                    if stripped.startswith(reads.bail) or lowered.strip(_SPACES) in slots:
+                        return None
+                    continue  # a name of the same family that these dialects do not read
+            if type(value) is not bytes:
+                return None
+            if raws[i] is None:  # a repeat keeps the first, as `_header_map` does
+                raws[i] = value
+    except (AttributeError, TypeError, ValueError):
+        return None  # a name or a pair of an unexpected shape
+    found: list[Window] = []
+    if reads.places:
+        _raw_windows(raws, reads.places, now, horizon, found)
+    at = reads.unified
+    if at is not None and (raws[at] is not None or raws[at + 1] is not None):
+        # What `_anthropic_windows` makes of the unified status and reset.
+        state_raw, reset_raw = raws[at], raws[at + 1]
+        state = "" if state_raw is None else state_raw[:_VALUE_LIMIT].decode("latin-1")
+        state = state.strip().lower()
+        reset = None
+        if reset_raw is not None:
+            text = reset_raw[:_VALUE_LIMIT].decode("latin-1")
+            if (reset := _parse_reset(text, now, horizon)) is None:
+                _malformed(_UNIFIED[1], text)
+        if state or reset is not None:
+            remaining = 0.0 if state == "rejected" else None
+            found.append(_window_of("unified", None, None, remaining, reset))
+    if reads.after:
+        _raw_windows(raws, reads.after, now, horizon, found)
+    return tuple(found)
+
+
+def _raw_windows(
+    raws: list[bytes | None],
+    places: tuple[tuple[int, str, tuple[str, str, str]], ...],
+    now: float,
+    horizon: float,
+    found: list[Window],
+) -> None:
+    """The windows (without a period) at `places` among the raw values, appended to `found`:
+    what `_window` makes of them as `_header_map` decodes them, as `_openai_success` reads."""
+    for at, dim, names in places:
+        limit_raw, remaining_raw, reset_raw = raws[at], raws[at + 1], raws[at + 2]
+        if limit_raw is None and remaining_raw is None and reset_raw is None:
+            continue
+        limit = remaining = reset = None
+        if limit_raw is not None:
+            if limit_raw.isdigit() and len(limit_raw) <= 15:  # bytes: ASCII digits only
+                limit = float(limit_raw)
+            elif (limit := _count(text := limit_raw[:_VALUE_LIMIT].decode("latin-1"))) is None:
+                _malformed(names[0], text)
+        if remaining_raw is not None:
+            if remaining_raw.isdigit() and len(remaining_raw) <= 15:
+                remaining = float(remaining_raw)
+            elif (
+                remaining := _count(text := remaining_raw[:_VALUE_LIMIT].decode("latin-1"))
+            ) is None:
+                _malformed(names[1], text)
+        if reset_raw is not None:
+            text = reset_raw[:_VALUE_LIMIT].decode("latin-1")
+            if (reset := _parse_reset(text, now, horizon)) is None:
+                _malformed(names[2], text)
+        if limit is not None or remaining is not None or reset is not None:
+            found.append(_window_of(dim, None, limit, remaining, reset))
+
+
 _GROQ_PERIODS: Final = {"requests": "day", "tokens": "minute"}
 """Groq reuses the names, but its request budget is per day and its token budget per minute."""
 _NO_PERIODS: Final[dict[str, str]] = {}
+
+
+_ANTHROPIC_DIMENSIONS: Final = ("requests", "tokens", "input-tokens", "output-tokens")
+_UNIFIED: Final = ("anthropic-ratelimit-unified-status", "anthropic-ratelimit-unified-reset")
+_SIMPLE: Final = _names("x-ratelimit-", "")
 
 
 def _anthropic_windows(h: Mapping[str, str], now: float, horizon: float) -> tuple[Window, ...]:
     prefix = "anthropic-ratelimit-"
     found = [
         _window(h, dim.replace("-", "_"), None, _names(f"{prefix}{dim}-", ""), now, horizon)
-        for dim in ("requests", "tokens", "input-tokens", "output-tokens")
+        for dim in _ANTHROPIC_DIMENSIONS
     ]
     state = h.get("anthropic-ratelimit-unified-status", "").strip().lower()
     reset = _field(h, "anthropic-ratelimit-unified-reset", lambda v: _parse_reset(v, now, horizon))
@@ -479,7 +640,7 @@ def _anthropic_windows(h: Mapping[str, str], now: float, horizon: float) -> tupl
 
 def _simple_windows(h: Mapping[str, str], now: float, horizon: float) -> tuple[Window, ...]:
     """Kimi, Moonshot and OpenRouter: `X-RateLimit-{Limit,Remaining,Reset}`."""
-    return _windows([_window(h, "requests", None, _names("x-ratelimit-", ""), now, horizon)])
+    return _windows([_window(h, "requests", None, _SIMPLE, now, horizon)])
 
 
 # -- IETF RateLimit headers -----------------------------------------------------------------------
@@ -649,3 +810,10 @@ _READERS: Final[dict[str, Callable[[Mapping[str, str], float, float], tuple[Wind
     "simple": _simple_windows,
     "ietf": _ietf_windows,
 }
+_SUCCESS_READS: Final = {
+    p: _reads(spoken) for p, spoken in _SPOKEN.items() if p not in _OPENAI_SPEAKERS
+}
+"""What `_success` reads for each provider listed but OpenAI's speakers (`_openai_success`
+reads theirs, with Groq's periods)."""
+_EVERY_DIALECT: Final = _reads(DIALECTS)
+"""What `_success` reads for `generic` and any provider not listed."""
