@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -128,16 +129,7 @@ def test_loads_without_the_addon(module: str) -> None:
         f"importlib.import_module({module!r})\n"
         "print(json.dumps(sorted(m for m in sys.modules if m.startswith('kmi_rotor'))))\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=PACKAGE.parent,
-        env={"PYTHONPATH": str(PACKAGE.parent), "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    )
-    loaded = json.loads(out.stdout.strip().splitlines()[-1])
+    loaded = _fresh_interpreter(code)
     assert module in loaded
     assert "kmi_rotor.addon" not in loaded
 
@@ -159,6 +151,14 @@ def test_nothing_the_proxy_loads_installs_an_audit_hook() -> None:
         "                hits.append(name)\n"
         "print(json.dumps([len(sys.modules), sorted(hits)]))\n"
     )
+    loaded, hits = _fresh_interpreter(code)
+    assert loaded > 200  # the addon, mitmproxy and their dependencies were read
+    assert hits == []
+
+
+def _fresh_interpreter(code: str) -> Any:
+    """What `code`, run in a fresh interpreter with the package on its path, prints last (as
+    JSON)."""
     out = subprocess.run(
         [sys.executable, "-c", code],
         cwd=PACKAGE.parent,
@@ -168,6 +168,4 @@ def test_nothing_the_proxy_loads_installs_an_audit_hook() -> None:
         check=True,
         timeout=60,
     )
-    loaded, hits = json.loads(out.stdout.strip().splitlines()[-1])
-    assert loaded > 200  # the addon, mitmproxy and their dependencies were read
-    assert hits == []
+    return json.loads(out.stdout.strip().splitlines()[-1])

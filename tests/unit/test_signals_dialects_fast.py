@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from kmi_rotor.core import signals
 from kmi_rotor.core.signals import FailureKind, Window, parse_signal
+from tests.unit.test_signals_fast import _both
 
 NOW = 1795793400.0
 CTYPE = ((b"content-type", b"application/json"),)
@@ -118,25 +119,6 @@ CASES: list[tuple[str, tuple[Any, ...]]] = [
 ]
 PROVIDERS = ["kimi-code", "moonshot", "openrouter", "OpenRouter", "anthropic", "Anthropic",
              "generic", "mistral", "unknown", "", None, "gemini"]  # fmt: skip
-
-
-def _both(status: int, headers: Any, provider: str | None) -> tuple[Any, Any, list[str], list[str]]:
-    """The fast and the general path's answers, and the header names each warned about
-    (the names warned about before are left as they were)."""
-    saved = set(signals._REPORTED)
-    try:
-        signals._REPORTED.clear()
-        fast = parse_signal(status, headers, None, NOW, provider=provider)
-        fast_warned = sorted(signals._REPORTED)
-        signals._REPORTED.clear()
-        general = signals._parse_signal(
-            status, headers, None, NOW, provider, signals.DEFAULT_HORIZON
-        )
-        general_warned = sorted(signals._REPORTED)
-    finally:
-        signals._REPORTED.clear()
-        signals._REPORTED.update(saved)
-    return fast, general, fast_warned, general_warned
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)

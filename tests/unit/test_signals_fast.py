@@ -71,7 +71,7 @@ CASES: list[tuple[str, tuple[Any, ...]]] = [
 ]
 
 
-def _both(status: int, headers: Any, provider: str) -> tuple[Any, Any, list[str], list[str]]:
+def _both(status: int, headers: Any, provider: str | None) -> tuple[Any, Any, list[str], list[str]]:
     """The fast and the general path's answers, and the header names each warned about
     (the names warned about before are left as they were)."""
     saved = set(signals._REPORTED)

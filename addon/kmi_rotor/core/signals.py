@@ -440,35 +440,9 @@ def _openai_success(
                 raws[i] = value
     except (AttributeError, TypeError, ValueError):
         return None  # a name or a pair of an unexpected shape
+    found: list[Window] = []
     periods = _GROQ_PERIODS if provider == "groq" else _NO_PERIODS
-    found = []
-    for at, dim, names in _OPENAI_PLACES:
-        limit_raw, remaining_raw, reset_raw = raws[at], raws[at + 1], raws[at + 2]
-        if limit_raw is None and remaining_raw is None and reset_raw is None:
-            continue
-        # What `_window` does with the values as `_header_map` decodes them (latin-1, cut at
-        # _VALUE_LIMIT), without its calls for what is absent. A count of at most 15 ASCII
-        # digits (below `_MAX_COUNT`, nothing to strip: the usual header) is read from its
-        # bytes at once, as `_count` reads the same digits decoded.
-        limit = remaining = reset = None
-        if limit_raw is not None:
-            if limit_raw.isdigit() and len(limit_raw) <= 15:  # bytes: ASCII digits only
-                limit = float(limit_raw)
-            elif (limit := _count(text := limit_raw[:_VALUE_LIMIT].decode("latin-1"))) is None:
-                _malformed(names[0], text)
-        if remaining_raw is not None:
-            if remaining_raw.isdigit() and len(remaining_raw) <= 15:
-                remaining = float(remaining_raw)
-            elif (
-                remaining := _count(text := remaining_raw[:_VALUE_LIMIT].decode("latin-1"))
-            ) is None:
-                _malformed(names[1], text)
-        if reset_raw is not None:
-            text = reset_raw[:_VALUE_LIMIT].decode("latin-1")
-            if (reset := _parse_reset(text, now, horizon)) is None:
-                _malformed(names[2], text)
-        if limit is not None or remaining is not None or reset is not None:
-            found.append(_window_of(dim, periods.get(dim), limit, remaining, reset))
+    _raw_windows(raws, _OPENAI_PLACES, now, horizon, found, periods)
     return tuple(found)
 
 
@@ -587,9 +561,13 @@ def _raw_windows(
     now: float,
     horizon: float,
     found: list[Window],
+    periods: dict[str, str] | None = None,
 ) -> None:
-    """The windows (without a period) at `places` among the raw values, appended to `found`:
-    what `_window` makes of them as `_header_map` decodes them, as `_openai_success` reads."""
+    """The windows at `places` among the raw values (each with its period in `periods`, if
+    any), appended to `found`: what `_window` makes of the values as `_header_map` decodes them
+    (latin-1, cut at _VALUE_LIMIT), without its calls for what is absent. A count of at most 15
+    ASCII digits (below `_MAX_COUNT`, nothing to strip: the usual header) is read from its
+    bytes at once, as `_count` reads the same digits decoded."""
     for at, dim, names in places:
         limit_raw, remaining_raw, reset_raw = raws[at], raws[at + 1], raws[at + 2]
         if limit_raw is None and remaining_raw is None and reset_raw is None:
@@ -612,7 +590,8 @@ def _raw_windows(
             if (reset := _parse_reset(text, now, horizon)) is None:
                 _malformed(names[2], text)
         if limit is not None or remaining is not None or reset is not None:
-            found.append(_window_of(dim, None, limit, remaining, reset))
+            period = periods.get(dim) if periods else None
+            found.append(_window_of(dim, period, limit, remaining, reset))
 
 
 _GROQ_PERIODS: Final = {"requests": "day", "tokens": "minute"}
