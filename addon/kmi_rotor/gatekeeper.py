@@ -20,6 +20,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable
+from typing import Any
 
 from mitmproxy import ctx, http
 from mitmproxy.net.http import url
@@ -32,7 +33,7 @@ from .core import access, routing
 from .core.access import IP
 from .core.calls import is_api_call
 from .core.credentials import CREDENTIAL_HEADERS, CREDENTIAL_QUERY
-from .core.header_fields import Fields, with_fields
+from .core.header_fields import Fields, has_field, with_fields
 from .core.hosts import HostLookup
 from .core.refusal import Refusal
 from .core.secrets import mask_credential_value
@@ -76,6 +77,12 @@ class Gatekeeper:
         self._pools: HostLookup[tuple[Pool | None, bool]] | None = None
         """The pool of each host:port, and whether it allows keys over plain HTTP there,
         remembered for the configuration in force."""
+        self._verdicts: dict[tuple[str | None, str, Any], str | None] = {}
+        self._verdicts_source: tuple[Settings | None, tuple[str, ...]] | None = None
+        """Reverse-mode Host verdicts, for the configuration and listening addresses they
+        were worked out with."""
+        self._upstreams: dict[Any, str] = {}
+        """The upstream's authority of each reverse mode, what the Host becomes."""
         self._owns_host_header = False
         """True when kmi-rotor turned on keep_host_header to see reverse-mode clients' own Host
         (mitmproxy would replace it before any hook), and so rewrites it itself afterwards."""
@@ -344,21 +351,42 @@ class Gatekeeper:
         req = flow.request
         named = host_header(req)
         local = flow.client_conn.sockname
-        why = routing.reverse_host_verdict(
-            named,
-            "https" if flow.client_conn.tls else "http",
-            (str(local[0]), int(local[1])) if local else None,
-            self._listen_hosts,
-            self.settings.allowed_hosts if self.settings else (),
-        )
+        why = self._host_verdict(named, "https" if flow.client_conn.tls else "http", local)
         if why is not None:
             return Refusal(403, "host_not_allowed", why)
         if self._owns_host_header:
-            scheme = "https" if mode.scheme in ("https", "http3", "tls", "quic") else "http"
-            upstream = url.hostport(scheme, mode.address[0], mode.address[1])
-            if named != upstream:  # a header write rebuilds the header list
-                req.host_header = upstream
+            upstream = self._upstreams.get(mode)
+            if upstream is None:
+                scheme = "https" if mode.scheme in ("https", "http3", "tls", "quic") else "http"
+                upstream = url.hostport(scheme, mode.address[0], mode.address[1])
+                self._upstreams = {**self._upstreams, mode: upstream}  # a mode per listener
+            if named != upstream:
+                set_host_header(req, upstream)
         return None
+
+    def _host_verdict(self, named: str | None, scheme: str, local: Any) -> str | None:
+        """`routing.reverse_host_verdict` for this proxy, remembered for the addresses and
+        names it depends on (at most `_VERDICTS` of them: a client may send any Host)."""
+        settings, hosts = self.settings, self._listen_hosts
+        old = self._verdicts_source
+        if old is None or old[0] is not settings or old[1] is not hosts:
+            self._verdicts, self._verdicts_source = {}, (settings, hosts)
+        key = (named, scheme, local)
+        try:
+            return self._verdicts[key]
+        except KeyError:
+            pass
+        why = routing.reverse_host_verdict(
+            named,
+            scheme,
+            (str(local[0]), int(local[1])) if local else None,
+            hosts,
+            settings.allowed_hosts if settings else (),
+        )
+        if len(self._verdicts) >= _VERDICTS:
+            self._verdicts = {}
+        self._verdicts[key] = why
+        return why
 
     def _page_host_ok(self, flow: http.HTTPFlow) -> bool:
         """The status page under /_kmi-rotor/ of a host a browser page could be from (one the
@@ -444,6 +472,22 @@ def _pool_and_plain(settings: Settings, host: str, port: int) -> tuple[Pool | No
 
 
 _REVERSE: dict[type, bool] = {}
+
+
+_VERDICTS = 256
+"""Reverse-mode Host verdicts remembered at most (then forgotten all at once)."""
+
+
+def set_host_header(req: http.Request, value: str) -> None:
+    """`req.host_header = value`: the Host field of an HTTP/1 request written on the raw pairs
+    (the first keeps its place and spelling, later ones go, `Host` is appended if there is
+    none); HTTP/2 and 3 through mitmproxy's own setter (the :authority, and Host only if there
+    is one)."""
+    if req.is_http2 or req.is_http3:
+        req.host_header = value
+    else:
+        fields = req.data.headers.fields
+        req.data.headers.fields = _host_set(fields, value, has_field(fields, b"host"))
 
 
 def _is_reverse(mode: ProxyMode) -> bool:

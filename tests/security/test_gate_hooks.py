@@ -16,9 +16,10 @@ from mitmproxy.proxy import context, server_hooks
 from mitmproxy.proxy.layers import tls
 from mitmproxy.test import taddons, tflow, tutils
 
+from kmi_rotor import gatekeeper
 from kmi_rotor.addon import META, Rotor
 from kmi_rotor.config import Settings, from_dict
-from kmi_rotor.gatekeeper import Gatekeeper, is_own_address
+from kmi_rotor.gatekeeper import Gatekeeper, is_own_address, set_host_header
 from kmi_rotor.hosting import StatusPage
 
 KEY = "sk-gate-hooks-000000000000000000000001"
@@ -295,3 +296,53 @@ def test_plain_http_follows_a_new_configuration_and_a_pool_of_the_old_one() -> N
     current = None
     assert gk._pool_of("plain.test", 80) is None
     assert gk._plain_http_allowed(old_pool, "plain.test", 80) is True
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        (),
+        ((b"Host", b"127.0.0.1:8080"),),
+        ((b"accept", b"*/*"), (b"HOST", b"a.test"), (b"x", b"1"), (b"host", b"b.test")),
+        ((b"authorization", b"Bearer x"),),
+    ],
+)
+@pytest.mark.parametrize("version", ["HTTP/1.1", "HTTP/2.0"])
+@pytest.mark.parametrize("value", ["llm.test", "127.0.0.1:9443", "[::1]:443"])
+def test_set_host_header_is_mitmproxys_setter(fields, version, value) -> None:
+    """Reverse mode's Host rewrite on the raw pairs gives what `req.host_header = v` gives."""
+    expected = tutils.treq(headers=http.Headers(fields), http_version=version.encode())
+    got = tutils.treq(headers=http.Headers(fields), http_version=version.encode())
+    expected.host_header = value
+    set_host_header(got, value)
+    assert got.headers.fields == expected.headers.fields
+    assert got.authority == expected.authority
+
+
+def test_reverse_host_verdicts_are_remembered_per_configuration(monkeypatch) -> None:
+    """A Host's verdict is worked out once per configuration and listening addresses, is the
+    rule's own, and at most `_VERDICTS` are kept."""
+    calls = []
+    real = gatekeeper.routing.reverse_host_verdict
+
+    def counted(*args):
+        calls.append(args[0])
+        return real(*args)
+
+    monkeypatch.setattr(gatekeeper.routing, "reverse_host_verdict", counted)
+    current = _settings(["llm.test"])
+    gk = Gatekeeper(StatusPage(dict), lambda: current, lambda: None, lambda: 0.0)
+    local = ("127.0.0.1", 8080)
+    cases = ["localhost:8080", "127.0.0.1:8080", "evil.test:8080", "localhost:9999", None]
+    for _ in range(2):
+        for named in cases:
+            assert gk._host_verdict(named, "http", local) == real(
+                named, "http", local, gk._listen_hosts, ()
+            )
+    assert calls == cases  # the second round remembered
+    current = _settings(["other.test"])  # a new configuration: worked out again
+    gk._host_verdict("evil.test:8080", "http", local)
+    assert calls[-1] == "evil.test:8080" and len(calls) == len(cases) + 1
+    for i in range(gatekeeper._VERDICTS + 10):  # any Host a client sends: bounded
+        gk._host_verdict(f"h{i}.test:8080", "http", local)
+    assert len(gk._verdicts) <= gatekeeper._VERDICTS
