@@ -82,3 +82,47 @@ def test_the_sampler_records_where_the_cpu_goes(tmp_path: Path) -> None:
     from bench_overhead import summarise
 
     assert "0.0% under kmi-rotor frames" in summarise(out.read_text())
+
+
+def test_the_hook_timer_counts_each_hook_and_passes_everything_on() -> None:
+    """`hook_timer.py`'s wrappers: results, awaited values and errors pass through, and each
+    hook's calls and CPU are counted (a step of a coroutine, not the time it waits)."""
+    import asyncio
+
+    import hook_timer
+
+    class Addon:
+        def __init__(self) -> None:
+            self.seen: list[str] = []
+
+        def responseheaders(self, flow: str) -> str:
+            self.seen.append(flow)
+            _burn(0.002)
+            return "sync"
+
+        async def request(self, flow: str) -> str:
+            _burn(0.002)
+            await asyncio.sleep(0.05)  # waiting is not counted
+            return f"async {flow}"
+
+        async def error(self, flow: str) -> None:
+            raise ValueError(flow)
+
+    addon = Addon()
+    assert sorted(hook_timer.wrap(addon)) == ["error", "request", "responseheaders"]
+    assert addon.responseheaders("f1") == "sync" and addon.seen == ["f1"]
+
+    async def go() -> str:
+        with pytest.raises(ValueError, match="f3"):
+            await addon.error("f3")
+        return await addon.request("f2")
+
+    assert asyncio.run(go()) == "async f2"
+    got = hook_timer.times()
+    assert {k: v["calls"] for k, v in got.items()} == {
+        "error": 1,
+        "request": 1,
+        "responseheaders": 1,
+    }
+    assert 1500 <= got["responseheaders"]["us_per_call"] < 40000
+    assert 1500 <= got["request"]["us_per_call"] < 40000  # the 50 ms asleep left out
