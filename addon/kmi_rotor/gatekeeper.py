@@ -37,7 +37,7 @@ from .core.header_fields import Fields, has_field, with_fields
 from .core.hosts import HostLookup
 from .core.refusal import Refusal
 from .core.secrets import mask_credential_value
-from .hosting import WEB_HOST, StatusPage, authority_text, host_header
+from .hosting import AUTHORITY_VERSIONS, WEB_HOST, StatusPage, authority_text, host_header
 from .masking import drop_credentials
 from .names import ALLOW_REMOTE_OPTION, CONFIG_OPTION, META
 from .request_body import header_values
@@ -333,7 +333,7 @@ class Gatekeeper:
         )
         if r.refusal is not None:
             return Refusal(*r.refusal)
-        if hosts != [r.authority] and (hosts or data.http_version not in _AUTHORITY_VERSIONS):
+        if hosts != [r.authority] and (hosts or data.http_version not in AUTHORITY_VERSIONS):
             headers.fields = _host_set(fields, r.authority, bool(hosts))
         if authority:
             data.authority = _authority_bytes(r.authority)  # what `req.authority = ...` stores
@@ -471,9 +471,6 @@ def _pool_and_plain(settings: Settings, host: str, port: int) -> tuple[Pool | No
     return pool, pool is not None and pool.plain_http_allowed(host, port)
 
 
-_REVERSE: dict[type, bool] = {}
-
-
 _VERDICTS = 256
 """Reverse-mode Host verdicts remembered at most (then forgotten all at once)."""
 
@@ -483,11 +480,14 @@ def set_host_header(req: http.Request, value: str) -> None:
     (the first keeps its place and spelling, later ones go, `Host` is appended if there is
     none); HTTP/2 and 3 through mitmproxy's own setter (the :authority, and Host only if there
     is one)."""
-    if req.is_http2 or req.is_http3:
+    if req.data.http_version in AUTHORITY_VERSIONS:
         req.host_header = value
     else:
         fields = req.data.headers.fields
         req.data.headers.fields = _host_set(fields, value, has_field(fields, b"host"))
+
+
+_REVERSE: dict[type, bool] = {}
 
 
 def _is_reverse(mode: ProxyMode) -> bool:
@@ -507,10 +507,6 @@ def _api_call(method: bytes, path: bytes) -> bool:
     reads of it), so that no client credential in a query is kept here."""
     text = method.decode("utf-8", "surrogateescape").upper()
     return is_api_call(text, path.decode("utf-8", "surrogateescape"))
-
-
-_AUTHORITY_VERSIONS = (b"HTTP/2.0", b"HTTP/3")
-"""The versions whose :authority stands for the Host field (`Request.is_http2`, `is_http3`)."""
 
 
 def _host_set(fields: Fields, value: str, present: bool) -> Fields:

@@ -26,7 +26,7 @@ _PREFIX = WEB_PREFIX.encode()
 _PREFIX_LEN = len(_PREFIX)
 _AFTER = (b"", b"/", b"?")
 """What may follow the prefix in a status path: nothing, a subpath or a query string."""
-_AUTHORITY_VERSIONS = (b"HTTP/2.0", b"HTTP/3")
+AUTHORITY_VERSIONS = (b"HTTP/2.0", b"HTTP/3")
 """The versions whose :authority is the request's host header (`Request.is_http2`, `is_http3`)."""
 
 
@@ -52,9 +52,8 @@ class StatusPage(WSGIApp):
             return False
         req = flow.request
         data = req.data
-        path = data.path
-        if path.startswith(_PREFIX) and path[_PREFIX_LEN : _PREFIX_LEN + 1] in _AFTER:
-            return True  # `is_status_path(path)`, inline
+        if is_status_path(data.path):
+            return True
         named = host_header(req) or data.host  # parsed below only if it can be the status host
         return WEB_HOST in named.lower() and req.pretty_host == WEB_HOST
 
@@ -70,7 +69,7 @@ def host_header(req: http.Request) -> str | None:
     """What `req.host_header` gives (the :authority, else the Host field), the Host field read
     from the raw fields in one pass: mitmproxy's `headers.get` converts every field's name."""
     data = req.data
-    if data.authority and data.http_version in _AUTHORITY_VERSIONS:
+    if data.authority and data.http_version in AUTHORITY_VERSIONS:
         return authority_text(data.authority)
     return field_value(data.headers.fields, b"host")
 
