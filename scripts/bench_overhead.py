@@ -117,12 +117,18 @@ def launch(
     ready: re.Pattern[str],
     timeout: float = 30,
     env: dict[str, str] | None = None,
+    cpus: frozenset[int] | None = None,
 ) -> Child:
     """A child writing to `log` (no pipe to pump), once a line of its output matches `ready`
-    (whose last group is the port); `env` is added to the clean environment."""
+    (whose last group is the port); `env` is added to the clean environment; with `cpus`, the
+    child runs on those CPUs only."""
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            list(argv), stdout=out, stderr=subprocess.STDOUT, env={**clean_env(), **(env or {})}
+            list(argv),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**clean_env(), **(env or {})},
+            preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus),
         )
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -147,6 +153,9 @@ class Setup:
     upstream: Child
     redis: RedisServer | None = None
     children: list[Child] = field(default_factory=list)
+    proxy_cpus: frozenset[int] | None = None
+    """With `--pin`: the CPU every proxy runs on (the load, the upstream and Redis run on the
+    others), so that the proxies measured do not share their core with their own load."""
 
     @property
     def upstream_authority(self) -> str:
@@ -210,7 +219,8 @@ def start_proxy(
         env = {"KMI_ROTOR_SAMPLES": str(samples)}
     if config is not None:
         argv += ["-s", str(tree / "addon" / "rotor.py"), "--set", f"rotor_config={config}"]
-    child = launch(argv, setup.tmp / f"{name}.log", LISTEN_RE, env=env)
+    log = setup.tmp / f"{name}.log"
+    child = launch(argv, log, LISTEN_RE, env=env, cpus=setup.proxy_cpus)
     setup.children.append(child)
     return child
 
@@ -449,6 +459,14 @@ def report(results: list[CaseResult], events: int) -> str:
     return "\n".join(lines)
 
 
+def pin_cpus() -> frozenset[int]:
+    """Keep this process (the load generator) and what it starts from now on off the last
+    CPU, which is left to the proxies; that CPU, as a set."""
+    cpus = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, cpus[:-1])
+    return frozenset(cpus[-1:])
+
+
 def decision_cost(quick: bool) -> str:
     from bench_admission import measure_cost
 
@@ -473,6 +491,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="another checkout of this repository (say, `git archive` of an older commit): its "
         "kmi-rotor runs as a third proxy in the same rounds, for a before/after in one run",
     )
+    parser.add_argument(
+        "--pin",
+        action=argparse.BooleanOptionalAction,
+        default=len(os.sched_getaffinity(0)) >= 2,
+        help="run the proxies on one CPU and the load, the upstream and Redis on the others "
+        "(default: on with 2 CPUs or more)",
+    )
     args = parser.parse_args(argv)
     args.runs = args.runs or (3 if args.quick else 4)
     args.seconds = args.seconds or (3.0 if args.quick else 6.0)
@@ -481,8 +506,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = set(cases) - set(CASES)
     if unknown:
         parser.error(f"unknown cases: {', '.join(sorted(unknown))}")
+    proxy_cpus = pin_cpus() if args.pin else None
     with tempfile.TemporaryDirectory(prefix="bench-overhead-") as d:
-        setup = start_upstream(Path(d), args.events)
+        setup = start_upstream(Path(d), args.events)  # started after pinning: on the others
+        setup.proxy_cpus = proxy_cpus
         results = []
         try:
             if "cluster" in cases:
@@ -496,7 +523,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 child.stop()
             if setup.redis is not None:
                 setup.redis.stop()
-    print(f"\n{args.concurrency} connections, {args.runs} alternating runs of {args.seconds:g} s")
+    where = f", proxies on CPU {min(proxy_cpus)}, the rest elsewhere" if proxy_cpus else ""
+    print(
+        f"\n{args.concurrency} connections, {args.runs} alternating runs of {args.seconds:g} s"
+        + where
+    )
     if results:
         print(report(results, args.events))
     if "decision" in cases:

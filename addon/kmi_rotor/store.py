@@ -21,6 +21,12 @@ log = logging.getLogger("kmi_rotor")
 
 LOCK_TIMEOUT = 10.0
 
+# filelock logs four debug lines per save (acquiring, acquired, releasing, released), about
+# twice a second under load. Inside mitmproxy each record is an event-log entry handed from the
+# writer's thread to the event loop and to every addon, and fills mitmweb's event log; a lock
+# that cannot be taken is reported by kmi-rotor itself.
+logging.getLogger("filelock").setLevel(logging.INFO)
+
 
 class StateError(Exception):
     """The state file exists but cannot be used at all (not a file, unreadable)."""

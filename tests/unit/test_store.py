@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import stat
 import subprocess
@@ -127,6 +128,18 @@ def test_round_trip(tmp_path: Path, delta_: Delta) -> None:
     assert read.pools == {name: PoolRecord(**counters) for name, counters in delta_.pools.items()}
     assert (read.limiter, read.limiter_at) == (delta_.limiter, delta_.limiter_at)
     assert json.loads(store.path.read_text(encoding="utf-8"))["schema_version"] == SCHEMA_VERSION
+
+
+def test_a_save_logs_nothing_at_debug_level(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Inside mitmproxy every log record becomes an event-log entry sent to every addon: the
+    lock's own debug lines (four per save) are not emitted at all."""
+    caplog.set_level(logging.DEBUG)  # the root logger at debug, as mitmproxy sets it
+    store = StateStore(tmp_path / "state")
+    store.commit(with_pools(Delta(), p={"local_429": 1}), now=1000.0)
+    store.read()
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("filelock")] == []
 
 
 def test_commits_accumulate(tmp_path: Path) -> None:
