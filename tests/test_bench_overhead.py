@@ -4,6 +4,7 @@ others) and its sampler."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -15,7 +16,7 @@ import pytest
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
-from bench_overhead import thread_cpu  # noqa: E402
+from bench_overhead import launch, thread_cpu  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc")
 
@@ -24,6 +25,17 @@ def _burn(seconds: float) -> None:
     end = time.thread_time() + seconds
     while time.thread_time() < end:
         pass
+
+
+def test_a_pinned_child_runs_on_its_cpus_only(tmp_path: Path) -> None:
+    cpu = min(os.sched_getaffinity(0))
+    code = "import time; print('ready 0', flush=True); time.sleep(60)"
+    argv = [sys.executable, "-c", code]
+    child = launch(argv, tmp_path / "child.log", re.compile(r"ready (\d+)"), cpus=frozenset({cpu}))
+    try:
+        assert os.sched_getaffinity(child.proc.pid) == {cpu}
+    finally:
+        child.stop()
 
 
 def test_thread_cpu_splits_the_main_thread_from_the_others() -> None:
