@@ -182,13 +182,17 @@ async def _read_answer(reader: asyncio.StreamReader) -> int:
     return status
 
 
-async def _worker(target: Target, body: bytes, until: list[float], load: Load) -> None:
-    reader, writer, authority = await _open(target)
-    request = (
+def _request(authority: str, body: bytes) -> bytes:
+    return (
         f"POST /v1/chat/completions HTTP/1.1\r\nHost: {authority}\r\n"
         f"authorization: Bearer sk-client-placeholder\r\ncontent-type: application/json\r\n"
         f"content-length: {len(body)}\r\n\r\n"
     ).encode() + body
+
+
+async def _worker(target: Target, body: bytes, until: list[float], load: Load) -> None:
+    reader, writer, authority = await _open(target)
+    request = _request(authority, body)
     clock = time.perf_counter
     try:
         while (t0 := clock()) < until[1]:
@@ -218,6 +222,41 @@ async def drive(
     load.errors += sum(isinstance(r, BaseException) for r in results)
     load.seconds = seconds
     return load
+
+
+class Clients:
+    """Keep-alive connections held open between batches of a fixed number of requests, so
+    that a batch costs the proxy its requests alone (no connection set-up)."""
+
+    def __init__(
+        self, conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]], request: bytes
+    ):
+        self.conns, self.request = conns, request
+
+    @classmethod
+    async def open(cls, target: Target, n: int, stream: bool = False) -> Clients:
+        opened = [await _open(target) for _ in range(n)]
+        request = _request(opened[0][2], chat_body(stream))
+        return cls([(r, w) for r, w, _ in opened], request)
+
+    async def send(self, count: int) -> int:
+        """Send `count` requests, spread over the connections (each keeps one in flight); the
+        number answered 200."""
+        left, ok = [count], [0]
+
+        async def one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while left[0] > 0:
+                left[0] -= 1
+                writer.write(self.request)
+                status = await _read_answer(reader)  # before `ok` is read: no lost count
+                ok[0] += status == 200
+
+        await asyncio.gather(*(one(r, w) for r, w in self.conns))
+        return ok[0]
+
+    def close(self) -> None:
+        for _, writer in self.conns:
+            writer.close()
 
 
 def main(argv: list[str] | None = None) -> int:
