@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
-from bench_instructions import PerfMap, by_function, total_instructions
+from bench_instructions import PerfMap, by_function, on_timers, total_instructions
 
 PERF_MAP = """\
 7f0000001000 b py::Rotor.request:/x/addon/kmi_rotor/addon.py
@@ -57,3 +57,15 @@ def test_the_total_is_the_summary_line(tmp_path: Path) -> None:
     dump.write_text("version: 1\n")
     with pytest.raises(ValueError, match="no summary"):
         total_instructions(dump)
+
+
+def test_work_on_timers_is_kmi_rotors_own_timer_roots_only() -> None:
+    costs = {
+        "py::StateKeeper._run:/x/addon/kmi_rotor/keeper.py": 100,
+        "py::StateKeeper._commit:/x/addon/kmi_rotor/keeper.py": 50,
+        "py::signature:/x/addon/kmi_rotor/reloader.py": 7,
+        "py::signature:/usr/lib/python3.13/inspect.py": 1000,  # not ours
+        "py::StateKeeper.sync:/x/addon/kmi_rotor/keeper.py": 90,  # inside _run: not again
+        "py::Rotor.request:/x/addon/kmi_rotor/addon.py": 500,
+    }
+    assert on_timers(costs) == 157
