@@ -87,11 +87,30 @@ def test_a_window_state_is_what_of_and_validation_make(
     assert of.limit == values[0]
 
 
+def _reference_seen(
+    h: KeyHealth, windows: tuple[Window, ...], now: float, scope: str
+) -> dict[str, object]:
+    """The update recording a success's windows, as `_seen` made it before its shortcuts
+    (each record copied by pydantic's `model_copy`)."""
+    if not scope:
+        return {"windows": hl._merge_windows(h.windows, windows, now)}
+    old = h.scopes.get(scope) or ScopedHealth()
+    update: dict[str, object] = {
+        "windows": hl._merge_windows(old.windows, windows, now),
+        "seen_at": now,
+    }
+    if old.rate_limit_streak:
+        update["rate_limit_streak"] = 0
+    scopes = h.scopes.copy()
+    scopes[scope] = old.model_copy(update=update)
+    return {"scopes": _reference_live(scopes, now)}
+
+
 def _reference_success(
     h: KeyHealth, sig: Signal, now: float, policy: Policy, scope: str
 ) -> KeyHealth:
     """A success applied as before its shortcuts: the update merged from its three parts."""
-    seen = hl._seen(h, sig.windows, now, scope, succeeded=True)
+    seen = _reference_seen(h, sig.windows, now, scope)
     update: dict[str, object] = {"rate_limit_streak": 0, "overload_streak": 0}
     recheck = hl._recheck_at(h, policy.auth_recheck_seconds)
     if recheck is not None and now >= recheck:
@@ -128,8 +147,12 @@ def test_a_success_is_applied_as_before(
     mine = apply_signal(h, sig, NOW, policy, scope=scope)
     theirs = _reference_success(h, sig, NOW, policy, scope)
     assert mine == theirs
+    assert repr(mine) == repr(theirs)
     assert mine.model_fields_set == theirs.model_fields_set
     assert mine.model_dump_json() == theirs.model_dump_json()
+    for name in set(mine.scopes) & set(theirs.scopes):
+        assert mine.scopes[name].model_fields_set == theirs.scopes[name].model_fields_set
+    assert mine.model_fields_set is not h.model_fields_set  # the record's own
 
 
 HELD = [
