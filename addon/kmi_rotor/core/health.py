@@ -299,16 +299,21 @@ def _merge_windows(
     # validation would drop (NaN, infinity) into None. A clock that is not finite (never
     # seen) takes the validated path, which leaves `seen_at` unset.
     seen_at = _finite(now)
-    isfinite = math.isfinite
     for w in new:
-        key = w.dimension if w.period is None else f"{w.dimension}:{w.period}"
-        # A response may omit the limit (Azure sends only what remains); limits rarely change.
-        limit = w.limit if w.limit is not None else (out[key].limit if key in out else None)
-        remaining, reset_at = w.remaining, w.reset_at
-        # `_finite` of each, written out: three calls saved per window of every answer.
-        limit = float(limit) if limit is not None and isfinite(limit) else None
-        remaining = float(remaining) if remaining is not None and isfinite(remaining) else None
-        reset_at = float(reset_at) if reset_at is not None and isfinite(reset_at) else None
+        period, limit, remaining, reset_at = w.period, w.limit, w.remaining, w.reset_at
+        key = w.dimension if period is None else f"{w.dimension}:{period}"
+        if limit is None and key in out:
+            # A response may omit the limit (Azure sends only what remains); limits rarely
+            # change.
+            limit = out[key].limit
+        # `_finite` of each, written out for what a signal gives (None, or a float `x - x`
+        # finds finite: it is NaN for NaN and infinities); anything else is converted by it.
+        if limit is not None and (type(limit) is not float or limit - limit != 0.0):
+            limit = _finite(limit)
+        if remaining is not None and (type(remaining) is not float or remaining - remaining != 0.0):
+            remaining = _finite(remaining)
+        if reset_at is not None and (type(reset_at) is not float or reset_at - reset_at != 0.0):
+            reset_at = _finite(reset_at)
         if seen_at is not None:
             out[key] = window_state(limit, remaining, reset_at, seen_at)
         else:
