@@ -223,3 +223,48 @@ STATUSES = [
 def test_status_is_what_it_was(h: KeyHealth, scope: str, now: float) -> None:
     mine, theirs = hl.status(h, now, scope), _status_as_before(h, now, scope)
     assert repr(mine) == repr(theirs)
+
+
+def _reference_merge(
+    old: dict[str, WindowState], new: tuple[Window, ...], now: float
+) -> dict[str, WindowState]:
+    """`_merge_windows` as written before its shortcuts: every value through `_finite`, every
+    window validated."""
+    out = {k: w for k, w in old.items() if w.reset_at is None or w.reset_at > now}
+    for w in new:
+        key = w.dimension if w.period is None else f"{w.dimension}:{w.period}"
+        limit = w.limit if w.limit is not None else (out[key].limit if key in out else None)
+        out[key] = WindowState(
+            limit=hl._finite(limit),
+            remaining=hl._finite(w.remaining),
+            reset_at=hl._finite(w.reset_at),
+            seen_at=now,
+        )
+    return out
+
+
+ODD_VALUES = [None, 0.0, -0.0, 3.5, 7, True, 10**20, 1e308, math.inf, -math.inf, math.nan]
+
+
+@pytest.mark.parametrize("value", ODD_VALUES)
+@pytest.mark.parametrize("period", [None, "minute"])
+def test_windows_merge_as_validation_would_leave_them(
+    value: float | None, period: str | None
+) -> None:
+    old = {
+        "requests": WindowState(limit=10, remaining=1, reset_at=NOW + 5, seen_at=NOW - 1),
+        "tokens:minute": WindowState(limit=99, remaining=1, reset_at=NOW - 5, seen_at=NOW - 9),
+    }
+    new = (
+        Window("requests", period, value, value, value),
+        Window("tokens", period, None, value, NOW + 1),
+        Window("requests", None, None, 2.0, None),
+    )
+    mine, theirs = hl._merge_windows(old, new, NOW), _reference_merge(old, new, NOW)
+    assert list(mine) == list(theirs)
+    for name, w in mine.items():
+        assert repr(w) == repr(theirs[name])
+        assert [type(v) for v in w.__dict__.values()] == [
+            type(v) for v in theirs[name].__dict__.values()
+        ]
+        assert w.model_dump_json() == theirs[name].model_dump_json()
