@@ -111,7 +111,6 @@ def _parse_signal(
 
 
 _new = object.__new__
-_set = object.__setattr__
 
 
 def _signal(
@@ -124,9 +123,8 @@ def _signal(
     """`Signal(status, kind, retry_at, windows, reason)`, made without the frozen dataclass's
     `__init__` (an `object.__setattr__` per field): a third of the time, the same object."""
     sig = _new(Signal)
-    _set(
+    _set_signal_dict(
         sig,
-        "__dict__",
         {
             "status": status,
             "kind": kind,
@@ -139,14 +137,19 @@ def _signal(
     return sig
 
 
+# Each object's `__dict__` set through its class's descriptor: cheaper than
+# `object.__setattr__(obj, "__dict__", ...)`, which looks the descriptor up by name each time.
+_set_signal_dict = Signal.__dict__["__dict__"].__set__
+_set_window_dict = Window.__dict__["__dict__"].__set__
+
+
 def _window_of(
     dim: str, period: str | None, limit: float | None, remaining: float | None, reset: float | None
 ) -> Window:
     """`Window(dim, period, limit, remaining, reset)`, made as `_signal` makes a signal."""
     w = _new(Window)
-    _set(
+    _set_window_dict(
         w,
-        "__dict__",
         {"dimension": dim, "period": period, "limit": limit, "remaining": remaining,
          "reset_at": reset},
     )  # fmt: skip
