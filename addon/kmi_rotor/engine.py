@@ -404,7 +404,10 @@ class Engine:
             mine.pop(id(reservation), None)
             if not mine:
                 del self._open[reservation.key]
-        limiter = self.limiter_of(reservation)  # what `adjust` would look up again
+        # `limiter_of(reservation)`, inline: the limiter that made it (`adjust` would look
+        # it up again).
+        shared = self.shared
+        limiter = shared if shared is not None and shared.owns(reservation) else self.limiter
         if tokens is not None:
             limiter.adjust(reservation, min(max(0, tokens), MAX_TOKENS))
         limiter.release(reservation)
@@ -431,24 +434,30 @@ class Engine:
         request of the scope in flight on the key may be missing from what the provider
         reported, whenever it was admitted: transit times differ, so an earlier one can arrive
         later."""
-        fp = key.fingerprint
-        if sig.windows and "requests" not in self._paced_of(key):
-            skip = None if answered is None else id(answered)
-            after = [
-                at
-                for rid, (sc, at) in self._open.get(fp, {}).items()
-                if (not scope or sc == scope) and rid != skip
-            ]
-            self.budgets.observe(fp, sig.windows, after, now, scope)
-            self.budgets.prune(fp, now, SCOPE_TTL)
-            if answered is not None and self.shared is not None and self.shared.owns(answered):
+        fp, windows = key.fingerprint, sig.windows
+        if windows and "requests" not in self._paced_of(key):
+            mine = self._open.get(fp)
+            if mine is None:
+                after = []
+            else:
+                skip = None if answered is None else id(answered)
+                after = [
+                    at
+                    for rid, (sc, at) in mine.items()
+                    if (not scope or sc == scope) and rid != skip
+                ]
+            budgets = self.budgets
+            budgets.observe(fp, windows, after, now, scope)
+            budgets.prune(fp, now, SCOPE_TTL)
+            shared = self.shared
+            if answered is not None and shared is not None and shared.owns(answered):
                 # Every process counts its requests against the same report.
-                self.shared.report(
-                    answered, sig.windows, now, guard=self.budgets.guard, cap=self.budgets.cap
-                )
+                shared.report(answered, windows, now, guard=budgets.guard, cap=budgets.cap)
         outage = sig.kind is FailureKind.OVERLOADED and self._is_outage(key, now)
-        h = hl.apply_signal(self.health_of(fp), sig, now, self.policy, outage=outage, scope=scope)
-        self.health[fp] = h
+        health = self.health
+        old = health.get(fp) or KeyHealth()  # `health_of(fp)`, inline
+        h = hl.apply_signal(old, sig, now, self.policy, outage=outage, scope=scope)
+        health[fp] = h
         return h
 
     def network_error(self, key: Key, now: float, reason: str) -> KeyHealth:

@@ -87,11 +87,30 @@ def test_a_window_state_is_what_of_and_validation_make(
     assert of.limit == values[0]
 
 
+def _reference_seen(
+    h: KeyHealth, windows: tuple[Window, ...], now: float, scope: str
+) -> dict[str, object]:
+    """The update recording a success's windows, as `_seen` made it before its shortcuts
+    (each record copied by pydantic's `model_copy`)."""
+    if not scope:
+        return {"windows": hl._merge_windows(h.windows, windows, now)}
+    old = h.scopes.get(scope) or ScopedHealth()
+    update: dict[str, object] = {
+        "windows": hl._merge_windows(old.windows, windows, now),
+        "seen_at": now,
+    }
+    if old.rate_limit_streak:
+        update["rate_limit_streak"] = 0
+    scopes = h.scopes.copy()
+    scopes[scope] = old.model_copy(update=update)
+    return {"scopes": _reference_live(scopes, now)}
+
+
 def _reference_success(
     h: KeyHealth, sig: Signal, now: float, policy: Policy, scope: str
 ) -> KeyHealth:
     """A success applied as before its shortcuts: the update merged from its three parts."""
-    seen = hl._seen(h, sig.windows, now, scope, succeeded=True)
+    seen = _reference_seen(h, sig.windows, now, scope)
     update: dict[str, object] = {"rate_limit_streak": 0, "overload_streak": 0}
     recheck = hl._recheck_at(h, policy.auth_recheck_seconds)
     if recheck is not None and now >= recheck:
@@ -128,8 +147,12 @@ def test_a_success_is_applied_as_before(
     mine = apply_signal(h, sig, NOW, policy, scope=scope)
     theirs = _reference_success(h, sig, NOW, policy, scope)
     assert mine == theirs
+    assert repr(mine) == repr(theirs)
     assert mine.model_fields_set == theirs.model_fields_set
     assert mine.model_dump_json() == theirs.model_dump_json()
+    for name in set(mine.scopes) & set(theirs.scopes):
+        assert mine.scopes[name].model_fields_set == theirs.scopes[name].model_fields_set
+    assert mine.model_fields_set is not h.model_fields_set  # the record's own
 
 
 HELD = [
@@ -200,3 +223,48 @@ STATUSES = [
 def test_status_is_what_it_was(h: KeyHealth, scope: str, now: float) -> None:
     mine, theirs = hl.status(h, now, scope), _status_as_before(h, now, scope)
     assert repr(mine) == repr(theirs)
+
+
+def _reference_merge(
+    old: dict[str, WindowState], new: tuple[Window, ...], now: float
+) -> dict[str, WindowState]:
+    """`_merge_windows` as written before its shortcuts: every value through `_finite`, every
+    window validated."""
+    out = {k: w for k, w in old.items() if w.reset_at is None or w.reset_at > now}
+    for w in new:
+        key = w.dimension if w.period is None else f"{w.dimension}:{w.period}"
+        limit = w.limit if w.limit is not None else (out[key].limit if key in out else None)
+        out[key] = WindowState(
+            limit=hl._finite(limit),
+            remaining=hl._finite(w.remaining),
+            reset_at=hl._finite(w.reset_at),
+            seen_at=now,
+        )
+    return out
+
+
+ODD_VALUES = [None, 0.0, -0.0, 3.5, 7, True, 10**20, 1e308, math.inf, -math.inf, math.nan]
+
+
+@pytest.mark.parametrize("value", ODD_VALUES)
+@pytest.mark.parametrize("period", [None, "minute"])
+def test_windows_merge_as_validation_would_leave_them(
+    value: float | None, period: str | None
+) -> None:
+    old = {
+        "requests": WindowState(limit=10, remaining=1, reset_at=NOW + 5, seen_at=NOW - 1),
+        "tokens:minute": WindowState(limit=99, remaining=1, reset_at=NOW - 5, seen_at=NOW - 9),
+    }
+    new = (
+        Window("requests", period, value, value, value),
+        Window("tokens", period, None, value, NOW + 1),
+        Window("requests", None, None, 2.0, None),
+    )
+    mine, theirs = hl._merge_windows(old, new, NOW), _reference_merge(old, new, NOW)
+    assert list(mine) == list(theirs)
+    for name, w in mine.items():
+        assert repr(w) == repr(theirs[name])
+        assert [type(v) for v in w.__dict__.values()] == [
+            type(v) for v in theirs[name].__dict__.values()
+        ]
+        assert w.model_dump_json() == theirs[name].model_dump_json()

@@ -247,3 +247,33 @@ def test_a_date_is_read_alike_remembered_or_not(value: str) -> None:
     for _ in range(2):  # read, then remembered
         assert repr(signals._date(value)) == repr(signals._read_date(value))
     assert signals._short_date.cache_info().maxsize == 256
+
+
+USUAL_OTHERS = tuple((name, b"x") for name in sorted(signals._USUAL_OTHERS))
+
+
+def test_the_usual_other_headers_are_none_a_dialect_reads() -> None:
+    read = [*signals._OPENAI_SLOTS, *signals._EVERY_DIALECT.slots]
+    prefixes = (*signals._EVERY_DIALECT.prefixes, b"x-ratelimit", b"retry-after")
+    for name in signals._USUAL_OTHERS:
+        assert name == name.lower().strip(), name
+        assert not name.startswith(prefixes), name
+        assert name not in read, name
+        assert not signals._header_map(((name, b"1"),)), name
+
+
+@pytest.mark.parametrize(
+    "provider", ["openai", "groq", "kimi-code", "anthropic", "generic", "gemini"]
+)
+@pytest.mark.parametrize(
+    ("label", "rates"),
+    [("openai", OPENAI), ("simple", SIMPLE), ("anthropic", ANTHROPIC + UNIFIED), ("none", ())],
+)
+def test_answers_among_the_usual_other_headers_read_alike(
+    label: str, rates: tuple[Any, ...], provider: str
+) -> None:
+    headers = USUAL_OTHERS[:9] + rates + USUAL_OTHERS[9:]
+    fast, general, fast_warned, general_warned = _both(200, headers, provider)
+    assert fast == general, label
+    assert fast_warned == general_warned, label
+    assert fast == parse_signal(200, rates, None, NOW, provider=provider), label

@@ -175,6 +175,7 @@ _NAMES = st.sampled_from(
     [n for n, _ in OPENAI]
     + [n.upper() for n, _ in OPENAI]
     + [b"content-type", b"retry-after", b"x-ratelimit-remaining", b" x-ratelimit-limit-tokens"]
+    + [b"date", b"Date", b"server", b" server", b"x-request-id"]
 )
 _VALUES = st.one_of(
     st.sampled_from([b"0", b"1", b"12", b"1.5", b"1ms", b"6m0s", b"-1", b"", b" 3", b"1e3"]),

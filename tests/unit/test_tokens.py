@@ -286,7 +286,8 @@ def _tail_as_json_loads_reads_it(raw: bytes) -> dict[str, Any] | None:
         data = json.loads(b"{" + raw[at:])
     except (ValueError, UnicodeDecodeError, RecursionError):
         return None
-    return data if isinstance(data, dict) and isinstance(data.get("usage"), dict) else None
+    usage = data.get("usage") if isinstance(data, dict) else None
+    return usage if isinstance(usage, dict) else None
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,7 @@ from .health_records import KeyHealth as KeyHealth
 from .health_records import Persisted as Persisted
 from .health_records import ScopedHealth as ScopedHealth
 from .health_records import WindowState as WindowState
-from .health_records import updated, window_state
+from .health_records import built, updated, window_state
 from .signals import FailureKind, Signal, Window
 
 _MAX_DOUBLINGS = 30
@@ -67,13 +67,9 @@ def apply_signal(
     """The key's health after `sig` on a request of `scope`; `outage` means every key of the
     pool failed the same way. The windows and a rate limit go to `scope` ("" the whole key);
     everything else is key-wide."""
-    ok = sig.kind is FailureKind.OK
-    seen = _seen(h, sig.windows, now, scope, succeeded=ok)
-    if ok:  # every answer that went well: one copy of the record, not one per step
-        _succeeded(h, now, policy, seen)
-        seen["updated_at"] = now
-        return updated(h, seen)
-    h = updated(h, seen)
+    if sig.kind is FailureKind.OK:  # every answer that went well: one copy of the record
+        return _succeeded(h, sig.windows, now, policy, scope)
+    h = updated(h, _seen(h, sig.windows, now, scope))
     match sig.kind:
         case FailureKind.RATE_LIMITED:
             h = (
@@ -126,18 +122,42 @@ def operator_reset(h: KeyHealth, now: float) -> KeyHealth:
     )
 
 
-def _succeeded(h: KeyHealth, now: float, policy: Policy, update: dict[str, object]) -> None:
-    """What a success changes key-wide, added to `update` (the scope's streak ends in
-    `_seen`)."""
-    update["rate_limit_streak"] = 0
-    update["overload_streak"] = 0
+def _succeeded(
+    h: KeyHealth, windows: tuple[Window, ...], now: float, policy: Policy, scope: str
+) -> KeyHealth:
+    """`apply_signal` of a success: its windows seen (as `_seen` records them, the scope's
+    streak ended), the key's streaks ended, and a planned recheck's disable lifted. The new
+    record is built from a copy of the old one's values, without an update dict to merge."""
+    values = h.__dict__.copy()
+    if scope:
+        values["scopes"] = _scopes_seen(h, windows, now, scope, True)
+        fields = h.__pydantic_fields_set__ | _SUCCEEDED_IN_SCOPE
+    else:
+        values["windows"] = _merge_windows(h.windows, windows, now)
+        fields = h.__pydantic_fields_set__ | _SUCCEEDED_KEY_WIDE
+    values["rate_limit_streak"] = 0
+    values["overload_streak"] = 0
     # Only the planned recheck re-enables a key: a request that was already in flight when the
     # key was disabled may still succeed, and must not undo the disable.
     if h.disabled_reason is not None:
         recheck = _recheck_at(h, policy.auth_recheck_seconds)
         if recheck is not None and now >= recheck:
-            update["disabled_reason"] = None
-            update["disabled_at"] = None
+            values["disabled_reason"] = None
+            values["disabled_at"] = None
+            fields |= _REENABLED
+    values["updated_at"] = now
+    return built(type(h), values, fields)
+
+
+_SUCCEEDED_KEY_WIDE: Final = frozenset(
+    ("windows", "rate_limit_streak", "overload_streak", "updated_at")
+)
+"""The fields a success sets on a key-wide answer (`_succeeded`)."""
+_SUCCEEDED_IN_SCOPE: Final = frozenset(
+    ("scopes", "rate_limit_streak", "overload_streak", "updated_at")
+)
+"""The fields a success sets on an answer to a request of a scope."""
+_REENABLED: Final = frozenset(("disabled_reason", "disabled_at"))
 
 
 def _rate_limited(h: KeyHealth, sig: Signal, now: float, policy: Policy) -> KeyHealth:
@@ -168,26 +188,39 @@ def _scoped_rate_limit(
 
 
 def _seen(
-    h: KeyHealth,
-    windows: tuple[Window, ...],
-    now: float,
-    scope: str = "",
-    *,
-    succeeded: bool = False,
+    h: KeyHealth, windows: tuple[Window, ...], now: float, scope: str = ""
 ) -> dict[str, object]:
-    """The update that records an answer to a request of `scope`: its windows merged into the
-    key's (scope "") or into the scope's, which is seen now (created when new; its rate-limit
-    streak ended when the answer `succeeded`), old scopes pruned."""
+    """The update that records a failed answer to a request of `scope`: its windows merged
+    into the key's (scope "") or into the scope's (`_scopes_seen`)."""
     if not scope:
         return {"windows": _merge_windows(h.windows, windows, now)}
+    return {"scopes": _scopes_seen(h, windows, now, scope, False)}
+
+
+def _scopes_seen(
+    h: KeyHealth, windows: tuple[Window, ...], now: float, scope: str, succeeded: bool
+) -> dict[str, ScopedHealth]:
+    """The key's scopes once an answer to a request of `scope` is recorded: its windows merged
+    into the scope's, which is seen now (created when new; its rate-limit streak ended when
+    the answer `succeeded`), old scopes pruned. The scope's record is built from a copy of the
+    old one's values, as `updated` would build it, without an update dict to merge."""
     old = h.scopes.get(scope) or ScopedHealth()
-    merged = _merge_windows(old.windows, windows, now)
-    update: dict[str, object] = {"windows": merged, "seen_at": now}
+    values = old.__dict__.copy()
+    values["windows"] = _merge_windows(old.windows, windows, now)
+    values["seen_at"] = now
     if succeeded and old.rate_limit_streak:
-        update["rate_limit_streak"] = 0
+        values["rate_limit_streak"] = 0
+        fields = old.__pydantic_fields_set__ | _SEEN_STREAK_ENDED
+    else:
+        fields = old.__pydantic_fields_set__ | _SEEN
     scopes = h.scopes.copy()
-    scopes[scope] = updated(old, update)
-    return {"scopes": _live_scopes(scopes, now)}
+    scopes[scope] = built(type(old), values, fields)
+    return _live_scopes(scopes, now)
+
+
+_SEEN: Final = frozenset(("windows", "seen_at"))
+"""The fields of a scope's record an answer sets (`_scopes_seen`)."""
+_SEEN_STREAK_ENDED: Final = _SEEN | {"rate_limit_streak"}
 
 
 def prune_scopes(h: KeyHealth, now: float, ttl: float = SCOPE_TTL) -> KeyHealth:
@@ -266,16 +299,21 @@ def _merge_windows(
     # validation would drop (NaN, infinity) into None. A clock that is not finite (never
     # seen) takes the validated path, which leaves `seen_at` unset.
     seen_at = _finite(now)
-    isfinite = math.isfinite
     for w in new:
-        key = w.dimension if w.period is None else f"{w.dimension}:{w.period}"
-        # A response may omit the limit (Azure sends only what remains); limits rarely change.
-        limit = w.limit if w.limit is not None else (out[key].limit if key in out else None)
-        remaining, reset_at = w.remaining, w.reset_at
-        # `_finite` of each, written out: three calls saved per window of every answer.
-        limit = float(limit) if limit is not None and isfinite(limit) else None
-        remaining = float(remaining) if remaining is not None and isfinite(remaining) else None
-        reset_at = float(reset_at) if reset_at is not None and isfinite(reset_at) else None
+        period, limit, remaining, reset_at = w.period, w.limit, w.remaining, w.reset_at
+        key = w.dimension if period is None else f"{w.dimension}:{period}"
+        if limit is None and key in out:
+            # A response may omit the limit (Azure sends only what remains); limits rarely
+            # change.
+            limit = out[key].limit
+        # `_finite` of each, written out for what a signal gives (None, or a float `x - x`
+        # finds finite: it is NaN for NaN and infinities); anything else is converted by it.
+        if limit is not None and (type(limit) is not float or limit - limit != 0.0):
+            limit = _finite(limit)
+        if remaining is not None and (type(remaining) is not float or remaining - remaining != 0.0):
+            remaining = _finite(remaining)
+        if reset_at is not None and (type(reset_at) is not float or reset_at - reset_at != 0.0):
+            reset_at = _finite(reset_at)
         if seen_at is not None:
             out[key] = window_state(limit, remaining, reset_at, seen_at)
         else:

@@ -111,7 +111,6 @@ def _parse_signal(
 
 
 _new = object.__new__
-_set = object.__setattr__
 
 
 def _signal(
@@ -124,9 +123,8 @@ def _signal(
     """`Signal(status, kind, retry_at, windows, reason)`, made without the frozen dataclass's
     `__init__` (an `object.__setattr__` per field): a third of the time, the same object."""
     sig = _new(Signal)
-    _set(
+    _set_signal_dict(
         sig,
-        "__dict__",
         {
             "status": status,
             "kind": kind,
@@ -139,14 +137,19 @@ def _signal(
     return sig
 
 
+# Each object's `__dict__` set through its class's descriptor: cheaper than
+# `object.__setattr__(obj, "__dict__", ...)`, which looks the descriptor up by name each time.
+_set_signal_dict = Signal.__dict__["__dict__"].__set__
+_set_window_dict = Window.__dict__["__dict__"].__set__
+
+
 def _window_of(
     dim: str, period: str | None, limit: float | None, remaining: float | None, reset: float | None
 ) -> Window:
     """`Window(dim, period, limit, remaining, reset)`, made as `_signal` makes a signal."""
     w = _new(Window)
-    _set(
+    _set_window_dict(
         w,
-        "__dict__",
         {"dimension": dim, "period": period, "limit": limit, "remaining": remaining,
          "reset_at": reset},
     )  # fmt: skip
@@ -412,6 +415,20 @@ _OPENAI_SLOTS: Final = {
 _OPENAI_PLACES: Final = tuple((3 * i, dim, names) for i, (dim, names) in enumerate(_OPENAI_NAMES))
 """Each dimension with where its three values start among those places, and their names."""
 
+_USUAL_OTHERS: Final = frozenset(
+    (
+        b"content-type", b"content-length", b"content-encoding", b"transfer-encoding",
+        b"date", b"server", b"connection", b"keep-alive", b"vary", b"cache-control",
+        b"alt-svc", b"set-cookie", b"strict-transport-security", b"x-content-type-options",
+        b"access-control-expose-headers", b"x-request-id", b"request-id", b"cf-ray",
+        b"cf-cache-status", b"openai-organization", b"openai-processing-ms",
+        b"openai-version", b"openai-project", b"via", b"x-envoy-upstream-service-time",
+    )
+)  # fmt: skip
+"""Names, as usually sent, of headers that every answer carries and no dialect reads (none
+begins, lower-cased and stripped, as any read name or `_success`'s prefixes do): the success
+readers pass them over at one look-up, not three calls each."""
+
 
 def _openai_success(
     fields: tuple[tuple[bytes, bytes], ...], now: float, horizon: float, provider: str
@@ -426,6 +443,8 @@ def _openai_success(
         for name, value in fields:
             i = _OPENAI_SLOTS.get(name)  # one of the six as they are usually sent
             if i is None:
+                if name in _USUAL_OTHERS:
+                    continue
                 lowered = name.lower()
                 # What `_header_map` could turn into one of the six (`in` would be no safer,
                 # and costs ten times more on bytes: it tries the operand as an integer first).
@@ -517,6 +536,8 @@ def _success(
         for name, value in fields:
             i = slots.get(name)  # one of the names as they are usually sent
             if i is None:
+                if name in _USUAL_OTHERS:
+                    continue
                 lowered = name.lower()
                 # What `_header_map` could keep under one of the names, or an IETF one.
                 stripped = lowered.lstrip()

@@ -81,29 +81,33 @@ def reported_usage(body: bytes | None) -> tuple[int | None, int | None]:
     """(input, output) tokens from a JSON response's `usage` (OpenAI or Anthropic)."""
     if not body or len(body) > MAX_BODY:
         return None, None
-    data = _usage_tail(body)
-    if data is not None:  # an object whose usage is an object: the usual answer
-        usage = data["usage"]
-    else:
-        try:
-            data = json.loads(body)
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            return None, None
-        usage = data.get("usage") if isinstance(data, dict) else None
+    usage = _usage_tail(body)
+    if usage is not None:  # an object whose usage is an object: the usual answer
+        return _counts(usage)
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None, None
+    usage = data.get("usage") if isinstance(data, dict) else None
     if not isinstance(usage, dict):
         meta = data.get("usageMetadata") if isinstance(data, dict) else None  # Gemini
         if isinstance(meta, dict):
             return _int(meta.get("promptTokenCount")), _int(meta.get("candidatesTokenCount"))
         return None, None
+    return _counts(usage)
+
+
+def _counts(usage: dict[str, Any]) -> tuple[int | None, int | None]:
+    """(input, output) tokens of a `usage` object (OpenAI's names, else Anthropic's)."""
     tokens_in = _int(usage.get("prompt_tokens", usage.get("input_tokens")))
     tokens_out = _int(usage.get("completion_tokens", usage.get("output_tokens")))
     return tokens_in, tokens_out
 
 
 def _usage_tail(body: bytes) -> dict[str, Any] | None:
-    """The end of a JSON object body from its last `"usage"` key on, read as an object of its
-    own, when that key belongs to the outermost object; None otherwise (the whole body must
-    then be read).
+    """The `usage` object of a JSON object body, read from its last `"usage"` key on as an
+    object of its own, when that key belongs to the outermost object and holds an object;
+    None otherwise (the whole body must then be read).
 
     OpenAI and Anthropic put `usage` after the answer's content, so this reads a few dozen
     bytes instead of the whole completion. The key belongs to the outermost object exactly
@@ -120,7 +124,8 @@ def _usage_tail(body: bytes) -> dict[str, Any] | None:
         data = _decode_object((b"{" + body[at:]).decode("utf-8", "surrogatepass"))
     except (ValueError, UnicodeDecodeError, RecursionError):
         return None
-    return data if isinstance(data, dict) and isinstance(data.get("usage"), dict) else None
+    usage = data.get("usage") if isinstance(data, dict) else None
+    return usage if isinstance(usage, dict) else None
 
 
 def _decode_object(text: str) -> Any:
