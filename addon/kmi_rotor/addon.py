@@ -20,6 +20,7 @@ import asyncio
 import gc
 import logging
 import time
+from types import CoroutineType
 from typing import Any
 
 from mitmproxy import ctx, http
@@ -264,14 +265,20 @@ class Rotor:
         if flow.response is not None:
             return
         try:
-            pool = await self.gatekeeper.gate(flow)
+            pool = self.gatekeeper.gate(flow)
+            if type(pool) is CoroutineType:  # a client not on loopback: its destination checked
+                pool = await pool
             run = self.serving
             if pool is None or run is None:
                 return
             if flow.request.raw_content is not None:  # a replay: the body is known already
-                await self.admission.admit(run, flow, pool, flow.request.raw_content)
+                waits = self.admission.admit(run, flow, pool, flow.request.raw_content)
+                if waits is not None:
+                    await waits
             elif admission.before_body(flow):
-                await self.admission.admit(run, flow, pool, None)
+                waits = self.admission.admit(run, flow, pool, None)
+                if waits is not None:
+                    await waits
             else:  # the body will be there in `request`: admit with its real token estimate
                 self._deferred[flow.id] = pool
         except Exception:
@@ -297,7 +304,9 @@ class Rotor:
                 if run is None:  # its configuration failed meanwhile: nothing goes upstream
                     raise RuntimeError("no configuration applies any more")
                 parsed = read_json(raw)  # once, for the estimate, the model and the stream flag
-                await self.admission.admit(run, flow, pool, raw, parsed)
+                waits = self.admission.admit(run, flow, pool, raw, parsed)
+                if waits is not None:
+                    await waits
             served = self.served.get(flow.id)
             if served is None or flow.response is not None:
                 return

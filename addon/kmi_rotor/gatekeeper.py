@@ -19,7 +19,7 @@ import ipaddress
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from mitmproxy import ctx, http
@@ -191,9 +191,12 @@ class Gatekeeper:
 
     # -- the request path -----------------------------------------------------------------
 
-    async def gate(self, flow: http.HTTPFlow) -> Pool | None:
+    def gate(self, flow: http.HTTPFlow) -> Pool | Coroutine[Any, Any, Pool | None] | None:
         """Access, Host, configuration and route checks; the pool when a key must be chosen.
-        A request that fails one is answered locally; client tokens are masked in any case."""
+        A request that fails one is answered locally; client tokens are masked in any case.
+        Decided at once, but for a client not on loopback, whose destination is resolved
+        first: then a coroutine to await for the same answer (no coroutine for every
+        request)."""
         req = flow.request
         # A replay (a failover attempt, or the operator's in mitmweb) is made by the proxy from
         # a flow that passed these checks; its Host is the upstream's already.
@@ -206,15 +209,34 @@ class Gatekeeper:
             plain = None if entry is None else entry[1]
             refusal = self._refusal_before(flow, page, pool, replay)
             if refusal is _WHERE:  # a client not on loopback: where it goes, then the rest
-                refusal = await self._where(flow, req.host, req.port, pool, False, everyone=False)
+                return self._gate_where(flow, page, pool, plain)
             if refusal is None:
                 refusal = self._refusal_after(flow, page, pool, plain)
+        return self._gated(flow, page, pool, refusal)
+
+    async def _gate_where(
+        self, flow: http.HTTPFlow, page: bool, pool: Pool | None, plain: bool | None
+    ) -> Pool | None:
+        """`gate` for a client not on loopback, once `_refusal_before` passed: where the
+        request goes, then the checks after it."""
+        req = flow.request
+        refusal = await self._where(flow, req.host, req.port, pool, False, everyone=False)
+        if refusal is None:
+            refusal = self._refusal_after(flow, page, pool, plain)
+        return self._gated(flow, page, pool, refusal)
+
+    def _gated(
+        self, flow: http.HTTPFlow, page: bool, pool: Pool | None, refusal: Refusal | None
+    ) -> Pool | None:
+        """`gate`'s end, its checks done: tokens masked, a refusal answered, and the pool
+        unless the request is the status page's, of no pool, or no API call."""
         self._scrub_tokens(flow)
         if refusal is not None:
             answer_locally(flow, refusal, self.clock())
             return None
         if page or pool is None:
             return None
+        req = flow.request
         if not _api_call(req.data.method, req.data.path.split(b"?", 1)[0]):
             drop_credentials(flow)  # a probe needs no key, and the client's own never leaves
             flow.comment = "kmi-rotor: not an API call, sent without a key"
