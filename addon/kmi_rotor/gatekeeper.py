@@ -33,7 +33,14 @@ from .core import access, routing
 from .core.access import IP
 from .core.calls import is_api_call
 from .core.credentials import CREDENTIAL_HEADERS, CREDENTIAL_QUERY
-from .core.header_fields import Fields, has_field, with_fields
+from .core.header_fields import (
+    Fields,
+    field_positions,
+    field_value,
+    has_field,
+    with_field_at,
+    with_fields,
+)
 from .core.hosts import HostLookup
 from .core.refusal import Refusal
 from .core.secrets import mask_credential_value
@@ -393,7 +400,17 @@ class Gatekeeper:
         if not _is_reverse(mode):
             return None
         req = flow.request
-        named = host_header(req)
+        data = req.data
+        at = None
+        if data.http_version in AUTHORITY_VERSIONS:
+            named = host_header(req)
+        else:  # HTTP/1: its Host fields found once, to be read and rewritten
+            fields = data.headers.fields
+            at = field_positions(fields, b"host")
+            if len(at) == 1:  # `host_header(req)`, the usual case
+                named = fields[at[0]][1].decode("utf-8", "surrogateescape")
+            else:
+                named = field_value(fields, b"host")
         local = flow.client_conn.sockname
         scheme = "https" if flow.client_conn.tls else "http"
         why = self._host_verdict(named, scheme, local, settings)
@@ -405,7 +422,11 @@ class Gatekeeper:
                 scheme = "https" if mode.scheme in ("https", "http3", "tls", "quic") else "http"
                 upstream = url.hostport(scheme, mode.address[0], mode.address[1])
                 self._upstreams = {**self._upstreams, mode: upstream}  # a mode per listener
-            if named != upstream:
+            if named != upstream and at is not None and len(at) == 1:
+                # `set_host_header`, on the one Host field found already
+                raw = upstream.encode("utf-8", "surrogateescape")
+                data.headers.fields = with_field_at(fields, at[0], raw)
+            elif named != upstream:
                 set_host_header(req, upstream)
         return None
 
