@@ -758,14 +758,22 @@ async def test_the_request_body_is_parsed_once(make: Make, monkeypatch: pytest.M
         parses += 1
         return loads(*args, **kwargs)
 
-    class Decoder(json.JSONDecoder):  # what `read_json` parses an object's body with
+    class Decoder(json.JSONDecoder):  # what `read_json` reads the rest of a body with
         def decode(self, *args: Any, **kwargs: Any) -> Any:
             nonlocal parses
             parses += 1
             return super().decode(*args, **kwargs)
 
+    scan = body_json._SCAN
+
+    def counting_scan(text: str, at: int) -> Any:  # what `read_json` reads an object with
+        nonlocal parses
+        parses += 1
+        return scan(text, at)
+
     monkeypatch.setattr(json, "loads", counting)
     monkeypatch.setattr(body_json, "_DECODER", Decoder())
+    monkeypatch.setattr(body_json, "_SCAN", counting_scan)
     await send(addon, f)
     monkeypatch.undo()
     assert f.response is None
