@@ -41,7 +41,8 @@ def put_key(request: http.Request, writes: Writes, secret: str) -> None:
         return
     raw = secret.encode("utf-8", "surrogateescape")
     updates = {name: b"Bearer " + raw if bearer else raw for name, bearer in headers}
-    request.headers.fields = with_fields(request.headers.fields, updates)
+    held = request.data.headers  # `request.headers`, without its property
+    held.fields = with_fields(held.fields, updates)
 
 
 def before_body(flow: http.HTTPFlow) -> bool:

@@ -211,7 +211,7 @@ class Gatekeeper:
         settings = self.settings  # read once: nothing here waits (`_gate_where` reads it anew)
         refusal = None if replay else self._reverse_host(flow, settings)
         page = self.page.should_serve(flow)
-        entry = self._pool_entry(req.host, req.port, settings)
+        entry = self._pool_entry(req.data.host, req.data.port, settings)  # `req.host`, `.port`
         pool = None if entry is None else entry[0]
         if refusal is None:
             plain = None if entry is None else entry[1]
