@@ -20,6 +20,8 @@ import asyncio
 import gc
 import logging
 import time
+from collections.abc import Coroutine
+from types import CoroutineType
 from typing import Any
 
 from mitmproxy import ctx, http
@@ -33,7 +35,7 @@ from .cluster import wiring as cluster
 from .cluster.state import LocalState
 from .config import ConfigError, Pool, Settings, one_line
 from .core import tokens as tk
-from .core.body_json import read_json
+from .core.body_json import BodyJSON, read_json
 from .core.header_fields import field_value
 from .core.refusal import Refusal
 from .core.stream_tap import SSETap
@@ -264,14 +266,20 @@ class Rotor:
         if flow.response is not None:
             return
         try:
-            pool = await self.gatekeeper.gate(flow)
+            pool = self.gatekeeper.gate(flow)
+            if type(pool) is CoroutineType:  # a client not on loopback: its destination checked
+                pool = await pool
             run = self.serving
             if pool is None or run is None:
                 return
             if flow.request.raw_content is not None:  # a replay: the body is known already
-                await self.admission.admit(run, flow, pool, flow.request.raw_content)
+                waits = self.admission.admit(run, flow, pool, flow.request.raw_content)
+                if waits is not None:
+                    await waits
             elif admission.before_body(flow):
-                await self.admission.admit(run, flow, pool, None)
+                waits = self.admission.admit(run, flow, pool, None)
+                if waits is not None:
+                    await waits
             else:  # the body will be there in `request`: admit with its real token estimate
                 self._deferred[flow.id] = pool
         except Exception:
@@ -282,14 +290,18 @@ class Rotor:
         """Admit a request whose body was awaited, read its body; then the status page answers
         its own paths (after the gate in `requestheaders` let the request through). A request
         that holds a key was not the status page's in `requestheaders`: it goes upstream."""
-        await self._request(flow)
+        waits = self._request(flow)
+        if waits is not None:
+            await waits
         if flow.id not in self.served:
             await self.page.request(flow)
 
-    async def _request(self, flow: http.HTTPFlow) -> None:
+    def _request(self, flow: http.HTTPFlow) -> Coroutine[Any, Any, None] | None:
+        """Admit a request whose body was awaited, and read the body of one that holds a key;
+        at once, or, when its admission must wait, in the coroutine returned."""
         pool = self._deferred.pop(flow.id, None)
         if flow.response is not None:
-            return
+            return None
         try:
             raw, parsed = flow.request.raw_content or b"", None
             if pool is not None:
@@ -297,24 +309,50 @@ class Rotor:
                 if run is None:  # its configuration failed meanwhile: nothing goes upstream
                     raise RuntimeError("no configuration applies any more")
                 parsed = read_json(raw)  # once, for the estimate, the model and the stream flag
-                await self.admission.admit(run, flow, pool, raw, parsed)
-            served = self.served.get(flow.id)
-            if served is None or flow.response is not None:
-                return
-            body = flow.request.raw_content if not flow.request.stream else None
-            if body is None:
-                return
-            if parsed is None or body is not raw:  # admitted earlier, or rewritten since
-                parsed = read_json(body)
-            served.stream_request = request_body.wants_stream(flow.request, body, parsed)
-            if served.estimated_from_size:  # admitted before the body: correct the estimate
-                estimate = tk.estimate_from_body(body, parsed=parsed)
-                served.run.engine.adjust(served.reservation, estimate)
-            if served.stream_request and served.run.settings.streaming.include_usage:
-                request_body.ask_for_usage(flow, parsed)
+                waits = self.admission.admit(run, flow, pool, raw, parsed)
+                if waits is not None:
+                    return self._request_after(flow, waits, raw, parsed)
+            self._read_body(flow, raw, parsed)
         except Exception:
-            log.exception("kmi-rotor: internal error while reading the request body")
-            self._fail_before_sending(flow)
+            self._body_failed(flow)
+        return None
+
+    async def _request_after(
+        self,
+        flow: http.HTTPFlow,
+        admitted: Coroutine[Any, Any, None],
+        raw: bytes,
+        parsed: BodyJSON,
+    ) -> None:
+        """`_request`, once the admission it waits for (`admitted`) is over."""
+        try:
+            await admitted
+            self._read_body(flow, raw, parsed)
+        except Exception:
+            self._body_failed(flow)
+
+    def _read_body(self, flow: http.HTTPFlow, raw: bytes, parsed: BodyJSON | None) -> None:
+        """What the body of a request that holds a key says: whether it asks for a stream
+        (then for its usage too, where configured), and its token estimate, corrected when it
+        was admitted before the body arrived. `parsed`: `read_json(raw)`, when read."""
+        served = self.served.get(flow.id)
+        if served is None or flow.response is not None:
+            return
+        body = flow.request.raw_content if not flow.request.stream else None
+        if body is None:
+            return
+        if parsed is None or body is not raw:  # admitted earlier, or rewritten since
+            parsed = read_json(body)
+        served.stream_request = request_body.wants_stream(flow.request, body, parsed)
+        if served.estimated_from_size:  # admitted before the body: correct the estimate
+            estimate = tk.estimate_from_body(body, parsed=parsed)
+            served.run.engine.adjust(served.reservation, estimate)
+        if served.stream_request and served.run.settings.streaming.include_usage:
+            request_body.ask_for_usage(flow, parsed)
+
+    def _body_failed(self, flow: http.HTTPFlow) -> None:
+        log.exception("kmi-rotor: internal error while reading the request body")
+        self._fail_before_sending(flow)
 
     # -- connections: the gatekeeper's and the waiting requests' ------------------------------
 
@@ -362,7 +400,7 @@ class Rotor:
         ctype = field_value(response.headers.fields, b"content-type") or ""
         if ctype.startswith("text/event-stream"):
             served.tap = SSETap()
-        elif not any(ctype.startswith(t) for t in served.run.settings.streaming.content_types):
+        elif not ctype.startswith(tuple(served.run.settings.streaming.content_types)):
             return
         feeds = relay.FEEDS.get(flow_id)  # a failover attempt: its answer goes to another client
         if feeds is not None:

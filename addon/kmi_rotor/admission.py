@@ -4,8 +4,10 @@ answer that says why not (and when to come back)."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from mitmproxy import ctx, http
 
@@ -20,7 +22,7 @@ from .core.credentials import Writes, writes_of_fields
 from .core.header_fields import with_fields
 from .core.refusal import Refusal
 from .core.scope import model_of_request, scope_of
-from .engine import Chosen, Wait
+from .engine import Chosen, Decision, Wait
 from .masking import put_all
 from .names import META
 from .running import Running
@@ -39,7 +41,8 @@ def put_key(request: http.Request, writes: Writes, secret: str) -> None:
         return
     raw = secret.encode("utf-8", "surrogateescape")
     updates = {name: b"Bearer " + raw if bearer else raw for name, bearer in headers}
-    request.headers.fields = with_fields(request.headers.fields, updates)
+    held = request.data.headers  # `request.headers`, without its property
+    held.fields = with_fields(held.fields, updates)
 
 
 def before_body(flow: http.HTTPFlow) -> bool:
@@ -51,6 +54,19 @@ def before_body(flow: http.HTTPFlow) -> bool:
         if name.lower() == b"content-length":
             return False  # not chunked
     return bool(getattr(ctx.options, "stream_large_bodies", None))
+
+
+def _upstream_ready(flow: http.HTTPFlow) -> bool:
+    """Whether `Waiting.upstream_ready` has nothing to wait for (its loop's tests, on entry):
+    no connection is being set up, or it is set up, or failed, or the client left."""
+    server = flow.server_conn
+    return (
+        server.timestamp_start is None
+        or server.error is not None
+        or (server.connected and (not server.tls or server.tls_established))
+        or server.timestamp_end is not None
+        or not flow.client_conn.connected
+    )
 
 
 class Admission:
@@ -67,17 +83,22 @@ class Admission:
         self.waiting = waiting
         self.clock = clock
 
-    async def admit(
+    def admit(
         self,
         run: Running,
         flow: http.HTTPFlow,
         pool: Pool,
         body: bytes | None,
         parsed: BodyJSON | None = None,
-    ) -> None:
+    ) -> Coroutine[Any, Any, None] | None:
         """Choose the request's key (waiting for capacity within its deadline) and put it in,
         or answer locally why not. `body`: None before it arrived; `parsed`: its parse
-        (`read_json(body)`) when the caller has it."""
+        (`read_json(body)`) when the caller has it.
+
+        Done at once when there is nothing to wait for (the usual case: the upstream
+        connection is ready, the state is this process's own and the engine does not say to
+        wait), and None is returned; else what is left is a coroutine for the caller to await
+        (no coroutine is made for every request)."""
         retry = flow.metadata.get(META, {}).get("retry") if flow.is_replay else None
         exclude = frozenset(retry["exclude"]) if retry else _NONE
         arrived = self.clock()
@@ -94,46 +115,94 @@ class Admission:
                 tokens = tk.estimate_from_body(body, strict=True, parsed=parsed)
             except tk.Unreadable as e:  # refused before a key is chosen: nothing is spent
                 answer_locally(flow, Refusal(400, "unreadable_body", str(e)), arrived)
-                return
+                return None
         affinity = flow.request.headers.get(pool.affinity_header) if pool.affinity_header else None
         # Read once: the budgets and cooldowns this request is admitted against and reports to.
         model = model_of_request(flow.request.path, body, parsed)
         scope = scope_of(pool.limit_scope, pool.preset.name, model)
-        await self.waiting.upstream_ready(flow)
+        attempt = retry["attempt"] if retry else 1
         # In one process the state's `decide` is the engine's, asked without a coroutine.
         local = type(run.state) is LocalState
-        while True:
+        if local and _upstream_ready(flow):
             now = self.clock()
-            if local:
-                d = run.engine.decide(
-                    pool,
-                    tokens,
-                    now,
-                    deadline=deadline,
-                    exclude=exclude,
-                    affinity=affinity,
-                    scope=scope,
-                    model=model,
-                )
+            d = run.engine.decide(
+                pool,
+                tokens,
+                now,
+                deadline=deadline,
+                exclude=exclude,
+                affinity=affinity,
+                scope=scope,
+                model=model,
+            )
+            if not isinstance(d, Wait):
+                self._conclude(run, flow, pool, d, attempt, arrived, body is None, scope)
+                return None
+            first: tuple[Wait, float] | None = (d, now)
+        else:
+            first = None
+        ask = Ask(pool, tokens, arrived, deadline, exclude, affinity, scope, model)
+        return self._admit_waiting(run, flow, ask, attempt, arrived, body is None, first)
+
+    async def _admit_waiting(
+        self,
+        run: Running,
+        flow: http.HTTPFlow,
+        ask: Ask,
+        attempt: int,
+        arrived: float,
+        before_body: bool,
+        first: tuple[Wait, float] | None,
+    ) -> None:
+        """`admit` once it must wait: for the upstream connection, then for capacity as long
+        as the engine says to. `ask`: what the engine is asked (its `now` aside); `first`: the
+        engine's first answer, a wait, and when it was asked (the upstream was ready then)."""
+        if first is None:
+            await self.waiting.upstream_ready(flow)
+        local = type(run.state) is LocalState
+        while True:
+            d: Decision
+            if first is not None:
+                (d, now), first = first, None
             else:
-                ask = Ask(pool, tokens, now, deadline, exclude, affinity, scope, model)
-                d = await run.state.decide(run.engine, ask)
-            if isinstance(d, Chosen):
-                served = self._inject(run, flow, pool, d, retry["attempt"] if retry else 1, arrived)
-                served.estimated_from_size = body is None
-                served.scope = scope
-                if scope:
-                    flow.metadata[META]["scope"] = scope
-                return
+                now = self.clock()
+                asked = dataclasses.replace(ask, now=now)
+                d = (
+                    asked.locally(run.engine)
+                    if local
+                    else await run.state.decide(run.engine, asked)
+                )
             if isinstance(d, Wait):
-                if not await self.waiting.capacity(flow, d.until, deadline):
+                if not await self.waiting.capacity(flow, d.until, ask.deadline):
                     answer_locally(
                         flow, Refusal(499, "client_gone", "the client left while waiting"), now
                     )
                     return
                 continue
-            self._refused(run, flow, pool, d, arrived, scope)
+            self._conclude(run, flow, ask.pool, d, attempt, arrived, before_body, ask.scope)
             return
+
+    def _conclude(
+        self,
+        run: Running,
+        flow: http.HTTPFlow,
+        pool: Pool,
+        d: Chosen | Refusal,
+        attempt: int,
+        arrived: float,
+        before_body: bool,
+        scope: str,
+    ) -> None:
+        """The engine's last word on the request: its key put in (`before_body`: its tokens
+        were estimated from its size), or the refusal answered."""
+        if isinstance(d, Chosen):
+            served = self._inject(run, flow, pool, d, attempt, arrived)
+            served.estimated_from_size = before_body
+            served.scope = scope
+            if scope:
+                flow.metadata[META]["scope"] = scope
+            return
+        self._refused(run, flow, pool, d, arrived, scope)
 
     def _inject(
         self,

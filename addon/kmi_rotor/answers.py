@@ -18,6 +18,8 @@ ATTEMPT_HEADER = "kmi-rotor-attempt"
 """Which attempt served an answer, when a failover re-sent the request."""
 _KEY_HEADER = KEY_HEADER.encode()
 _ATTEMPT_HEADER = ATTEMPT_HEADER.encode()
+_PREFIX = b"kmi-rotor-"
+"""What both header names begin with."""
 
 
 def answer_locally(flow: http.HTTPFlow, r: Refusal, now: float) -> None:
@@ -38,9 +40,20 @@ def label_answer(response: http.Response, label: str, attempt: int) -> None:
     """Name the serving key's label on the answer, and the attempt after a failover; a header
     of the same name from upstream is replaced, never passed on."""
     attempt_value = str(attempt).encode() if attempt > 1 else None
-    response.headers.fields = with_fields(  # one pass over the raw pairs
-        response.headers.fields,
-        {_KEY_HEADER: label.encode("utf-8", "surrogateescape"), _ATTEMPT_HEADER: attempt_value},
+    raw = label.encode("utf-8", "surrogateescape")
+    headers = response.headers
+    fields = headers.fields
+    # Upstream answers do not name these headers: when no field name holds their common
+    # prefix (looked for in C, over the names joined), the label is appended, as
+    # `with_fields` would append it; else `with_fields` replaces and removes.
+    if _PREFIX not in b"\n".join([k for k, _ in fields]).lower():
+        added = ((_KEY_HEADER, raw),)
+        if attempt_value is not None:
+            added += ((_ATTEMPT_HEADER, attempt_value),)
+        headers.fields = (*fields, *added)
+        return
+    headers.fields = with_fields(  # one pass over the raw pairs
+        fields, {_KEY_HEADER: raw, _ATTEMPT_HEADER: attempt_value}
     )
 
 

@@ -19,7 +19,7 @@ import ipaddress
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from mitmproxy import ctx, http
@@ -33,7 +33,14 @@ from .core import access, routing
 from .core.access import IP
 from .core.calls import is_api_call
 from .core.credentials import CREDENTIAL_HEADERS, CREDENTIAL_QUERY
-from .core.header_fields import Fields, has_field, with_fields
+from .core.header_fields import (
+    Fields,
+    field_positions,
+    field_value,
+    has_field,
+    with_field_at,
+    with_fields,
+)
 from .core.hosts import HostLookup
 from .core.refusal import Refusal
 from .core.secrets import mask_credential_value
@@ -130,7 +137,7 @@ class Gatekeeper:
             pool = self._pool_of(flow.request.host, flow.request.port)
             kind: access.Kind = "connect_pool" if pool is not None else "other"
             loopback = _client_loopback(flow)
-            refusal = self._who(flow, kind, pool, loopback) or await self._where(
+            refusal = self._who(flow, kind, pool, loopback, self.settings) or await self._where(
                 flow, flow.request.host, flow.request.port, pool, loopback, everyone=True
             )
         except Exception:
@@ -191,30 +198,59 @@ class Gatekeeper:
 
     # -- the request path -----------------------------------------------------------------
 
-    async def gate(self, flow: http.HTTPFlow) -> Pool | None:
+    def gate(self, flow: http.HTTPFlow) -> Pool | Coroutine[Any, Any, Pool | None] | None:
         """Access, Host, configuration and route checks; the pool when a key must be chosen.
-        A request that fails one is answered locally; client tokens are masked in any case."""
+        A request that fails one is answered locally; client tokens are masked in any case.
+        Decided at once, but for a client not on loopback, whose destination is resolved
+        first: then a coroutine to await for the same answer (no coroutine for every
+        request)."""
         req = flow.request
         # A replay (a failover attempt, or the operator's in mitmweb) is made by the proxy from
         # a flow that passed these checks; its Host is the upstream's already.
         replay = flow.is_replay == "request"
-        refusal = None if replay else self._reverse_host(flow)
+        settings = self.settings  # read once: nothing here waits (`_gate_where` reads it anew)
+        refusal = None if replay else self._reverse_host(flow, settings)
         page = self.page.should_serve(flow)
-        entry = self._pool_entry(req.host, req.port)
+        entry = self._pool_entry(req.data.host, req.data.port, settings)  # `req.host`, `.port`
         pool = None if entry is None else entry[0]
         if refusal is None:
             plain = None if entry is None else entry[1]
-            refusal = self._refusal_before(flow, page, pool, replay)
+            refusal = self._refusal_before(flow, page, pool, replay, settings)
             if refusal is _WHERE:  # a client not on loopback: where it goes, then the rest
-                refusal = await self._where(flow, req.host, req.port, pool, False, everyone=False)
+                return self._gate_where(flow, page, pool, plain)
             if refusal is None:
-                refusal = self._refusal_after(flow, page, pool, plain)
-        self._scrub_tokens(flow)
+                refusal = self._refusal_after(flow, page, pool, plain, settings)
+        return self._gated(flow, page, pool, refusal, settings)
+
+    async def _gate_where(
+        self, flow: http.HTTPFlow, page: bool, pool: Pool | None, plain: bool | None
+    ) -> Pool | None:
+        """`gate` for a client not on loopback, once `_refusal_before` passed: where the
+        request goes, then the checks after it."""
+        req = flow.request
+        refusal = await self._where(flow, req.host, req.port, pool, False, everyone=False)
+        settings = self.settings  # a configuration may have come meanwhile
+        if refusal is None:
+            refusal = self._refusal_after(flow, page, pool, plain, settings)
+        return self._gated(flow, page, pool, refusal, settings)
+
+    def _gated(
+        self,
+        flow: http.HTTPFlow,
+        page: bool,
+        pool: Pool | None,
+        refusal: Refusal | None,
+        settings: Settings | None,
+    ) -> Pool | None:
+        """`gate`'s end, its checks done: tokens masked, a refusal answered, and the pool
+        unless the request is the status page's, of no pool, or no API call."""
+        self._scrub_tokens(flow, settings)
         if refusal is not None:
             answer_locally(flow, refusal, self.clock())
             return None
         if page or pool is None:
             return None
+        req = flow.request
         if not _api_call(req.data.method, req.data.path.split(b"?", 1)[0]):
             drop_credentials(flow)  # a probe needs no key, and the client's own never leaves
             flow.comment = "kmi-rotor: not an API call, sent without a key"
@@ -222,7 +258,12 @@ class Gatekeeper:
         return pool
 
     def _refusal_before(
-        self, flow: http.HTTPFlow, page: bool, pool: Pool | None, replay: bool
+        self,
+        flow: http.HTTPFlow,
+        page: bool,
+        pool: Pool | None,
+        replay: bool,
+        settings: Settings | None,
     ) -> Refusal | type[_Where] | None:
         """The first check (after the Host's) that the request fails, of those before where
         it goes: the status page's host, who the client is. `_WHERE` when they pass and the
@@ -236,29 +277,39 @@ class Gatekeeper:
             return None
         kind: access.Kind = "page" if page else "pool" if pool is not None else "other"
         loopback = _client_loopback(flow)  # asked once, for both checks
-        refusal = self._who(flow, kind, pool, loopback)
+        refusal = self._who(flow, kind, pool, loopback, settings)
         if refusal is None and not loopback:  # a loopback client's destination: server_connect
             return _WHERE
         return refusal
 
     def _refusal_after(
-        self, flow: http.HTTPFlow, page: bool, pool: Pool | None, plain: bool | None
+        self,
+        flow: http.HTTPFlow,
+        page: bool,
+        pool: Pool | None,
+        plain: bool | None,
+        settings: Settings | None,
     ) -> Refusal | None:
         """The checks after where the request goes (see `_refusal_before`): a configuration,
         the pool's route. `plain`: whether `pool` allows keys over plain HTTP at the request's
         host:port, when known (looked up with the pool)."""
         if page:
             return None
-        if self.settings is None:
+        if settings is None:
             return Refusal(503, "not_configured", f"not serving: {self._not_serving()}")
         return None if pool is None else self._route(flow, pool, plain)
 
     def _who(
-        self, flow: http.HTTPFlow, kind: access.Kind, pool: Pool | None, loopback: bool
+        self,
+        flow: http.HTTPFlow,
+        kind: access.Kind,
+        pool: Pool | None,
+        loopback: bool,
+        settings: Settings | None,
     ) -> Refusal | None:
-        """Whether the client may have what it asks for; `loopback`: `_client_loopback(flow)`."""
+        """Whether the client may have what it asks for; `loopback`: `_client_loopback(flow)`,
+        `settings`: the configuration in force."""
         token = False
-        settings = self.settings
         clients = settings.clients if settings else ()
         if kind in ("pool", "page") and clients and not loopback:
             client = self._token_client(flow, clients)
@@ -342,16 +393,27 @@ class Gatekeeper:
             flow.metadata.setdefault(META, {})["host_rewritten"] = shown
         return None
 
-    def _reverse_host(self, flow: http.HTTPFlow) -> Refusal | None:
+    def _reverse_host(self, flow: http.HTTPFlow, settings: Settings | None) -> Refusal | None:
         """Reverse mode: the Host must name this proxy (DNS rebinding); then it becomes the
         upstream's, as mitmproxy would have made it."""
         mode = flow.client_conn.proxy_mode
         if not _is_reverse(mode):
             return None
         req = flow.request
-        named = host_header(req)
+        data = req.data
+        at = None
+        if data.http_version in AUTHORITY_VERSIONS:
+            named = host_header(req)
+        else:  # HTTP/1: its Host fields found once, to be read and rewritten
+            fields = data.headers.fields
+            at = field_positions(fields, b"host")
+            if len(at) == 1:  # `host_header(req)`, the usual case
+                named = fields[at[0]][1].decode("utf-8", "surrogateescape")
+            else:
+                named = field_value(fields, b"host")
         local = flow.client_conn.sockname
-        why = self._host_verdict(named, "https" if flow.client_conn.tls else "http", local)
+        scheme = "https" if flow.client_conn.tls else "http"
+        why = self._host_verdict(named, scheme, local, settings)
         if why is not None:
             return Refusal(403, "host_not_allowed", why)
         if self._owns_host_header:
@@ -360,14 +422,21 @@ class Gatekeeper:
                 scheme = "https" if mode.scheme in ("https", "http3", "tls", "quic") else "http"
                 upstream = url.hostport(scheme, mode.address[0], mode.address[1])
                 self._upstreams = {**self._upstreams, mode: upstream}  # a mode per listener
-            if named != upstream:
+            if named != upstream and at is not None and len(at) == 1:
+                # `set_host_header`, on the one Host field found already
+                raw = upstream.encode("utf-8", "surrogateescape")
+                data.headers.fields = with_field_at(fields, at[0], raw)
+            elif named != upstream:
                 set_host_header(req, upstream)
         return None
 
-    def _host_verdict(self, named: str | None, scheme: str, local: Any) -> str | None:
-        """`routing.reverse_host_verdict` for this proxy, remembered for the addresses and
-        names it depends on (at most `_VERDICTS` of them: a client may send any Host)."""
-        settings, hosts = self.settings, self._listen_hosts
+    def _host_verdict(
+        self, named: str | None, scheme: str, local: Any, settings: Settings | None
+    ) -> str | None:
+        """`routing.reverse_host_verdict` for this proxy and `settings`, remembered for the
+        addresses and names it depends on (at most `_VERDICTS` of them: a client may send any
+        Host)."""
+        hosts = self._listen_hosts
         old = self._verdicts_source
         if old is None or old[0] is not settings or old[1] is not hosts:
             self._verdicts, self._verdicts_source = {}, (settings, hosts)
@@ -415,21 +484,22 @@ class Gatekeeper:
 
     def _pool_of(self, host: str, port: int) -> Pool | None:
         """The pool of host:port, looked up once per configuration."""
-        found = self._pool_entry(host, port)
+        found = self._pool_entry(host, port, self.settings)
         return None if found is None else found[0]
 
     def _plain_http_allowed(self, pool: Pool, host: str, port: int) -> bool:
         """`pool.plain_http_allowed(host, port)`, remembered with the pool of host:port (for
         a pool of another configuration than the one in force, worked out)."""
-        found = self._pool_entry(host, port)
+        found = self._pool_entry(host, port, self.settings)
         if found is not None and found[0] is pool:
             return found[1]
         return pool.plain_http_allowed(host, port)
 
-    def _pool_entry(self, host: str, port: int) -> tuple[Pool | None, bool] | None:
-        """`_pool_and_plain(settings, host, port)` for the configuration in force, looked up
-        once per configuration; None without one."""
-        settings = self.settings
+    def _pool_entry(
+        self, host: str, port: int, settings: Settings | None
+    ) -> tuple[Pool | None, bool] | None:
+        """`_pool_and_plain(settings, host, port)` for `settings`, the configuration in force,
+        looked up once per configuration; None without one."""
         if settings is None:
             return None
         if self._pools is None or self._pools.source is not settings:
@@ -441,10 +511,10 @@ class Gatekeeper:
         """Every port the proxy listens on (several modes may share one process)."""
         return listening.ports(flow)
 
-    def _scrub_tokens(self, flow: http.HTTPFlow) -> None:
+    def _scrub_tokens(self, flow: http.HTTPFlow, settings: Settings | None) -> None:
         """Mask client tokens wherever the client put them: a flow answered locally (a
-        refusal, the status page) keeps its request, and so would keep the token."""
-        settings = self.settings
+        refusal, the status page) keeps its request, and so would keep the token. `settings`:
+        the configuration in force."""
         if settings is None or not settings.clients:
             return
         tokens = [(c.label, c.token.get_secret_value()) for c in settings.clients]

@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 import pytest
 from mitmproxy import http
+from mitmproxy.connection import ConnectionState
 from mitmproxy.test import taddons, tflow, tutils
 from rotor_toml import pool as pool_table
 from rotor_toml import rotor_config
@@ -757,14 +758,22 @@ async def test_the_request_body_is_parsed_once(make: Make, monkeypatch: pytest.M
         parses += 1
         return loads(*args, **kwargs)
 
-    class Decoder(json.JSONDecoder):  # what `read_json` parses an object's body with
+    class Decoder(json.JSONDecoder):  # what `read_json` reads the rest of a body with
         def decode(self, *args: Any, **kwargs: Any) -> Any:
             nonlocal parses
             parses += 1
             return super().decode(*args, **kwargs)
 
+    scan = body_json._SCAN
+
+    def counting_scan(text: str, at: int) -> Any:  # what `read_json` reads an object with
+        nonlocal parses
+        parses += 1
+        return scan(text, at)
+
     monkeypatch.setattr(json, "loads", counting)
     monkeypatch.setattr(body_json, "_DECODER", Decoder())
+    monkeypatch.setattr(body_json, "_SCAN", counting_scan)
     await send(addon, f)
     monkeypatch.undo()
     assert f.response is None
@@ -774,3 +783,39 @@ async def test_the_request_body_is_parsed_once(make: Make, monkeypatch: pytest.M
     sent = json.loads(f.request.content or b"")
     assert sent["stream_options"] == {"include_usage": True}
     assert sent["messages"] == body["messages"]
+
+
+@pytest.mark.parametrize("connecting", [False, True])
+async def test_a_request_is_admitted_alike_at_once_or_once_its_upstream_is_ready(
+    make: Make, connecting: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Admission decides at once when the upstream connection is ready, and in a coroutine
+    after waiting for it otherwise: the same key, headers, metadata and comment either way."""
+    addon, _, _ = make()
+    waited = []
+    general = addon.admission._admit_waiting
+    monkeypatch.setattr(
+        addon.admission, "_admit_waiting", lambda *a: waited.append(1) or general(*a)
+    )
+    f = flow()
+    if connecting:  # a connection being opened: started, neither open nor ended yet
+        f.server_conn.timestamp_end = None
+
+        def opened() -> None:
+            f.server_conn.state = ConnectionState.OPEN
+            addon.server_connected(None)
+
+        asyncio.get_running_loop().call_later(0.05, opened)
+    await send(addon, f)
+    assert f.response is None
+    assert f.request.headers["authorization"] == f"Bearer {KEYS['a']}"
+    meta = f.metadata[META]
+    assert {k: meta[k] for k in ("pool", "key", "attempt", "placements")} == {
+        "pool": "p",
+        "key": "a",
+        "attempt": 1,
+        "placements": [["header", "authorization"]],
+    }
+    assert f.comment == "key a"
+    assert addon.served[f.id].key.label == "a"
+    assert waited == ([1] if connecting else [])

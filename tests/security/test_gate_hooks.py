@@ -336,13 +336,13 @@ def test_reverse_host_verdicts_are_remembered_per_configuration(monkeypatch) -> 
     cases = ["localhost:8080", "127.0.0.1:8080", "evil.test:8080", "localhost:9999", None]
     for _ in range(2):
         for named in cases:
-            assert gk._host_verdict(named, "http", local) == real(
+            assert gk._host_verdict(named, "http", local, current) == real(
                 named, "http", local, gk._listen_hosts, ()
             )
     assert calls == cases  # the second round remembered
     current = _settings(["other.test"])  # a new configuration: worked out again
-    gk._host_verdict("evil.test:8080", "http", local)
+    gk._host_verdict("evil.test:8080", "http", local, current)
     assert calls[-1] == "evil.test:8080" and len(calls) == len(cases) + 1
     for i in range(gatekeeper._VERDICTS + 10):  # any Host a client sends: bounded
-        gk._host_verdict(f"h{i}.test:8080", "http", local)
+        gk._host_verdict(f"h{i}.test:8080", "http", local, current)
     assert len(gk._verdicts) <= gatekeeper._VERDICTS

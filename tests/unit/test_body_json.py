@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from mitmproxy import http
 from mitmproxy.test import tutils
 
@@ -160,3 +162,18 @@ def test_a_parse_compares_and_hashes_by_its_fields() -> None:
     assert hash(NOTHING) == hash(BodyJSON(None)) == hash((None, False))
     with pytest.raises(TypeError):
         hash(BodyJSON({"a": 1}))  # a dict in it: not hashable, as before
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    data=st.dictionaries(st.text(max_size=4), st.none() | st.integers() | st.text(max_size=4)),
+    after=st.sampled_from(["", " ", "\n\t", " x", "{}", "]"]),
+)
+def test_any_object_read_as_json_loads_reads_it(data: dict, after: str) -> None:
+    """Objects, then whitespace or extra data after them."""
+    raw = (json.dumps(data) + after).encode("utf-8", "surrogatepass")
+    try:
+        want = BodyJSON(json.loads(raw))
+    except ValueError:
+        want = NOTHING
+    assert read_json(raw) == want

@@ -5,11 +5,18 @@ from __future__ import annotations
 import pytest
 from mitmproxy import http
 from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
-from mitmproxy.test import tutils
+from mitmproxy.test import tflow, tutils
 
 from kmi_rotor.core.calls import is_api_call
-from kmi_rotor.gatekeeper import _api_call, _authority_bytes, _host_set, _is_reverse
-from kmi_rotor.hosting import authority_text
+from kmi_rotor.gatekeeper import (
+    Gatekeeper,
+    _api_call,
+    _authority_bytes,
+    _host_set,
+    _is_reverse,
+    set_host_header,
+)
+from kmi_rotor.hosting import StatusPage, authority_text, host_header
 
 FIELDS = [
     (),
@@ -76,3 +83,24 @@ def test_is_reverse_is_isinstance(spec: str) -> None:
     mode = ProxyMode.parse(spec)
     assert _is_reverse(mode) is isinstance(mode, ReverseMode)
     assert _is_reverse(mode) is isinstance(mode, ReverseMode)  # remembered: the same
+
+
+@pytest.mark.parametrize("fields", [*FIELDS, ((b"Host", b"llm.test:443"),)])
+@pytest.mark.parametrize("version", [b"HTTP/1.1", b"HTTP/2.0"])
+def test_reverse_host_rewrite_is_set_host_header(
+    fields: tuple[tuple[bytes, bytes], ...], version: bytes
+) -> None:
+    """Reverse mode's Host rewrite, on the Host field it found reading it, gives what
+    `set_host_header` gives on the request when its Host is not the upstream's already."""
+    mode = ProxyMode.parse("reverse:https://llm.test")
+    gk = Gatekeeper(StatusPage(dict), lambda: None, lambda: None, lambda: 0.0)
+    gk._owns_host_header = True
+    gk._host_verdict = lambda *args: None  # type: ignore[method-assign]  # any Host passes
+    flow = tflow.tflow(req=tutils.treq(headers=http.Headers(fields), http_version=version))
+    flow.client_conn.proxy_mode = mode
+    expected = tutils.treq(headers=http.Headers(fields), http_version=version)
+    if host_header(expected) != "llm.test":  # the upstream's authority (its port the default)
+        set_host_header(expected, "llm.test")
+    assert gk._reverse_host(flow, None) is None
+    assert flow.request.headers.fields == expected.headers.fields
+    assert flow.request.authority == expected.authority

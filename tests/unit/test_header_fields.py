@@ -7,7 +7,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from mitmproxy import http
 
-from kmi_rotor.core.header_fields import field_value, has_field, with_fields
+from kmi_rotor.core.header_fields import (
+    field_positions,
+    field_value,
+    has_field,
+    with_field_at,
+    with_fields,
+)
 
 FIELDS = (
     (b"Content-Type", b"application/json"),
@@ -80,3 +86,17 @@ def test_any_fields_read_and_rewritten_as_headers_would(
     for name in {n.lower() for n, _ in fields} | {b"absent", b"ab"}:
         assert field_value(fields, name) == http.Headers(fields).get(name.decode())
         assert has_field(fields, name) is (name.decode() in http.Headers(fields))
+
+
+@settings(max_examples=300, deadline=None)
+@given(fields=_FIELD_LISTS, name=_NAMES, value=st.binary(max_size=3))
+def test_a_field_found_by_position_and_rewritten_as_headers_would(
+    fields: tuple[tuple[bytes, bytes], ...], name: str, value: bytes
+) -> None:
+    """`field_positions` finds every field of the name; `with_field_at` on the only one is
+    `with_fields` (what `headers[name] = value` gives)."""
+    low = name.lower().encode()
+    at = field_positions(fields, low)
+    assert at == [i for i, (k, _) in enumerate(fields) if k.lower() == low]
+    if len(at) == 1:
+        assert with_field_at(fields, at[0], value) == with_fields(fields, {low: value})

@@ -6,13 +6,19 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kmi_rotor.core.tokens import (
     _DECODE,
     CHARS_PER_TOKEN,
     DEFAULT_COMPLETION,
     MAX_BODY,
+    _completion_budget,
     _decode_object,
+    _int,
+    _non_prompt_size,
+    _scalar_size,
     _usage_tail,
     estimate_from_body,
     estimate_from_length,
@@ -368,3 +374,51 @@ def test_a_count_is_read_as_the_general_rule_reads_it(value: object) -> None:
         else None
     )
     assert _int(value) == general and type(_int(value)) is type(general)
+
+
+def _reference_non_prompt_size(data: dict[str, Any]) -> int:
+    """`_non_prompt_size` as written first: every scalar through `_scalar_size`."""
+    return sum(
+        len(k) + _scalar_size(v) + 6 for k, v in data.items() if not isinstance(v, dict | list)
+    )
+
+
+def _reference_completion_budget(data: dict[str, Any]) -> int:
+    """`_completion_budget` as written first: `_int` of every name, present or not."""
+    for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+        value = _int(data.get(name))
+        if value is not None:
+            return value
+    config = data.get("generationConfig")
+    if isinstance(config, dict):
+        value = _int(config.get("maxOutputTokens"))
+        if value is not None:
+            return value
+    return DEFAULT_COMPLETION
+
+
+_SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(10**70), max_value=10**70)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=5)
+)
+_BUDGET_NAMES = st.sampled_from(
+    ["max_completion_tokens", "max_tokens", "max_output_tokens", "generationConfig", "model", "x"]
+)
+_CONFIGS = st.dictionaries(st.sampled_from(["maxOutputTokens", "y"]), _SCALARS, max_size=2)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    data=st.dictionaries(
+        _BUDGET_NAMES | st.text(max_size=4),
+        _SCALARS | st.lists(_SCALARS, max_size=2) | _CONFIGS,
+        max_size=6,
+    )
+)
+def test_the_sizes_read_in_a_loop_are_the_first_ones(data: dict[str, Any]) -> None:
+    """Scalars of every kind, nested values, budgets given or not, of any type."""
+    assert _non_prompt_size(data) == _reference_non_prompt_size(data)
+    assert _completion_budget(data) == _reference_completion_budget(data)

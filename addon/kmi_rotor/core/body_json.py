@@ -29,6 +29,8 @@ class BodyJSON:
 NOTHING = BodyJSON(None)
 _DECODER = json.JSONDecoder()
 """What `json.loads` decodes with when given no options."""
+_SCAN = _DECODER.scan_once
+"""The decoder's scanner: the value at an index of a text, and where it ends."""
 _BRACE = ord("{")
 
 
@@ -40,12 +42,18 @@ def read_json(body: bytes | None) -> BodyJSON:
         if body[0] == _BRACE and body[1:2] != b"\x00":
             # What `json.loads` does with bytes it detects as UTF-8 (an object's `{` first,
             # no BOM, not UTF-16/32), without its detection and checks: the body is one.
-            data = _DECODER.decode(body.decode("utf-8", "surrogatepass"))
+            text = body.decode("utf-8", "surrogatepass")
+            # `_DECODER.decode(text)`'s own first step (its scanner from 0: there is no
+            # whitespace before the `{` to skip); it is asked the rest only when the object
+            # does not end the text (whitespace after it, extra data).
+            data, end = _SCAN(text, 0)
+            if end != len(text):
+                data = _DECODER.decode(text)
         else:
             data = json.loads(body)
     except RecursionError:
         return BodyJSON(None, too_deep=True)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, StopIteration):  # (the scanner's "no value")
         return NOTHING
     return BodyJSON(data) if isinstance(data, dict) else NOTHING
 

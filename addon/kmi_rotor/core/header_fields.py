@@ -31,6 +31,18 @@ def has_field(fields: Iterable[tuple[bytes, bytes]], name: bytes) -> bool:
     return any(len(k) == n and k.lower() == name for k, _ in fields)
 
 
+def field_positions(fields: Fields, name: bytes) -> list[int]:
+    """Where the fields named `name` (lower-case) are, in order."""
+    n = len(name)  # a name of another length is not lowered (no new bytes per field)
+    return [i for i, (k, _) in enumerate(fields) if len(k) == n and k.lower() == name]
+
+
+def with_field_at(fields: Fields, i: int, value: bytes) -> Fields:
+    """The fields with the `i`th one's value replaced, its name kept as it is spelled: what
+    `with_fields(fields, {name: value})` gives when it is the only field of its name."""
+    return (*fields[:i], (fields[i][0], value), *fields[i + 1 :])
+
+
 def with_fields(
     fields: Iterable[tuple[bytes, bytes]], updates: Mapping[bytes, bytes | None]
 ) -> Fields:

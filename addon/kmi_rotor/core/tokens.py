@@ -51,9 +51,11 @@ def estimate_from_body(
 
 def _completion_budget(data: dict[str, Any]) -> int:
     for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
-        value = _int(data.get(name))
-        if value is not None:
-            return value
+        found = data.get(name)
+        if found is not None:  # (`_int(None)` is None: a request names one of these at most)
+            value = _int(found)
+            if value is not None:
+                return value
     config = data.get("generationConfig")  # Gemini
     if isinstance(config, dict):
         value = _int(config.get("maxOutputTokens"))
@@ -64,9 +66,13 @@ def _completion_budget(data: dict[str, Any]) -> int:
 
 def _non_prompt_size(data: dict[str, Any]) -> int:
     # Tool schemas and the like do count as prompt; only the obvious scalars are left out.
-    return sum(
-        len(k) + _scalar_size(v) + 6 for k, v in data.items() if not isinstance(v, dict | list)
-    )
+    size = 0
+    for k, v in data.items():  # a loop, not a generator: asked of every request's body
+        if type(v) is str:  # `_scalar_size`, inline for the usual scalar
+            size += len(k) + len(v) + 6
+        elif not isinstance(v, dict | list):
+            size += len(k) + _scalar_size(v) + 6
+    return size
 
 
 def _scalar_size(v: object) -> int:
