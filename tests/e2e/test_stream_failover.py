@@ -300,8 +300,11 @@ def test_a_failed_over_stream_starts_later_only_by_the_failed_attempt(rotor, cap
             f"{statistics.median(failed_over) * 1000:.1f} ms after one failed attempt of "
             f">= {slow_fail * 1000:.0f} ms: +{added * 1000:.1f} ms"
         )
-    # The failed attempt's own time, plus little: the answer is not waited for.
-    assert slow_fail * 0.75 <= added < slow_fail + 0.25, added
+    # The failed attempt's own time, plus little: the answer is not waited for. (The failed
+    # attempt alone takes `slow_fail`; `added` less than that only says the plain streams were
+    # slow, as on a loaded machine, so the lower bound is on the failed-over streams.)
+    assert statistics.median(failed_over) >= slow_fail, failed_over
+    assert added < slow_fail + 0.25, added
 
 
 # -- 5. a client that leaves while its failed-over stream is relayed ---------------------------------
