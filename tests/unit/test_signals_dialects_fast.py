@@ -186,7 +186,10 @@ def test_what_the_fast_path_cannot_read_exactly_goes_to_the_general_one(
 
 
 def test_every_provider_listed_has_its_reads() -> None:
-    assert set(signals._SUCCESS_READS) == set(signals._SPOKEN) - signals._OPENAI_SPEAKERS
+    assert set(signals._SUCCESS_READS) == set(signals._SPOKEN)
+    for provider in signals._OPENAI_SPEAKERS:  # any other `x-ratelimit-*` name is bailed on
+        assert signals._SUCCESS_READS[provider].bail == (b"x-ratelimit-",)
+    assert signals._SUCCESS_READS["groq"].periods == {"requests": "day", "tokens": "minute"}
     assert {"kimi-code", "moonshot", "openrouter", "anthropic", "gemini"} <= set(
         signals._SUCCESS_READS
     )
@@ -253,7 +256,7 @@ USUAL_OTHERS = tuple((name, b"x") for name in sorted(signals._USUAL_OTHERS))
 
 
 def test_the_usual_other_headers_are_none_a_dialect_reads() -> None:
-    read = [*signals._OPENAI_SLOTS, *signals._EVERY_DIALECT.slots]
+    read = [*signals._SUCCESS_READS["openai"].slots, *signals._EVERY_DIALECT.slots]
     prefixes = (*signals._EVERY_DIALECT.prefixes, b"x-ratelimit", b"retry-after")
     for name in signals._USUAL_OTHERS:
         assert name == name.lower().strip(), name

@@ -103,7 +103,7 @@ def test_fast_path_agrees_with_the_general_one(
 
 
 def test_the_usual_answer_takes_the_fast_path_and_reads_both_windows() -> None:
-    assert signals._openai_success(CTYPE + OPENAI, NOW, 1e6, "openai") is not None
+    assert signals._success(CTYPE + OPENAI, signals._SUCCESS_READS["openai"], NOW, 1e6) is not None
     sig = parse_signal(200, CTYPE + OPENAI, None, NOW, provider="openai")
     assert sig == signals.Signal(
         200,
@@ -130,7 +130,7 @@ def test_the_usual_answer_takes_the_fast_path_and_reads_both_windows() -> None:
     ],
 )
 def test_what_the_fast_path_cannot_read_exactly_goes_to_the_general_one(headers: Any) -> None:
-    assert signals._openai_success(headers, NOW, 1e6, "openai") is None
+    assert signals._success(headers, signals._SUCCESS_READS["openai"], NOW, 1e6) is None
 
 
 @pytest.mark.parametrize("status", [99, 400, 429, 500])

@@ -71,10 +71,7 @@ def parse_signal(
     headers OpenRouter copies into it)."""
     if 100 <= status < 400 and type(headers) is tuple:  # a success, as raw pairs: the usual
         name = provider.lower() if provider else ""
-        if name in _OPENAI_SPEAKERS:
-            windows = _openai_success(headers, now, horizon, name)
-        else:
-            windows = _success(headers, _SUCCESS_READS.get(name, _EVERY_DIALECT), now, horizon)
+        windows = _success(headers, _SUCCESS_READS.get(name, _EVERY_DIALECT), now, horizon)
         if windows is not None:
             return _signal(status, FailureKind.OK, None, windows, "ok")
     return _parse_signal(status, headers, body, now, provider, horizon)
@@ -88,7 +85,7 @@ def _parse_signal(
     provider: str | None,
     horizon: float,
 ) -> Signal:
-    """`parse_signal` for any answer: what `_openai_success` gives its answers, read the
+    """`parse_signal` for any answer: what `_success` gives its answers, read the
     general way."""
     facts = read_body(body) if status >= 400 else _NO_FACTS
     h = _header_map(headers)
@@ -407,14 +404,6 @@ def _openai_windows(
 _OPENAI_NAMES: Final = tuple((d, _names("x-ratelimit-", f"-{d}")) for d in ("requests", "tokens"))
 _OPENAI_SPEAKERS: Final = frozenset(p for p, spoken in _SPOKEN.items() if spoken == ("openai",))
 """The providers whose answers are read in OpenAI's dialect alone."""
-_OPENAI_SLOTS: Final = {
-    n.encode(): i for i, n in enumerate(n for _, names in _OPENAI_NAMES for n in names)
-}
-"""The raw (lower-cased) names of OpenAI's rate-limit headers, each with its place in
-`_OPENAI_NAMES` (requests' limit, remaining, reset; then tokens')."""
-_OPENAI_PLACES: Final = tuple((3 * i, dim, names) for i, (dim, names) in enumerate(_OPENAI_NAMES))
-"""Each dimension with where its three values start among those places, and their names."""
-
 _USUAL_OTHERS: Final = frozenset(
     (
         b"content-type", b"content-length", b"content-encoding", b"transfer-encoding",
@@ -430,45 +419,10 @@ begins, lower-cased and stripped, as any read name or `_success`'s prefixes do):
 readers pass them over at one look-up, not three calls each."""
 
 
-def _openai_success(
-    fields: tuple[tuple[bytes, bytes], ...], now: float, horizon: float, provider: str
-) -> tuple[Window, ...] | None:
-    """The windows of a success in OpenAI's dialect, read from its raw header pairs in one
-    pass that keeps only the six names the dialect reads; what `_header_map` and
-    `_openai_windows` give. None when the pairs hold anything this pass does not read exactly
-    as they do (a name that is one of these only once stripped, a pair that is not two byte
-    strings): the general path then reads them."""
-    raws: list[bytes | None] = [None, None, None, None, None, None]
-    try:
-        for name, value in fields:
-            i = _OPENAI_SLOTS.get(name)  # one of the six as they are usually sent
-            if i is None:
-                if name in _USUAL_OTHERS:
-                    continue
-                lowered = name.lower()
-                # What `_header_map` could turn into one of the six (`in` would be no safer,
-                # and costs ten times more on bytes: it tries the operand as an integer first).
-                if not lowered.lstrip().startswith(b"x-ratelimit-"):
-                    continue
-                i = _OPENAI_SLOTS.get(lowered)
-                if i is None:
-                    return None
-            if type(value) is not bytes:
-                return None
-            if raws[i] is None:  # a repeat keeps the first, as `_header_map` does
-                raws[i] = value
-    except (AttributeError, TypeError, ValueError):
-        return None  # a name or a pair of an unexpected shape
-    found: list[Window] = []
-    periods = _GROQ_PERIODS if provider == "groq" else _NO_PERIODS
-    _raw_windows(raws, _OPENAI_PLACES, now, horizon, found, periods)
-    return tuple(found)
-
-
 @dataclass(frozen=True, slots=True)
 class _Reads:
-    """What a success's raw header pairs are read for in the dialects a provider speaks
-    (other than OpenAI's alone, which `_openai_success` reads): see `_success`."""
+    """What a success's raw header pairs are read for in the dialects a provider speaks: see
+    `_success`."""
 
     slots: dict[bytes, int]
     """The raw (lower-cased) names read, each with its place among the values kept."""
@@ -482,6 +436,8 @@ class _Reads:
     """Where Anthropic's unified status and reset are, if read; its window follows its others."""
     after: tuple[tuple[int, str, tuple[str, str, str]], ...] = ()
     """The windows that follow the unified one (the simple dialect's, for every dialect)."""
+    periods: Mapping[str, str] | None = None
+    """Each dimension's period, where the provider gives its windows one (Groq's)."""
 
 
 def _reads(dialects: tuple[str, ...]) -> _Reads:
@@ -525,8 +481,8 @@ def _success(
     fields: tuple[tuple[bytes, bytes], ...], reads: _Reads, now: float, horizon: float
 ) -> tuple[Window, ...] | None:
     """The windows of a success in the dialects `reads` stands for, read from its raw header
-    pairs in one pass that keeps only the names they read, as `_openai_success` does for
-    OpenAI's: what `_header_map` and the dialects' readers give. None when the pairs hold
+    pairs in one pass that keeps only the names they read: what `_header_map` and the
+    dialects' readers give. None when the pairs hold
     anything this pass does not read exactly as they do (a name that is one of these only once
     stripped, an IETF one, a pair that is not two byte strings): the general path then reads
     them."""
@@ -556,7 +512,7 @@ def _success(
         return None  # a name or a pair of an unexpected shape
     found: list[Window] = []
     if reads.places:
-        _raw_windows(raws, reads.places, now, horizon, found)
+        _raw_windows(raws, reads.places, now, horizon, found, reads.periods)
     at = reads.unified
     if at is not None and (raws[at] is not None or raws[at + 1] is not None):
         # What `_anthropic_windows` makes of the unified status and reset.
@@ -810,10 +766,14 @@ _READERS: Final[dict[str, Callable[[Mapping[str, str], float, float], tuple[Wind
     "simple": _simple_windows,
     "ietf": _ietf_windows,
 }
+_OPENAI_ALONE: Final = replace(_reads(("openai",)), bail=(b"x-ratelimit-",))
+"""OpenAI's dialect read alone: any other `x-ratelimit-*` name goes to the general path."""
 _SUCCESS_READS: Final = {
     p: _reads(spoken) for p, spoken in _SPOKEN.items() if p not in _OPENAI_SPEAKERS
+} | {
+    p: replace(_OPENAI_ALONE, periods=_GROQ_PERIODS if p == "groq" else None)
+    for p in _OPENAI_SPEAKERS
 }
-"""What `_success` reads for each provider listed but OpenAI's speakers (`_openai_success`
-reads theirs, with Groq's periods)."""
+"""What `_success` reads for each provider listed (Groq's windows with their periods)."""
 _EVERY_DIALECT: Final = _reads(DIALECTS)
 """What `_success` reads for `generic` and any provider not listed."""
