@@ -49,8 +49,8 @@ for _p in (ROOT / "addon", ROOT / "scripts"):
         sys.path.insert(0, str(_p))
 
 from bench_load import Clients, Target  # noqa: E402
-from bench_overhead import Setup, launch, start_upstream, write_config  # noqa: E402
-from proctools import LISTEN_RE, MITMDUMP  # noqa: E402
+from bench_overhead import Setup, launch, proxy_argv, start_upstream, write_config  # noqa: E402
+from proctools import LISTEN_RE  # noqa: E402
 
 CALLGRIND = ["valgrind", "--tool=callgrind", "--instr-atstart=no"]
 
@@ -120,12 +120,8 @@ def counted(
     """Instructions of `args.requests` requests through one proxy under callgrind (kmi-rotor
     from `tree` with `config`, bare without); and the dump."""
     out = setup.tmp / f"callgrind-{name}.out"
-    argv = [*CALLGRIND, f"--callgrind-out-file={out}", MITMDUMP, "--listen-host", "127.0.0.1"]
-    argv += ["-p", "0", "--mode", f"reverse:https://{setup.upstream_authority}"]
-    argv += ["--set", f"confdir={setup.tmp / 'confdir'}"]
-    argv += ["--set", f"ssl_verify_upstream_trusted_ca={setup.ca_pem}", "--set", "flow_detail=0"]
-    if config is not None:
-        argv += ["-s", str(tree / "addon" / "rotor.py"), "--set", f"rotor_config={config}"]
+    mode = f"reverse:https://{setup.upstream_authority}"
+    argv = [*CALLGRIND, f"--callgrind-out-file={out}", *proxy_argv(setup, mode, config, (), tree)]
     env = {"PYTHONPERFSUPPORT": "1"} if functions else None
     child = launch(argv, setup.tmp / f"{name}.log", LISTEN_RE, timeout=600, env=env)
     pid = str(child.proc.pid)

@@ -193,17 +193,12 @@ def stream_script(tmp: Path) -> Path:
     return path
 
 
-def start_proxy(
-    setup: Setup,
-    name: str,
-    mode: str,
-    config: Path | None,
-    extra: Sequence[str],
-    tree: Path = ROOT,
-    samples: Path | None = None,
-) -> Child:
-    """mitmdump on a free loopback port; with `config`, kmi-rotor too (from `tree`, a checkout
-    of this repository); with `samples`, the sampler, writing there. Options otherwise equal."""
+def proxy_argv(
+    setup: Setup, mode: str, config: Path | None, extra: Sequence[str] = (), tree: Path = ROOT
+) -> list[str]:
+    """The command line of a mitmdump on a free loopback port in `mode`, with `extra`; with
+    `config`, kmi-rotor too (from `tree`, a checkout of this repository). Options otherwise
+    equal for every proxy."""
     confdir = setup.tmp / "confdir"  # one CA for every proxy, trusted by the regular clients
     argv = [MITMDUMP, "--listen-host", "127.0.0.1", "-p", "0", "--mode", mode]
     argv += [
@@ -213,12 +208,26 @@ def start_proxy(
         f"ssl_verify_upstream_trusted_ca={setup.ca_pem}",
     ]
     argv += ["--set", "flow_detail=0", *extra]
-    env = None
-    if samples is not None:
-        argv += ["-s", str(ROOT / "scripts" / "sampler.py")]
-        env = {"KMI_ROTOR_SAMPLES": str(samples)}
     if config is not None:
         argv += ["-s", str(tree / "addon" / "rotor.py"), "--set", f"rotor_config={config}"]
+    return argv
+
+
+def start_proxy(
+    setup: Setup,
+    name: str,
+    mode: str,
+    config: Path | None,
+    extra: Sequence[str],
+    tree: Path = ROOT,
+    samples: Path | None = None,
+) -> Child:
+    """`proxy_argv`'s mitmdump, started; with `samples`, the sampler too, writing there."""
+    env = None
+    if samples is not None:
+        extra = [*extra, "-s", str(ROOT / "scripts" / "sampler.py")]
+        env = {"KMI_ROTOR_SAMPLES": str(samples)}
+    argv = proxy_argv(setup, mode, config, extra, tree)
     log = setup.tmp / f"{name}.log"
     child = launch(argv, log, LISTEN_RE, env=env, cpus=setup.proxy_cpus)
     setup.children.append(child)
