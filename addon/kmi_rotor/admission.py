@@ -27,7 +27,7 @@ from .masking import put_all
 from .names import META
 from .running import Running
 from .served import Served
-from .waiting import Waiting
+from .waiting import Waiting, upstream_settled
 
 _NONE: frozenset[str] = frozenset()
 
@@ -54,19 +54,6 @@ def before_body(flow: http.HTTPFlow) -> bool:
         if name.lower() == b"content-length":
             return False  # not chunked
     return bool(getattr(ctx.options, "stream_large_bodies", None))
-
-
-def _upstream_ready(flow: http.HTTPFlow) -> bool:
-    """Whether `Waiting.upstream_ready` has nothing to wait for (its loop's tests, on entry):
-    no connection is being set up, or it is set up, or failed, or the client left."""
-    server = flow.server_conn
-    return (
-        server.timestamp_start is None
-        or server.error is not None
-        or (server.connected and (not server.tls or server.tls_established))
-        or server.timestamp_end is not None
-        or not flow.client_conn.connected
-    )
 
 
 class Admission:
@@ -123,7 +110,7 @@ class Admission:
         attempt = retry["attempt"] if retry else 1
         # In one process the state's `decide` is the engine's, asked without a coroutine.
         local = type(run.state) is LocalState
-        if local and _upstream_ready(flow):
+        if local and upstream_settled(flow):
             now = self.clock()
             d = run.engine.decide(
                 pool,

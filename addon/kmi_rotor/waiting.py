@@ -22,6 +22,19 @@ WAIT_SLICE = 0.5
 UPSTREAM_SETUP_WAIT = 10.0
 
 
+def upstream_settled(flow: http.HTTPFlow) -> bool:
+    """Whether `Waiting.upstream_ready` has nothing to wait for: no connection is being set
+    up, or it is set up (TLS included), or it failed or ended, or the client left."""
+    server = flow.server_conn
+    return (
+        server.timestamp_start is None
+        or server.error is not None
+        or (server.connected and (not server.tls or server.tls_established))
+        or server.timestamp_end is not None
+        or not flow.client_conn.connected
+    )
+
+
 class Waiting:
     def __init__(self, clock: Callable[[], float]) -> None:
         self.clock = clock
@@ -34,13 +47,8 @@ class Waiting:
         """Wait while the upstream connection is being set up (mitmproxy connects eagerly):
         a key's limits count a request when it is admitted, so admitting it only once it can
         leave at once keeps what the provider sees within the limits."""
-        server = flow.server_conn
         end = self.clock() + UPSTREAM_SETUP_WAIT
-        while server.timestamp_start is not None and server.error is None and self.clock() < end:
-            if server.connected and (not server.tls or server.tls_established):
-                return
-            if server.timestamp_end is not None or not flow.client_conn.connected:
-                return
+        while not upstream_settled(flow) and self.clock() < end:
             event = self._upstream = _unset(self._upstream)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(event.wait(), WAIT_SLICE)
