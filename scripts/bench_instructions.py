@@ -3,8 +3,9 @@ kmi-rotor each run under valgrind's callgrind, which counts every instruction th
 executes. Unlike throughput on a shared machine, the count hardly moves between runs (about
 1%), whatever else the machine is doing.
 
-Setup as `bench_overhead.py`'s reverse case (the same fast TLS upstream, 2 keys, the same
-mitmdump options). Each proxy starts under callgrind with counting off; two keep-alive
+Setup as `bench_overhead.py`'s case of that name (`--case`: reverse, 2 keys, by default; regular
+mode with TLS; 1,000 keys; streamed answers, which bare mitmdump streams by its own flag): the
+same fast TLS upstream and the same mitmdump options. Each proxy starts under callgrind with counting off; two keep-alive
 connections send `--warmup` requests, counting starts, `--warmup` more run, the counters are
 zeroed, and exactly `--requests` requests are counted. Reported: instructions per request of
 each proxy (all its threads), and bare's over kmi-rotor's, the throughput ratio the same work
@@ -24,8 +25,8 @@ for the ratio.
 
 Needs valgrind (Debian: `apt-get install valgrind`).
 
-    .venv/bin/python scripts/bench_instructions.py [--requests 150] [--rounds 2]
-        [--before TREE] [--functions]
+    .venv/bin/python scripts/bench_instructions.py [--case reverse] [--requests 150]
+        [--rounds 2] [--before TREE] [--functions]
 """
 
 from __future__ import annotations
@@ -48,11 +49,13 @@ for _p in (ROOT / "addon", ROOT / "scripts"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-from bench_load import Clients, Target  # noqa: E402
-from bench_overhead import Setup, launch, proxy_argv, start_upstream, write_config  # noqa: E402
+from bench_load import Clients  # noqa: E402
+from bench_overhead import CASES, CaseSetup, Setup, case_setup, launch, proxy_argv, start_upstream  # noqa: E402
 from proctools import LISTEN_RE  # noqa: E402
 
 CALLGRIND = ["valgrind", "--tool=callgrind", "--instr-atstart=no"]
+EVENTS = 50
+"""Content events per streamed answer, as in `bench_overhead.py`."""
 
 
 # -- reading callgrind's output -------------------------------------------------------------
@@ -111,17 +114,18 @@ def by_function(annotated: str, perf_map: PerfMap) -> dict[str, int]:
 
 def counted(
     setup: Setup,
+    case: CaseSetup,
     name: str,
-    config: Path | None,
     args: argparse.Namespace,
-    tree: Path = ROOT,
+    tree: Path | None = ROOT,
     functions: bool = False,
 ) -> tuple[int, Path]:
     """Instructions of `args.requests` requests through one proxy under callgrind (kmi-rotor
-    from `tree` with `config`, bare without); and the dump."""
+    from `tree`, bare mitmdump when None); and the dump."""
     out = setup.tmp / f"callgrind-{name}.out"
-    mode = f"reverse:https://{setup.upstream_authority}"
-    argv = [*CALLGRIND, f"--callgrind-out-file={out}", *proxy_argv(setup, mode, config, (), tree)]
+    config, extra = (None, case.bare_extra) if tree is None else (case.config, [])
+    argv = proxy_argv(setup, case.mode, config, extra, tree or ROOT)
+    argv = [*CALLGRIND, f"--callgrind-out-file={out}", *argv]
     env = {"PYTHONPERFSUPPORT": "1"} if functions else None
     child = launch(argv, setup.tmp / f"{name}.log", LISTEN_RE, timeout=600, env=env)
     pid = str(child.proc.pid)
@@ -130,7 +134,7 @@ def counted(
         subprocess.run(["callgrind_control", *flags, pid], check=True, capture_output=True)
 
     async def go() -> int:
-        clients = await Clients.open(Target(("127.0.0.1", child.port)), 2)
+        clients = await Clients.open(case.target(setup, child), 2, stream=case.stream)
         try:
             await clients.send(args.warmup)  # counting off: imports, first-use caches
             control("--instr=on")
@@ -176,9 +180,10 @@ def _name(frame: str) -> str:
 
 
 def functions_report(
-    setup: Setup, config: Path, args: argparse.Namespace, per: dict[str, list[float]], top: int = 30
-) -> str:
-    total, dump = counted(setup, "rotor-functions", config, args, functions=True)
+    setup: Setup, case: CaseSetup, args: argparse.Namespace, per: dict[str, list[float]],
+    top: int = 30,
+) -> str:  # fmt: skip
+    total, dump = counted(setup, case, "rotor-functions", args, functions=True)
     annotated = subprocess.run(
         ["callgrind_annotate", "--inclusive=yes", "--threshold=100", str(dump)],
         check=True,
@@ -215,6 +220,9 @@ def _short(frame: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--case", default="reverse", choices=[c for c in CASES if c not in ("cluster", "decision")]
+    )
     parser.add_argument("--requests", type=int, default=150, help="counted per proxy and round")
     parser.add_argument("--warmup", type=int, default=40, help="before counting, twice")
     parser.add_argument("--rounds", type=int, default=2)
@@ -227,24 +235,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.before is not None:
         per["before"] = []
     with tempfile.TemporaryDirectory(prefix="bench-instructions-") as d:
-        setup = start_upstream(Path(d), 50)
+        setup = start_upstream(Path(d), EVENTS)
         try:
-            config = write_config(setup, "reverse", 2, cluster=False)
-            proxies = {
-                "bare": (None, ROOT),
-                "after": (config, ROOT),
-                "before": (config, args.before),
-            }
+            case = case_setup(setup, args.case)
+            trees = {"bare": None, "after": ROOT, "before": args.before}
             for i in range(args.rounds):
                 names = list(per)
                 for name in names[i % len(names) :] + names[: i % len(names)]:
-                    conf, tree = proxies[name]
-                    total, _ = counted(setup, f"{name}-{i}", conf, args, tree or ROOT)
+                    total, _ = counted(setup, case, f"{name}-{i}", args, trees[name])
                     per[name].append(total / args.requests)
                     print(f"round {i + 1} {name:6} {total / args.requests / 1e6:7.3f} M instructions per request", flush=True)  # fmt: skip
-            print(report(per))
+            print(report(per, EVENTS + 2 if case.stream else 0))
             if args.functions:
-                print(functions_report(setup, config, args, per))
+                print(functions_report(setup, case, args, per))
         finally:
             setup.upstream.stop()
             for child in setup.children:
@@ -252,8 +255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def report(per: dict[str, list[float]]) -> str:
-    """Each kmi-rotor's median instructions per request, added over bare's, and the ratio."""
+def report(per: dict[str, list[float]], events: int = 0) -> str:
+    """Each kmi-rotor's median instructions per request, added over bare's, and the ratio;
+    with `events` per streamed answer, what it adds per event too."""
     bare = statistics.median(per["bare"])
     lines = [f"bare mitmdump: {bare / 1e6:.3f} M instructions per request"]
     for name in ("before", "after"):
@@ -263,6 +267,10 @@ def report(per: dict[str, list[float]]) -> str:
                 f"kmi-rotor ({name}): {with_ / 1e6:.3f} M (+{(with_ - bare) / 1e3:.0f} K); "
                 f"bare / with = {bare / with_:.3f}"
             )
+            if events:
+                lines[-1] += (
+                    f"; at most +{(with_ - bare) / events / 1e3:.1f} K per event (the request's own included)"
+                )
     return "\n".join(lines)
 
 

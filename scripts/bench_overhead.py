@@ -295,11 +295,34 @@ class CaseResult:
         return [r.rps / b.rps for b, r in zip(self.bare, runs, strict=True) if b.rps]
 
 
-def run_case(setup: Setup, case: str, args: argparse.Namespace) -> CaseResult:
+@dataclass(frozen=True)
+class CaseSetup:
+    """What a case runs: mitmdump's mode, kmi-rotor's configuration, the bare proxy's extra
+    options (mitmproxy's own stream flag for streams) and the load's target."""
+
+    mode: str
+    config: Path
+    bare_extra: list[str]
+    stream: bool
+
+    def target(self, setup: Setup, child: Child) -> Target:
+        if self.mode == "regular":
+            ca = setup.tmp / "confdir" / "mitmproxy-ca-cert.pem"
+            return Target(("127.0.0.1", child.port), ("127.0.0.1", setup.upstream.port), ca)
+        return Target(("127.0.0.1", child.port))
+
+
+def case_setup(setup: Setup, case: str) -> CaseSetup:
     mode = "regular" if case == "regular" else f"reverse:https://{setup.upstream_authority}"
     keys = 1000 if case == "keys1000" else 2
     config = write_config(setup, case, keys, cluster=case == "cluster")
     bare_extra = ["-s", str(stream_script(setup.tmp))] if case == "stream" else []
+    return CaseSetup(mode, config, bare_extra, case == "stream")
+
+
+def run_case(setup: Setup, case: str, args: argparse.Namespace) -> CaseResult:
+    cs = case_setup(setup, case)
+    mode, config, bare_extra = cs.mode, cs.config, cs.bare_extra
     proxies = {
         "bare": start_proxy(setup, f"{case}-bare", mode, None, bare_extra),
         "rotor": start_proxy(setup, f"{case}-rotor", mode, config, []),
@@ -312,8 +335,7 @@ def run_case(setup: Setup, case: str, args: argparse.Namespace) -> CaseResult:
         for i in range(args.runs):
             order = list(proxies.items())
             for name, child in order[i % len(order) :] + order[: i % len(order)]:
-                target = _target(setup, child, case)
-                run = measure(child, target, args, stream=case == "stream")
+                run = measure(child, cs.target(setup, child), args, stream=cs.stream)
                 getattr(result, name).append(run)
                 print(f"  {case:9} run {i + 1} {name:5} {_fmt_run(run)}", flush=True)
     finally:
@@ -329,17 +351,10 @@ def run_case(setup: Setup, case: str, args: argparse.Namespace) -> CaseResult:
                 extra, tree, samples,
             )  # fmt: skip
             try:
-                profile(child, _target(setup, child, case), args, f"{name}-{case}", samples)
+                profile(child, cs.target(setup, child), args, f"{name}-{case}", samples)
             finally:
                 child.stop()
     return result
-
-
-def _target(setup: Setup, child: Child, case: str) -> Target:
-    if case == "regular":
-        ca = setup.tmp / "confdir" / "mitmproxy-ca-cert.pem"
-        return Target(("127.0.0.1", child.port), ("127.0.0.1", setup.upstream.port), ca)
-    return Target(("127.0.0.1", child.port))
 
 
 # -- the profile ----------------------------------------------------------------------------------
