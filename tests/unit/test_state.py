@@ -490,3 +490,38 @@ def test_a_merged_document_is_what_validating_it_would_give() -> None:
     assert type(merged) is StateDoc
     assert StateDoc.model_validate(merged.model_dump()) == merged
     assert StateDoc.model_validate_json(merged.model_dump_json()) == merged
+
+
+@pytest.mark.parametrize(
+    "d",
+    [
+        pytest.param(kd("a", "p", requests=2, tokens_in=5), id="counters"),
+        pytest.param(kd("b", "q", last_status=500, last_error="boom", last_used=300.0), id="seen"),
+        pytest.param(kd("a", "p", health=_health(400.0, "new")), id="health"),
+        pytest.param(kd("a", "p", last_used=50.0, health=_health(50.0, "old")), id="older"),
+    ],
+)
+def test_a_merged_record_is_what_pydantic_would_copy(d: KeyDelta) -> None:
+    """Merged records are copied without pydantic's `model_copy`: the same values, the same
+    set of fields, the same text in the file."""
+    on_disk = KeyRecord(
+        label="a", pool="p", fingerprint="fp1", requests=3, last_used=100.0, last_status=200,
+        health=_health(100.0, "disk"),
+    )  # fmt: skip
+    rec = merge(_doc(), delta(fp1=d), now=500.0).keys["fp1"]  # a new record
+    assert rec == KeyRecord.model_validate_json(rec.model_dump_json())
+    rec = merge(StateDoc(keys={"fp1": on_disk}), delta(fp1=d), now=500.0).keys["fp1"]
+    update: dict[str, object] = {"label": d.label, "pool": d.pool}
+    update |= {c: getattr(on_disk, c) + d.counters.get(c, 0) for c in KEY_COUNTERS}
+    if d.last_used is not None and d.last_used >= 100.0:
+        update |= {
+            "last_used": d.last_used,
+            "last_status": d.last_status,
+            "last_error": d.last_error,
+        }
+    if d.health is not None and d.health.updated_at >= 100.0:
+        update["health"] = d.health
+    expected = on_disk.model_copy(update=update)
+    assert rec == expected
+    assert rec.model_fields_set == expected.model_fields_set
+    assert rec.model_dump_json() == expected.model_dump_json()
