@@ -106,6 +106,6 @@ def test_a_record_seen_before_under_another_document_is_still_exact() -> None:
 def test_an_outline_not_as_expected_gives_the_plain_rendering(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(state_json, "_KEYS_LINE", '\n "no such field": {},\n')
+    monkeypatch.setattr(state_json, "_KEYS_LINE", b'\n "no such field": {},\n')
     doc = _doc(fp=KeyRecord(label="a", fingerprint="fp", health=HEALTH))
     assert DocRenderer().render(doc) == _expected(doc)

@@ -13,7 +13,10 @@ from pydantic_core import to_json
 from .state import KeyRecord, StateDoc
 
 INDENT = 1
-_KEYS_LINE = '\n "keys": {},\n'  # the only line at this depth that names the keys
+_KEYS_LINE = b'\n "keys": {},\n'  # the only line at this depth that names the keys
+_KEYS_OPEN = b'\n "keys": {\n'
+_BETWEEN = b",\n"
+_KEYS_CLOSE = b"\n },\n"
 
 
 class DocRenderer:
@@ -28,20 +31,26 @@ class DocRenderer:
         if not doc.keys:
             self._texts = {}
             return outline
+        head, sep, tail = outline.partition(_KEYS_LINE)
+        if not sep:  # not the outline expected: the whole document, the plain way
+            self._texts = {}
+            return doc.model_dump_json(indent=INDENT).encode()
+        # The file's parts in order, joined once: a document of a thousand keys is more than a
+        # megabyte, and every copy of it costs more than the loop.
         texts: dict[str, tuple[KeyRecord, bytes]] = {}
-        parts = []
+        old = self._texts
+        parts = [head, _KEYS_OPEN]
         for fp, rec in doc.keys.items():
-            seen = self._texts.get(fp)
+            seen = old.get(fp)
             if seen is None or seen[0] is not rec:
                 seen = (rec, _entry(fp, rec))
             texts[fp] = seen
             parts.append(seen[1])
+            parts.append(_BETWEEN)
+        parts[-1] = _KEYS_CLOSE
+        parts.append(tail)
         self._texts = texts
-        head, sep, tail = outline.partition(_KEYS_LINE.encode())
-        if not sep:  # not the outline expected: the whole document, the plain way
-            return doc.model_dump_json(indent=INDENT).encode()
-        keys = b'\n "keys": {\n' + b",\n".join(parts) + b"\n },\n"
-        return head + keys + tail
+        return b"".join(parts)
 
 
 def _entry(fp: str, rec: KeyRecord) -> bytes:
