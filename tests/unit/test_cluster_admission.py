@@ -4,20 +4,48 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 from redis_server import free_port
 
 from kmi_rotor.cluster import limits
+from kmi_rotor.cluster.channel import ScriptChannel
 from kmi_rotor.cluster.limits import Cursor, SharedDown, SharedLimits
 from kmi_rotor.cluster.settings import connect
 from kmi_rotor.core.limiter import Admitted, Limits, Rejected
 
+_channels: list[ScriptChannel] | None = None
+"""While a test runs its scripts on a channel (see `via`): the channels it opened."""
+
+
+@pytest.fixture(params=["client", "channel"], autouse=True)
+async def via(request: pytest.FixtureRequest, server: Any) -> AsyncIterator[None]:
+    """Every test twice: the scripts run through the redis package's client, then on the
+    channel of their own that a proxy gives them."""
+    global _channels
+    _channels = [] if request.param == "channel" else None
+    yield
+    for channel in _channels or ():
+        channel.close()
+    _channels = None
+
+
+def _channel(url: str) -> ScriptChannel | None:
+    if _channels is None:
+        return None
+    channel = ScriptChannel.for_url(url)
+    assert channel is not None
+    _channels.append(channel)
+    return channel
+
 
 def shared(client: aioredis.Redis, name: str = "p1", lease: float = 15.0) -> SharedLimits:
-    s = SharedLimits(client, "t", name, lease)
-    return s
+    url = client.connection_pool.connection_kwargs
+    channel = _channel(f"redis://{url['host']}:{url['port']}/{url.get('db', 0)}")
+    return SharedLimits(client, "t", name, lease, channel)
 
 
 KEYS = [("a", 0), ("b", 1), ("c", 2)]
@@ -131,7 +159,9 @@ async def test_concurrent_admissions_never_exceed_a_limit(client, server, monkey
     # bound a request waits, which would only make some of them fail, not change the count.
     monkeypatch.setattr(limits, "TIMEOUT", 5.0)
     clients = [connect(server.url) for _ in range(3)]
-    procs = [SharedLimits(c, "t", f"p{i}", 15.0) for i, c in enumerate(clients)]
+    procs = [
+        SharedLimits(c, "t", f"p{i}", 15.0, _channel(server.url)) for i, c in enumerate(clients)
+    ]
     for s in procs:
         s.configure(Limits(requests_per_minute=25), {"a": Limits(requests_per_minute=10)}, 0.0)
         await s.warm(16)
@@ -156,7 +186,7 @@ async def test_times_are_given_in_the_callers_clock(client):
 
 async def test_an_unreachable_redis_fails_fast():
     c = aioredis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=0.1)
-    s = SharedLimits(c, "t", "p1", 15.0)
+    s = SharedLimits(c, "t", "p1", 15.0, _channel(f"redis://127.0.0.1:{free_port()}/0"))
     started = time.monotonic()
     with pytest.raises(SharedDown):
         await s.admit(KEYS, 1, time.time())

@@ -33,6 +33,7 @@ from ..core.limiter import (
 )
 from ..core.signals import Window
 from .budgets import NEVER_MS, budget_reports
+from .channel import ScriptChannel
 
 log = logging.getLogger("kmi_rotor")
 
@@ -99,8 +100,18 @@ def _script(name: str) -> str:
 class SharedLimits:
     """Admission, corrections, leases and cooldowns of every process, in one Redis."""
 
-    def __init__(self, client: Any, prefix: str, process: str, lease_seconds: float) -> None:
+    def __init__(
+        self,
+        client: Any,
+        prefix: str,
+        process: str,
+        lease_seconds: float,
+        channel: ScriptChannel | None = None,
+    ) -> None:
+        """`channel`: where the scripts run (admission, settling, snapshots), when not through
+        `client`."""
         self.client = client
+        self.channel = channel
         self.prefix = prefix
         self.process = process
         self.lease_ms = lease_seconds * 1000.0
@@ -130,6 +141,16 @@ class SharedLimits:
         for script in (self._admit, self._settle, self._cool, self._snapshot):
             script.sha = await self.client.script_load(script.script)
         await asyncio.gather(*(self.client.ping() for _ in range(connections)))
+        if self.channel is not None:
+            await self.channel.connect()
+
+    def _run(self, script: Any, arg: dict[str, Any]) -> Awaitable[Any]:
+        """One of this module's scripts (a registered `Script`) called with its JSON argument:
+        on the channel when there is one, else through the client."""
+        body = json.dumps(arg)
+        if self.channel is not None:
+            return self.channel.evalsha(script.script, _sha(script), (), (body.encode(),))
+        return script(args=[body])
 
     def windows(self) -> dict[str, list[str]]:
         """The configured window names, by scope ("global", "key:<fp>")."""
@@ -147,7 +168,7 @@ class SharedLimits:
             "cap": cap,
             "scopes": [self._global, *self._keys.values()],
         }
-        out = await self.call(self._snapshot(args=[json.dumps(arg)]))
+        out = await self.call(self._run(self._snapshot, arg))
         return float(_text(out[0])), json.loads(_text(out[1])) or {}
 
     def owns(self, reservation: Reservation) -> bool:
@@ -208,7 +229,7 @@ class SharedLimits:
                 "pinned": int(cursor.pinned),
             }
         sent = time.monotonic()
-        out = await self.call(self._admit(args=[json.dumps(arg)]))
+        out = await self.call(self._run(self._admit, arg))
         result = self._answer(out, rid, tokens, now, scope)
         late = time.monotonic() - sent > RESTAMP_AFTER
         if isinstance(result, Admitted) and late and _lease(result.reservation).stamps:
@@ -228,7 +249,7 @@ class SharedLimits:
             "slots": (),
         }
         with contextlib.suppress(SharedDown):
-            await self.call(self._settle(args=[json.dumps(arg)]))
+            await self.call(self._run(self._settle, arg))
 
     def _answer(
         self, out: list[Any], rid: str, tokens: int, now: float, scope: str = ""
@@ -339,7 +360,7 @@ class SharedLimits:
             "report": pending.get("report") or False,
         }
         try:
-            await self.call(self._settle(args=[json.dumps(arg)]))
+            await self.call(self._run(self._settle, arg))
         except SharedDown as e:
             log.debug("kmi-rotor: shared settle lost (%s); the lease expires instead", e)
 
@@ -349,7 +370,7 @@ class SharedLimits:
         held = [[lease.id, lease.slots, lease.flight] for lease in self.held.values()]
         if held:
             arg = {"op": "renew", "p": self.prefix, "held": held, "lease": self.lease_ms}
-            await self.call(self._settle(args=[json.dumps(arg)]))
+            await self.call(self._run(self._settle, arg))
 
     # -- cooldowns (per key and scope; "" is the whole key) ------------------------------------
 
@@ -374,6 +395,11 @@ class SharedLimits:
             for task in list(lease.tasks):
                 with contextlib.suppress(Exception):
                     await task
+
+
+def _sha(script: Any) -> bytes:
+    sha = script.sha
+    return sha.encode() if isinstance(sha, str) else sha
 
 
 def _lease(reservation: Reservation) -> Lease:

@@ -27,6 +27,7 @@ from ..core.share import scaled
 from ..engine import Decision, Engine, Wait, limits_of
 from ..listening import address as listen_address
 from . import actions, seeds
+from .channel import ScriptChannel
 from .limits import Cursor, SharedDown, SharedLimits, _text
 from .registry import Registry, process_id
 from .settings import Cluster, connect
@@ -54,8 +55,13 @@ class RedisState:
         self.cluster = cluster
         self.id = process_id()
         self.listen = listen
-        self.client = client or connect(cluster.url.get_secret_value())
-        self.limits = SharedLimits(self.client, cluster.prefix, self.id, cluster.lease_seconds)
+        url = cluster.url.get_secret_value()
+        self.client = client or connect(url)
+        # The scripts every request runs (admission, settling) go on a connection of their own.
+        self.channel = ScriptChannel.for_url(url)
+        self.limits = SharedLimits(
+            self.client, cluster.prefix, self.id, cluster.lease_seconds, self.channel
+        )
         self.registry = Registry(self.client, cluster.prefix)
         self.mode = "shared"
         self.alive = 1
@@ -111,6 +117,8 @@ class RedisState:
         self._tasks = []
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._flush(), 0.5)
+        if self.channel is not None:
+            self.channel.close()
         with contextlib.suppress(Exception):
             await self.client.aclose()
 

@@ -1,0 +1,169 @@
+"""The scripts' own connection to Redis, against a real redis-server: replies go to their own
+calls (pipelined, given up, after a restart), errors are the ones the callers map, and what
+a URL holds (credentials, database) is used and never shown."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import AuthenticationError, ResponseError
+from redis_server import RedisServer, free_port
+
+from kmi_rotor.cluster.channel import ScriptChannel, pack
+from kmi_rotor.cluster.limits import SharedDown, SharedLimits
+
+ECHO = "return {ARGV[1], #KEYS}"
+SHA = hashlib.sha1(ECHO.encode()).hexdigest().encode()
+
+
+@pytest.fixture
+async def channel(client: aioredis.Redis, server: RedisServer) -> AsyncIterator[ScriptChannel]:
+    ch = ScriptChannel.for_url(server.url)
+    assert ch is not None
+    yield ch
+    ch.close()
+
+
+async def echo(ch: ScriptChannel, arg: bytes, keys: tuple[bytes, ...] = ()) -> list[object]:
+    return await ch.evalsha(ECHO, SHA, keys, (arg,))  # type: ignore[no-any-return]
+
+
+def test_a_command_is_packed_as_redis_reads_it() -> None:
+    assert pack(b"EVALSHA", b"ab", b"0") == b"*3\r\n$7\r\nEVALSHA\r\n$2\r\nab\r\n$1\r\n0\r\n"
+    assert pack(b"") == b"*1\r\n$0\r\n\r\n"
+
+
+async def test_a_script_redis_does_not_know_is_loaded_and_answers(channel, client) -> None:
+    await client.script_flush()
+    assert await echo(channel, b"one", (b"k",)) == [b"one", 1]
+    assert await client.script_exists(SHA.decode()) == [True]  # known from now on
+    assert await echo(channel, b"two") == [b"two", 0]
+
+
+async def test_pipelined_calls_each_get_their_own_reply(channel) -> None:
+    args = [b"%d" % i for i in range(300)]
+    replies = await asyncio.gather(*(echo(channel, a) for a in args))
+    assert [r[0] for r in replies] == args
+
+
+async def test_a_call_given_up_leaves_the_next_reply_to_the_next_call(channel) -> None:
+    await echo(channel, b"warm")  # connected: the next call is sent at once
+    given_up = asyncio.ensure_future(echo(channel, b"first"))
+    await asyncio.sleep(0)  # sent, not answered
+    given_up.cancel()
+    assert await echo(channel, b"second") == [b"second", 0]
+    assert given_up.cancelled()
+
+
+async def test_an_error_reply_is_a_response_error(channel) -> None:
+    bad = "return redis.call('NOSUCHCOMMAND')"
+    sha = hashlib.sha1(bad.encode()).hexdigest().encode()
+    with pytest.raises(ResponseError):
+        await channel.evalsha(bad, sha, (), ())
+    assert await echo(channel, b"after") == [b"after", 0]  # the connection goes on
+
+
+async def test_a_restarted_redis_is_connected_again(tmp_path: Path) -> None:
+    srv = RedisServer(tmp_path / "redis")
+    srv.start()
+    ch = ScriptChannel.for_url(srv.url)
+    assert ch is not None
+    try:
+        assert await echo(ch, b"before") == [b"before", 0]
+        srv.kill()
+        with pytest.raises((ConnectionError, OSError)):
+            await echo(ch, b"down")
+        srv.start()  # same port, empty script cache
+        assert await echo(ch, b"back") == [b"back", 0]
+    finally:
+        ch.close()
+        srv.stop()
+
+
+async def test_an_unreachable_redis_is_shared_down_at_once() -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    client = aioredis.from_url(url)
+    limits = SharedLimits(client, "t", "p1", 15.0, ScriptChannel.for_url(url))
+    with pytest.raises(SharedDown) as e:
+        await limits.call(echo(limits.channel, b"x"))  # type: ignore[arg-type]
+    assert not e.value.slow
+    await client.aclose()
+
+
+async def test_credentials_and_database_of_the_url_are_used(tmp_path: Path) -> None:
+    srv = RedisServer(tmp_path / "redis")
+    srv.start()
+    admin = aioredis.from_url(srv.url)
+    try:
+        await admin.config_set("requirepass", "s3cret-pass")
+        ch = ScriptChannel.for_url(f"redis://:s3cret-pass@127.0.0.1:{srv.port}/3")
+        assert ch is not None
+        store = "redis.call('SET', KEYS[1], ARGV[1]) return redis.call('GET', KEYS[1])"
+        sha = hashlib.sha1(store.encode()).hexdigest().encode()
+        assert await ch.evalsha(store, sha, (b"k",), (b"v",)) == b"v"
+        ch.close()
+        db3 = aioredis.from_url(f"redis://:s3cret-pass@127.0.0.1:{srv.port}/3")
+        assert await db3.get("k") == b"v"
+        await db3.aclose()
+        wrong = ScriptChannel.for_url(f"redis://:not-it@127.0.0.1:{srv.port}/0")
+        assert wrong is not None
+        with pytest.raises(AuthenticationError) as e:
+            await echo(wrong, b"x")
+        assert "not-it" not in str(e.value)
+        wrong.close()
+    finally:
+        await admin.aclose()
+        srv.stop()
+
+
+async def test_what_is_not_redis_protocol_closes_the_connection() -> None:
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(100)
+        writer.write(b"?not redis\r\n")
+        await writer.drain()
+        await reader.read(100)
+        writer.close()
+
+    server = await asyncio.start_server(garbage, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    ch = ScriptChannel.for_url(f"redis://127.0.0.1:{port}/0")
+    assert ch is not None
+    with pytest.raises(ConnectionError, match="not its protocol"):
+        await asyncio.wait_for(echo(ch, b"x"), 5.0)
+    ch.close()
+    server.close()
+    await server.wait_closed()
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("redis://127.0.0.1:6390/2", ("127.0.0.1", 6390, 2, 0)),
+        ("redis://localhost", ("localhost", 6379, 0, 0)),
+        ("redis://:p%40ss@h:1/0", ("h", 1, 0, 1)),
+        ("redis://user:pw@h:1", ("h", 1, 0, 1)),
+    ],
+)
+def test_a_redis_url_gives_its_host_port_database_and_credentials(
+    url: str, expected: tuple[str, int, int, int]
+) -> None:
+    ch = ScriptChannel.for_url(url)
+    assert ch is not None
+    host, port, db, hellos = expected
+    assert (ch.host, ch.port) == (host, port)
+    assert len(ch._hello) == hellos + (1 if db else 0)
+
+
+def test_a_password_is_sent_unquoted_and_with_its_user() -> None:
+    ch = ScriptChannel.for_url("redis://me:p%40ss@h:1")
+    assert ch is not None
+    assert ch._hello[0][0] == pack(b"AUTH", b"me", b"p@ss")
+
+
+def test_a_tls_url_has_no_channel() -> None:
+    assert ScriptChannel.for_url("rediss://h:6380/0") is None
