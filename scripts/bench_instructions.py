@@ -4,8 +4,9 @@ executes. Unlike throughput on a shared machine, the count hardly moves between 
 1%), whatever else the machine is doing.
 
 Setup as `bench_overhead.py`'s case of that name (`--case`: reverse, 2 keys, by default; regular
-mode with TLS; 1,000 keys; streamed answers, which bare mitmdump streams by its own flag): the
-same fast TLS upstream and the same mitmdump options. Each proxy starts under callgrind with counting off; two keep-alive
+mode with TLS; 1,000 keys; streamed answers, which bare mitmdump streams by its own flag;
+`[cluster]` on a throwaway redis-server, whose own work is not counted): the same fast TLS
+upstream and the same mitmdump options. Each proxy starts under callgrind with counting off; two keep-alive
 connections send `--warmup` requests, counting starts, `--warmup` more run, the counters are
 zeroed, and exactly `--requests` requests are counted. Reported: instructions per request of
 each proxy (all its threads), and bare's over kmi-rotor's, the throughput ratio the same work
@@ -52,6 +53,7 @@ for _p in (ROOT / "addon", ROOT / "scripts"):
 from bench_load import Clients  # noqa: E402
 from bench_overhead import CASES, CaseSetup, Setup, case_setup, launch, proxy_argv, start_upstream  # noqa: E402
 from proctools import LISTEN_RE  # noqa: E402
+from redis_server import RedisServer  # noqa: E402
 
 CALLGRIND = ["valgrind", "--tool=callgrind", "--instr-atstart=no"]
 EVENTS = 50
@@ -165,9 +167,11 @@ TIMERS = (
     "StateStore.changed",
     "ConfigWatcher._run",
     "signature",
+    "RedisState._heartbeat",
 )
 """kmi-rotor's work on timers rather than per request (the state saves, in the event loop and
-in their thread; the configuration watch): none runs inside another."""
+in their thread; the configuration watch; with `[cluster]`, the heartbeat): none runs inside
+another."""
 
 
 def on_timers(costs: dict[str, int]) -> int:
@@ -220,9 +224,7 @@ def _short(frame: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--case", default="reverse", choices=[c for c in CASES if c not in ("cluster", "decision")]
-    )
+    parser.add_argument("--case", default="reverse", choices=[c for c in CASES if c != "decision"])
     parser.add_argument("--requests", type=int, default=150, help="counted per proxy and round")
     parser.add_argument("--warmup", type=int, default=40, help="before counting, twice")
     parser.add_argument("--rounds", type=int, default=2)
@@ -237,6 +239,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-instructions-") as d:
         setup = start_upstream(Path(d), EVENTS)
         try:
+            if args.case == "cluster":
+                setup.redis = RedisServer(Path(d) / "redis")
+                setup.redis.start()
             case = case_setup(setup, args.case)
             trees = {"bare": None, "after": ROOT, "before": args.before}
             for i in range(args.rounds):
@@ -250,6 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(functions_report(setup, case, args, per))
         finally:
             setup.upstream.stop()
+            if setup.redis is not None:
+                setup.redis.stop()
             for child in setup.children:
                 child.stop()
     return 0
