@@ -112,6 +112,27 @@ async def test_a_concurrency_slot_frees_on_release_or_when_its_lease_ends(client
     assert time.monotonic() - started >= 0.8
 
 
+async def test_leases_settled_in_one_turn_of_the_loop_go_in_one_call(client, monkeypatch):
+    s = shared(client)
+    s.configure(Limits(), {"a": Limits(concurrency=3, tokens_per_minute=100)}, 0.0)
+    now = time.time()
+    held = [await s.admit([("a", 0)], 30, now) for _ in range(3)]
+    assert all(isinstance(h, Admitted) for h in held)
+    assert isinstance(await s.admit([("a", 0)], 1, now), Rejected)  # three slots taken
+    calls = []
+    run = s._run
+    monkeypatch.setattr(s, "_run", lambda script, arg: calls.append(arg) or run(script, arg))
+    for h in held:  # as three requests ending in one turn of the loop
+        s.adjust(h.reservation, 5)
+        s.release(h.reservation)
+    await asyncio.gather(*(t for h in held for t in h.reservation.handle.tasks))
+    assert [len(c.get("many", [c])) for c in calls] == [3]
+    # Each one applied: the slots are free and the tokens corrected (3 x 5 of 100 counted).
+    again = [await s.admit([("a", 0)], 28, now) for _ in range(3)]
+    assert all(isinstance(a, Admitted) for a in again)
+    assert isinstance(await s.admit([("a", 0)], 1, now), Rejected)
+
+
 async def test_renewal_keeps_a_running_requests_slot(client):
     s = shared(client, lease=1.0)
     s.configure(Limits(), {"a": Limits(concurrency=1)}, 0.0)

@@ -124,6 +124,9 @@ class SharedLimits:
         self._keys: dict[str, dict[str, Any]] = {}
         self.held: dict[str, Lease] = {}
         """Leases not yet released, renewed while their requests run."""
+        self._due: list[Lease] | None = None
+        """Leases to settle at the next turn of the loop, in one call (`_later`)."""
+        self._sending: asyncio.Task[None] | None = None
         self.admitted: deque[tuple[float, str, int]] = deque(maxlen=ADMITTED)
         """(local time, key, tokens) of this process's recent admissions: what the windows it
         last read from Redis may miss (`Seeds`)."""
@@ -333,24 +336,47 @@ class SharedLimits:
 
     def _later(self, lease: Lease) -> dict[str, Any]:
         """The lease's pending settle call, sent at the next turn of the loop: a correction,
-        a report and a release made together (as a finished request makes them) go as one."""
+        a report and a release made together (as a finished request makes them) go as one,
+        and with those of every other lease settled in the same turn."""
         if lease.pending is None:
             lease.pending = {}
-            task = asyncio.get_running_loop().create_task(self._settle_quietly(lease))
+            if self._due is None:
+                self._due = []
+                self._sending = asyncio.get_running_loop().create_task(
+                    self._settle_quietly(self._due)
+                )
+            self._due.append(lease)
+            task = self._sending
+            assert task is not None
             lease.tasks.add(task)
             task.add_done_callback(lease.tasks.discard)
         return lease.pending
 
-    async def _settle_quietly(self, lease: Lease) -> None:
+    async def _settle_quietly(self, due: list[Lease]) -> None:
         # What the current step of the loop adds is sent along (the task may start eagerly).
         await asyncio.sleep(0)
+        if self._due is due:
+            self._due = None
+        many = [arg for arg in map(self._settling, due) if arg is not None]
+        if not many:
+            return  # nothing held in Redis (no slot, no place in flight), nothing to tell
+        arg = many[0] if len(many) == 1 else {"op": "settle", "many": many}
+        arg["p"] = self.prefix
+        try:
+            await self.call(self._run(self._settle, arg))
+        except SharedDown as e:
+            log.debug("kmi-rotor: shared settle lost (%s); the leases expire instead", e)
+
+    @staticmethod
+    def _settling(lease: Lease) -> dict[str, Any] | None:
+        """The settle of one lease (settle.lua's "settle"), its pending changes taken; None
+        when it has nothing to tell Redis."""
         pending, lease.pending = lease.pending or {}, None
         release = bool(pending.get("release")) and bool(lease.slots or lease.flight)
         if not (pending.get("delta") or release or pending.get("report")):
-            return  # nothing held in Redis (no slot, no place in flight), nothing to tell
-        arg = {
+            return None
+        return {
             "op": "settle",
-            "p": self.prefix,
             "id": lease.id,
             "delta": pending.get("delta", 0),
             "windows": lease.windows,
@@ -359,10 +385,6 @@ class SharedLimits:
             "flight": lease.flight,
             "report": pending.get("report") or False,
         }
-        try:
-            await self.call(self._run(self._settle, arg))
-        except SharedDown as e:
-            log.debug("kmi-rotor: shared settle lost (%s); the lease expires instead", e)
 
     async def renew(self) -> None:
         """Extend the slots of every running request (called well within the lease): one

@@ -1,9 +1,9 @@
 -- Settling a shared reservation. ARGV[1]: JSON {p, op, id, ...}; times in ms of Redis's clock.
--- op "settle": {delta, windows = [[scope, name]...], release, slots = [scope...],
+-- op "settle": {id, delta, windows = [[scope, name]...], release, slots = [scope...],
 --   flight = [fp, scope, member], report}: in this order, add delta to the reservation's token
 --   entries at their original time (an entry already expired is left alone); when release,
 --   free its concurrency slots and its place among the key's requests in flight; then take
---   the provider's report (below).
+--   the provider's report (below). {many = [settle...]}: each of them, in turn.
 -- op "renew": {held = [[id, [scope...], [fp, scope, member] or {}]...], lease}: extend the
 --   slots and places in flight of running requests.
 -- op "restamp": {windows}: move the reservation's window entries to now (later only: no
@@ -61,23 +61,31 @@ local function report(r)
   if keep > redis.call('PTTL', h) then redis.call('PEXPIRE', h, keep) end
 end
 
-if a.op == 'settle' then
-  if a.delta ~= 0 then
-    for _, w in ipairs(a.windows) do
+local function settle(s)
+  if s.delta ~= 0 then
+    for _, w in ipairs(s.windows) do
       local k = P .. ':w:' .. w[1] .. ':' .. w[2]
-      if redis.call('ZSCORE', k, a.id) and redis.call('HEXISTS', k .. ':a', a.id) == 1 then
-        redis.call('HINCRBY', k .. ':a', a.id, a.delta)
-        redis.call('INCRBY', k .. ':u', a.delta)
+      if redis.call('ZSCORE', k, s.id) and redis.call('HEXISTS', k .. ':a', s.id) == 1 then
+        redis.call('HINCRBY', k .. ':a', s.id, s.delta)
+        redis.call('INCRBY', k .. ':u', s.delta)
       end
     end
   end
-  if a.release then
-    for _, s in ipairs(a.slots) do redis.call('ZREM', P .. ':c:' .. s, a.id) end
-    if a.flight[1] then
-      redis.call('ZREM', P .. ':fl:' .. a.flight[1] .. ':' .. a.flight[2], a.flight[3])
+  if s.release then
+    for _, c in ipairs(s.slots) do redis.call('ZREM', P .. ':c:' .. c, s.id) end
+    if s.flight[1] then
+      redis.call('ZREM', P .. ':fl:' .. s.flight[1] .. ':' .. s.flight[2], s.flight[3])
     end
   end
-  if a.report then report(a.report) end
+  if s.report then report(s.report) end
+end
+
+if a.op == 'settle' then
+  if a.many then
+    for _, s in ipairs(a.many) do settle(s) end
+  else
+    settle(a)
+  end
   return 1
 end
 if a.op == 'restamp' then
