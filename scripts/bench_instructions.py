@@ -18,6 +18,12 @@ What the count leaves out, and what it weighs wrongly:
   takes about 50 times longer, so such work weighs about 50 times more per request than at
   full speed. The figure overstates kmi-rotor's cost by that much.
 
+`--cycles`: estimated cycles rather than instructions: callgrind simulates the caches and the
+branch predictor, and a miss or a misprediction weighs what KCachegrind's formula gives it.
+An instruction of Python's interpreter loop (most of kmi-rotor's) misses more often than one of
+OpenSSL's ciphers (much of bare mitmdump's), so this ratio is nearer the throughput's. About
+twice as slow.
+
 `--functions`: one more run of kmi-rotor with Python's perf trampolines
 (`PYTHONPERFSUPPORT=1`), whose addresses `/tmp/perf-PID.map` names: its instructions per
 request by Python function, inclusive, kmi-rotor's own and mitmproxy's hook dispatch. The
@@ -63,12 +69,29 @@ EVENTS = 50
 # -- reading callgrind's output -------------------------------------------------------------
 
 
-def total_instructions(dump: Path) -> int:
-    """The instruction count of a callgrind output file (its `summary:` line)."""
+def summary(dump: Path) -> dict[str, int]:
+    """The totals of a callgrind output file by event (its `events:` and `summary:` lines)."""
+    names: list[str] = []
     for line in dump.read_text(errors="replace").splitlines():
-        if line.startswith("summary:"):
-            return int(line.split()[1])
+        if line.startswith("events:"):
+            names = line.split()[1:]
+        elif line.startswith("summary:"):
+            return dict(zip(names or ["Ir"], map(int, line.split()[1:]), strict=False))
     raise ValueError(f"{dump}: no summary line")
+
+
+def total_instructions(dump: Path) -> int:
+    """The instruction count of a callgrind output file."""
+    return summary(dump)["Ir"]
+
+
+def estimated_cycles(events: dict[str, int]) -> int:
+    """Cycles as callgrind's simulation of the caches and branch predictor estimates them
+    (KCachegrind's formula): an instruction 1, a first-level cache miss 10 more, a last-level
+    miss 100 more, a mispredicted branch 10 more."""
+    l1 = events["I1mr"] + events["D1mr"] + events["D1mw"]
+    ll = events["ILmr"] + events["DLmr"] + events["DLmw"]
+    return events["Ir"] + 10 * l1 + 100 * ll + 10 * (events["Bcm"] + events["Bim"])
 
 
 @dataclass(frozen=True)
@@ -127,7 +150,8 @@ def counted(
     out = setup.tmp / f"callgrind-{name}.out"
     config, extra = (None, case.bare_extra) if tree is None else (case.config, [])
     argv = proxy_argv(setup, case.mode, config, extra, tree or ROOT)
-    argv = [*CALLGRIND, f"--callgrind-out-file={out}", *argv]
+    simulate = ["--cache-sim=yes", "--branch-sim=yes"] if args.cycles else []
+    argv = [*CALLGRIND, *simulate, f"--callgrind-out-file={out}", *argv]
     env = {"PYTHONPERFSUPPORT": "1"} if functions else None
     child = launch(argv, setup.tmp / f"{name}.log", LISTEN_RE, timeout=600, env=env)
     pid = str(child.proc.pid)
@@ -158,7 +182,8 @@ def counted(
     if ok != args.requests:
         raise SystemExit(f"{name}: {args.requests - ok} of {args.requests} requests failed")
     dump = Path(f"{out}.1")
-    return total_instructions(dump), dump
+    events = summary(dump)
+    return (estimated_cycles(events) if args.cycles else events["Ir"]), dump
 
 
 TIMERS = (
@@ -230,7 +255,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--before", type=Path, default=None, help="another checkout, as a third")
     parser.add_argument("--functions", action="store_true", help="by Python function too")
+    parser.add_argument(
+        "--cycles",
+        action="store_true",
+        help="count estimated cycles (callgrind's cache and branch simulation) instead",
+    )
     args = parser.parse_args(argv)
+    if args.cycles and args.functions:
+        parser.error("--functions counts instructions: give it without --cycles")
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         raise SystemExit("valgrind is not installed (Debian: apt-get install valgrind)")
     per: dict[str, list[float]] = {"bare": [], "after": []}
@@ -244,13 +276,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 setup.redis.start()
             case = case_setup(setup, args.case)
             trees = {"bare": None, "after": ROOT, "before": args.before}
+            unit = "estimated cycles" if args.cycles else "instructions"
             for i in range(args.rounds):
                 names = list(per)
                 for name in names[i % len(names) :] + names[: i % len(names)]:
                     total, _ = counted(setup, case, f"{name}-{i}", args, trees[name])
                     per[name].append(total / args.requests)
-                    print(f"round {i + 1} {name:6} {total / args.requests / 1e6:7.3f} M instructions per request", flush=True)  # fmt: skip
-            print(report(per, EVENTS + 2 if case.stream else 0))
+                    print(f"round {i + 1} {name:6} {total / args.requests / 1e6:7.3f} M {unit} per request", flush=True)  # fmt: skip
+            print(report(per, EVENTS + 2 if case.stream else 0, unit))
             if args.functions:
                 print(functions_report(setup, case, args, per))
         finally:
@@ -262,11 +295,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def report(per: dict[str, list[float]], events: int = 0) -> str:
-    """Each kmi-rotor's median instructions per request, added over bare's, and the ratio;
-    with `events` per streamed answer, what it adds per event too."""
+def report(per: dict[str, list[float]], events: int = 0, unit: str = "instructions") -> str:
+    """Each kmi-rotor's median `unit` per request, added over bare's, and the ratio; with
+    `events` per streamed answer, what it adds per event too."""
     bare = statistics.median(per["bare"])
-    lines = [f"bare mitmdump: {bare / 1e6:.3f} M instructions per request"]
+    lines = [f"bare mitmdump: {bare / 1e6:.3f} M {unit} per request"]
     for name in ("before", "after"):
         if per.get(name):
             with_ = statistics.median(per[name])

@@ -10,7 +10,14 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
-from bench_instructions import PerfMap, by_function, on_timers, total_instructions
+from bench_instructions import (
+    PerfMap,
+    by_function,
+    estimated_cycles,
+    on_timers,
+    summary,
+    total_instructions,
+)
 
 PERF_MAP = """\
 7f0000001000 b py::Rotor.request:/x/addon/kmi_rotor/addon.py
@@ -57,6 +64,16 @@ def test_the_total_is_the_summary_line(tmp_path: Path) -> None:
     dump.write_text("version: 1\n")
     with pytest.raises(ValueError, match="no summary"):
         total_instructions(dump)
+
+
+def test_cycles_are_estimated_from_the_simulated_misses(tmp_path: Path) -> None:
+    dump = tmp_path / "callgrind.out.1"
+    events = "Ir Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw Bc Bcm Bi Bim"
+    dump.write_text(f"events: {events}\nsummary: 1000 400 200 1 2 3 4 5 6 100 7 50 8\n")
+    got = summary(dump)
+    assert got["Ir"] == total_instructions(dump) == 1000 and got["Bim"] == 8
+    # 1000 instructions, 6 first-level misses, 15 last-level ones, 15 mispredictions
+    assert estimated_cycles(got) == 1000 + 10 * 6 + 100 * 15 + 10 * 15
 
 
 def test_work_on_timers_is_kmi_rotors_own_timer_roots_only() -> None:
