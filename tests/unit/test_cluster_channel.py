@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import AuthenticationError, ResponseError
 from redis_server import RedisServer, free_port
 
+from kmi_rotor.cluster import channel as channel_module
 from kmi_rotor.cluster.channel import ScriptChannel, pack
 from kmi_rotor.cluster.limits import SharedDown, SharedLimits
 
@@ -136,6 +137,44 @@ async def test_what_is_not_redis_protocol_closes_the_connection() -> None:
     with pytest.raises(ConnectionError, match="not its protocol"):
         await asyncio.wait_for(echo(ch, b"x"), 5.0)
     ch.close()
+    server.close()
+    await server.wait_closed()
+
+
+async def test_a_connection_that_stops_answering_is_given_up(monkeypatch) -> None:
+    """A peer gone without closing the connection (half-open): calls time out, and once the
+    oldest has waited STALLED, the next call opens another connection."""
+    monkeypatch.setattr(channel_module, "STALLED", 0.2)
+    accepted = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+        await reader.read()  # reads every command, answers none
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    ch = ScriptChannel.for_url(f"redis://127.0.0.1:{port}/0")
+    assert ch is not None
+
+    async def connections(n: int) -> int:
+        for _ in range(500):  # however slow the machine
+            if len(accepted) >= n:
+                break
+            await asyncio.sleep(0.01)
+        return len(accepted)
+
+    first = asyncio.ensure_future(echo(ch, b"one"))
+    assert await connections(1) == 1
+    await asyncio.sleep(0.25)  # the call sent on it has waited longer than STALLED
+    assert not first.done()
+    later = asyncio.ensure_future(echo(ch, b"two"))
+    assert await connections(2) == 2
+    with pytest.raises(ConnectionError, match="no reply"):
+        await first  # failed with the connection given up
+    later.cancel()
+    ch.close()
+    for writer in accepted:
+        writer.close()
     server.close()
     await server.wait_closed()
 

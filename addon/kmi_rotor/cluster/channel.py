@@ -12,7 +12,8 @@ client carries every call then.
 
 Failures are the ones the caller already maps (`SharedLimits.call`): OSError or ConnectionError
 when the connection cannot be made or is lost (every call in flight on it fails; the next call
-connects again), the redis package's ResponseError for an error reply, AuthenticationError
+connects again; a connection whose oldest call waits for its reply longer than STALLED counts
+as lost), the redis package's ResponseError for an error reply, AuthenticationError
 when the credentials are refused. A call given up by its caller (its timeout) leaves its reply
 to be read and dropped, so the replies that follow still go to their own calls.
 """
@@ -31,6 +32,9 @@ from redis.exceptions import AuthenticationError, ResponseError
 CONNECT_TIMEOUT = 0.5
 """Seconds a connection may take to open (the callers' own bound is shorter: they give up
 waiting, the connection goes on opening for the next call)."""
+STALLED = 1.0
+"""Seconds without the reply to the oldest call after which the connection is given up (a
+peer that vanished without closing it, a half-open connection): the next call opens another."""
 
 
 def pack(*parts: bytes) -> bytes:
@@ -47,7 +51,8 @@ class _Replies(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.reader = hiredis.Reader()
-        self.waiting: deque[asyncio.Future[Any]] = deque()
+        self.waiting: deque[tuple[asyncio.Future[Any], float]] = deque()
+        """Each call's future, and when it was sent (loop time), oldest first."""
         self.lost: Exception | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -60,7 +65,7 @@ class _Replies(asyncio.Protocol):
             while (reply := self.reader.gets()) is not False:
                 if not self.waiting:  # a reply nobody asked for: the stream is not ours
                     raise hiredis.ProtocolError("a reply to no command")
-                fut = self.waiting.popleft()
+                fut, _ = self.waiting.popleft()
                 if not fut.done():  # a call its caller gave up keeps its place
                     fut.set_result(reply)
         except hiredis.ProtocolError as e:
@@ -75,15 +80,23 @@ class _Replies(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
         while self.waiting:
-            fut = self.waiting.popleft()
+            fut, _ = self.waiting.popleft()
             if not fut.done():
                 fut.set_exception(self.lost)
+
+    def stalled(self, now: float) -> bool:
+        """Whether the oldest call has waited for its reply longer than STALLED (then the
+        connection is closed, and its calls fail)."""
+        if self.waiting and now - self.waiting[0][1] > STALLED:
+            self._close(ConnectionError(f"Redis sent no reply for {STALLED:.0f} s"))
+        return self.lost is not None
 
     def send(self, command: bytes) -> asyncio.Future[Any]:
         if self.lost is not None or self.transport is None or self.transport.is_closing():
             raise self.lost or ConnectionError("the connection to Redis is closed")
-        fut = asyncio.get_running_loop().create_future()
-        self.waiting.append(fut)
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self.waiting.append((fut, loop.time()))
         self.transport.write(command)
         return fut
 
@@ -133,7 +146,7 @@ class ScriptChannel:
         """The reply of `script` (whose SHA-1 is `sha`) run on `keys` and `args`; loaded
         first when Redis does not know it (a restarted Redis)."""
         conn = self._conn
-        if conn is None or conn.lost is not None:
+        if conn is None or conn.stalled(asyncio.get_running_loop().time()):
             conn = await self.connect()
         count = b"%d" % len(keys)
         reply = await conn.send(pack(b"EVALSHA", sha, count, *keys, *args))
