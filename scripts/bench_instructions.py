@@ -59,7 +59,6 @@ for _p in (ROOT / "addon", ROOT / "scripts"):
 from bench_load import Clients  # noqa: E402
 from bench_overhead import CASES, CaseSetup, Setup, case_setup, launch, proxy_argv, start_upstream  # noqa: E402
 from proctools import LISTEN_RE  # noqa: E402
-from redis_server import RedisServer  # noqa: E402
 
 CALLGRIND = ["valgrind", "--tool=callgrind", "--instr-atstart=no"]
 EVENTS = 50
@@ -271,9 +270,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-instructions-") as d:
         setup = start_upstream(Path(d), EVENTS)
         try:
-            if args.case == "cluster":
-                setup.redis = RedisServer(Path(d) / "redis")
-                setup.redis.start()
             case = case_setup(setup, args.case)
             trees = {"bare": None, "after": ROOT, "before": args.before}
             unit = "estimated cycles" if args.cycles else "instructions"
@@ -287,11 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.functions:
                 print(functions_report(setup, case, args, per))
         finally:
-            setup.upstream.stop()
-            if setup.redis is not None:
-                setup.redis.stop()
-            for child in setup.children:
-                child.stop()
+            setup.stop()
     return 0
 
 

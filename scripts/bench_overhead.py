@@ -161,6 +161,14 @@ class Setup:
     def upstream_authority(self) -> str:
         return f"127.0.0.1:{self.upstream.port}"
 
+    def stop(self) -> None:
+        """Stop every process this set-up started: the proxies, the upstream, Redis."""
+        for child in self.children:
+            child.stop()
+        self.upstream.stop()
+        if self.redis is not None:
+            self.redis.stop()
+
 
 def start_upstream(tmp: Path, events: int) -> Setup:
     ca = trustme.CA()
@@ -313,6 +321,10 @@ class CaseSetup:
 
 
 def case_setup(setup: Setup, case: str) -> CaseSetup:
+    """`case`'s set-up; for `cluster`, a throwaway redis-server started first (once)."""
+    if case == "cluster" and setup.redis is None:
+        setup.redis = RedisServer(setup.tmp / "redis")
+        setup.redis.start()
     mode = "regular" if case == "regular" else f"reverse:https://{setup.upstream_authority}"
     keys = 1000 if case == "keys1000" else 2
     config = write_config(setup, case, keys, cluster=case == "cluster")
@@ -536,17 +548,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup.proxy_cpus = proxy_cpus
         results = []
         try:
-            if "cluster" in cases:
-                setup.redis = RedisServer(Path(d) / "redis")
-                setup.redis.start()
             for case in (c for c in cases if c != "decision"):
                 results.append(run_case(setup, case, args))
         finally:
-            setup.upstream.stop()
-            for child in setup.children:
-                child.stop()
-            if setup.redis is not None:
-                setup.redis.stop()
+            setup.stop()
     where = f", proxies on CPU {min(proxy_cpus)}, the rest elsewhere" if proxy_cpus else ""
     print(
         f"\n{args.concurrency} connections, {args.runs} alternating runs of {args.seconds:g} s"

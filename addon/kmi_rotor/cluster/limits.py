@@ -355,8 +355,7 @@ class SharedLimits:
     async def _settle_quietly(self, due: list[Lease]) -> None:
         # What the current step of the loop adds is sent along (the task may start eagerly).
         await asyncio.sleep(0)
-        if self._due is due:
-            self._due = None
+        self._due = None  # what is settled from now on goes in the next call
         many = [arg for arg in map(self._settling, due) if arg is not None]
         if not many:
             return  # nothing held in Redis (no slot, no place in flight), nothing to tell
