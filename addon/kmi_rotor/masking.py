@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from mitmproxy import http
 
 from .core.credentials import CREDENTIAL_HEADERS, CREDENTIAL_QUERY, Placement
-from .core.header_fields import field_value, with_fields
+from .core.header_fields import field_positions, field_value, with_field_at, with_fields
 from .core.secrets import mask_credential_value
 from .names import META
 
@@ -50,17 +50,12 @@ def _mask_header(headers: http.Headers, name: bytes) -> None:
     """`headers[name] = mask(headers[name])` when present, on the raw pairs: one pass for the
     one field a key is written to (two when the name is repeated), not the four of `Headers`'
     own look-ups."""
-    fields, n = headers.fields, len(name)
-    at = [i for i, (k, _) in enumerate(fields) if len(k) == n and k.lower() == name]
+    fields = headers.fields
+    at = field_positions(fields, name)
     if len(at) == 1:
-        i = at[0]
-        k, value = fields[i]
+        value = fields[at[0]][1]
         masked = mask_credential_value(value.decode("utf-8", "surrogateescape"))
-        headers.fields = (
-            *fields[:i],
-            (k, masked.encode("utf-8", "surrogateescape")),
-            *fields[i + 1 :],
-        )
+        headers.fields = with_field_at(fields, at[0], masked.encode("utf-8", "surrogateescape"))
     elif at:
         joined = field_value(fields, name) or ""
         masked = mask_credential_value(joined).encode("utf-8", "surrogateescape")
