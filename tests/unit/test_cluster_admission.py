@@ -29,7 +29,7 @@ async def via(request: pytest.FixtureRequest, server: Any) -> AsyncIterator[None
     _channels = [] if request.param == "channel" else None
     yield
     for channel in _channels or ():
-        channel.close()
+        await channel.aclose()
     _channels = None
 
 

@@ -27,7 +27,7 @@ async def channel(client: aioredis.Redis, server: RedisServer) -> AsyncIterator[
     ch = ScriptChannel.for_url(server.url)
     assert ch is not None
     yield ch
-    ch.close()
+    await ch.aclose()
 
 
 async def echo(ch: ScriptChannel, arg: bytes, keys: tuple[bytes, ...] = ()) -> list[object]:
@@ -82,7 +82,7 @@ async def test_a_restarted_redis_is_connected_again(tmp_path: Path) -> None:
         srv.start()  # same port, empty script cache
         assert await echo(ch, b"back") == [b"back", 0]
     finally:
-        ch.close()
+        await ch.aclose()
         srv.stop()
 
 
@@ -107,7 +107,7 @@ async def test_credentials_and_database_of_the_url_are_used(tmp_path: Path) -> N
         store = "redis.call('SET', KEYS[1], ARGV[1]) return redis.call('GET', KEYS[1])"
         sha = hashlib.sha1(store.encode()).hexdigest().encode()
         assert await ch.evalsha(store, sha, (b"k",), (b"v",)) == b"v"
-        ch.close()
+        await ch.aclose()
         db3 = aioredis.from_url(f"redis://:s3cret-pass@127.0.0.1:{srv.port}/3")
         assert await db3.get("k") == b"v"
         await db3.aclose()
@@ -116,7 +116,7 @@ async def test_credentials_and_database_of_the_url_are_used(tmp_path: Path) -> N
         with pytest.raises(AuthenticationError) as e:
             await echo(wrong, b"x")
         assert "not-it" not in str(e.value)
-        wrong.close()
+        await wrong.aclose()
     finally:
         await admin.aclose()
         srv.stop()
@@ -129,6 +129,7 @@ async def test_what_is_not_redis_protocol_closes_the_connection() -> None:
         await writer.drain()
         await reader.read(100)
         writer.close()
+        await writer.wait_closed()  # closed before the server is: no transport outlives it
 
     server = await asyncio.start_server(garbage, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
@@ -136,7 +137,7 @@ async def test_what_is_not_redis_protocol_closes_the_connection() -> None:
     assert ch is not None
     with pytest.raises(ConnectionError, match="not its protocol"):
         await asyncio.wait_for(echo(ch, b"x"), 5.0)
-    ch.close()
+    await ch.aclose()
     server.close()
     await server.wait_closed()
 
@@ -172,9 +173,10 @@ async def test_a_connection_that_stops_answering_is_given_up(monkeypatch) -> Non
     with pytest.raises(ConnectionError, match="no reply"):
         await first  # failed with the connection given up
     later.cancel()
-    ch.close()
+    await ch.aclose()
     for writer in accepted:
         writer.close()
+        await writer.wait_closed()  # closed before the server is: no transport outlives it
     server.close()
     await server.wait_closed()
 

@@ -183,12 +183,14 @@ class ScriptChannel:
         self._conn = conn
         return conn
 
-    def close(self) -> None:
+    async def aclose(self) -> None:
+        """Close the connection (calls in flight on it fail); its socket is closed on return."""
         if self._opening is not None and not self._opening.done():
             self._opening.cancel()
         if self._conn is not None:
             self._conn._close(ConnectionError("the channel was closed"))
             self._conn = None
+            await asyncio.sleep(0)  # the transport closes its socket at the loop's next turn
 
 
 def _retrieved(task: asyncio.Task[Any]) -> None:

@@ -118,7 +118,7 @@ class RedisState:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._flush(), 0.5)
         if self.channel is not None:
-            self.channel.close()
+            await self.channel.aclose()
         with contextlib.suppress(Exception):
             await self.client.aclose()
 
