@@ -21,6 +21,7 @@ Cases:
   per event is the added CPU per streamed request less the added CPU per plain request, over
   the events.
 - cluster: reverse mode, kmi-rotor with `[cluster]` on a throwaway redis-server.
+- cluster1000: the same, 1,000 keys in the pool.
 - decision: in process, CPU µs per admission + selection (+ settle) with 1,000 keys
   (`bench_admission.measure_cost`).
 
@@ -62,7 +63,7 @@ from proctools import LISTEN_RE, MITMDUMP, clean_env  # noqa: E402
 from redis_server import RedisServer  # noqa: E402
 from rotor_toml import pool, rotor_config  # noqa: E402
 
-CASES = ("reverse", "regular", "keys1000", "stream", "cluster", "decision")
+CASES = ("reverse", "regular", "keys1000", "stream", "cluster", "cluster1000", "decision")
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -321,13 +322,15 @@ class CaseSetup:
 
 
 def case_setup(setup: Setup, case: str) -> CaseSetup:
-    """`case`'s set-up; for `cluster`, a throwaway redis-server started first (once)."""
-    if case == "cluster" and setup.redis is None:
+    """`case`'s set-up; for `cluster` and `cluster1000`, a throwaway redis-server started
+    first (once)."""
+    cluster = case.startswith("cluster")
+    if cluster and setup.redis is None:
         setup.redis = RedisServer(setup.tmp / "redis")
         setup.redis.start()
     mode = "regular" if case == "regular" else f"reverse:https://{setup.upstream_authority}"
-    keys = 1000 if case == "keys1000" else 2
-    config = write_config(setup, case, keys, cluster=case == "cluster")
+    keys = 1000 if case.endswith("1000") else 2
+    config = write_config(setup, case, keys, cluster=cluster)
     bare_extra = ["-s", str(stream_script(setup.tmp))] if case == "stream" else []
     return CaseSetup(mode, config, bare_extra, case == "stream")
 

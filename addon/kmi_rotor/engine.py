@@ -97,6 +97,10 @@ class _Lazy:
             pass
         return len(self._seen)
 
+    def __bool__(self) -> bool:
+        """Whether there is a candidate at all: read as far as the first one."""
+        return next(iter(self), None) is not None
+
     def __getitem__(self, i: int) -> str:
         self.__len__()
         return self._seen[i]
@@ -297,7 +301,7 @@ class Engine:
         """What an admission attempt on `plan`'s candidates means for the request."""
         if isinstance(result, Admitted):
             return self._chosen(plan, result, now)
-        if not len(plan.candidates):
+        if not plan.candidates:
             return self._no_usable_key(plan, now, deadline)
         return admission.after_rejection(
             result,

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from redis_server import free_port
 
 from kmi_rotor.cluster.node import RedisState
@@ -149,4 +150,77 @@ async def test_the_headroom_order_across_processes_is_the_requests_scope(server)
     for scope, expected in ((mini, "b"), (big, "a")):
         got = await state.decide(engine, Ask(pool, 10, now, now + 5, scope=scope))
         assert isinstance(got, Chosen) and got.key.label == expected, (scope, got)
+    await state.stop()
+
+
+# -- a large pool: a few candidates per call -----------------------------------------------------
+
+
+def large(url: str, n: int, key_limits: dict[str, int], **global_limits: int) -> Settings:
+    keys = [
+        {"label": f"k{i:03d}", "key": f"sk-k{i:03d}-{i:024d}", "limits": key_limits}
+        for i in range(n)
+    ]
+    raw = {
+        "state_dir": "/tmp/x/state",
+        "limits": {"guard": 0, **global_limits},
+        "cluster": {"redis_url": url, "prefix": f"t{time.time_ns()}"},
+        "pools": [{"name": "p", "provider": "generic", "hosts": ["llm.test"], "keys": keys}],
+    }
+    return from_dict(raw, SOURCE, env={})
+
+
+def asked(state: RedisState) -> list[int]:
+    """The number of candidates of each admission call `state` makes from now on."""
+    sizes: list[int] = []
+    admit = state.limits.admit
+
+    async def counting(candidates: Any, *args: Any, **kw: Any) -> Any:
+        sizes.append(len(candidates))
+        return await admit(candidates, *args, **kw)
+
+    state.limits.admit = counting  # type: ignore[method-assign]
+    return sizes
+
+
+async def test_a_large_pool_sends_a_few_candidates_and_more_only_when_they_are_full(server):
+    s = large(server.url, 100, {"requests_per_minute": 1})
+    (one, e1), (two, e2) = process(s), process(s)
+    sizes = asked(one)
+    got = [await decide(one, e1) for _ in range(8)]
+    assert [d.key.label for d in got] == [f"k{i:03d}" for i in range(8)]
+    assert sizes == [8] * 8
+    # The other process has not seen the cursor move: its first eight are full, the next
+    # call sends 32 more, and the shared cursor picks the key after the last one taken.
+    sizes = asked(two)
+    d = await decide(two, e2)
+    assert isinstance(d, Chosen) and d.key.label == "k008"
+    assert sizes == [8, 32]
+    for state in (one, two):
+        await state.stop()
+
+
+@pytest.mark.parametrize(
+    ("key_limits", "global_limits", "sizes", "scope"),
+    [
+        # Every key full: every key asked, in three calls; the 429 says when the first frees.
+        ({"requests_per_minute": 1}, {}, [8, 32, 10], "key 'k000'"),
+        # The proxy's own limit binds: no other key could take it, one call.
+        ({}, {"requests_per_minute": 8}, [8], "the proxy"),
+    ],
+)
+async def test_a_full_pool_is_asked_in_a_few_calls_and_says_when_it_frees(
+    server, key_limits, global_limits, sizes, scope
+):
+    s = large(server.url, 50, key_limits, **global_limits)
+    state, engine = process(s)
+    now = time.time()
+    while isinstance(await decide(state, engine, now), Chosen):
+        pass
+    made = asked(state)
+    d = await decide(state, engine)
+    assert made == sizes
+    # Beyond the request's wait (5 s): a 429 that says when the binding limit frees.
+    assert isinstance(d, Refusal) and d.status == 429 and d.scope == scope
+    assert d.retry_at is not None and now < d.retry_at <= time.time() + 60
     await state.stop()

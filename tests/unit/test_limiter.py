@@ -21,6 +21,8 @@ from kmi_rotor.core.limiter import (
     Rejected,
     Reservation,
     enforced_length,
+    global_binds,
+    rejected_in_turn,
 )
 
 T0 = 1_000.0
@@ -526,3 +528,120 @@ def test_the_guard_lengthens_windows(name: str, guard: float, expected: float) -
     admit(lim, T0)
     reject(lim, T0 + expected - EPS)
     admit(lim, T0 + expected)
+
+
+# -- rejections of candidates asked in turns (the shared admission's) ---------------------------
+
+
+def _asked_in_turns(
+    lim: Limiter, keys: list[str], tokens: int, now: float
+) -> tuple[list[Rejected], bool]:
+    """Each turn's rejection, the candidates asked as the shared admission asks them (1, then
+    4 times as many of the rest...), stopping where the global limits bind; and whether
+    candidates were left unasked then."""
+    rejections, at, size = [], 0, 1
+    while at < len(keys):
+        r = lim.try_admit(keys[at : at + size], tokens, now)
+        assert isinstance(r, Rejected)
+        rejections.append(r)
+        at, size = at + size, size * 4
+        if global_binds(r):
+            return rejections, at < len(keys)
+    return rejections, False
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_rejections_asked_in_turns_say_what_one_rejection_of_all_says(seed):
+    """Every key full (one request a minute, taken), the global limits sometimes binding too,
+    token limits sometimes too small ever to fit: the turns' rejections, put together, are the
+    limiter's rejection of all the keys at once; or, when the global limits stopped the turns
+    early, they say to look again when those free."""
+    rng = random.Random(seed)
+    keys = [f"k{i}" for i in range(rng.randint(1, 30))]
+    glob = Limits(
+        requests_per_minute=rng.choice([None, len(keys), len(keys) + 5]),
+        concurrency=rng.choice([None, None, len(keys)]),
+    )
+    token_limits = rng.choice([(None, 100, 10_000), (100, 10_000)])
+    per_key = {
+        k: Limits(requests_per_minute=1, tokens_per_minute=rng.choice(token_limits)) for k in keys
+    }
+    lim = Limiter(glob, per_key)
+    now = T0
+    for k in keys:  # each key's one request a minute, at times of its own
+        now += rng.random()
+        assert isinstance(lim.try_admit([k], 50, now), Admitted)
+    now += rng.random()
+    tokens = rng.choice([10, 500, 20_000])  # 20,000: above every token limit set
+    whole = lim.try_admit(keys, tokens, now)
+    assert isinstance(whole, Rejected)
+    rejections, unasked = _asked_in_turns(lim, keys, tokens, now)
+    got = rejected_in_turn(rejections, unasked)
+    assert got.possible == whole.possible
+    if not unasked:
+        assert set(got.exhausted) == set(whole.exhausted)
+        assert got.retry_at == whole.retry_at
+    else:  # stopped where the global limits bind: look again when they free
+        frees = [e.free_at for e in whole.exhausted if e.scope == GLOBAL]
+        assert got.retry_at == (max(frees) if None not in frees else whole.retry_at)
+        assert whole.retry_at is None or got.retry_at <= whole.retry_at
+        assert set(got.exhausted) <= set(whole.exhausted)
+
+
+@pytest.mark.parametrize(
+    ("results", "unasked", "expected"),
+    [
+        # A time from one turn, a release only from another: the time.
+        (
+            [Rejected((Exhausted("key:a", "concurrency", None),), None),
+             Rejected((Exhausted("key:b", "requests_per_minute", 70.0),), 70.0)],
+            False,
+            Rejected((Exhausted("key:a", "concurrency", None),
+                      Exhausted("key:b", "requests_per_minute", 70.0)), 70.0),
+        ),
+        # A turn that can never fit says nothing of when another can.
+        (
+            [Rejected((Exhausted("key:a", "tokens_per_minute", None),), None, possible=False),
+             Rejected((Exhausted("key:b", "requests_per_minute", 80.0),), 80.0)],
+            False,
+            Rejected((Exhausted("key:a", "tokens_per_minute", None),
+                      Exhausted("key:b", "requests_per_minute", 80.0)), 80.0),
+        ),
+        # No turn can ever fit: neither can the request.
+        (
+            [Rejected((Exhausted("key:a", "tokens_per_minute", None),), None, possible=False)],
+            False,
+            Rejected((Exhausted("key:a", "tokens_per_minute", None),), None, possible=False),
+        ),
+        # The global limits bind, keys left unasked: look again when the global window frees,
+        # and the global entry is said once.
+        (
+            [Rejected((Exhausted(GLOBAL, "requests_per_minute", 65.0),
+                       Exhausted("key:a", "requests_per_minute", 90.0)), 90.0)],
+            True,
+            Rejected((Exhausted(GLOBAL, "requests_per_minute", 65.0),
+                      Exhausted("key:a", "requests_per_minute", 90.0)), 65.0),
+        ),
+        # ... unless they free on a release only (no time known).
+        (
+            [Rejected((Exhausted(GLOBAL, "concurrency", None),), None)],
+            True,
+            Rejected((Exhausted(GLOBAL, "concurrency", None),), None),
+        ),
+    ],
+)  # fmt: skip
+def test_rejections_in_turn_table(results, unasked, expected):
+    assert rejected_in_turn(results, unasked) == expected
+
+
+@pytest.mark.parametrize(
+    ("result", "binds"),
+    [
+        (Rejected((Exhausted(GLOBAL, "requests_per_minute", 65.0),), 65.0), True),
+        (Rejected((Exhausted("key:a", "requests_per_minute", 65.0),), 65.0), False),
+        # The global limits can never fit it: no turn can, but that is not "later".
+        (Rejected((Exhausted(GLOBAL, "tokens_per_minute", None),), None, possible=False), False),
+    ],
+)
+def test_global_binds(result, binds):
+    assert global_binds(result) is binds

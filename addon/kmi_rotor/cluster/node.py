@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from typing import Any
 from ..config import Key, Pool, Settings
 from ..core import health as hl
 from ..core.budget import COUNTED
-from ..core.limiter import Rejected
+from ..core.limiter import Admitted, Rejected, global_binds, rejected_in_turn
 from ..core.refusal import Refusal
 from ..core.share import scaled
 from ..engine import Decision, Engine, Wait, limits_of
@@ -41,6 +42,11 @@ POLL = 0.05
 CURSORS = {"round-robin": "rr", "sticky": "sticky", "headroom": "rr"}
 """The shared cursor of each strategy (headroom's breaks ties in round-robin order)."""
 TURNS = 4
+"""Admissions one process has in flight to Redis at once."""
+FIRST_ASKED = 8
+"""Candidate keys an admission first sends to Redis; when none of them can take the request,
+the next call sends four times as many of the rest (a pool of 1,000 usable keys is asked in
+five calls at most)."""
 """Admissions one process has in flight to Redis at once."""
 SLOW_FOR = 1.0
 """Seconds of answers later than the bound before the process falls back. A loaded machine
@@ -78,6 +84,8 @@ class RedisState:
         self._slow_since: float | None = None
         self._read: seeds.Read | None = None
         """The shared windows as last read, this process's share of them."""
+        self._place_of: dict[str, tuple[tuple[Key, ...], dict[str, int]]] = {}
+        """Each pool's keys and their places in it, by fingerprint (`_places`)."""
         self._turn = asyncio.Semaphore(TURNS)
         """A few admissions at a time per process: requests woken together queue here, not
         as a burst of calls to Redis where all but one would be refused."""
@@ -129,39 +137,58 @@ class RedisState:
             return self._without_redis(engine, ask)
         pool, now, deadline = ask.pool, ask.now, ask.deadline
         plan = engine.plan(pool, now, exclude=ask.exclude, affinity=ask.affinity, scope=ask.scope)
-        places = {k.fingerprint: i for i, k in enumerate(pool.keys)}
-        candidates = [(fp, places[fp]) for fp in plan.candidates]
+        places = self._places(pool)
         mode = CURSORS.get(pool.strategy)
         cursor = Cursor(pool.name, len(pool.keys), mode, plan.pinned) if mode else None
-        if not candidates:
-            return engine.conclude(plan, Rejected((), None), now, deadline=deadline)
-        headroom = None
-        if pool.strategy == "headroom":
-            headroom = {fp: _unshared_headroom(engine, fp, now, ask.scope) for fp, _ in candidates}
+        # The candidates go in turns of growing size, read from the plan only as far as they
+        # are asked: an admission sends a few keys, not every usable key of a large pool.
+        unread = iter(plan.candidates)
+        result: Admitted | Rejected = Rejected((), None)  # no usable key
+        rejections: list[Rejected] = []
+        unasked, size = False, FIRST_ASKED
         try:
             async with self._turn:
-                if self.mode != "shared":  # it went down while this request queued
-                    return self._without_redis(engine, ask)
-                result = await self.limits.admit(
-                    candidates,
-                    ask.tokens,
-                    now,
-                    cursor=cursor,
-                    scope=ask.scope,
-                    headroom=headroom,
-                )
+                while asked := [(fp, places[fp]) for fp in itertools.islice(unread, size)]:
+                    if self.mode != "shared":  # it went down while this request queued
+                        return self._without_redis(engine, ask)
+                    headroom = None
+                    if pool.strategy == "headroom":
+                        headroom = {
+                            fp: _unshared_headroom(engine, fp, now, ask.scope) for fp, _ in asked
+                        }
+                    result = await self.limits.admit(
+                        asked, ask.tokens, now, cursor=cursor, scope=ask.scope, headroom=headroom
+                    )
+                    if isinstance(result, Admitted):
+                        break
+                    rejections.append(result)
+                    if global_binds(result):  # no other key takes it before those limits free
+                        unasked = next(unread, None) is not None
+                        break
+                    size *= 4
             self._slow_since = None
         except SharedDown as e:
             if not self._failed(e) and now + POLL <= deadline:
                 return Wait(now + POLL, "shared state slow to answer")
             self._went_down(str(e))
             return self._without_redis(engine, ask)
+        if isinstance(result, Rejected) and rejections:
+            result = rejected_in_turn(rejections, unasked)
         d = engine.conclude(plan, result, now, deadline=deadline)
         if isinstance(d, Wait) and d.until is None:
             # Another process's release wakes nobody here: look again soon. (A window frees
             # at the time given, wherever the request that fills it came from.)
             return Wait(min(deadline, now + POLL), d.reason)
         return d
+
+    def _places(self, pool: Pool) -> dict[str, int]:
+        """Each key's place in the pool, by fingerprint: made once for a pool's keys, not for
+        every admission."""
+        held = self._place_of.get(pool.name)
+        if held is None or held[0] is not pool.keys:
+            held = (pool.keys, {k.fingerprint: i for i, k in enumerate(pool.keys)})
+            self._place_of[pool.name] = held
+        return held[1]
 
     def _without_redis(self, engine: Engine, ask: Ask) -> Decision:
         if self.cluster.on_redis_down == "refuse":

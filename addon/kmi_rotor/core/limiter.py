@@ -118,6 +118,30 @@ class Rejected:
     possible: bool = True
 
 
+def global_binds(result: Rejected) -> bool:
+    """Whether a rejection says the proxy-wide limits stop every key: no other candidate can
+    be admitted until they free (the request can still be admitted then)."""
+    return result.possible and any(e.scope == GLOBAL for e in result.exhausted)
+
+
+def rejected_in_turn(results: Sequence[Rejected], unasked: bool = False) -> Rejected:
+    """One rejection of a request whose candidates were asked in turns (a turn's rejection
+    each): what stops them all, and the earliest time one of them could fit, as the limiter
+    rejecting them together would say. `unasked`: candidates were left out because the last
+    turn's rejection says the proxy-wide limits bind (`global_binds`): one of them may fit as
+    soon as those limits free, so the request looks again then."""
+    exhausted = tuple(dict.fromkeys(e for r in results for e in r.exhausted))
+    possible = [r for r in results if r.possible]
+    times = [r.retry_at for r in possible if r.retry_at is not None]
+    retry_at = min(times) if times else None
+    if unasked:
+        frees = [e.free_at for e in results[-1].exhausted if e.scope == GLOBAL]
+        timed = [at for at in frees if at is not None]
+        if timed and len(timed) == len(frees):  # else it frees on a release: no time known
+            retry_at = max(timed)
+    return Rejected(exhausted, retry_at, possible=bool(possible))
+
+
 class _Window:
     """Sliding log of (time, amount) in time order; `used` is the sum of the live amounts.
 
