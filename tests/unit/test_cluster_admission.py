@@ -120,8 +120,8 @@ async def test_leases_settled_in_one_turn_of_the_loop_go_in_one_call(client, mon
     assert all(isinstance(h, Admitted) for h in held)
     assert isinstance(await s.admit([("a", 0)], 1, now), Rejected)  # three slots taken
     calls = []
-    run = s._run
-    monkeypatch.setattr(s, "_run", lambda script, arg: calls.append(arg) or run(script, arg))
+    script = s._script
+    monkeypatch.setattr(s, "_script", lambda sc, arg: calls.append(arg) or script(sc, arg))
     for h in held:  # as three requests ending in one turn of the loop
         s.adjust(h.reservation, 5)
         s.release(h.reservation)

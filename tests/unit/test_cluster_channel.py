@@ -52,6 +52,18 @@ async def test_pipelined_calls_each_get_their_own_reply(channel) -> None:
     assert [r[0] for r in replies] == args
 
 
+async def test_the_calls_of_one_turn_of_the_loop_go_in_one_write(channel, monkeypatch) -> None:
+    await echo(channel, b"warm")  # connected: the next calls are sent at once
+    conn = channel._conn
+    assert conn is not None and conn.transport is not None
+    writes = []
+    write = conn.transport.write
+    monkeypatch.setattr(conn.transport, "write", lambda data: writes.append(data) or write(data))
+    replies = await asyncio.gather(*(echo(channel, b"%d" % i) for i in range(5)))
+    assert [r[0] for r in replies] == [b"0", b"1", b"2", b"3", b"4"]
+    assert len(writes) == 1 and writes[0].count(b"EVALSHA") == 5
+
+
 async def test_a_call_given_up_leaves_the_next_reply_to_the_next_call(channel) -> None:
     await echo(channel, b"warm")  # connected: the next call is sent at once
     given_up = asyncio.ensure_future(echo(channel, b"first"))
@@ -59,6 +71,29 @@ async def test_a_call_given_up_leaves_the_next_reply_to_the_next_call(channel) -
     given_up.cancel()
     assert await echo(channel, b"second") == [b"second", 0]
     assert given_up.cancelled()
+
+
+SLOW = """
+local t = redis.call('TIME')
+local start = t[1] * 1000 + t[2] / 1000
+repeat t = redis.call('TIME') until t[1] * 1000 + t[2] / 1000 - start >= tonumber(ARGV[1])
+return ARGV[2]
+"""
+
+
+async def test_a_call_bounded_in_time_fails_and_the_next_reply_goes_to_the_next_call(
+    channel,
+) -> None:
+    sha = hashlib.sha1(SLOW.encode()).hexdigest().encode()
+    await channel.evalsha(SLOW, sha, (), (b"0", b"loaded"))  # known: EVALSHA runs it at once
+    slow = asyncio.ensure_future(channel.evalsha(SLOW, sha, (), (b"1000", b"slow"), within=0.05))
+    after = asyncio.ensure_future(echo(channel, b"after"))  # sent behind it, answered after it
+    with pytest.raises(TimeoutError):
+        await slow  # Redis is still running it
+    assert not after.done()  # its reply comes after the late one, which goes to nobody
+    assert await after == [b"after", 0]
+    bounded = await channel.evalsha(ECHO, SHA, (), (b"in time",), within=5.0)
+    assert bounded == [b"in time", 0]
 
 
 async def test_an_error_reply_is_a_response_error(channel) -> None:

@@ -4,8 +4,11 @@ their own: commands pipelined, replies parsed by hiredis and handed out in order
 A request's admission and its settling are one script call each. Through the redis package's
 client a call costs about as much CPU as the rest of kmi-rotor's work on the request together
 (a pooled connection taken and given back under a lock, a retry wrapper, a timeout context
-for the write and another for the read); here it is one write and one future. Everything else
-(the heartbeat, actions, cooldowns) stays with the redis package's client.
+for the write and another for the read); here it is a future, and a share of one write: the
+commands of one turn of the event loop are written together at its end (a write to a socket
+costs more than the rest of a call). A call bounded in time (`within`) needs no timer of its
+own: one timer fails the calls in flight whose time is up. Everything else (the heartbeat,
+actions, cooldowns) stays with the redis package's client.
 
 Only for `redis://`: a `rediss://` URL's TLS options are the redis package's to read, and its
 client carries every call then.
@@ -14,13 +17,15 @@ Failures are the ones the caller already maps (`SharedLimits.call`): OSError or 
 when the connection cannot be made or is lost (every call in flight on it fails; the next call
 connects again; a connection whose oldest call waits for its reply longer than STALLED counts
 as lost), the redis package's ResponseError for an error reply, AuthenticationError
-when the credentials are refused. A call given up by its caller (its timeout) leaves its reply
-to be read and dropped, so the replies that follow still go to their own calls.
+when the credentials are refused, TimeoutError when a call's `within` is up. A call given up
+(by its caller, or timed out) leaves its reply to be read and dropped, so the replies that
+follow still go to their own calls.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -51,9 +56,15 @@ class _Replies(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.reader = hiredis.Reader()
-        self.waiting: deque[tuple[asyncio.Future[Any], float]] = deque()
-        """Each call's future, and when it was sent (loop time), oldest first."""
+        self.waiting: deque[tuple[asyncio.Future[Any], float, float]] = deque()
+        """Each call's future, when it was sent and when its caller stops waiting for it (loop
+        time; inf: its caller bounds the wait itself), oldest first."""
         self.lost: Exception | None = None
+        self._out: list[bytes] = []
+        """Commands sent in this turn of the event loop, written together at its end."""
+        self._watch: asyncio.TimerHandle | None = None
+        """When the next bounded call runs out of time (`_expire`): one timer for every call
+        in flight, not one per call."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -65,8 +76,8 @@ class _Replies(asyncio.Protocol):
             while (reply := self.reader.gets()) is not False:
                 if not self.waiting:  # a reply nobody asked for: the stream is not ours
                     raise hiredis.ProtocolError("a reply to no command")
-                fut, _ = self.waiting.popleft()
-                if not fut.done():  # a call its caller gave up keeps its place
+                fut, _, _ = self.waiting.popleft()
+                if not fut.done():  # a call given up (timed out) keeps its place
                     fut.set_result(reply)
         except hiredis.ProtocolError as e:
             self._close(ConnectionError(f"Redis sent what is not its protocol ({e})"))
@@ -79,8 +90,11 @@ class _Replies(asyncio.Protocol):
             self.lost = why
         if self.transport is not None:
             self.transport.close()
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         while self.waiting:
-            fut, _ = self.waiting.popleft()
+            fut, _, _ = self.waiting.popleft()
             if not fut.done():
                 fut.set_exception(self.lost)
 
@@ -91,14 +105,48 @@ class _Replies(asyncio.Protocol):
             self._close(ConnectionError(f"Redis sent no reply for {STALLED:.0f} s"))
         return self.lost is not None
 
-    def send(self, command: bytes) -> asyncio.Future[Any]:
+    def send(self, command: bytes, within: float | None = None) -> asyncio.Future[Any]:
+        """The future of `command`'s reply; with `within`, it fails with TimeoutError when the
+        reply has not come after that many seconds (the reply is still read in its turn)."""
         if self.lost is not None or self.transport is None or self.transport.is_closing():
             raise self.lost or ConnectionError("the connection to Redis is closed")
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        self.waiting.append((fut, loop.time()))
-        self.transport.write(command)
+        sent = loop.time()
+        if within is None:
+            self.waiting.append((fut, sent, math.inf))
+        else:
+            deadline = sent + within
+            self.waiting.append((fut, sent, deadline))
+            watch = self._watch
+            if watch is None or deadline < watch.when():
+                if watch is not None:
+                    watch.cancel()
+                self._watch = loop.call_at(deadline, self._expire)
+        out = self._out
+        out.append(command)
+        if len(out) == 1:  # the first of this turn: the turn's commands go in one write
+            loop.call_soon(self._write)
         return fut
+
+    def _write(self) -> None:
+        out, self._out = self._out, []
+        transport = self.transport
+        if self.lost is None and transport is not None and not transport.is_closing():
+            transport.write(b"".join(out))
+
+    def _expire(self) -> None:
+        """Fail the calls whose time is up; wake again when the next one's is."""
+        self._watch = None
+        now = asyncio.get_running_loop().time()
+        later = math.inf
+        for fut, _, deadline in self.waiting:
+            if deadline > now:
+                later = min(later, deadline)
+            elif not fut.done():
+                fut.set_exception(TimeoutError("no reply from Redis in time"))
+        if later < math.inf:
+            self._watch = asyncio.get_running_loop().call_at(later, self._expire)
 
 
 class ScriptChannel:
@@ -141,17 +189,30 @@ class ScriptChannel:
         )
 
     async def evalsha(
-        self, script: str, sha: bytes, keys: Sequence[bytes], args: Sequence[bytes]
+        self,
+        script: str,
+        sha: bytes,
+        keys: Sequence[bytes],
+        args: Sequence[bytes],
+        within: float | None = None,
     ) -> Any:
         """The reply of `script` (whose SHA-1 is `sha`) run on `keys` and `args`; loaded
-        first when Redis does not know it (a restarted Redis)."""
+        first when Redis does not know it (a restarted Redis). `within`: seconds to wait for
+        each reply, at most (then TimeoutError)."""
         conn = self._conn
-        if conn is None or conn.stalled(asyncio.get_running_loop().time()):
-            conn = await self.connect()
+        loop = asyncio.get_running_loop()
+        if conn is None or conn.stalled(loop.time()):
+            if within is None:
+                conn = await self.connect()
+            else:  # the time to connect counts in the call's
+                started = loop.time()
+                conn = await asyncio.wait_for(self.connect(), within)
+                within = max(0.0, within - (loop.time() - started))
         count = b"%d" % len(keys)
-        reply = await conn.send(pack(b"EVALSHA", sha, count, *keys, *args))
+        reply = await conn.send(pack(b"EVALSHA", sha, count, *keys, *args), within)
         if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
-            reply = await conn.send(pack(b"EVAL", script.encode("utf-8"), count, *keys, *args))
+            command = pack(b"EVAL", script.encode("utf-8"), count, *keys, *args)
+            reply = await conn.send(command, within)
         if isinstance(reply, hiredis.ReplyError):
             raise ResponseError(str(reply))
         return reply

@@ -122,6 +122,8 @@ class SharedLimits:
         self._ids = itertools.count(1)
         self._global: dict[str, Any] = {"name": GLOBAL, "windows": [], "conc": 0}
         self._keys: dict[str, dict[str, Any]] = {}
+        self._shapes: dict[str, Any] = {}
+        """Per key, what a reservation on it holds (`_shape_of`)."""
         self.held: dict[str, Lease] = {}
         """Leases not yet released, renewed while their requests run."""
         self._due: list[Lease] | None = None
@@ -137,6 +139,7 @@ class SharedLimits:
         """The limits every admission checks (each process passes its own config's)."""
         self._global = _spec(GLOBAL, global_limits, guard)
         self._keys = {fp: _spec(f"key:{fp}", lim, guard) for fp, lim in key_limits.items()}
+        self._shapes.clear()
 
     async def warm(self, connections: int = 8) -> None:
         """Load the scripts and open connections ahead of the first burst of requests (a cold
@@ -147,13 +150,20 @@ class SharedLimits:
         if self.channel is not None:
             await self.channel.connect()
 
-    def _run(self, script: Any, arg: dict[str, Any]) -> Awaitable[Any]:
-        """One of this module's scripts (a registered `Script`) called with its JSON argument:
-        on the channel when there is one, else through the client."""
+    async def _script(self, script: Any, arg: dict[str, Any]) -> Any:
+        """One of this module's scripts (a registered `Script`) called with its JSON argument,
+        as `call` makes a call: on the channel when there is one (which bounds the wait
+        itself, without a timer for each call), else through the client."""
         body = json.dumps(arg)
-        if self.channel is not None:
-            return self.channel.evalsha(script.script, _sha(script), (), (body.encode(),))
-        return script(args=[body])
+        try:
+            if self.channel is not None:
+                sha = _sha(script)
+                return await self.channel.evalsha(
+                    script.script, sha, (), (body.encode(),), within=TIMEOUT
+                )
+            return await asyncio.wait_for(script(args=[body]), TIMEOUT)
+        except Exception as e:
+            raise _down(e) from None
 
     def windows(self) -> dict[str, list[str]]:
         """The configured window names, by scope ("global", "key:<fp>")."""
@@ -171,7 +181,7 @@ class SharedLimits:
             "cap": cap,
             "scopes": [self._global, *self._keys.values()],
         }
-        out = await self.call(self._run(self._snapshot, arg))
+        out = await self._script(self._snapshot, arg)
         return float(_text(out[0])), json.loads(_text(out[1])) or {}
 
     def owns(self, reservation: Reservation) -> bool:
@@ -181,15 +191,8 @@ class SharedLimits:
         """One Redis round trip, at most TIMEOUT; any failure is SharedDown."""
         try:
             return await asyncio.wait_for(aw, TIMEOUT)
-        except TimeoutError:
-            raise SharedDown("no answer within 100 ms", slow=True) from None
-        except (OSError, ConnectionError) as e:
-            raise SharedDown(str(e) or type(e).__name__) from None
-        except Exception as e:  # the redis package's own errors
-            if type(e).__module__.startswith("redis"):
-                slow = "Timeout" in type(e).__name__
-                raise SharedDown(str(e) or type(e).__name__, slow=slow) from None
-            raise
+        except Exception as e:
+            raise _down(e) from None
 
     async def admit(
         self,
@@ -232,7 +235,7 @@ class SharedLimits:
                 "pinned": int(cursor.pinned),
             }
         sent = time.monotonic()
-        out = await self.call(self._run(self._admit, arg))
+        out = await self._script(self._admit, arg)
         result = self._answer(out, rid, tokens, now, scope)
         late = time.monotonic() - sent > RESTAMP_AFTER
         if isinstance(result, Admitted) and late and _lease(result.reservation).stamps:
@@ -252,7 +255,7 @@ class SharedLimits:
             "slots": (),
         }
         with contextlib.suppress(SharedDown):
-            await self.call(self._run(self._settle, arg))
+            await self._script(self._settle, arg)
 
     def _answer(
         self, out: list[Any], rid: str, tokens: int, now: float, scope: str = ""
@@ -262,21 +265,7 @@ class SharedLimits:
 
         if int(out[0]) == 1:
             fp = _text(out[1])
-            scopes = (self._global, self._keys.get(fp) or {"windows": [], "conc": 0})
-            windows = tuple(
-                (GLOBAL if s is self._global else f"key:{fp}", w[0])
-                for s in scopes
-                for w in s["windows"]
-                if w[3] == 1
-            )
-            slots = tuple(
-                GLOBAL if s is self._global else f"key:{fp}" for s in scopes if s["conc"] > 0
-            )
-            stamps = tuple(
-                (GLOBAL if s is self._global else f"key:{fp}", w[0])
-                for s in scopes
-                for w in s["windows"]
-            )
+            windows, slots, stamps = self._shape_of(fp)
             member = _text(out[3])
             flight = (fp, scope, member) if member else ()
             lease = Lease(rid, windows, slots, tokens, stamps, flight, key=fp, scope=scope)
@@ -292,6 +281,21 @@ class SharedLimits:
         )
         retry_at = None if retry < 0 else max(now, local(retry))
         return Rejected(exhausted, retry_at, possible=possible)
+
+    def _shape_of(
+        self, fp: str
+    ) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...], tuple[tuple[str, str], ...]]:
+        """What a reservation on key `fp` holds (a `Lease`'s `windows`, `slots` and `stamps`),
+        from the configured limits: worked out once per key and configuration."""
+        shape = self._shapes.get(fp)
+        if shape is None:
+            scopes = (self._global, self._keys.get(fp) or {"windows": [], "conc": 0})
+            named = [(GLOBAL if s is self._global else f"key:{fp}", s) for s in scopes]
+            windows = tuple((n, w[0]) for n, s in named for w in s["windows"] if w[3] == 1)
+            slots = tuple(n for n, s in named if s["conc"] > 0)
+            stamps = tuple((n, w[0]) for n, s in named for w in s["windows"])
+            shape = self._shapes[fp] = (windows, slots, stamps)
+        return shape
 
     # -- settling (the event loop goes on; a lost call is made good by the lease's expiry) -----
 
@@ -362,7 +366,7 @@ class SharedLimits:
         arg = many[0] if len(many) == 1 else {"op": "settle", "many": many}
         arg["p"] = self.prefix
         try:
-            await self.call(self._run(self._settle, arg))
+            await self._script(self._settle, arg)
         except SharedDown as e:
             log.debug("kmi-rotor: shared settle lost (%s); the leases expire instead", e)
 
@@ -391,7 +395,7 @@ class SharedLimits:
         held = [[lease.id, lease.slots, lease.flight] for lease in self.held.values()]
         if held:
             arg = {"op": "renew", "p": self.prefix, "held": held, "lease": self.lease_ms}
-            await self.call(self._run(self._settle, arg))
+            await self._script(self._settle, arg)
 
     # -- cooldowns (per key and scope; "" is the whole key) ------------------------------------
 
@@ -416,6 +420,21 @@ class SharedLimits:
             for task in list(lease.tasks):
                 with contextlib.suppress(Exception):
                     await task
+
+
+def _down(e: Exception) -> Exception:
+    """What a failed Redis call raises: SharedDown for a call that timed out (`slow`), a
+    connection that failed or was lost, and the redis package's own errors; any other error
+    as it is."""
+    if isinstance(e, SharedDown):
+        return e
+    if isinstance(e, TimeoutError):
+        return SharedDown("no answer within 100 ms", slow=True)
+    if isinstance(e, (OSError, ConnectionError)):
+        return SharedDown(str(e) or type(e).__name__)
+    if type(e).__module__.startswith("redis"):
+        return SharedDown(str(e) or type(e).__name__, slow="Timeout" in type(e).__name__)
+    return e
 
 
 def _sha(script: Any) -> bytes:
