@@ -31,7 +31,7 @@ from .core.limiter import (
     Reservation,
 )
 from .core.refusal import Refusal
-from .core.rotation import Sticky, Strategy, make
+from .core.rotation import RoundRobin, Sticky, Strategy, make
 from .core.signals import FailureKind, Signal, Window
 from .core.tokens import MAX_TOKENS
 from .scrubbing import scrubber
@@ -507,6 +507,15 @@ class Engine:
             raise ValueError(f"unknown action {action!r}")
         self.health[key.fingerprint] = h
         return h
+
+    def seek(self, pool: Pool, start: int) -> bool:
+        """Begin the pool's cycle (round-robin, sticky) at place `start` of its keys, where
+        the processes sharing it moved it; False for strategies without one."""
+        strategy = self.strategies.get(pool.name)
+        if not isinstance(strategy, RoundRobin | Sticky) or not 0 <= start < len(pool.keys):
+            return False
+        strategy.seek(start)
+        return True
 
     def rotate(self, pool_name: str, times: int = 1) -> bool:
         """Move a sticky pool's active key on; False for pools of other strategies."""

@@ -156,7 +156,13 @@ async def test_the_headroom_order_across_processes_is_the_requests_scope(server)
 # -- a large pool: a few candidates per call -----------------------------------------------------
 
 
-def large(url: str, n: int, key_limits: dict[str, int], **global_limits: int) -> Settings:
+def large(
+    url: str,
+    n: int,
+    key_limits: dict[str, int],
+    strategy: str = "round-robin",
+    **global_limits: int,
+) -> Settings:
     keys = [
         {"label": f"k{i:03d}", "key": f"sk-k{i:03d}-{i:024d}", "limits": key_limits}
         for i in range(n)
@@ -165,7 +171,15 @@ def large(url: str, n: int, key_limits: dict[str, int], **global_limits: int) ->
         "state_dir": "/tmp/x/state",
         "limits": {"guard": 0, **global_limits},
         "cluster": {"redis_url": url, "prefix": f"t{time.time_ns()}"},
-        "pools": [{"name": "p", "provider": "generic", "hosts": ["llm.test"], "keys": keys}],
+        "pools": [
+            {
+                "name": "p",
+                "provider": "generic",
+                "hosts": ["llm.test"],
+                "keys": keys,
+                "strategy": strategy,
+            }
+        ],
     }
     return from_dict(raw, SOURCE, env={})
 
@@ -184,18 +198,43 @@ def asked(state: RedisState) -> list[int]:
 
 
 async def test_a_large_pool_sends_a_few_candidates_and_more_only_when_they_are_full(server):
-    s = large(server.url, 100, {"requests_per_minute": 1})
+    s = large(server.url, 100, {})
     (one, e1), (two, e2) = process(s), process(s)
-    sizes = asked(one)
-    got = [await decide(one, e1) for _ in range(8)]
-    assert [d.key.label for d in got] == [f"k{i:03d}" for i in range(8)]
-    assert sizes == [8] * 8
-    # The other process has not seen the cursor move: its first eight are full, the next
-    # call sends 32 more, and the shared cursor picks the key after the last one taken.
+    now = time.time()
+    for key in s.pools[0].keys[:8]:  # the first eight cool down, for every process
+        e1.observe(key, Signal(429, FailureKind.RATE_LIMITED, now + 30.0, (), "rate limited"), now)
+        one.observed(e1, key, now)
+    await asyncio.gather(*one._background)
     sizes = asked(two)
     d = await decide(two, e2)
     assert isinstance(d, Chosen) and d.key.label == "k008"
-    assert sizes == [8, 32]
+    assert sizes == [8, 32]  # the next 32 asked only once the first 8 could not take it
+    d = await decide(two, e2)
+    assert isinstance(d, Chosen) and d.key.label == "k009"
+    assert sizes == [8, 32, 8]
+    for state in (one, two):
+        await state.stop()
+
+
+@pytest.mark.parametrize(("strategy", "taken"), [("round-robin", 8), ("sticky", 12)])
+async def test_a_process_behind_the_shared_cycle_begins_where_it_is(server, strategy, taken):
+    """Another process moved the pool's cycle beyond this one's first eight keys (it took
+    eight keys in turn; it made key 12 the active one): this process's first call is told
+    where the cycle is, and it asks again from there."""
+    s = large(server.url, 100, {}, strategy=strategy)
+    (one, e1), (two, e2) = process(s), process(s)
+    if strategy == "sticky":
+        e1.rotate("p", 12)
+    for _ in range(8 if strategy == "round-robin" else 1):
+        assert isinstance(await decide(one, e1), Chosen)
+    sizes = asked(two)
+    d = await decide(two, e2)
+    assert isinstance(d, Chosen) and d.key.label == f"k{taken:03d}"
+    assert sizes == [8, 8]
+    d = await decide(two, e2)  # in step now: one call
+    nxt = taken + 1 if strategy == "round-robin" else taken
+    assert isinstance(d, Chosen) and d.key.label == f"k{nxt:03d}"
+    assert sizes == [8, 8, 8]
     for state in (one, two):
         await state.stop()
 

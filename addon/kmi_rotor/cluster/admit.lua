@@ -10,9 +10,10 @@
 -- ARGV[1]: JSON {p, id, tokens, lease, scope, global, keys, cursor, order}; a scope spec is
 --   {name, windows = [[limit_name, limit, length_ms, is_token], ...], conc (0: none)}; each
 --   key also has fp, idx (its place in the pool) and hh (its headroom in what is not shared).
---   cursor: {pool, n, mode, pinned} or absent. order: "headroom" sorts the keys by headroom.
+--   cursor: {pool, n, mode, pinned, span} or absent. order: "headroom" sorts the keys by headroom.
 -- Returns {1, fp, now, member (its place among the key's requests in flight)} when admitted,
--- or {0, possible, retry_ms, now, exhausted_json} (retry_ms: "-1" when only a release helps).
+-- {0, possible, retry_ms, now, exhausted_json} (retry_ms: "-1" when only a release helps)
+-- when not, or {2, cursor} when the cursor is outside the keys sent (cursor.span, below).
 
 local a = cjson.decode(ARGV[1])
 local t = redis.call('TIME')
@@ -207,6 +208,9 @@ local function spend(fp, bs)
 end
 
 -- Candidates in the shared cursor's order (the first stays first when pinned by affinity).
+-- cursor.span: the keys (after a pinned one) are a run of the pool in cyclic order, not all
+-- of its usable keys; when the cursor is not within the run, the caller's view of it is out
+-- of date: {2, cursor} tells it where to begin again.
 local keys = a.keys
 if a.cursor and #keys > 1 then
   local c = tonumber(redis.call('GET', P .. ':rr:' .. a.cursor.pool) or '-1')
@@ -214,6 +218,10 @@ if a.cursor and #keys > 1 then
     local n = a.cursor.n
     local first = 1
     if a.cursor.pinned == 1 then first = 2 end
+    if a.cursor.span == 1 and #keys >= first then
+      local from = keys[first].idx
+      if (c - from) % n > (keys[#keys].idx - from) % n then return {2, tostring(c)} end
+    end
     local rest = {}
     for i = first, #keys do rest[#rest + 1] = keys[i] end
     table.sort(rest, function(x, y) return (x.idx - c) % n < (y.idx - c) % n end)

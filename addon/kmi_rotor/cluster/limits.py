@@ -91,6 +91,17 @@ class Cursor:
     size: int
     mode: str  # "rr" | "sticky"
     pinned: bool
+    span: bool = False
+    """The candidates (after a pinned one) are a run of the pool's keys in cyclic order from
+    this process's place in the cycle, not all of its usable keys: when the shared place is
+    outside the run, the admission answers `Moved` rather than choose."""
+
+
+@dataclass(frozen=True)
+class Moved:
+    """The shared place in the pool's cycle is not among the candidates sent: begin there."""
+
+    start: int
 
 
 def _script(name: str) -> str:
@@ -203,9 +214,10 @@ class SharedLimits:
         cursor: Cursor | None = None,
         scope: str = "",
         headroom: Mapping[str, float] | None = None,
-    ) -> Admitted | Rejected:
+    ) -> Admitted | Rejected | Moved:
         """Reserve on the first candidate (fingerprint, place in the pool) that fits, the
-        shared cursor deciding the order; or say when something could fit (local clock).
+        shared cursor deciding the order; or say when something could fit (local clock); or,
+        with `cursor.span`, where the shared cursor is when it is not among the candidates.
         A key whose provider budget (in `scope`) is spent is skipped until it frees.
         `headroom`: order the candidates by headroom (the headroom strategy), the shared
         windows and budgets with each key's headroom in what is not shared (given)."""
@@ -233,9 +245,12 @@ class SharedLimits:
                 "n": cursor.size,
                 "mode": cursor.mode,
                 "pinned": int(cursor.pinned),
+                "span": int(cursor.span),
             }
         sent = time.monotonic()
         out = await self._script(self._admit, arg)
+        if int(out[0]) == 2:
+            return Moved(int(_text(out[1])))
         result = self._answer(out, rid, tokens, now, scope)
         late = time.monotonic() - sent > RESTAMP_AFTER
         if isinstance(result, Admitted) and late and _lease(result.reservation).stamps:
@@ -462,4 +477,4 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-__all__ = ["CONCURRENCY", "Cursor", "Lease", "SharedDown", "SharedLimits"]
+__all__ = ["CONCURRENCY", "Cursor", "Lease", "Moved", "SharedDown", "SharedLimits"]

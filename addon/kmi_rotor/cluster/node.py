@@ -25,11 +25,11 @@ from ..core.budget import COUNTED
 from ..core.limiter import Admitted, Rejected, global_binds, rejected_in_turn
 from ..core.refusal import Refusal
 from ..core.share import scaled
-from ..engine import Decision, Engine, Wait, limits_of
+from ..engine import Decision, Engine, Plan, Wait, limits_of
 from ..listening import address as listen_address
 from . import actions, seeds
 from .channel import ScriptChannel
-from .limits import Cursor, SharedDown, SharedLimits, _text
+from .limits import Cursor, Moved, SharedDown, SharedLimits, _text
 from .registry import Registry, process_id
 from .settings import Cluster, connect
 from .state import Ask
@@ -135,51 +135,67 @@ class RedisState:
     async def decide(self, engine: Engine, ask: Ask) -> Decision:
         if self.mode != "shared":
             return self._without_redis(engine, ask)
-        pool, now, deadline = ask.pool, ask.now, ask.deadline
-        plan = engine.plan(pool, now, exclude=ask.exclude, affinity=ask.affinity, scope=ask.scope)
-        places = self._places(pool)
-        mode = CURSORS.get(pool.strategy)
-        cursor = Cursor(pool.name, len(pool.keys), mode, plan.pinned) if mode else None
-        # The candidates go in turns of growing size, read from the plan only as far as they
-        # are asked: an admission sends a few keys, not every usable key of a large pool.
-        unread = iter(plan.candidates)
-        result: Admitted | Rejected = Rejected((), None)  # no usable key
-        rejections: list[Rejected] = []
-        unasked, size = False, FIRST_ASKED
+        now, deadline = ask.now, ask.deadline
+        plan = _plan(engine, ask)
         try:
             async with self._turn:
-                while asked := [(fp, places[fp]) for fp in itertools.islice(unread, size)]:
-                    if self.mode != "shared":  # it went down while this request queued
-                        return self._without_redis(engine, ask)
-                    headroom = None
-                    if pool.strategy == "headroom":
-                        headroom = {
-                            fp: _unshared_headroom(engine, fp, now, ask.scope) for fp, _ in asked
-                        }
-                    result = await self.limits.admit(
-                        asked, ask.tokens, now, cursor=cursor, scope=ask.scope, headroom=headroom
-                    )
-                    if isinstance(result, Admitted):
-                        break
-                    rejections.append(result)
-                    if global_binds(result):  # no other key takes it before those limits free
-                        unasked = next(unread, None) is not None
-                        break
-                    size *= 4
+                if self.mode != "shared":  # it went down while this request queued
+                    return self._without_redis(engine, ask)
+                plan, result = await self._admit(engine, ask, plan)
             self._slow_since = None
         except SharedDown as e:
             if not self._failed(e) and now + POLL <= deadline:
                 return Wait(now + POLL, "shared state slow to answer")
             self._went_down(str(e))
             return self._without_redis(engine, ask)
-        if isinstance(result, Rejected) and rejections:
-            result = rejected_in_turn(rejections, unasked)
         d = engine.conclude(plan, result, now, deadline=deadline)
         if isinstance(d, Wait) and d.until is None:
             # Another process's release wakes nobody here: look again soon. (A window frees
             # at the time given, wherever the request that fills it came from.)
             return Wait(min(deadline, now + POLL), d.reason)
         return d
+
+    async def _admit(
+        self, engine: Engine, ask: Ask, plan: Plan
+    ) -> tuple[Plan, Admitted | Rejected]:
+        """The plan's candidates asked in turns of growing size, read from it only as far as
+        they are asked: an admission sends a few keys, not every usable key of a large pool.
+        When the pool's shared cycle is not where this process last left it (another process
+        moved it), its first turn is answered `Moved` and the plan made again from there: the
+        plan it admitted on (or rejected), and the answer."""
+        pool = ask.pool
+        places = self._places(pool)
+        mode = CURSORS.get(pool.strategy)
+        # Round-robin and sticky plans are runs of the pool in cyclic order: the first turn of
+        # a larger pool than it holds checks that the shared cycle begins within it.
+        span = pool.strategy in ("round-robin", "sticky") and len(pool.keys) > FIRST_ASKED
+        unread, rejections, size = iter(plan.candidates), list[Rejected](), FIRST_ASKED
+        while asked := [(fp, places[fp]) for fp in itertools.islice(unread, size)]:
+            cursor = None
+            if mode:
+                run = span and len(asked) == size  # fewer: every usable key is in it
+                cursor = Cursor(pool.name, len(pool.keys), mode, plan.pinned, run)
+            headroom = None
+            if pool.strategy == "headroom":
+                headroom = {
+                    fp: _unshared_headroom(engine, fp, ask.now, ask.scope) for fp, _ in asked
+                }
+            result = await self.limits.admit(
+                asked, ask.tokens, ask.now, cursor=cursor, scope=ask.scope, headroom=headroom
+            )
+            span = False
+            if isinstance(result, Moved):  # begin again where the processes left the cycle
+                engine.seek(pool, result.start)
+                plan = _plan(engine, ask)
+                unread = iter(plan.candidates)
+                continue
+            if isinstance(result, Admitted):
+                return plan, result
+            rejections.append(result)
+            if global_binds(result):  # no other key takes it before those limits free
+                return plan, rejected_in_turn(rejections, next(unread, None) is not None)
+            size *= 4
+        return plan, rejected_in_turn(rejections) if rejections else Rejected((), None)
 
     def _places(self, pool: Pool) -> dict[str, int]:
         """Each key's place in the pool, by fingerprint: made once for a pool's keys, not for
@@ -391,6 +407,12 @@ class RedisState:
             "alive": self.alive,
             "processes": self.processes,
         }
+
+
+def _plan(engine: Engine, ask: Ask) -> Plan:
+    return engine.plan(
+        ask.pool, ask.now, exclude=ask.exclude, affinity=ask.affinity, scope=ask.scope
+    )
 
 
 def _unshared_headroom(engine: Engine, fp: str, now: float, scope: str) -> float:

@@ -67,6 +67,10 @@ class RoundRobin(_Base):
     def chose(self, keys: Sequence[KeyLike], key: KeyLike) -> None:
         self._next = _index(keys, key) + 1
 
+    def seek(self, start: int) -> None:
+        """Begin the cycle at `start` (a place another process's choices moved it to)."""
+        self._next = start
+
 
 class Sticky(_Base):
     """Stay on the active key until it becomes unusable (or an operator rotates), then move on."""
@@ -87,6 +91,10 @@ class Sticky(_Base):
 
     def chose(self, keys: Sequence[KeyLike], key: KeyLike) -> None:
         self._active = _index(keys, key)
+
+    def seek(self, start: int) -> None:
+        """Make the key at `start` the active one (as another process did)."""
+        self._active = start
 
     def rotate(self, keys: Sequence[KeyLike]) -> None:
         """Move the active key on by one (the manual mode of `kmi-rotor rotate`)."""
