@@ -4,7 +4,6 @@ answer that says why not (and when to come back)."""
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -144,7 +143,7 @@ class Admission:
         """`admit` once it must wait: for the upstream connection, then for capacity as long
         as the engine says to. `ask`: what the engine is asked (its `now` aside); `first`: the
         engine's first answer, a wait, and when it was asked (the upstream was ready then)."""
-        if first is None:
+        if first is None and not upstream_settled(flow):
             await self.waiting.upstream_ready(flow)
         local = type(run.state) is LocalState
         while True:
@@ -153,7 +152,7 @@ class Admission:
                 (d, now), first = first, None
             else:
                 now = self.clock()
-                asked = dataclasses.replace(ask, now=now)
+                asked = ask.at(now)
                 d = (
                     asked.locally(run.engine)
                     if local

@@ -4,6 +4,7 @@ each with its own engine) in one test, and the fallback when Redis is away."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -263,3 +264,20 @@ async def test_a_full_pool_is_asked_in_a_few_calls_and_says_when_it_frees(
     assert isinstance(d, Refusal) and d.status == 429 and d.scope == scope
     assert d.retry_at is not None and now < d.retry_at <= time.time() + 60
     await state.stop()
+
+
+def test_a_request_asked_again_is_the_same_request_at_another_time():
+    pool = settings("redis://127.0.0.1:1/0").pools[0]
+    values = {
+        "pool": pool,
+        "tokens": 10,
+        "now": 1.0,
+        "deadline": 5.0,
+        "exclude": frozenset({"sha256:x"}),
+        "affinity": "conversation",
+        "scope": "model:m",
+        "model": "m",
+    }
+    assert {f.name for f in dataclasses.fields(Ask)} == set(values)  # every field set here
+    ask = Ask(**values)
+    assert ask.at(2.0) == dataclasses.replace(ask, now=2.0)

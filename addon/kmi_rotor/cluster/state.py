@@ -36,6 +36,20 @@ class Ask:
     model: str | None = None
     """The model it asks for (selects the pool's local per-model limits)."""
 
+    def at(self, now: float) -> Ask:
+        """The same request, asked again at `now` (what `dataclasses.replace` makes, in a sixth
+        of the time: with `[cluster]`, every request is asked this way)."""
+        return Ask(
+            self.pool,
+            self.tokens,
+            now,
+            self.deadline,
+            self.exclude,
+            self.affinity,
+            self.scope,
+            self.model,
+        )
+
     def locally(self, engine: Engine) -> Decision:
         """The in-process admission of this request (the engine's own limiter)."""
         return engine.decide(
