@@ -5,12 +5,13 @@ executes. Unlike throughput on a shared machine, the count hardly moves between 
 
 Setup as `bench_overhead.py`'s case of that name (`--case`: reverse, 2 keys, by default; regular
 mode with TLS; 1,000 keys; streamed answers, which bare mitmdump streams by its own flag;
-`[cluster]` on a throwaway redis-server, whose own work is not counted): the same fast TLS
-upstream and the same mitmdump options. Each proxy starts under callgrind with counting off; two keep-alive
-connections send `--warmup` requests, counting starts, `--warmup` more run, the counters are
-zeroed, and exactly `--requests` requests are counted. Reported: instructions per request of
-each proxy (all its threads), and bare's over kmi-rotor's, the throughput ratio the same work
-would give if an instruction cost the same time everywhere. Rounds alternate the proxies.
+`[cluster]` on a throwaway redis-server, whose own work is not counted, with 2 keys or 1,000):
+the same fast TLS upstream and the same mitmdump options. Each proxy starts under callgrind
+with counting off; two keep-alive connections send `--warmup` requests, counting starts,
+`--warmup` more run, the counters are zeroed, and exactly `--requests` requests are counted.
+Reported: instructions per request of each proxy (all its threads), and bare's over
+kmi-rotor's, the throughput ratio the same work would give if an instruction cost the same time
+everywhere. Rounds alternate the proxies.
 
 What the count leaves out, and what it weighs wrongly:
 - Time: cache misses, branch mispredictions, system calls' kernel time, waits on the GIL.
