@@ -268,6 +268,16 @@ async def test_the_share_read_is_one_nth_of_each_window(client):
     assert sum(n for _, n in raw["global"]["requests_per_minute"]) == 7
 
 
+async def test_the_share_read_sends_only_the_scopes_with_windows(client, monkeypatch):
+    s = SharedLimits(client, "t", "p0", 15.0)
+    s.configure(Limits(), {"a": Limits(tokens_per_minute=10_000), "b": Limits()}, 0.0)
+    sent = []
+    script = s._script
+    monkeypatch.setattr(s, "_script", lambda sc, arg: sent.append(arg) or script(sc, arg))
+    await s.snapshot(2)
+    assert [spec["name"] for spec in sent[0]["scopes"]] == ["key:a"]
+
+
 def test_the_status_shows_each_keys_shared_budget(server):
     from kmi_rotor.cluster import view
 

@@ -185,13 +185,11 @@ class SharedLimits:
 
     async def snapshot(self, processes: int, cap: int = 256) -> tuple[float, dict[str, Any]]:
         """Every configured window as one of `processes` processes' share of it (see
-        snapshot.lua): Redis's time (ms) and scope -> window -> [[time_ms, amount]...]."""
-        arg = {
-            "p": self.prefix,
-            "n": max(1, processes),
-            "cap": cap,
-            "scopes": [self._global, *self._keys.values()],
-        }
+        snapshot.lua): Redis's time (ms) and scope -> window -> [[time_ms, amount]...].
+        Scopes without a window are not sent (a pool of 1,000 keys without limits of their
+        own sends none of them on every beat)."""
+        scopes = [spec for spec in (self._global, *self._keys.values()) if spec["windows"]]
+        arg = {"p": self.prefix, "n": max(1, processes), "cap": cap, "scopes": scopes}
         out = await self._script(self._snapshot, arg)
         return float(_text(out[0])), json.loads(_text(out[1])) or {}
 
