@@ -402,6 +402,13 @@ class SharedLimits:
             "report": pending.get("report") or False,
         }
 
+    async def count(self, counts: Mapping[tuple[str, str], int]) -> None:
+        """Add to keys' counters ((fingerprint, name) -> n) in one script call, however many
+        keys they are (a pool of 1,000 keys in round-robin touches hundreds between beats)."""
+        if counts:
+            rows = [[fp, name, n] for (fp, name), n in counts.items()]
+            await self._script(self._settle, {"op": "count", "p": self.prefix, "counts": rows})
+
     async def renew(self) -> None:
         """Extend the slots of every running request (called well within the lease): one
         call for all of them."""

@@ -350,7 +350,7 @@ class RedisState:
                     self.alive = alive
                     self._rescale()
                 await self.limits.renew()
-                await self.limits.call(self._flush())
+                await self._flush()
                 await self._read_windows()
                 self.processes = await self.limits.call(self.registry.processes())
             except SharedDown as e:
@@ -365,10 +365,7 @@ class RedisState:
         if not counts:
             return
         try:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for (fp, name), n in counts.items():
-                    pipe.hincrby(f"{self.cluster.prefix}:n:{fp}", name, n)
-                await pipe.execute()
+            await self.limits.count(counts)
         except BaseException:
             for k, n in counts.items():  # kept for the next beat
                 self._counts[k] = self._counts.get(k, 0) + n

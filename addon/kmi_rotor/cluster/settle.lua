@@ -8,6 +8,7 @@
 --   slots and places in flight of running requests.
 -- op "restamp": {windows}: move the reservation's window entries to now (later only: no
 --   window ever holds more).
+-- op "count": {counts = [[fp, name, n]...]}: add to the keys' counters.
 -- A report {fp, scope, except (the answered request's member), gf, cap,
 --   windows = [[name, limit (-1: unknown), remaining, reset_in]]}
 -- replaces the key's budget of each window (core/budget.py's Budgets.observe): reported now,
@@ -86,6 +87,10 @@ if a.op == 'settle' then
   else
     settle(a)
   end
+  return 1
+end
+if a.op == 'count' then
+  for _, c in ipairs(a.counts) do redis.call('HINCRBY', P .. ':n:' .. c[1], c[2], c[3]) end
   return 1
 end
 if a.op == 'restamp' then
