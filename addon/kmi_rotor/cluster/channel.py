@@ -7,8 +7,9 @@ client a call costs about as much CPU as the rest of kmi-rotor's work on the req
 for the write and another for the read); here it is a future, and a share of one write: the
 commands of one turn of the event loop are written together at its end (a write to a socket
 costs more than the rest of a call). A call bounded in time (`within`) needs no timer of its
-own: one timer fails the calls in flight whose time is up. Everything else (the heartbeat,
-actions, cooldowns) stays with the redis package's client.
+own: one timer fails the calls in flight whose time is up. The heartbeat's counters and its
+read of the shared windows are scripts too; everything else (the registry, actions, cooldowns)
+stays with the redis package's client.
 
 Only for `redis://`: a `rediss://` URL's TLS options are the redis package's to read, and its
 client carries every call then.
