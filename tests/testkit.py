@@ -57,6 +57,15 @@ def with_pools(d: Delta, **pools: dict[str, int]) -> Delta:
     return d
 
 
+def script_args(limits: Any, monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """The JSON argument of every script call a `SharedLimits` makes from now on (the calls
+    still run)."""
+    sent: list[dict[str, Any]] = []
+    script = limits._script
+    monkeypatch.setattr(limits, "_script", lambda sc, arg: sent.append(arg) or script(sc, arg))
+    return sent
+
+
 def need_redis() -> None:
     """Tests of the shared state need Debian's redis-server: skipped where it is missing (with
     the command that installs it), except in CI, which installs it and must run them."""

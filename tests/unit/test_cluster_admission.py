@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 from redis_server import free_port
+from testkit import script_args
 
 from kmi_rotor.cluster import limits
 from kmi_rotor.cluster.channel import ScriptChannel
@@ -119,9 +120,7 @@ async def test_leases_settled_in_one_turn_of_the_loop_go_in_one_call(client, mon
     held = [await s.admit([("a", 0)], 30, now) for _ in range(3)]
     assert all(isinstance(h, Admitted) for h in held)
     assert isinstance(await s.admit([("a", 0)], 1, now), Rejected)  # three slots taken
-    calls = []
-    script = s._script
-    monkeypatch.setattr(s, "_script", lambda sc, arg: calls.append(arg) or script(sc, arg))
+    calls = script_args(s, monkeypatch)
     for h in held:  # as three requests ending in one turn of the loop
         s.adjust(h.reservation, 5)
         s.release(h.reservation)

@@ -12,7 +12,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis_server import RedisServer
-from testkit import need_redis
+from testkit import need_redis, script_args
 
 from kmi_rotor.cluster import seeds
 from kmi_rotor.cluster.limits import SharedLimits
@@ -271,9 +271,7 @@ async def test_the_share_read_is_one_nth_of_each_window(client):
 async def test_the_share_read_sends_only_the_scopes_with_windows(client, monkeypatch):
     s = SharedLimits(client, "t", "p0", 15.0)
     s.configure(Limits(), {"a": Limits(tokens_per_minute=10_000), "b": Limits()}, 0.0)
-    sent = []
-    script = s._script
-    monkeypatch.setattr(s, "_script", lambda sc, arg: sent.append(arg) or script(sc, arg))
+    sent = script_args(s, monkeypatch)
     await s.snapshot(2)
     assert [spec["name"] for spec in sent[0]["scopes"]] == ["key:a"]
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from redis_server import free_port
+from testkit import script_args
 
 from kmi_rotor.cluster.limits import SharedDown
 from kmi_rotor.cluster.node import RedisState
@@ -284,14 +285,16 @@ def test_a_request_asked_again_is_the_same_request_at_another_time():
     assert ask.at(2.0) == dataclasses.replace(ask, now=2.0)
 
 
-async def test_counters_of_many_keys_reach_redis_in_one_call_and_are_kept_when_it_fails(server):
+async def test_counters_of_many_keys_reach_redis_in_one_call_and_are_kept_when_it_fails(
+    server, monkeypatch
+):
     s = large(server.url, 300, {})
     state, _ = process(s)
     keys = s.pools[0].keys
     for i, key in enumerate(keys):
         state.count(key.fingerprint, "requests", i + 1)
     state.count(keys[0].fingerprint, "errors")
-    sent = asked_scripts(state)
+    sent = script_args(state.limits, monkeypatch)
     await state._flush()
     assert len(sent) == 1 and sent[0]["op"] == "count" and len(sent[0]["counts"]) == 301
     assert await state.client.hgetall(f"{s.cluster.prefix}:n:{keys[0].fingerprint}") == {
@@ -309,16 +312,3 @@ async def test_counters_of_many_keys_reach_redis_in_one_call_and_are_kept_when_i
         await down._flush()
     assert down._counts == {("sha256:x", "requests"): 2}
     await down.stop()
-
-
-def asked_scripts(state: RedisState) -> list[dict[str, Any]]:
-    """The argument of each script call `state` makes from now on."""
-    sent: list[dict[str, Any]] = []
-    script = state.limits._script
-
-    def recording(sc: Any, arg: dict[str, Any]) -> Any:
-        sent.append(arg)
-        return script(sc, arg)
-
-    state.limits._script = recording  # type: ignore[method-assign]
-    return sent

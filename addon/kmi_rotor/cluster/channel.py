@@ -14,7 +14,7 @@ stays with the redis package's client.
 Only for `redis://`: a `rediss://` URL's TLS options are the redis package's to read, and its
 client carries every call then.
 
-Failures are the ones the caller already maps (`SharedLimits.call`): OSError or ConnectionError
+Failures are the ones the caller maps to SharedDown (`limits._down`): OSError or ConnectionError
 when the connection cannot be made or is lost (every call in flight on it fails; the next call
 connects again; a connection whose oldest call waits for its reply longer than STALLED counts
 as lost), the redis package's ResponseError for an error reply, AuthenticationError
@@ -139,15 +139,15 @@ class _Replies(asyncio.Protocol):
     def _expire(self) -> None:
         """Fail the calls whose time is up; wake again when the next one's is."""
         self._watch = None
-        now = asyncio.get_running_loop().time()
-        later = math.inf
+        loop = asyncio.get_running_loop()
+        now, later = loop.time(), math.inf
         for fut, _, deadline in self.waiting:
             if deadline > now:
                 later = min(later, deadline)
             elif not fut.done():
                 fut.set_exception(TimeoutError("no reply from Redis in time"))
         if later < math.inf:
-            self._watch = asyncio.get_running_loop().call_at(later, self._expire)
+            self._watch = loop.call_at(later, self._expire)
 
 
 class ScriptChannel:

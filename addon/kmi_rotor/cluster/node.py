@@ -249,7 +249,7 @@ class RedisState:
 
     async def _read_windows(self) -> None:
         """Read the shared windows as this process's share (on every beat)."""
-        redis_now, raw = await self.limits.call(self.limits.snapshot(self.alive))
+        redis_now, raw = await self.limits.snapshot(self.alive)  # bounded, as every script
         now = time.time()
         self._read = seeds.read_from(raw, redis_now, now)
         admitted = self.limits.admitted
