@@ -84,6 +84,7 @@ async def test_a_huge_body_is_cut(seen: list[bytes]) -> None:
 async def test_a_silent_server_times_out() -> None:
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read()  # until the client gives up and closes
+        writer.close()
 
     server, url = await serve(silent)
     async with server:

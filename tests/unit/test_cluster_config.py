@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from kmi_rotor.cluster.settings import mask_url
+from kmi_rotor.cluster.settings import connect, mask_url
 from kmi_rotor.config import ConfigError, from_dict
 from kmi_rotor.core.limiter import Limits
 from kmi_rotor.core.share import scaled
@@ -108,3 +109,22 @@ def test_mask_url(url, shown):
 )
 def test_a_process_share_of_each_limit(limits, n, share):
     assert scaled(limits, n) == share
+
+
+async def test_a_client_closed_closes_its_connections(server) -> None:
+    """A client of `connect` owns its pool: closed (a configuration replaced, the proxy
+    stopping), it leaves no connection open to Redis, rather than sockets left to the garbage
+    collector."""
+    c = connect(server.url)
+    await asyncio.gather(*(c.ping() for _ in range(4)))  # a few connections opened at once
+    watcher = connect(server.url, 1)
+    try:
+        assert await _clients(watcher) > 1
+        await c.aclose()
+        assert await _clients(watcher) == 1  # the watcher's own
+    finally:
+        await watcher.aclose()
+
+
+async def _clients(client) -> int:
+    return len(await client.client_list())

@@ -122,4 +122,6 @@ def connect(url: str, connections: int = 16) -> Any:
         retry=Retry(NoBackoff(), 1),
         retry_on_error=[RedisConnectionError],
     )
-    return aioredis.Redis(connection_pool=pool)
+    # The client owns its pool: closing it (a configuration replaced, the proxy stopping)
+    # closes the pool's connections too, rather than leaving them to the garbage collector.
+    return aioredis.Redis.from_pool(pool)
