@@ -32,7 +32,8 @@ import logging
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -138,16 +139,10 @@ class Timed:
         self.spent = dict.fromkeys(HOOKS, 0.0)
 
     async def requestheaders(self, f: http.HTTPFlow) -> None:
-        self.between()
-        start = time.thread_time()
-        await self.rotor.requestheaders(f)  # an admission that need not wait: no suspension
-        self.spent["requestheaders"] += time.thread_time() - start
+        await self._awaited("requestheaders", f)
 
     async def request(self, f: http.HTTPFlow) -> None:
-        self.between()
-        start = time.thread_time()
-        await self.rotor.request(f)
-        self.spent["request"] += time.thread_time() - start
+        await self._awaited("request", f)
 
     def responseheaders(self, f: http.HTTPFlow) -> None:
         self.between()
@@ -156,10 +151,16 @@ class Timed:
         self.spent["responseheaders"] += time.thread_time() - start
 
     async def response(self, f: http.HTTPFlow) -> None:
+        await self._awaited("response", f)
+
+    async def _awaited(self, name: str, f: http.HTTPFlow) -> None:
+        """One of the addon's async hooks, timed (an admission that need not wait does not
+        suspend it)."""
+        hook = getattr(self.rotor, name)
         self.between()
         start = time.thread_time()
-        await self.rotor.response(f)
-        self.spent["response"] += time.thread_time() - start
+        await hook(f)
+        self.spent[name] += time.thread_time() - start
 
 
 def evicting(mb: float) -> Callable[[], object]:
@@ -233,6 +234,26 @@ def _dechunk(raw: bytes) -> list[bytes]:
     return out
 
 
+@contextmanager
+def configured(keys: int, provider: str) -> Iterator[Rotor]:
+    """The addon, configured with one pool of `keys` keys of `provider`, in a throwaway state
+    folder; done on the way out."""
+    with tempfile.TemporaryDirectory(prefix="bench-hooks-") as d:
+        secrets = {f"k{i}": f"sk-bench-hooks-{i:05d}-{'x' * 24}" for i in range(keys)}
+        config = rotor_config(
+            Path(d) / "rotor.toml",
+            Path(d) / "state",
+            [pool("p", [HOST], secrets, provider=provider)],
+        )
+        rotor = Rotor()
+        with taddons.context(rotor) as tctx:
+            tctx.configure(rotor, rotor_config=str(config))
+            try:
+                yield rotor
+            finally:
+                rotor.done()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--keys", type=int, default=2)
@@ -252,25 +273,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.evict < 0:
         parser.error("--evict takes a size in MB, 0 or more")
     logging.getLogger("kmi_rotor").setLevel(logging.WARNING)
-    with tempfile.TemporaryDirectory(prefix="bench-hooks-") as d:
-        keys = {f"k{i}": f"sk-bench-hooks-{i:05d}-{'x' * 24}" for i in range(args.keys)}
-        config = rotor_config(
-            Path(d) / "rotor.toml",
-            Path(d) / "state",
-            [pool("p", [HOST], keys, provider=args.provider)],
-        )
-        rotor = Rotor()
-        with taddons.context(rotor) as tctx:
-            tctx.configure(rotor, rotor_config=str(config))
-            try:
-                best = min(measure(rotor, args) for _ in range(args.rounds))
-                warm: list[dict[str, float]] = []
-                cold: list[dict[str, float]] = []
-                for _ in range(args.rounds if args.evict else 0):  # alternating
-                    warm.append(measure_hooks(rotor, args, _nothing))
-                    cold.append(measure_hooks(rotor, args, evicting(args.evict)))
-            finally:
-                rotor.done()
+    with configured(args.keys, args.provider) as rotor:
+        best = min(measure(rotor, args) for _ in range(args.rounds))
+        warm: list[dict[str, float]] = []
+        cold: list[dict[str, float]] = []
+        for _ in range(args.rounds if args.evict else 0):  # alternating
+            warm.append(measure_hooks(rotor, args, _nothing))
+            cold.append(measure_hooks(rotor, args, evicting(args.evict)))
     kind = f"streamed, {args.events + 2} events" if args.stream else "plain"
     who = f"{args.keys} keys, {args.provider}"
     print(f"kmi-rotor hooks, {who}, {kind}: {best:.1f} µs CPU per request")

@@ -40,30 +40,15 @@ def test_what_runs_between_hooks_is_not_counted() -> None:
     args = bench_hooks.argparse.Namespace(
         requests=5, rounds=1, stream=False, events=0, provider="openai", keys=2
     )
-    with bench_hooks.tempfile.TemporaryDirectory() as d:
-        config = bench_hooks.rotor_config(
-            Path(d) / "rotor.toml",
-            Path(d) / "state",
-            [
-                bench_hooks.pool(
-                    "p", [bench_hooks.HOST], {"k0": "sk-" + "a" * 40}, provider="openai"
-                )
-            ],
-        )
-        rotor = bench_hooks.Rotor()
-        with bench_hooks.taddons.context(rotor) as tctx:
-            tctx.configure(rotor, rotor_config=str(config))
-            try:
-                calls = []
+    calls = []
 
-                def between() -> None:
-                    calls.append(1)
-                    end = time.thread_time() + 0.002  # CPU, which thread time would count
-                    while time.thread_time() < end:
-                        pass
+    def between() -> None:
+        calls.append(1)
+        end = time.thread_time() + 0.002  # CPU, which thread time would count
+        while time.thread_time() < end:
+            pass
 
-                hooks = bench_hooks.measure_hooks(rotor, args, between)
-            finally:
-                rotor.done()
+    with bench_hooks.configured(args.keys, args.provider) as rotor:
+        hooks = bench_hooks.measure_hooks(rotor, args, between)
     assert len(calls) == 4 * args.requests
     assert sum(hooks.values()) < 2000  # µs per request: the 8 ms of `between` left out
