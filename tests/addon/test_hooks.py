@@ -758,22 +758,15 @@ async def test_the_request_body_is_parsed_once(make: Make, monkeypatch: pytest.M
         parses += 1
         return loads(*args, **kwargs)
 
-    class Decoder(json.JSONDecoder):  # what `read_json` reads the rest of a body with
-        def decode(self, *args: Any, **kwargs: Any) -> Any:
-            nonlocal parses
-            parses += 1
-            return super().decode(*args, **kwargs)
+    read = body_json._READ
 
-    scan = body_json._SCAN
-
-    def counting_scan(text: str, at: int) -> Any:  # what `read_json` reads an object with
+    def counting_read(body: bytes) -> Any:  # what `read_json` reads a body with
         nonlocal parses
         parses += 1
-        return scan(text, at)
+        return read(body)
 
     monkeypatch.setattr(json, "loads", counting)
-    monkeypatch.setattr(body_json, "_DECODER", Decoder())
-    monkeypatch.setattr(body_json, "_SCAN", counting_scan)
+    monkeypatch.setattr(body_json, "_READ", counting_read)
     await send(addon, f)
     monkeypatch.undo()
     assert f.response is None
