@@ -9,7 +9,7 @@ from typing import Any
 
 from mitmproxy import http
 
-from .core.body_json import MAX_BODY, BodyJSON
+from .core.body_json import MAX_BODY, BodyJSON, read_json
 from .core.header_fields import field_value
 from .names import META
 
@@ -31,11 +31,10 @@ def content_length(request: http.Request) -> int | None:
 def wants_stream(request: http.Request, body: bytes, parsed: BodyJSON | None = None) -> bool:
     """Whether the client asked for a streamed answer: the body's `stream` decides when it has
     one; otherwise Gemini's streaming method or an `Accept: text/event-stream`. `parsed`: the
-    body's parse when it was read already."""
-    if b'"stream"' in body:
-        stream = _object(body, parsed).get("stream")
-        if isinstance(stream, bool):
-            return stream
+    body's parse (`read_json(body)`) when it was read already."""
+    stream = _object(body, parsed).get("stream")
+    if isinstance(stream, bool):
+        return stream
     if b"streamGenerateContent" in request.data.path:  # in `request.path`: ASCII, as bytes
         return True
     return "text/event-stream" in (field_value(request.headers.fields, b"accept") or "")
@@ -51,26 +50,55 @@ def json_object(body: bytes) -> dict[str, Any]:
 
 
 def _object(body: bytes, parsed: BodyJSON | None) -> dict[str, Any]:
-    """`json_object(body)`, from the body's parse when there is one (a body too large for
-    `read_json` is parsed here all the same)."""
-    if parsed is None or (parsed.data is None and len(body) > MAX_BODY):
+    """The body as a JSON object ({} when it is not one), from its parse (`read_json(body)`,
+    made here when not given). A body too large for `read_json` is read here all the same
+    when it may say something (a `"stream"` in it): a search of the bytes, not a parse, for
+    every other."""
+    if parsed is None:
+        parsed = read_json(body)
+    if parsed.data is not None:
+        return parsed.data
+    if len(body) > MAX_BODY and b'"stream"' in body:
         return json_object(body)
-    return parsed.data if parsed.data is not None else {}
+    return {}
 
 
 def ask_for_usage(flow: http.HTTPFlow, parsed: BodyJSON | None = None) -> None:
-    """OpenAI-style streams carry usage only when asked: ask, unless the client said otherwise.
-    Rewrites the request body (and notes it in the flow's metadata). `parsed`: the parse of
-    the request's body as it is now, when it was read already (left unchanged)."""
+    """OpenAI-style streams carry usage only when asked: ask a chat completion whose body
+    asks for a stream (`"stream": true`), unless the client said otherwise. Rewrites the
+    request body (and notes it in the flow's metadata); a body that is not a JSON object is
+    left as it is. `parsed`: the parse of the request's body as it is now, when it was read
+    already (left unchanged)."""
     if not flow.request.path.split("?")[0].endswith("/chat/completions"):
         return
-    data = dict(_object(flow.request.raw_content or b"", parsed))  # a copy: `parsed` is shared
+    body = flow.request.raw_content or b""
+    data = _object(body, parsed)
+    if data.get("stream") is not True:  # OpenAI refuses stream_options without a stream
+        return
     options = data.get("stream_options")
-    if options is None:
-        data["stream_options"] = {"include_usage": True}
+    if options is None:  # absent (then put in the client's bytes) or null
+        asked = _with_usage_asked(body) if "stream_options" not in data else None
+        flow.request.content = asked or json.dumps({**data, "stream_options": _ASK}).encode()
     elif isinstance(options, dict) and "include_usage" not in options:
-        data["stream_options"] = {**options, "include_usage": True}
+        flow.request.content = json.dumps({**data, "stream_options": {**options, **_ASK}}).encode()
     else:
         return
-    flow.request.content = json.dumps(data).encode()
     flow.metadata[META]["usage_requested"] = True
+
+
+_ASK = {"include_usage": True}
+_ASKED = b'"stream_options":{"include_usage":true},'
+_SPACE = b" \t\r\n"
+
+
+def _with_usage_asked(body: bytes) -> bytes | None:
+    """`body`, a UTF-8 JSON object with at least one member and no `stream_options`, with
+    `stream_options` put first: the client's own bytes around it, as they were (a long
+    conversation is not written again). None when the body is not plain UTF-8 (a byte-order
+    mark, UTF-16 or UTF-32)."""
+    stripped = body.lstrip(_SPACE)  # (`body` itself when it starts with its brace)
+    if stripped[:1] != b"{" or stripped[1:2] == b"\x00":
+        return None
+    at = len(body) - len(stripped) + 1
+    whole = memoryview(body)  # one copy of a long body, not three (two slices, then theirs)
+    return b"".join((whole[:at], _ASKED, whole[at:]))

@@ -220,6 +220,9 @@ USAGE_CASES = [
     usage_case("responses-api", "/v1/responses", {"stream": True}, "same"),
     usage_case("setting-off", CHAT, {"stream": True}, "same", setting=False),
     usage_case("sse-accept-stream-false", CHAT, {"stream": False}, "same", headers=SSE),
+    usage_case("sse-accept-no-stream-field", CHAT, {"model": "m"}, "same", headers=SSE),
+    usage_case("null-options", CHAT, {"stream": True, "stream_options": None}, ASK),
+    usage_case("stream-not-a-bool", CHAT, {"stream": "true"}, "same", headers=SSE),
 ]
 
 
@@ -243,6 +246,60 @@ async def test_request_asks_openai_streams_for_usage_only_when_absent(
         assert json.loads(f.request.content or b"") == {**body, "stream_options": expected}
         assert f.metadata[META]["usage_requested"] is True
     assert f.request.headers["authorization"] == f"Bearer {KEYS['a']}"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"model":"m","stream":true,"messages":[{"role":"user","content":"caf\xc3\xa9 \\u00e9"}]}',
+        b' \r\n\t{ "stream" : true , "messages" : [ ] }  \n',
+        b'{"stream": true, "n": 1.50, "big": 123456789012345678901234567890}',
+    ],
+)
+async def test_asking_for_usage_keeps_the_clients_bytes(make: Make, raw: bytes) -> None:
+    """`stream_options` goes in right after the object's opening brace: every byte the client
+    wrote is sent as it was (its spacing, its escapes, its numbers as written)."""
+    addon, _, _ = make()
+    f = flow(raw)
+    await send(addon, f)
+    sent = f.request.content or b""
+    at = raw.index(b"{") + 1
+    assert sent == raw[:at] + b'"stream_options":{"include_usage":true},' + raw[at:]
+    assert json.loads(sent) == {**json.loads(raw), "stream_options": ASK}
+    assert f.request.headers["content-length"] == str(len(sent))
+    assert f.metadata[META]["usage_requested"] is True
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"\x1f\x8b\x08\x00 compressed or garbage",
+        b'{"stream": true',
+        b'["stream", true]',
+        b"",
+    ],
+)
+async def test_a_body_that_is_not_an_object_is_not_rewritten(make: Make, raw: bytes) -> None:
+    """A streamed request (by its Accept) whose body is not a JSON object is sent as it came:
+    nothing is put in place of a body kmi-rotor cannot read."""
+    addon, _, _ = make()
+    f = flow(raw, headers=(("authorization", CLIENT), *SSE))
+    await send(addon, f)
+    assert f.request.content == raw
+    assert "usage_requested" not in f.metadata[META]
+
+
+@pytest.mark.parametrize("codec", ["utf-16-le", "utf-16-be", "utf-32", "utf-8-sig"])
+async def test_a_body_in_another_encoding_is_asked_for_usage_whole(make: Make, codec: str) -> None:
+    """A body `json.loads` reads in another encoding is not spliced (bytes of UTF-8 in a UTF-16
+    text would break it): it is written again, as JSON, with `stream_options` in it. (Its
+    Accept says it streams: its `"stream"` is not found in UTF-16 bytes.)"""
+    addon, _, _ = make()
+    body = {"stream": True, "messages": [{"role": "user", "content": "h\u00e9"}]}
+    f = flow(json.dumps(body).encode(codec), headers=(("authorization", CLIENT), *SSE))
+    await send(addon, f)
+    assert json.loads(f.request.content or b"") == {**body, "stream_options": ASK}
+    assert f.metadata[META]["usage_requested"] is True
 
 
 @pytest.mark.parametrize(
