@@ -40,11 +40,21 @@ RATE_HEADERS = (
 )
 
 
-def chat_body(stream: bool) -> bytes:
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "Say hello."}]}
+def chat_body(stream: bool, size: int = 0) -> bytes:
+    """A chat completion request; with `size`, a conversation of about `size` bytes so far
+    (turns of about 3 KB each, as an agent sends its whole history every time)."""
+    turns = [{"role": "user", "content": "Say hello."}]
+    if size > 0:
+        turns = [_turn(i) for i in range(max(1, size // 3000))] + turns
+    body: dict[str, object] = {"model": MODEL, "messages": turns}
     if stream:
         body["stream"] = True
     return json.dumps(body, separators=(",", ":")).encode()
+
+
+def _turn(i: int) -> dict[str, str]:
+    words = " ".join(f"w{i}x{j}" for j in range(500))  # about 3 KB, no two turns alike
+    return {"role": "assistant" if i % 2 else "user", "content": words[:2980]}
 
 
 # -- the upstream ---------------------------------------------------------------------------------
@@ -209,11 +219,18 @@ async def _worker(target: Target, body: bytes, until: list[float], load: Load) -
 
 
 async def drive(
-    target: Target, *, seconds: float, warmup: float, concurrency: int, stream: bool
+    target: Target,
+    *,
+    seconds: float,
+    warmup: float,
+    concurrency: int,
+    stream: bool,
+    body_size: int = 0,
 ) -> Load:
     """Keep `concurrency` requests in flight for `warmup + seconds`; the latencies of the
-    requests started after the warm-up (each worker finishes the one it has in flight)."""
-    load, body = Load(), chat_body(stream)
+    requests started after the warm-up (each worker finishes the one it has in flight).
+    `body_size`: `chat_body`'s `size`."""
+    load, body = Load(), chat_body(stream, body_size)
     start = time.perf_counter()
     until = [start + warmup, start + warmup + seconds]
     results = await asyncio.gather(

@@ -20,6 +20,9 @@ Cases:
   requests and re-parse its size on every chunk), kmi-rotor streams SSE itself. The added cost
   per event is the added CPU per streamed request less the added CPU per plain request, over
   the events.
+- agent: reverse mode, streamed answers, each request carrying a conversation of `--body-kb`
+  KB (200 by default; an agent sends its whole history every turn): what reading (and, for
+  a chat completion's usage, rewriting) a long body costs, beside the `stream` case.
 - cluster: reverse mode, kmi-rotor with `[cluster]` on a throwaway redis-server.
 - cluster1000: the same, 1,000 keys in the pool.
 - decision: in process, CPU µs per admission + selection (+ settle) with 1,000 keys
@@ -63,7 +66,7 @@ from proctools import LISTEN_RE, MITMDUMP, clean_env  # noqa: E402
 from redis_server import RedisServer  # noqa: E402
 from rotor_toml import pool, rotor_config  # noqa: E402
 
-CASES = ("reverse", "regular", "keys1000", "stream", "cluster", "cluster1000", "decision")
+CASES = ("reverse", "regular", "keys1000", "stream", "agent", "cluster", "cluster1000", "decision")
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -259,7 +262,9 @@ class Run:
     """p50 with one connection: the time a request spends in the proxy, without queueing."""
 
 
-def measure(child: Child, target: Target, args: argparse.Namespace, stream: bool) -> Run:
+def measure(
+    child: Child, target: Target, args: argparse.Namespace, stream: bool, body_size: int = 0
+) -> Run:
     async def go() -> tuple[Load, float]:
         async def window() -> float:
             await asyncio.sleep(args.warmup)
@@ -269,7 +274,8 @@ def measure(child: Child, target: Target, args: argparse.Namespace, stream: bool
             return after[0] - before[0], after[1] - before[1]
 
         kw = dict(seconds=args.seconds, warmup=args.warmup, concurrency=args.concurrency)
-        load, cpu = await asyncio.gather(drive(target, stream=stream, **kw), window())
+        kw |= dict(stream=stream, body_size=body_size)
+        load, cpu = await asyncio.gather(drive(target, **kw), window())
         return load, cpu
 
     load, (loop_cpu, threads_cpu) = asyncio.run(go())
@@ -277,7 +283,14 @@ def measure(child: Child, target: Target, args: argparse.Namespace, stream: bool
     lat = sorted(load.latencies) or [float("nan")]
     n = len(load.latencies)
     one = asyncio.run(
-        drive(target, seconds=args.seconds / 2, warmup=0.5, concurrency=1, stream=stream)
+        drive(
+            target,
+            seconds=args.seconds / 2,
+            warmup=0.5,
+            concurrency=1,
+            stream=stream,
+            body_size=body_size,
+        )
     )
     lat1 = sorted(one.latencies) or [float("nan")]
     return Run(
@@ -313,6 +326,8 @@ class CaseSetup:
     config: Path
     bare_extra: list[str]
     stream: bool
+    body_size: int = 0
+    """The size of the conversation each request carries (`bench_load.chat_body`)."""
 
     def target(self, setup: Setup, child: Child) -> Target:
         if self.mode == "regular":
@@ -321,9 +336,9 @@ class CaseSetup:
         return Target(("127.0.0.1", child.port))
 
 
-def case_setup(setup: Setup, case: str) -> CaseSetup:
+def case_setup(setup: Setup, case: str, body_kb: int = 200) -> CaseSetup:
     """`case`'s set-up; for `cluster` and `cluster1000`, a throwaway redis-server started
-    first (once)."""
+    first (once). `body_kb`: the conversation's size in the `agent` case."""
     cluster = case.startswith("cluster")
     if cluster and setup.redis is None:
         setup.redis = RedisServer(setup.tmp / "redis")
@@ -331,12 +346,14 @@ def case_setup(setup: Setup, case: str) -> CaseSetup:
     mode = "regular" if case == "regular" else f"reverse:https://{setup.upstream_authority}"
     keys = 1000 if case.endswith("1000") else 2
     config = write_config(setup, case, keys, cluster=cluster)
-    bare_extra = ["-s", str(stream_script(setup.tmp))] if case == "stream" else []
-    return CaseSetup(mode, config, bare_extra, case == "stream")
+    streamed = case in ("stream", "agent")
+    bare_extra = ["-s", str(stream_script(setup.tmp))] if streamed else []
+    size = body_kb * 1000 if case == "agent" else 0
+    return CaseSetup(mode, config, bare_extra, streamed, size)
 
 
 def run_case(setup: Setup, case: str, args: argparse.Namespace) -> CaseResult:
-    cs = case_setup(setup, case)
+    cs = case_setup(setup, case, args.body_kb)
     mode, config, bare_extra = cs.mode, cs.config, cs.bare_extra
     proxies = {
         "bare": start_proxy(setup, f"{case}-bare", mode, None, bare_extra),
@@ -350,7 +367,7 @@ def run_case(setup: Setup, case: str, args: argparse.Namespace) -> CaseResult:
         for i in range(args.runs):
             order = list(proxies.items())
             for name, child in order[i % len(order) :] + order[: i % len(order)]:
-                run = measure(child, cs.target(setup, child), args, stream=cs.stream)
+                run = measure(child, cs.target(setup, child), args, cs.stream, cs.body_size)
                 getattr(result, name).append(run)
                 print(f"  {case:9} run {i + 1} {name:5} {_fmt_run(run)}", flush=True)
     finally:
@@ -522,6 +539,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=None, help="before each run (default 2)")
     parser.add_argument("--concurrency", type=int, default=20)
     parser.add_argument("--events", type=int, default=50, help="content events per stream")
+    parser.add_argument(
+        "--body-kb", type=int, default=200, help="the conversation's size in the agent case"
+    )
     parser.add_argument("--profile", type=Path, default=None, help="folder for the samples")
     parser.add_argument(
         "--before",

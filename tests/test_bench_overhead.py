@@ -3,6 +3,7 @@ others) and its sampler."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -138,3 +139,16 @@ def test_the_hook_timer_counts_each_hook_and_passes_everything_on() -> None:
     }
     assert 1500 <= got["responseheaders"]["us_per_call"] < 40000
     assert 1500 <= got["request"]["us_per_call"] < 40000  # the 50 ms asleep left out
+
+
+def test_the_agent_cases_conversation_has_the_size_asked() -> None:
+    from bench_load import chat_body
+
+    small = json.loads(chat_body(True))
+    body = chat_body(True, 200_000)
+    data = json.loads(body)
+    assert 190_000 <= len(body) <= 210_000
+    assert data["stream"] is True and data["model"] == small["model"]
+    assert data["messages"][-1] == small["messages"][-1]
+    contents = [m["content"] for m in data["messages"]]
+    assert len(set(contents)) == len(contents) > 60
