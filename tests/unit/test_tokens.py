@@ -10,12 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kmi_rotor.core.tokens import (
-    _DECODE,
     CHARS_PER_TOKEN,
     DEFAULT_COMPLETION,
     MAX_BODY,
     _completion_budget,
-    _decode_object,
     _int,
     _non_prompt_size,
     _scalar_size,
@@ -323,38 +321,6 @@ def _tail_as_json_loads_reads_it(raw: bytes) -> dict[str, Any] | None:
 )
 def test_the_tail_is_read_as_json_loads_reads_it(raw: bytes) -> None:
     assert _usage_tail(raw) == _tail_as_json_loads_reads_it(raw)
-
-
-@pytest.mark.parametrize(
-    "text",
-    [
-        "{}",
-        '{"usage": {"prompt_tokens": 9}}',
-        '{"usage": {}}  \n\t\r',
-        '{"usage": {}} x',
-        '{"usage": {}}\x0b',
-        '{"usage": {}}\x0c',
-        '{"usage": {}}\u00a0',
-        '{"usage": {}}\u2028',
-        '{"usage": {}}{}',
-        "{",
-        '{"usage"',
-        '{"usage": }',
-        '{"usage": NaN}',
-        '{"usage": ' + "[" * 100_000 + "]" * 100_000 + "}",
-        '{"a": "\\ud800"}',
-    ],
-)
-def test_an_object_is_decoded_as_the_decoder_decodes_it(text: str) -> None:
-    def outcome(decode: Any) -> object:
-        try:
-            return ("value", decode(text))
-        except RecursionError:
-            return "too deep"
-        except ValueError:
-            return "not json"
-
-    assert outcome(_decode_object) == outcome(_DECODE)
 
 
 class _Count(int):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from .body_json import MAX_BODY, BodyJSON, read_json
@@ -13,10 +12,6 @@ DEFAULT_COMPLETION = 256
 """Completion budget assumed when the request names none (max_tokens is optional for OpenAI)."""
 MAX_TOKENS = 100_000_000
 """More than any model's context: a larger count is garbage, and is capped to this."""
-_DECODE = json.JSONDecoder().decode
-"""`json.loads` of a text, as `json.loads` itself decodes it (default options)."""
-_SCAN = json.JSONDecoder().scan_once
-"""What `_DECODE` calls for the value at an index (`(value, end)`; StopIteration for none)."""
 
 
 def estimate_from_length(content_length: int | None) -> int:
@@ -90,13 +85,12 @@ def reported_usage(body: bytes | None) -> tuple[int | None, int | None]:
     usage = _usage_tail(body)
     if usage is not None:  # an object whose usage is an object: the usual answer
         return _counts(usage)
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError):
+    data = read_json(body).data
+    if data is None:
         return None, None
-    usage = data.get("usage") if isinstance(data, dict) else None
+    usage = data.get("usage")
     if not isinstance(usage, dict):
-        meta = data.get("usageMetadata") if isinstance(data, dict) else None  # Gemini
+        meta = data.get("usageMetadata")  # Gemini
         if isinstance(meta, dict):
             return _int(meta.get("promptTokenCount")), _int(meta.get("candidatesTokenCount"))
         return None, None
@@ -124,26 +118,9 @@ def _usage_tail(body: bytes) -> dict[str, Any] | None:
     at = body.rfind(b'"usage"')
     if at <= 0 or body[at - 1] == 0x5C:  # a backslash: inside a string, or an odd key
         return None
-    try:
-        # What `json.loads` makes of these bytes, without its guess at their encoding (a
-        # Python function): text opening with `{"` is UTF-8 to it, whatever follows.
-        data = _decode_object((b"{" + body[at:]).decode("utf-8", "surrogatepass"))
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return None
-    usage = data.get("usage") if isinstance(data, dict) else None
+    data = read_json(b"{" + body[at:]).data
+    usage = data.get("usage") if data is not None else None
     return usage if isinstance(usage, dict) else None
-
-
-def _decode_object(text: str) -> Any:
-    """`_DECODE(text)` for a text that opens with `{`, without its two whitespace matches and
-    Python-level calls: the value at 0, then nothing but JSON whitespace (ValueError else)."""
-    try:
-        data, end = _SCAN(text, 0)
-    except StopIteration:
-        raise ValueError("Expecting value") from None
-    if end != len(text) and text[end:].strip(" \t\n\r"):
-        raise ValueError("Extra data")
-    return data
 
 
 def _int(v: object) -> int | None:
