@@ -28,6 +28,12 @@ Cases:
 - decision: in process, CPU µs per admission + selection (+ settle) with 1,000 keys
   (`bench_admission.measure_cost`).
 
+`--spin US` runs a third proxy in the same rounds whose addon has kmi-rotor's option and request
+hooks and only spins in them, US µs of CPU per request in all (shared among the hooks as
+kmi-rotor's in-place costs are, `SPIN_SHARES`), touching no memory: the throughput a proxy
+keeps when an addon costs that much CPU and takes nothing else from mitmproxy (its caches),
+which turns a ratio into a CPU budget on the machine of the day.
+
 `--profile DIR` also samples each mitmdump (bare, with kmi-rotor, and `--before`'s) in the
 reverse and stream cases, after the measured rounds: every proxy of those cases then loads
 `sampler.py` (a profiler inside the process, idle until a signal starts it; one sample per
@@ -205,6 +211,54 @@ def stream_script(tmp: Path) -> Path:
     return path
 
 
+SPIN_SHARES = {"requestheaders": 0.13, "request": 0.32, "responseheaders": 0.12, "response": 0.43}
+"""How kmi-rotor's four request hooks share their cost in place (`hook_timer.py`, reverse
+mode, 20 connections: 20, 50, 18 and 67 µs)."""
+
+_SPIN_ADDON = """import time
+
+_clock = time.thread_time_ns
+
+
+def _spin(ns):
+    end = _clock() + ns
+    while _clock() < end:
+        pass
+
+
+class Spin:
+    def load(self, loader):
+        loader.add_option("rotor_config", str, "", "")
+
+    async def requestheaders(self, flow):
+        _spin({requestheaders})
+
+    async def request(self, flow):
+        _spin({request})
+
+    def responseheaders(self, flow):
+        _spin({responseheaders})
+
+    async def response(self, flow):
+        _spin({response})
+
+
+addons = [Spin()]
+"""
+
+
+def spin_tree(tmp: Path, us: float) -> Path:
+    """A tree (as `--before` takes one) whose `addon/rotor.py` spins `us` µs of CPU per request
+    in kmi-rotor's hooks, shared as `SPIN_SHARES` says."""
+    tree = tmp / f"spin-{us:g}"
+    script = tree / "addon" / "rotor.py"
+    if not script.exists():
+        script.parent.mkdir(parents=True)
+        ns = {hook: round(us * share * 1000) for hook, share in SPIN_SHARES.items()}
+        script.write_text(_SPIN_ADDON.format(**ns))
+    return tree
+
+
 def proxy_argv(
     setup: Setup, mode: str, config: Path | None, extra: Sequence[str] = (), tree: Path = ROOT
 ) -> list[str]:
@@ -311,6 +365,9 @@ class CaseResult:
     rotor: list[Run]
     before: list[Run] = field(default_factory=list)
     """kmi-rotor from `--before TREE` (another checkout), when given."""
+    spin: list[Run] = field(default_factory=list)
+    """The spinning addon of `--spin`, when given."""
+    spin_us: float = 0.0
 
     def ratios(self, runs: list[Run] | None = None) -> list[float]:
         runs = self.rotor if runs is None else runs
@@ -361,7 +418,10 @@ def run_case(setup: Setup, case: str, args: argparse.Namespace) -> CaseResult:
     }
     if args.before is not None:
         proxies["before"] = start_proxy(setup, f"{case}-before", mode, config, [], args.before)
-    result = CaseResult(case, [], [])
+    if args.spin:
+        tree = spin_tree(setup.tmp, args.spin)
+        proxies["spin"] = start_proxy(setup, f"{case}-spin", mode, config, [], tree)
+    result = CaseResult(case, [], [], spin_us=args.spin or 0.0)
     profiled = args.profile is not None and case in ("reverse", "stream")
     try:
         for i in range(args.runs):
@@ -374,7 +434,7 @@ def run_case(setup: Setup, case: str, args: argparse.Namespace) -> CaseResult:
         for child in proxies.values():
             child.stop()
     if profiled:  # after the measured rounds, in proxies of their own: the sampler is loaded
-        for name in proxies:  # bare, rotor and, with --before, before
+        for name in (n for n in proxies if n != "spin"):  # bare, rotor, --before's
             samples = setup.tmp / f"samples-{name}-{case}.txt"
             extra = bare_extra if name == "bare" else []
             tree = args.before if name == "before" else ROOT
@@ -481,7 +541,8 @@ def report(results: list[CaseResult], events: int) -> str:
     added: dict[tuple[str, str], float] = {}
     for c in results:
         bare = c.bare
-        for label, runs in (("before", c.before), ("after", c.rotor)):
+        spin = f"spin {c.spin_us:g} µs"
+        for label, runs in (("before", c.before), (spin, c.spin), ("after", c.rotor)):
             if not runs:
                 continue
             ratios = c.ratios(runs)
@@ -509,7 +570,7 @@ def report(results: list[CaseResult], events: int) -> str:
                 f"\nadded CPU per streamed event ({label}): {per_event:+.1f} µs "
                 f"(stream less reverse, over {events + 2} events)"
             )
-    errors = sum(r.errors for c in results for r in (*c.bare, *c.rotor, *c.before))
+    errors = sum(r.errors for c in results for r in (*c.bare, *c.rotor, *c.before, *c.spin))
     if errors:
         lines.append(f"\nWARNING: {errors} requests failed or were refused")
     return "\n".join(lines)
@@ -549,6 +610,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="another checkout of this repository (say, `git archive` of an older commit): its "
         "kmi-rotor runs as a third proxy in the same rounds, for a before/after in one run",
+    )
+    parser.add_argument(
+        "--spin",
+        type=float,
+        default=None,
+        metavar="US",
+        help="a third proxy whose addon only spins US µs of CPU per request in kmi-rotor's hooks",
     )
     parser.add_argument(
         "--pin",

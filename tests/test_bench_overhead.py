@@ -152,3 +152,28 @@ def test_the_agent_cases_conversation_has_the_size_asked() -> None:
     assert data["messages"][-1] == small["messages"][-1]
     contents = [m["content"] for m in data["messages"]]
     assert len(set(contents)) == len(contents) > 60
+
+
+def test_the_spinning_addon_spends_what_it_is_told_in_each_hook(tmp_path: Path) -> None:
+    import asyncio
+    import importlib.util
+
+    from bench_overhead import SPIN_SHARES, spin_tree
+
+    assert sum(SPIN_SHARES.values()) == pytest.approx(1.0)
+    script = spin_tree(tmp_path, 20_000) / "addon" / "rotor.py"
+    spec = importlib.util.spec_from_file_location("spin_addon", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    (addon,) = module.addons
+    options = []
+    addon.load(type("Loader", (), {"add_option": lambda self, *a: options.append(a[0])})())
+    assert options == ["rotor_config"]
+    for hook, share in SPIN_SHARES.items():
+        t0 = time.thread_time()
+        result = getattr(addon, hook)(None)
+        if asyncio.iscoroutine(result):
+            asyncio.run(result)
+        spent = time.thread_time() - t0
+        assert spent >= 20_000e-6 * share * 0.99, hook
