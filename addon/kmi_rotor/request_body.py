@@ -51,9 +51,8 @@ def json_object(body: bytes) -> dict[str, Any]:
 
 def _object(body: bytes, parsed: BodyJSON | None) -> dict[str, Any]:
     """The body as a JSON object ({} when it is not one), from its parse (`read_json(body)`,
-    made here when not given). A body too large for `read_json` is read here all the same
-    when it may say something (a `"stream"` in it): a search of the bytes, not a parse, for
-    every other."""
+    made here when not given). A body too large for `read_json` is parsed here only when its
+    bytes hold a `"stream"`, the one key read from a body that large."""
     if parsed is None:
         parsed = read_json(body)
     if parsed.data is not None:
