@@ -292,11 +292,11 @@ async def test_a_body_that_is_not_an_object_is_not_rewritten(make: Make, raw: by
 @pytest.mark.parametrize("codec", ["utf-16-le", "utf-16-be", "utf-32", "utf-8-sig"])
 async def test_a_body_in_another_encoding_is_asked_for_usage_whole(make: Make, codec: str) -> None:
     """A body `json.loads` reads in another encoding is not spliced (bytes of UTF-8 in a UTF-16
-    text would break it): it is written again, as JSON, with `stream_options` in it. (Its
-    Accept says it streams: its `"stream"` is not found in UTF-16 bytes.)"""
+    text would break it): it is written again, as JSON, with `stream_options` in it. Its
+    `"stream": true` is read from its parse, as from any body's."""
     addon, _, _ = make()
     body = {"stream": True, "messages": [{"role": "user", "content": "h\u00e9"}]}
-    f = flow(json.dumps(body).encode(codec), headers=(("authorization", CLIENT), *SSE))
+    f = flow(json.dumps(body).encode(codec))
     await send(addon, f)
     assert json.loads(f.request.content or b"") == {**body, "stream_options": ASK}
     assert f.metadata[META]["usage_requested"] is True
