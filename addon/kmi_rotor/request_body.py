@@ -7,9 +7,10 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
+import msgspec
 from mitmproxy import http
 
-from .core.body_json import MAX_BODY, BodyJSON, read_json
+from .core.body_json import MAX_BODY, BodyJSON, read_json, rebuilt, top_level
 from .core.header_fields import field_value
 from .names import META
 
@@ -40,26 +41,23 @@ def wants_stream(request: http.Request, body: bytes, parsed: BodyJSON | None = N
     return "text/event-stream" in (field_value(request.headers.fields, b"accept") or "")
 
 
-def json_object(body: bytes) -> dict[str, Any]:
-    """The body as a JSON object; {} when it is not one."""
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def _object(body: bytes, parsed: BodyJSON | None) -> dict[str, Any]:
-    """The body as a JSON object ({} when it is not one), from its parse (`read_json(body)`,
-    made here when not given). A body too large for `read_json` is parsed here only when its
-    bytes hold a `"stream"`, the one key read from a body that large."""
+    """The body as a JSON object ({} when it is not one)."""
+    return _parse(body, parsed).data or {}
+
+
+def _parse(body: bytes, parsed: BodyJSON | None) -> BodyJSON:
+    """The body's parse: `parsed` when given (`read_json(body)`), else made here. A body too
+    large for `read_json` is read here one level deep (`top_level`) when its bytes hold a
+    `"stream"`, the one key read from a body that large."""
     if parsed is None:
         parsed = read_json(body)
-    if parsed.data is not None:
-        return parsed.data
-    if len(body) > MAX_BODY and b'"stream"' in body:
-        return json_object(body)
-    return {}
+    if parsed.data is None and len(body) > MAX_BODY and b'"stream"' in body:
+        try:
+            return top_level(body)
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+            return parsed
+    return parsed
 
 
 def ask_for_usage(flow: http.HTTPFlow, parsed: BodyJSON | None = None) -> None:
@@ -71,18 +69,27 @@ def ask_for_usage(flow: http.HTTPFlow, parsed: BodyJSON | None = None) -> None:
     if not flow.request.path.split("?")[0].endswith("/chat/completions"):
         return
     body = flow.request.raw_content or b""
-    data = _object(body, parsed)
+    parsed = _parse(body, parsed)
+    data = parsed.data or {}
     if data.get("stream") is not True:  # OpenAI refuses stream_options without a stream
         return
     options = data.get("stream_options")
-    if options is None:  # absent (then put in the client's bytes) or null
-        asked = _with_usage_asked(body) if "stream_options" not in data else None
-        flow.request.content = asked or json.dumps({**data, "stream_options": _ASK}).encode()
-    elif isinstance(options, dict) and "include_usage" not in options:
-        flow.request.content = json.dumps({**data, "stream_options": {**options, **_ASK}}).encode()
+    if options is None and "stream_options" not in data:
+        flow.request.content = _with_usage_asked(body) or _written(data, parsed, _ASK)
+    elif options is None or (isinstance(options, dict) and "include_usage" not in options):
+        flow.request.content = _written(data, parsed, {**(options or {}), **_ASK})
     else:
         return
     flow.metadata[META]["usage_requested"] = True
+
+
+def _written(data: dict[str, Any], parsed: BodyJSON, options: dict[str, Any]) -> bytes:
+    """The body of `data` with `options` as its `stream_options`: from the parse's parts
+    when it has them (the other values are the client's bytes), else written as JSON (a
+    body read whole holds no `Unread`)."""
+    if parsed.parts is not None:
+        return rebuilt(parsed.parts, "stream_options", options)
+    return json.dumps({**data, "stream_options": options}).encode()
 
 
 _ASK = {"include_usage": True}

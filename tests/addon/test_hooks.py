@@ -270,6 +270,25 @@ async def test_asking_for_usage_keeps_the_clients_bytes(make: Make, raw: bytes) 
     assert f.metadata[META]["usage_requested"] is True
 
 
+@pytest.mark.parametrize("options", [None, {}, {"include_obfuscation": False}])
+async def test_a_long_conversation_asked_for_usage_keeps_its_bytes(
+    make: Make, options: dict[str, Any] | None
+) -> None:
+    """A client's own `stream_options` (null, or without `include_usage`) is written again
+    with `include_usage` in it; the conversation around it is sent as the client wrote it."""
+    addon, _, _ = make()
+    turns = [{"role": "user", "content": f"turn {i} \u00e9 " + "w" * 3000} for i in range(30)]
+    body = {"model": "m", "stream": True, "stream_options": options, "messages": turns}
+    raw = json.dumps(body, indent=1).encode()
+    f = flow(raw)
+    await send(addon, f)
+    sent = f.request.content or b""
+    assert json.loads(sent) == {**body, "stream_options": {**(options or {}), **ASK}}
+    at = raw.index(b'"messages"')
+    assert raw[raw.index(b"[", at) : raw.rindex(b"]") + 1] in sent
+    assert f.metadata[META]["usage_requested"] is True
+
+
 @pytest.mark.parametrize(
     "raw",
     [

@@ -4,6 +4,7 @@ gives what it gives when it parses the body itself; headers read from the raw fi
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -11,7 +12,16 @@ from hypothesis import strategies as st
 from mitmproxy import http
 from mitmproxy.test import tutils
 
-from kmi_rotor.core.body_json import MAX_BODY, NOTHING, BodyJSON, read_json
+from kmi_rotor.core.body_json import (
+    MAX_BODY,
+    NOTHING,
+    SMALL_VALUE,
+    WHOLE,
+    BodyJSON,
+    Unread,
+    read_json,
+    rebuilt,
+)
 from kmi_rotor.core.scope import model_of_request
 from kmi_rotor.core.tokens import Unreadable, estimate_from_body
 from kmi_rotor.request_body import header_values, wants_stream
@@ -214,3 +224,117 @@ def test_any_bytes_read_as_json_loads_reads_them(raw: bytes) -> None:
     """Bytes that start like an object and go on with anything: parsed, refused or too deep,
     as `json.loads` decides."""
     assert repr(read_json(raw)) == repr(as_json_loads_reads(raw))
+
+
+def agent_body(turns: int, **fields: Any) -> dict[str, Any]:
+    """A chat request with a conversation of `turns` turns of about 3 KB each."""
+    messages = [{"role": "user", "content": f"turn {i} " + "w" * 3000} for i in range(turns)]
+    return {"model": "m", "messages": messages, **fields}
+
+
+LARGE_BODIES = [
+    agent_body(20),
+    agent_body(20, stream=True, max_tokens=99, stream_options={"include_obfuscation": False}),
+    agent_body(12, tools=[{"type": "function", "name": f"t{i}"} for i in range(5)], n=2.5),
+    agent_body(15, generationConfig={"maxOutputTokens": 77}, temperature=None, user="\u00e9"),
+    {"pad": "x" * 40_000, "big": list(range(9000)), "deep": {"a": {"b": [1] * 3000}}},
+]
+
+
+@pytest.mark.parametrize("doc", LARGE_BODIES)
+@pytest.mark.parametrize("indent", [None, 1])
+def test_a_large_body_is_read_one_level_deep(doc: dict[str, Any], indent: int | None) -> None:
+    """Past `WHOLE`, every top-level value reads as `json.loads` reads it, but a large object
+    or array is left as its bytes, which read as that value."""
+    raw = json.dumps(doc, indent=indent).encode()
+    assert len(raw) > WHOLE
+    got = read_json(raw)
+    assert got.data is not None and got.data.keys() == doc.keys()
+    for name, value in got.data.items():
+        if isinstance(value, Unread):
+            assert isinstance(doc[name], dict | list) and len(value.raw) > SMALL_VALUE
+            assert json.loads(bytes(value.raw)) == doc[name]
+        else:
+            assert value == doc[name]
+            assert not isinstance(value, dict | list) or len(json.dumps(value)) <= 2 * SMALL_VALUE
+
+
+@pytest.mark.parametrize("doc", LARGE_BODIES)
+def test_a_large_body_is_estimated_as_if_read_whole(doc: dict[str, Any]) -> None:
+    raw = json.dumps(doc).encode()
+    whole = BodyJSON(json.loads(raw))
+    assert estimate_from_body(raw, parsed=read_json(raw)) == estimate_from_body(raw, parsed=whole)
+    assert model_of_request("/v1/chat/completions", raw, read_json(raw)) == doc.get("model")
+    req = tutils.treq(content=raw)
+    assert wants_stream(req, raw, read_json(raw)) is bool(doc.get("stream"))
+
+
+def test_a_body_of_many_small_objects_costs_no_memory_to_read() -> None:
+    """8 MB of empty objects made 2.8 million dicts (200 MB, more than a second of the event
+    loop); read one level deep, the conversation is a view of the body's bytes."""
+    import tracemalloc
+
+    count = (MAX_BODY - 100) // 3
+    raw = b'{"model":"m","stream":true,"messages":[' + b"{}," * (count - 1) + b"{}]}"
+    tracemalloc.start()
+    try:
+        got = read_json(raw)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert got.data is not None and isinstance(got.data["messages"], Unread)
+    assert got.data["model"] == "m" and got.data["stream"] is True
+    assert peak < 1_000_000
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"a": [' + b"1," * 20_000 + b'1], "b": NaN}',  # refused by msgspec: json decides
+        b'{"a": [' + b"1," * 20_000 + b'1], "b": "\xff"}',
+        b'{"a": [' + b"1," * 20_000 + b"1]} x",
+        b'{"a": "' + b"x" * 40_000 + b'", "b": {"c": Infinity}}',
+        b"[" + b"1," * 20_000 + b"1]",
+        b'{"a": [' + b"1," * 20_000 + b"1]," + b'"d":' + b"[" * 20_000 + b"]" * 20_000 + b"}",
+    ],
+)
+def test_what_a_large_body_holds_outside_its_large_values_reads_as_json_loads_reads_it(
+    raw: bytes,
+) -> None:
+    want = as_json_loads_reads(raw)
+    got = read_json(raw)
+    if got.parts is None:
+        assert repr(got) == repr(want)
+    else:  # read one level deep: the same values, the large ones unread
+        assert want.data is not None and got.data is not None
+        assert {k: v for k, v in got.data.items() if not isinstance(v, Unread)} == {
+            k: v for k, v in want.data.items() if not isinstance(got.data[k], Unread)
+        }
+
+
+@pytest.mark.parametrize("doc", LARGE_BODIES)
+@pytest.mark.parametrize("value", [{"include_usage": True}, None, 5])
+def test_a_value_rebuilt_keeps_every_other_value_as_it_was(doc: dict[str, Any], value: Any) -> None:
+    raw = json.dumps(doc, indent=2).encode()
+    parsed = read_json(raw)
+    assert parsed.parts is not None
+    out = rebuilt(parsed.parts, "stream_options", value)
+    assert json.loads(out) == {**doc, "stream_options": value}
+    assert list(json.loads(out)) == [
+        *doc.keys(),
+        *(() if "stream_options" in doc else ("stream_options",)),
+    ]
+    for name, part in parsed.parts.items():
+        if name != "stream_options":
+            assert bytes(part) in out
+
+
+def test_what_is_wrong_inside_a_large_value_is_not_seen() -> None:
+    """A large value is not read: bytes that are not UTF-8 inside it leave the rest of the body
+    read (the provider judges the conversation; kmi-rotor reads the model and the flags)."""
+    raw = b'{"model": "m", "messages": ["' + b"\xff" * 5000 + b'"], "stream": true}' + b" " * WHOLE
+    got = read_json(raw)
+    assert got.data is not None
+    assert (got.data["model"], got.data["stream"]) == ("m", True)
+    assert isinstance(got.data["messages"], Unread)
+    assert as_json_loads_reads(raw) == NOTHING  # json.loads, reading it all, refuses it

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .body_json import MAX_BODY, BodyJSON, read_json
+from .body_json import MAX_BODY, BodyJSON, Unread, read_json
 
 CHARS_PER_TOKEN = 4
 """A rough, provider-neutral ratio: a reservation is corrected to the reported usage anyway."""
@@ -65,7 +65,7 @@ def _non_prompt_size(data: dict[str, Any]) -> int:
     for k, v in data.items():  # a loop, not a generator: asked of every request's body
         if type(v) is str:  # `_scalar_size`, inline for the usual scalar
             size += len(k) + len(v) + 6
-        elif not isinstance(v, dict | list):
+        elif not isinstance(v, dict | list | Unread):
             size += len(k) + _scalar_size(v) + 6
     return size
 
