@@ -8,8 +8,8 @@ small options. A body larger than `WHOLE` is therefore read one level deep: each
 value as its bytes, and only the scalars and the small objects and arrays among them turned
 into Python values; a larger one (a conversation, a list of tools, an image) stays `Unread`.
 Reading it costs a pass over its bytes and nothing per element: 8 MB of tiny objects cost
-about 30 ms and no memory, where turning them into Python objects took more than a second of
-the event loop and 200 MB.
+about 30 ms and no memory, where turning them into Python objects held the event loop for
+0.2 s and took 200 MB.
 """
 
 from __future__ import annotations
