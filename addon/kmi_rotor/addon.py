@@ -343,12 +343,13 @@ class Rotor:
             return
         if parsed is None or body is not raw:  # admitted earlier, or rewritten since
             parsed = read_json(body)
-        served.stream_request = request_body.wants_stream(flow.request, body, parsed)
+        flags = request_body.parse(body, parsed)  # (a body too large to parse: its top level)
+        served.stream_request = request_body.wants_stream(flow.request, body, flags)
         if served.estimated_from_size:  # admitted before the body: correct the estimate
             estimate = tk.estimate_from_body(body, parsed=parsed)
             served.run.engine.adjust(served.reservation, estimate)
         if served.stream_request and served.run.settings.streaming.include_usage:
-            request_body.ask_for_usage(flow, parsed)
+            request_body.ask_for_usage(flow, flags)
 
     def _body_failed(self, flow: http.HTTPFlow) -> None:
         log.exception("kmi-rotor: internal error while reading the request body")

@@ -43,13 +43,14 @@ def wants_stream(request: http.Request, body: bytes, parsed: BodyJSON | None = N
 
 def _object(body: bytes, parsed: BodyJSON | None) -> dict[str, Any]:
     """The body as a JSON object ({} when it is not one)."""
-    return _parse(body, parsed).data or {}
+    return parse(body, parsed).data or {}
 
 
-def _parse(body: bytes, parsed: BodyJSON | None) -> BodyJSON:
-    """The body's parse: `parsed` when given (`read_json(body)`), else made here. A body too
-    large for `read_json` is read here one level deep (`top_level`) when its bytes hold a
-    `"stream"`, the one key read from a body that large."""
+def parse(body: bytes, parsed: BodyJSON | None) -> BodyJSON:
+    """The body's parse as the stream flag and the usage option read it: `parsed` when given
+    (`read_json(body)`), else made here. A body too large for `read_json` is read here one
+    level deep (`top_level`) when its bytes hold a `"stream"`, the one key read from a body
+    that large (a caller asking both, `parse` first, reads it once)."""
     if parsed is None:
         parsed = read_json(body)
     if parsed.data is None and len(body) > MAX_BODY and b'"stream"' in body:
@@ -69,7 +70,7 @@ def ask_for_usage(flow: http.HTTPFlow, parsed: BodyJSON | None = None) -> None:
     if not flow.request.path.split("?")[0].endswith("/chat/completions"):
         return
     body = flow.request.raw_content or b""
-    parsed = _parse(body, parsed)
+    parsed = parse(body, parsed)
     data = parsed.data or {}
     if data.get("stream") is not True:  # OpenAI refuses stream_options without a stream
         return

@@ -854,6 +854,28 @@ async def test_the_request_body_is_parsed_once(make: Make, monkeypatch: pytest.M
     assert sent["messages"] == body["messages"]
 
 
+async def test_a_body_too_large_to_parse_is_read_once_for_its_stream_flag(
+    make: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past `MAX_BODY`, the stream flag and the usage request read one top-level pass of the
+    body between them (each pass is one more walk over megabytes on the event loop)."""
+    addon, _, _ = make()
+    f = flow({"model": "m", "stream": True, "pad": "x" * body_json.MAX_BODY})
+    passes = 0
+    top_level = kmi_rotor.request_body.top_level
+
+    def counting(body: bytes) -> Any:
+        nonlocal passes
+        passes += 1
+        return top_level(body)
+
+    monkeypatch.setattr(kmi_rotor.request_body, "top_level", counting)
+    await send(addon, f)
+    assert passes == 1
+    assert f.metadata[META]["usage_requested"] is True
+    assert (f.request.content or b"").startswith(b'{"stream_options":{"include_usage":true},')
+
+
 @pytest.mark.parametrize("connecting", [False, True])
 async def test_a_request_is_admitted_alike_at_once_or_once_its_upstream_is_ready(
     make: Make, connecting: bool, monkeypatch: pytest.MonkeyPatch
