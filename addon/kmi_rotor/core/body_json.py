@@ -39,9 +39,6 @@ class Unread:
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Unread) and self.raw == other.raw
 
-    def __hash__(self) -> int:
-        return hash(self.raw)
-
     def __repr__(self) -> str:
         return f"Unread({len(self.raw)} bytes)"
 
