@@ -4,6 +4,7 @@ gives what it gives when it parses the body itself; headers read from the raw fi
 from __future__ import annotations
 
 import json
+import tracemalloc
 from typing import Any
 
 import pytest
@@ -269,19 +270,22 @@ def test_a_large_body_is_estimated_as_if_read_whole(doc: dict[str, Any]) -> None
     assert wants_stream(req, raw, read_json(raw)) is bool(doc.get("stream"))
 
 
-def test_a_body_of_many_small_objects_costs_no_memory_to_read() -> None:
-    """8 MB of empty objects made 2.8 million dicts (200 MB, 0.2 s of the event loop); read
-    one level deep, the conversation is a view of the body's bytes."""
-    import tracemalloc
-
-    count = (MAX_BODY - 100) // 3
-    raw = b'{"model":"m","stream":true,"messages":[' + b"{}," * (count - 1) + b"{}]}"
+def _read_traced(raw: bytes) -> tuple[BodyJSON, int]:
+    """`read_json(raw)`, and the peak of the memory it took (bytes)."""
     tracemalloc.start()
     try:
         got = read_json(raw)
-        _, peak = tracemalloc.get_traced_memory()
+        return got, tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
+
+
+def test_a_body_of_many_small_objects_costs_no_memory_to_read() -> None:
+    """8 MB of empty objects made 2.8 million dicts (200 MB, 0.2 s of the event loop); read
+    one level deep, the conversation is a view of the body's bytes."""
+    count = (MAX_BODY - 100) // 3
+    raw = b'{"model":"m","stream":true,"messages":[' + b"{}," * (count - 1) + b"{}]}"
+    got, peak = _read_traced(raw)
     assert got.data is not None and isinstance(got.data["messages"], Unread)
     assert got.data["model"] == "m" and got.data["stream"] is True
     assert peak < 1_000_000
@@ -290,11 +294,11 @@ def test_a_body_of_many_small_objects_costs_no_memory_to_read() -> None:
 @pytest.mark.parametrize(
     "raw",
     [
-        b'{"a": [' + b"1," * 20_000 + b'1], "b": NaN}',  # refused by msgspec: json decides
         b'{"a": [' + b"1," * 20_000 + b'1], "b": "\xff"}',
         b'{"a": [' + b"1," * 20_000 + b"1]} x",
-        b'{"a": "' + b"x" * 40_000 + b'", "b": {"c": Infinity}}',
         b"[" + b"1," * 20_000 + b"1]",
+        b" \n[" + b"1," * 20_000 + b"1]",
+        b"[" * 20_000 + b"]" * 20_000,
         b'{"a": [' + b"1," * 20_000 + b"1]," + b'"d":' + b"[" * 20_000 + b"]" * 20_000 + b"}",
     ],
 )
@@ -310,6 +314,43 @@ def test_what_a_large_body_holds_outside_its_large_values_reads_as_json_loads_re
         assert {k: v for k, v in got.data.items() if not isinstance(v, Unread)} == {
             k: v for k, v in want.data.items() if not isinstance(got.data[k], Unread)
         }
+
+
+LARGE_PAD = b"1," * 20_000
+NOT_STANDARD = [
+    b'{"a": [' + LARGE_PAD + b'1], "b": NaN}',
+    b'{"a": "' + b"x" * 40_000 + b'", "b": {"c": Infinity}}',
+    b'{"a": [' + LARGE_PAD + b'1], "b": 1e400}',
+    b'\xef\xbb\xbf{"model": "m", "stream": true, "a": [' + LARGE_PAD + b"1]}",
+    ('{"model": "m", "stream": true, "a": [' + "1," * 20_000 + "1]}").encode("utf-16"),
+]
+
+
+@pytest.mark.parametrize("raw", NOT_STANDARD)
+def test_a_large_body_of_json_that_is_not_standard_counts_as_no_json(raw: bytes) -> None:
+    """Past `WHOLE` only RFC 8259 JSON is read (UTF-8, no NaN, no infinities): what only the
+    `json` module reads counts by its size, as a body that is not JSON, instead of being read
+    whole a second time."""
+    assert len(raw) > WHOLE
+    assert as_json_loads_reads(raw).data is not None  # what json.loads would have read
+    assert read_json(raw) == NOTHING
+    assert estimate_from_body(raw, parsed=read_json(raw)) == estimate_from_body(b"x" * len(raw))
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"[" + b"{}," * ((MAX_BODY - 100) // 3) + b"{}]",
+        b'{"messages": [' + b"{}," * ((MAX_BODY - 100) // 3) + b'{}], "n": NaN}',
+    ],
+    ids=["array", "nan"],
+)
+def test_a_large_body_refused_by_the_fast_reader_is_not_read_again(raw: bytes) -> None:
+    """8 MB that msgspec refuses (a top-level array, a NaN) were read whole by `json.loads`:
+    0.3 s of the event loop and 200 MB. Now they cost one pass and no memory."""
+    got, peak = _read_traced(raw)
+    assert got == NOTHING
+    assert peak < 1_000_000
 
 
 @pytest.mark.parametrize("doc", LARGE_BODIES)
