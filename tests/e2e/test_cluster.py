@@ -92,6 +92,7 @@ def wait_until(cond, timeout: float, what: str) -> None:
         time.sleep(0.02)
 
 
+@pytest.mark.long(110)
 @pytest.mark.timeout(400)
 def test_three_processes_hold_the_pool_to_its_limits_as_one_does(
     cluster, upstream, tmp_path, mitm_confdir
@@ -127,6 +128,7 @@ def test_three_processes_hold_the_pool_to_its_limits_as_one_does(
     assert over.peak(slack=0.1) <= max(1.0, base_over.peak(slack=0.1)), over.refusals()
 
 
+@pytest.mark.long(70)
 @pytest.mark.timeout(300)
 def test_three_processes_pace_by_the_providers_report_as_one_does(
     tmp_path, mitm_confdir, redis_srv
@@ -167,6 +169,7 @@ def test_three_processes_pace_by_the_providers_report_as_one_does(
     assert over.goodput() >= min(0.85, base.goodput() - 0.05), over.goodput()
 
 
+@pytest.mark.long(13)
 def test_redis_going_away_degrades_to_local_shares_and_comes_back(cluster, upstream, redis_srv):
     proxies = cluster(3)
     urls = [m.url for m in proxies]

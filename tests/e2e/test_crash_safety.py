@@ -258,6 +258,7 @@ def _cycles(rig: Rig, rng: random.Random) -> list[Iteration]:
     return its
 
 
+@pytest.mark.long(30)
 def test_sigkill_at_random_moments_keeps_state_valid_and_counters_exact_enough(
     tmp_path, mitm_confdir, plain_provider
 ):

@@ -50,6 +50,7 @@ def _wait_counted(state: Path, n: int, proxy_output: object) -> None:
 
 
 @pytest.mark.e2e
+@pytest.mark.long(13)
 def test_sigkill_loop_never_serves_more_than_the_daily_limit(
     tmp_path: Path, harden_confdir: Path, provider: fake_provider.FakeProvider
 ) -> None:
