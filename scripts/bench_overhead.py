@@ -34,6 +34,15 @@ kmi-rotor's in-place costs are, `SPIN_SHARES`), touching no memory: the throughp
 keeps when an addon costs that much CPU and takes nothing else from mitmproxy (its caches),
 which turns a ratio into a CPU budget on the machine of the day.
 
+`--together` loads every proxy of a case at the same time instead of in turn, each with its own
+`--concurrency` connections, all on the one CPU they are pinned to, which the scheduler shares
+equally among them: each proxy's throughput is its share over its CPU per request, so the
+ratio of two is the ratio of their costs, and both are measured under the same disturbance at
+the same moment. Alternating runs see the machine change between them; on a shared machine
+that moves one run's ratio by 0.1 and more. A round where the proxies used less than `BUSY` of
+their CPU (the load generator or the upstream held them back) is reported: its ratios lean
+towards 1. Latencies under `--together` are those of a proxy with a part of a CPU.
+
 `--profile DIR` also samples each mitmdump (bare, with kmi-rotor, and `--before`'s) in the
 reverse and stream cases, after the measured rounds: every proxy of those cases then loads
 `sampler.py` (a profiler inside the process, idle until a signal starts it; one sample per
@@ -72,6 +81,9 @@ from proctools import LISTEN_RE, MITMDUMP, clean_env  # noqa: E402
 from redis_server import RedisServer  # noqa: E402
 from rotor_toml import pool, rotor_config  # noqa: E402
 
+BUSY = 0.9
+"""With `--together`, the least CPU the proxies must use together for their ratios to be their
+costs' (the CPU they are pinned to is one)."""
 CASES = ("reverse", "regular", "keys1000", "stream", "agent", "cluster", "cluster1000", "decision")
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -333,10 +345,52 @@ def measure(
         return load, cpu
 
     load, (loop_cpu, threads_cpu) = asyncio.run(go())
-    cpu = loop_cpu + threads_cpu
-    lat = sorted(load.latencies) or [float("nan")]
-    n = len(load.latencies)
-    one = asyncio.run(
+    one = _one_connection(target, args, stream, body_size)
+    return _run_of(load, loop_cpu, threads_cpu, one)
+
+
+def measure_together(
+    children: dict[str, Child], targets: dict[str, Target], args: argparse.Namespace, cs: CaseSetup
+) -> tuple[dict[str, Run], float]:
+    """`measure` of every proxy at once: each carries its own load at the same time, on the
+    one CPU they are pinned to, where the scheduler gives each an equal share. Each one's
+    throughput is then its share over its CPU per request, so their ratio is the ratio of
+    their costs, measured under the same disturbance at the same moment (alternating runs
+    see a shared machine change between them). Also returned: the proxies' CPU over the
+    window, in CPUs; below about 1 they were not all busy (the load generator or the
+    upstream held them back), and the ratios lean towards 1."""
+    names = list(children)
+
+    async def go() -> tuple[list[Load], dict[str, tuple[float, float]], float]:
+        async def window() -> tuple[dict[str, tuple[float, float]], float]:
+            await asyncio.sleep(args.warmup)
+            before = {n: children[n].cpu_split() for n in names}
+            started = time.monotonic()
+            await asyncio.sleep(args.seconds)
+            after = {n: children[n].cpu_split() for n in names}
+            spent = {n: (after[n][0] - before[n][0], after[n][1] - before[n][1]) for n in names}
+            return spent, time.monotonic() - started
+
+        kw = dict(seconds=args.seconds, warmup=args.warmup, concurrency=args.concurrency)
+        kw |= dict(stream=cs.stream, body_size=cs.body_size)
+        *loads, (spent, wall) = await asyncio.gather(
+            *(drive(targets[n], **kw) for n in names), window()
+        )
+        return loads, spent, wall
+
+    loads, spent, wall = asyncio.run(go())
+    busy = sum(a + b for a, b in spent.values()) / wall if wall else float("nan")
+    runs = {}
+    for name, load in zip(names, loads, strict=True):
+        loop_cpu, threads_cpu = spent[name]
+        one = _one_connection(targets[name], args, cs.stream, cs.body_size)
+        runs[name] = _run_of(load, loop_cpu, threads_cpu, one)
+    return runs, busy
+
+
+def _one_connection(target: Target, args: argparse.Namespace, stream: bool, body_size: int) -> Load:
+    """Half a run with one connection: the time a request spends in the proxy, unqueued."""
+    return asyncio.run(
         drive(
             target,
             seconds=args.seconds / 2,
@@ -346,6 +400,14 @@ def measure(
             body_size=body_size,
         )
     )
+
+
+def _run_of(load: Load, loop_cpu: float, threads_cpu: float, one: Load) -> Run:
+    """A run's figures from its load, its CPU seconds (the event loop's, the other threads')
+    and its one-connection load."""
+    cpu = loop_cpu + threads_cpu
+    lat = sorted(load.latencies) or [float("nan")]
+    n = len(load.latencies)
     lat1 = sorted(one.latencies) or [float("nan")]
     return Run(
         rps=n / load.seconds,
@@ -368,6 +430,8 @@ class CaseResult:
     spin: list[Run] = field(default_factory=list)
     """The spinning addon of `--spin`, when given."""
     spin_us: float = 0.0
+    busy: list[float] = field(default_factory=list)
+    """With `--together`, the proxies' CPU in each round, in CPUs (see `measure_together`)."""
 
     def ratios(self, runs: list[Run] | None = None) -> list[float]:
         runs = self.rotor if runs is None else runs
@@ -425,6 +489,15 @@ def run_case(setup: Setup, case: str, args: argparse.Namespace) -> CaseResult:
     profiled = args.profile is not None and case in ("reverse", "stream")
     try:
         for i in range(args.runs):
+            if args.together:
+                targets = {n: cs.target(setup, c) for n, c in proxies.items()}
+                runs, busy = measure_together(proxies, targets, args, cs)
+                result.busy.append(busy)
+                for name, run in runs.items():
+                    getattr(result, name).append(run)
+                    print(f"  {case:9} run {i + 1} {name:6} {_fmt_run(run)}", flush=True)
+                print(f"  {case:9} run {i + 1} proxies busy {busy:.2f} CPU", flush=True)
+                continue
             order = list(proxies.items())
             for name, child in order[i % len(order) :] + order[: i % len(order)]:
                 run = measure(child, cs.target(setup, child), args, cs.stream, cs.body_size)
@@ -570,6 +643,12 @@ def report(results: list[CaseResult], events: int) -> str:
                 f"\nadded CPU per streamed event ({label}): {per_event:+.1f} µs "
                 f"(stream less reverse, over {events + 2} events)"
             )
+    for c in results:
+        if c.busy and min(c.busy) < BUSY:
+            lines.append(
+                f"\nWARNING: {c.name}: the proxies used {min(c.busy):.2f} of their CPU in a "
+                "round: the load held them back, and the ratios lean towards 1"
+            )
     errors = sum(r.errors for c in results for r in (*c.bare, *c.rotor, *c.before, *c.spin))
     if errors:
         lines.append(f"\nWARNING: {errors} requests failed or were refused")
@@ -619,6 +698,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="a third proxy whose addon only spins US µs of CPU per request in kmi-rotor's hooks",
     )
     parser.add_argument(
+        "--together",
+        action="store_true",
+        help="load every proxy at the same time, on the one CPU they share, instead of in turn",
+    )
+    parser.add_argument(
         "--pin",
         action=argparse.BooleanOptionalAction,
         default=len(os.sched_getaffinity(0)) >= 2,
@@ -633,6 +717,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = set(cases) - set(CASES)
     if unknown:
         parser.error(f"unknown cases: {', '.join(sorted(unknown))}")
+    if args.together and not args.pin:
+        parser.error("--together needs the proxies pinned to one CPU (--pin)")
     proxy_cpus = pin_cpus() if args.pin else None
     with tempfile.TemporaryDirectory(prefix="bench-overhead-") as d:
         setup = start_upstream(Path(d), args.events)  # started after pinning: on the others
@@ -645,7 +731,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             setup.stop()
     where = f", proxies on CPU {min(proxy_cpus)}, the rest elsewhere" if proxy_cpus else ""
     print(
-        f"\n{args.concurrency} connections, {args.runs} alternating runs of {args.seconds:g} s"
+        f"\n{args.concurrency} connections, {args.runs} "
+        + ("rounds, the proxies loaded together," if args.together else "alternating runs")
+        + f" of {args.seconds:g} s"
         + where
     )
     if results:

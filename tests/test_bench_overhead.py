@@ -177,3 +177,17 @@ def test_the_spinning_addon_spends_what_it_is_told_in_each_hook(tmp_path: Path) 
             asyncio.run(result)
         spent = time.thread_time() - t0
         assert spent >= 20_000e-6 * share * 0.99, hook
+
+
+@pytest.mark.parametrize(
+    ("busy", "warned"), [([0.99, 1.0], False), ([0.99, 0.7], True), ([], False)]
+)
+def test_a_round_whose_proxies_were_not_busy_is_reported(busy: list[float], warned: bool) -> None:
+    """Under `--together` the ratios are the costs' only while the shared CPU was busy."""
+    from bench_overhead import CaseResult, Run, report
+
+    run = Run(rps=100.0, p50_ms=1.0, p99_ms=2.0, cpu_us=1000.0, errors=0, p50_1_ms=1.0)
+    result = CaseResult("reverse", [run, run], [run, run], busy=busy)
+    text = report([result], events=50)
+    assert ("WARNING: reverse: the proxies used 0.70" in text) is warned
+    assert "| reverse | after | 100 / 100 | 1.00; 1.00, 1.00 |" in text
