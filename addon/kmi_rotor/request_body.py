@@ -10,7 +10,7 @@ from typing import Any
 import msgspec
 from mitmproxy import http
 
-from .core.body_json import MAX_BODY, BodyJSON, read_json, rebuilt, top_level
+from .core.body_json import JSON_SPACE, MAX_BODY, BodyJSON, read_json, rebuilt, top_level
 from .core.header_fields import field_value
 from .names import META
 
@@ -95,7 +95,6 @@ def _written(data: dict[str, Any], parsed: BodyJSON, options: dict[str, Any]) ->
 
 _ASK = {"include_usage": True}
 _ASKED = b'"stream_options":{"include_usage":true},'
-_SPACE = b" \t\r\n"
 
 
 def _with_usage_asked(body: bytes) -> bytes | None:
@@ -103,7 +102,7 @@ def _with_usage_asked(body: bytes) -> bytes | None:
     `stream_options` put first: the client's own bytes around it, as they were (a long
     conversation is not written again). None when the body is not plain UTF-8 (a byte-order
     mark, UTF-16 or UTF-32)."""
-    stripped = body.lstrip(_SPACE)  # (`body` itself when it starts with its brace)
+    stripped = body.lstrip(JSON_SPACE)  # (`body` itself when it starts with its brace)
     if stripped[:1] != b"{" or stripped[1:2] == b"\x00":
         return None
     at = len(body) - len(stripped) + 1

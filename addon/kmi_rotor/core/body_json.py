@@ -72,8 +72,8 @@ _TOP = msgspec.json.Decoder(dict[str, msgspec.Raw]).decode
 """An object's members, each value as its bytes: the JSON checked, nothing else made."""
 _CHECK = msgspec.json.Decoder(msgspec.Raw).decode
 """A JSON text checked (its depth too), nothing made of it."""
-_SPACE = b" \t\r\n"
-"""What JSON allows before a value."""
+JSON_SPACE = b" \t\r\n"
+"""The whitespace JSON allows around a value."""
 _KEY = msgspec.json.Encoder().encode
 _OPENERS = frozenset(b"[{")
 
@@ -103,15 +103,21 @@ def _read_large(body: bytes) -> BodyJSON:
     except RecursionError:
         return BodyJSON(None, too_deep=True)
     except (msgspec.DecodeError, UnicodeDecodeError):
-        if body.lstrip(_SPACE)[:1] != b"[":
-            return NOTHING
-    try:  # an array, refused at its first byte: only its depth is looked at (in one pass)
+        # An array is refused at its first byte: only its depth is looked at (in one pass).
+        if body.lstrip(JSON_SPACE)[:1] == b"[" and _too_deep(body):
+            return BodyJSON(None, too_deep=True)
+        return NOTHING
+
+
+def _too_deep(body: bytes) -> bool:
+    """Whether `body` nests deeper than msgspec reads (nothing is made of it)."""
+    try:
         _CHECK(body)
     except RecursionError:
-        return BodyJSON(None, too_deep=True)
+        return True
     except (msgspec.DecodeError, UnicodeDecodeError):
         pass
-    return NOTHING
+    return False
 
 
 def top_level(body: bytes) -> BodyJSON:
@@ -149,4 +155,13 @@ def _read_leniently(body: bytes) -> BodyJSON:
     return BodyJSON(data) if isinstance(data, dict) else NOTHING
 
 
-__all__ = ["MAX_BODY", "NOTHING", "BodyJSON", "Unread", "read_json", "rebuilt", "top_level"]
+__all__ = [
+    "JSON_SPACE",
+    "MAX_BODY",
+    "NOTHING",
+    "BodyJSON",
+    "Unread",
+    "read_json",
+    "rebuilt",
+    "top_level",
+]
