@@ -331,28 +331,19 @@ class Run:
 def measure(
     child: Child, target: Target, args: argparse.Namespace, stream: bool, body_size: int = 0
 ) -> Run:
-    async def go() -> tuple[Load, float]:
-        async def window() -> float:
-            await asyncio.sleep(args.warmup)
-            before = child.cpu_split()
-            await asyncio.sleep(args.seconds)
-            after = child.cpu_split()
-            return after[0] - before[0], after[1] - before[1]
-
-        kw = dict(seconds=args.seconds, warmup=args.warmup, concurrency=args.concurrency)
-        kw |= dict(stream=stream, body_size=body_size)
-        load, cpu = await asyncio.gather(drive(target, **kw), window())
-        return load, cpu
-
-    load, (loop_cpu, threads_cpu) = asyncio.run(go())
-    one = _one_connection(target, args, stream, body_size)
-    return _run_of(load, loop_cpu, threads_cpu, one)
+    """One proxy's run under `--concurrency` connections, then one connection."""
+    runs, _ = measure_together({"one": child}, {"one": target}, args, stream, body_size)
+    return runs["one"]
 
 
 def measure_together(
-    children: dict[str, Child], targets: dict[str, Target], args: argparse.Namespace, cs: CaseSetup
+    children: dict[str, Child],
+    targets: dict[str, Target],
+    args: argparse.Namespace,
+    stream: bool,
+    body_size: int = 0,
 ) -> tuple[dict[str, Run], float]:
-    """`measure` of every proxy at once: each carries its own load at the same time, on the
+    """A run of every proxy at once: each carries its own load at the same time, on the
     one CPU they are pinned to, where the scheduler gives each an equal share. Each one's
     throughput is then its share over its CPU per request, so their ratio is the ratio of
     their costs, measured under the same disturbance at the same moment (alternating runs
@@ -372,7 +363,7 @@ def measure_together(
             return spent, time.monotonic() - started
 
         kw = dict(seconds=args.seconds, warmup=args.warmup, concurrency=args.concurrency)
-        kw |= dict(stream=cs.stream, body_size=cs.body_size)
+        kw |= dict(stream=stream, body_size=body_size)
         *loads, (spent, wall) = await asyncio.gather(
             *(drive(targets[n], **kw) for n in names), window()
         )
@@ -383,23 +374,19 @@ def measure_together(
     runs = {}
     for name, load in zip(names, loads, strict=True):
         loop_cpu, threads_cpu = spent[name]
-        one = _one_connection(targets[name], args, cs.stream, cs.body_size)
+        # Then half a run with one connection: the time a request spends in it, unqueued.
+        one = asyncio.run(
+            drive(
+                targets[name],
+                seconds=args.seconds / 2,
+                warmup=0.5,
+                concurrency=1,
+                stream=stream,
+                body_size=body_size,
+            )
+        )
         runs[name] = _run_of(load, loop_cpu, threads_cpu, one)
     return runs, busy
-
-
-def _one_connection(target: Target, args: argparse.Namespace, stream: bool, body_size: int) -> Load:
-    """Half a run with one connection: the time a request spends in the proxy, unqueued."""
-    return asyncio.run(
-        drive(
-            target,
-            seconds=args.seconds / 2,
-            warmup=0.5,
-            concurrency=1,
-            stream=stream,
-            body_size=body_size,
-        )
-    )
 
 
 def _run_of(load: Load, loop_cpu: float, threads_cpu: float, one: Load) -> Run:
@@ -491,7 +478,7 @@ def run_case(setup: Setup, case: str, args: argparse.Namespace) -> CaseResult:
         for i in range(args.runs):
             if args.together:
                 targets = {n: cs.target(setup, c) for n, c in proxies.items()}
-                runs, busy = measure_together(proxies, targets, args, cs)
+                runs, busy = measure_together(proxies, targets, args, cs.stream, cs.body_size)
                 result.busy.append(busy)
                 for name, run in runs.items():
                     getattr(result, name).append(run)
