@@ -21,7 +21,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     status page tests in tests/web). Tests elsewhere that start processes mark themselves.
 
     Tests marked `long(seconds)` run first, the longest first: a test of a minute or two
-    started last would leave one worker running it alone while the other has finished."""
+    started last would leave one worker running it alone while the others have finished."""
     for item in items:
         if E2E in item.path.parents:
             item.add_marker(pytest.mark.e2e)
