@@ -48,17 +48,28 @@ def _object(body: bytes, parsed: BodyJSON | None) -> dict[str, Any]:
 
 def parse(body: bytes, parsed: BodyJSON | None) -> BodyJSON:
     """The body's parse as the stream flag and the usage option read it: `parsed` when given
-    (`read_json(body)`), else made here. A body too large for `read_json` is read here one
-    level deep (`top_level`) when its bytes hold a `"stream"`, the one key read from a body
-    that large (a caller asking both, `parse` first, reads it once)."""
+    (`read_json(body)`, or what `parse` gave), else made here. A body too large for
+    `read_json` is read here one level deep (`top_level`) when its bytes hold a `"stream"`,
+    the one key read from a body that large (a caller asking both, `parse` first, reads it
+    once, whether or not it is an object)."""
     if parsed is None:
         parsed = read_json(body)
-    if parsed.data is None and len(body) > MAX_BODY and b'"stream"' in body:
+    if (
+        parsed.data is None
+        and parsed is not _TOP_UNREAD
+        and len(body) > MAX_BODY
+        and b'"stream"' in body
+    ):
         try:
             return top_level(body)
         except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
-            return parsed
+            return _TOP_UNREAD
     return parsed
+
+
+_TOP_UNREAD = BodyJSON(None)
+"""`parse` of a body too large for `read_json` whose top level is no JSON object either: told
+apart from `read_json`'s NOTHING by identity, so that it is not read again."""
 
 
 def ask_for_usage(flow: http.HTTPFlow, parsed: BodyJSON | None = None) -> None:

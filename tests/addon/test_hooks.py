@@ -854,6 +854,19 @@ async def test_the_request_body_is_parsed_once(make: Make, monkeypatch: pytest.M
     assert sent["messages"] == body["messages"]
 
 
+def _count_top_level_passes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The size of each body `request_body` reads one level deep from now on, in order."""
+    passes: list[int] = []
+    top_level = kmi_rotor.request_body.top_level
+
+    def counting(body: bytes) -> Any:
+        passes.append(len(body))
+        return top_level(body)
+
+    monkeypatch.setattr(kmi_rotor.request_body, "top_level", counting)
+    return passes
+
+
 async def test_a_body_too_large_to_parse_is_read_once_for_its_stream_flag(
     make: Make, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -861,19 +874,26 @@ async def test_a_body_too_large_to_parse_is_read_once_for_its_stream_flag(
     body between them (each pass is one more walk over megabytes on the event loop)."""
     addon, _, _ = make()
     f = flow({"model": "m", "stream": True, "pad": "x" * body_json.MAX_BODY})
-    passes = 0
-    top_level = kmi_rotor.request_body.top_level
-
-    def counting(body: bytes) -> Any:
-        nonlocal passes
-        passes += 1
-        return top_level(body)
-
-    monkeypatch.setattr(kmi_rotor.request_body, "top_level", counting)
+    passes = _count_top_level_passes(monkeypatch)
     await send(addon, f)
-    assert passes == 1
+    assert len(passes) == 1
     assert f.metadata[META]["usage_requested"] is True
     assert (f.request.content or b"").startswith(b'{"stream_options":{"include_usage":true},')
+
+
+async def test_a_body_too_large_to_parse_whose_top_level_fails_is_tried_once(
+    make: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past `MAX_BODY`, a `"stream"` in bytes that are not a JSON object is looked at once:
+    the stream flag (here from its Accept) and the usage request do not walk it again."""
+    addon, _, _ = make()
+    raw = b'{"model": "m", "stream": true, "pad": "' + b"x" * body_json.MAX_BODY  # cut short
+    f = flow(raw, headers=(("authorization", CLIENT), *SSE))
+    passes = _count_top_level_passes(monkeypatch)
+    await send(addon, f)
+    assert len(passes) == 1
+    assert "usage_requested" not in f.metadata[META]
+    assert f.request.content == raw
 
 
 @pytest.mark.parametrize("connecting", [False, True])
